@@ -25,6 +25,7 @@
 #   VM_ONLY       space-separated list of guest test cases to run (default: all)
 #   VM_VERBOSE=1  print the whole guest console, not just the VMTEST/GUEST lines
 #   VM_NO_APT=1   never call apt-get install/update (skip if tools are missing)
+#   VM_PREP_ONLY=1  only install tools and prepare the kernel cache (no GUEST_BIN needed, no boot)
 #   CI=true       any skip becomes a failure
 set -euo pipefail
 
@@ -43,7 +44,7 @@ CI=${CI:-}
 
 T_START=$(date +%s.%N)
 log() { printf '[vm-test %6.1fs] %s\n' "$(awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN{print b-a}')" "$*" >&2; }
-die() { echo "vm-test: ERROR: $*" >&2; exit "${2:-1}"; }
+die() { echo "vm-test: ERROR: $1" >&2; exit "${2:-1}"; }
 is_ci() { case "${CI,,}" in 1 | true | yes) return 0 ;; *) return 1 ;; esac; }
 skip() {
   if is_ci; then
@@ -56,7 +57,9 @@ skip() {
 
 [ "$(uname -m)" = x86_64 ] || skip "host is $(uname -m), need x86_64"
 
+VM_PREP_ONLY=${VM_PREP_ONLY:-0}
 # --------------------------------------------------------------- guest inputs
+[ "$VM_PREP_ONLY" = 1 ] || {
 [ -f "$GUEST_SCRIPT" ] || die "guest script $GUEST_SCRIPT not found" 2
 [ -f "$GUEST_BIN" ] || die "guest binary $GUEST_BIN not found (build it with: make vm-prep)" 2
 [ -x "$GUEST_BIN" ] || die "guest binary $GUEST_BIN is not executable" 2
@@ -65,6 +68,7 @@ if command -v readelf > /dev/null 2>&1; then
     die "guest binary $GUEST_BIN is dynamically linked; the guest has no libc. Build with RUSTFLAGS='-C target-feature=+crt-static' --target x86_64-unknown-linux-gnu" 2
   fi
 fi
+}
 
 mkdir -p "$VM_WORK"/{debs,logs}
 VM_WORK=$(cd "$VM_WORK" && pwd)
@@ -357,6 +361,11 @@ fi
 K=$VM_WORK/k/$ABI
 log "kernel $ABI-amd64 ($(cat "$K/VERSION")) ready in $(awk -v a="$T_PREP" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s"
 
+if [ "$VM_PREP_ONLY" = 1 ]; then
+  echo "vm-test: prepared kernel $ABI-amd64 in $K"
+  exit 0
+fi
+
 # ------------------------------------------------------------------ initramfs
 IR=$VM_WORK/initramfs
 rm -rf "$IR"
@@ -388,7 +397,10 @@ timeout "${VMTEST_TIMEOUT:-240}" sh /guest-test.sh 2>&1
 rc=$?
 echo "GUEST: guest-test.sh exit=$rc, uptime ${T0}s -> $(cut -d' ' -f1 /proc/uptime)s"
 if ! grep -q '^VMTEST_RESULT:' /tmp/vmtest-result 2>/dev/null; then
-  [ $rc = 124 ] && why="timed out after ${VMTEST_TIMEOUT:-240}s" || why="exited $rc without a result line"
+  case $rc in
+    124 | 137 | 143) why="timed out after ${VMTEST_TIMEOUT:-240}s (exit $rc) without a result line" ;;
+    *) why="exited $rc without a result line" ;;
+  esac
   echo "VMTEST: FAIL guest-test: $why"
   echo "VMTEST_RESULT: FAIL 0 1"
 fi
@@ -428,7 +440,7 @@ fi
 
 fail() {
   echo "vm-test: FAIL: $*" >&2
-  if [ "$VM_VERBOSE" != 1 ]; then
+  if [ "$VM_VERBOSE" != 1 ] && ! grep -aq '^VMTEST_RESULT: ' "$LOGS/console.txt"; then
     echo "---- last 40 console lines ($LOGS/console.txt) ----" >&2
     tail -40 "$LOGS/console.txt" >&2
     [ -s "$LOGS/qemu.log" ] && { echo "---- qemu stderr ----" >&2; cat "$LOGS/qemu.log" >&2; }
