@@ -1,0 +1,2 @@
+//! The `vfio-multifd` command.
+fn main() {}

@@ -1,0 +1,231 @@
+//! Configuration of a source and a receiver. Every knob has a bound.
+
+use std::time::Duration;
+
+use crate::wire::{Uuid, MAX_CHANNELS};
+
+/// Which I/O backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// io_uring when a ring can be set up, else the blocking backend (with a message saying why).
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// Plain blocking system calls.
+    Blocking,
+}
+
+/// Whether to send with `IORING_OP_SEND_ZC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZeroCopy {
+    /// When the kernel supports it, buffers are registered and every channel is TCP.
+    #[default]
+    Auto,
+    /// Always (fails where impossible).
+    On,
+    /// Never.
+    Off,
+}
+
+/// Largest chunk (bytes of device data per packet) a source may use.
+pub const MAX_CHUNK_BYTES: usize = 64 << 20;
+/// Largest number of buffers per device thread.
+pub const MAX_BUFFERS_PER_DEVICE: usize = 64;
+/// Largest number of devices in one transfer.
+pub const MAX_DEVICES: usize = 64;
+
+/// Source settings. Defaults: 1 MiB chunks (QEMU's), 4 buffers per device, zero-copy auto,
+/// backend auto, all-zero session UUID (QEMU's default), 60 s stall timeout.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub(crate) chunk_bytes: usize,
+    pub(crate) buffers_per_device: usize,
+    pub(crate) zerocopy: ZeroCopy,
+    pub(crate) backend: Backend,
+    pub(crate) uuid: Uuid,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) max_stream_bytes: u64,
+    pub(crate) precopy_max_bytes: u64,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            chunk_bytes: 1 << 20,
+            buffers_per_device: 4,
+            zerocopy: ZeroCopy::Auto,
+            backend: Backend::Auto,
+            uuid: [0; 16],
+            stall_timeout: Duration::from_secs(60),
+            max_stream_bytes: 1 << 40,
+            precopy_max_bytes: 1 << 40,
+        }
+    }
+}
+
+impl SourceConfig {
+    /// The defaults.
+    pub fn new() -> SourceConfig {
+        SourceConfig::default()
+    }
+    /// Device bytes per packet (4 KiB ..= 64 MiB).
+    pub fn chunk_bytes(mut self, v: usize) -> Self {
+        self.chunk_bytes = v;
+        self
+    }
+    /// Registered buffers per device thread (2 ..= 64): bounds read-ahead and sends in flight.
+    pub fn buffers_per_device(mut self, v: usize) -> Self {
+        self.buffers_per_device = v;
+        self
+    }
+    /// Zero-copy send policy.
+    pub fn zerocopy(mut self, v: ZeroCopy) -> Self {
+        self.zerocopy = v;
+        self
+    }
+    /// Backend policy.
+    pub fn backend(mut self, v: Backend) -> Self {
+        self.backend = v;
+        self
+    }
+    /// Session UUID written into every init packet (must equal the destination's).
+    pub fn uuid(mut self, v: Uuid) -> Self {
+        self.uuid = v;
+        self
+    }
+    /// Longest time without any progress before the transfer fails (1 s ..= 1 h).
+    pub fn stall_timeout(mut self, v: Duration) -> Self {
+        self.stall_timeout = v;
+        self
+    }
+    /// Most bytes one device's stream may produce before the transfer fails (guards against a
+    /// device that never reaches end of stream).
+    pub fn max_stream_bytes(mut self, v: u64) -> Self {
+        self.max_stream_bytes = v;
+        self
+    }
+    /// Most bytes read in PRE_COPY before switching to STOP_COPY regardless.
+    pub fn precopy_max_bytes(mut self, v: u64) -> Self {
+        self.precopy_max_bytes = v;
+        self
+    }
+    /// The chunk size in effect.
+    pub fn get_chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
+    pub(crate) fn validate(&self, channels: usize, devices: usize) -> Result<(), String> {
+        if !(4096..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
+            return Err(format!("chunk of {} bytes outside 4096..={MAX_CHUNK_BYTES}", self.chunk_bytes));
+        }
+        if !(2..=MAX_BUFFERS_PER_DEVICE).contains(&self.buffers_per_device) {
+            return Err(format!("{} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}", self.buffers_per_device));
+        }
+        validate_common(channels, devices, self.stall_timeout)
+    }
+}
+
+fn validate_common(channels: usize, devices: usize, t: Duration) -> Result<(), String> {
+    if !(1..=MAX_CHANNELS).contains(&channels) {
+        return Err(format!("{channels} channels outside 1..={MAX_CHANNELS}"));
+    }
+    if !(1..=MAX_DEVICES).contains(&devices) {
+        return Err(format!("{devices} devices outside 1..={MAX_DEVICES}"));
+    }
+    if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
+        return Err(format!("stall timeout {t:?} outside 100 ms ..= 1 h"));
+    }
+    Ok(())
+}
+
+/// Receiver settings. Defaults: packets up to 1 MiB of device data (QEMU's chunk) plus the
+/// header, a budget of 4 packets per channel for out-of-order data, backend auto, all-zero
+/// UUID, 60 s stall timeout.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub(crate) max_packet_bytes: usize,
+    pub(crate) budget_bytes: Option<usize>,
+    pub(crate) backend: Backend,
+    pub(crate) uuid: Uuid,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) accept_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            max_packet_bytes: 1 << 20,
+            budget_bytes: None,
+            backend: Backend::Auto,
+            uuid: [0; 16],
+            stall_timeout: Duration::from_secs(60),
+            accept_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ReceiverConfig {
+    /// The defaults.
+    pub fn new() -> ReceiverConfig {
+        ReceiverConfig::default()
+    }
+    /// Largest device-data payload per packet accepted (4 KiB ..= 64 MiB); a sender using
+    /// bigger chunks gets a clear error.
+    pub fn max_packet_bytes(mut self, v: usize) -> Self {
+        self.max_packet_bytes = v;
+        self
+    }
+    /// Bytes of out-of-order packets held at most (default: 4 packets per channel). Rounded
+    /// down to whole packets, at least one.
+    pub fn budget_bytes(mut self, v: usize) -> Self {
+        self.budget_bytes = Some(v);
+        self
+    }
+    /// Backend policy.
+    pub fn backend(mut self, v: Backend) -> Self {
+        self.backend = v;
+        self
+    }
+    /// Session UUID every init packet must carry.
+    pub fn uuid(mut self, v: Uuid) -> Self {
+        self.uuid = v;
+        self
+    }
+    /// Longest time without progress once all channels are up.
+    pub fn stall_timeout(mut self, v: Duration) -> Self {
+        self.stall_timeout = v;
+        self
+    }
+    /// Longest wait for all channels to connect and send their init packet.
+    pub fn accept_timeout(mut self, v: Duration) -> Self {
+        self.accept_timeout = v;
+        self
+    }
+
+    pub(crate) fn slot_bytes(&self) -> usize {
+        self.max_packet_bytes.div_ceil(crate::pool::PAGE) * crate::pool::PAGE
+    }
+
+    pub(crate) fn budget_slots(&self, channels: usize) -> usize {
+        match self.budget_bytes {
+            Some(b) => (b / self.slot_bytes()).max(1),
+            None => 4 * channels,
+        }
+    }
+
+    pub(crate) fn validate(&self, channels: usize, devices: usize) -> Result<(), String> {
+        if !(4096..=MAX_CHUNK_BYTES).contains(&self.max_packet_bytes) {
+            return Err(format!("max packet of {} bytes outside 4096..={MAX_CHUNK_BYTES}", self.max_packet_bytes));
+        }
+        let slots = self.budget_slots(channels) + devices;
+        if slots.saturating_mul(self.slot_bytes()) > crate::pool::MAX_REGISTERED {
+            return Err(format!(
+                "receive budget of {} packets of {} bytes exceeds the 1 GiB registered-buffer limit",
+                slots,
+                self.slot_bytes()
+            ));
+        }
+        validate_common(channels, devices, self.stall_timeout)
+    }
+}

@@ -1,0 +1,163 @@
+//! Page-aligned buffer pool for registered I/O.
+//!
+//! One anonymous mapping (memmap2) holds `slots` equal slots. Each slot is
+//! `[header page | payload]`: the payload starts page-aligned and the packet header is written
+//! into the last [`crate::wire::PACKET_OVERHEAD`] bytes of the header page, so a send of
+//! header + payload is one contiguous range inside one registered buffer. The whole mapping is
+//! registered as buffer index 0 of a ring.
+//!
+//! The pool hands out raw pointers because the kernel writes into it behind Rust's back; the
+//! owner of a slot index is the only one who touches it, and it never frees or reuses a slot
+//! while an operation the kernel may still complete refers to it (see `DESIGN.md`).
+
+use std::io;
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// Page size assumed for alignment (x86_64 and arm64 base pages).
+pub const PAGE: usize = 4096;
+
+/// Largest registered buffer the kernel accepts (`io_buffer_validate`: 1 GiB).
+pub const MAX_REGISTERED: usize = 1 << 30;
+
+/// A fixed set of page-aligned slots in one mapping.
+#[derive(Debug)]
+pub struct BufferPool {
+    map: MmapMut,
+    slot_bytes: usize,
+    header_bytes: usize,
+    payload_bytes: usize,
+    slots: usize,
+    huge: bool,
+}
+
+fn round_up(v: usize, to: usize) -> Option<usize> {
+    v.checked_add(to - 1).map(|x| x / to * to)
+}
+
+impl BufferPool {
+    /// Maps `slots` slots, each with `header_bytes` (rounded up to a page; may be 0) in front of
+    /// `payload_bytes` (rounded up to a page). Asks for transparent huge pages when the mapping
+    /// is large enough, and pre-faults it so that registration and the first reads do not fault.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a zero or overflowing size, or the mmap error.
+    pub fn new(slots: usize, header_bytes: usize, payload_bytes: usize) -> io::Result<BufferPool> {
+        let bad = || io::Error::new(io::ErrorKind::InvalidInput, "buffer pool size out of range");
+        if slots == 0 || payload_bytes == 0 {
+            return Err(bad());
+        }
+        let header_bytes = round_up(header_bytes, PAGE).ok_or_else(bad)?;
+        let payload_bytes = round_up(payload_bytes, PAGE).ok_or_else(bad)?;
+        let slot_bytes = header_bytes.checked_add(payload_bytes).ok_or_else(bad)?;
+        let total = slot_bytes.checked_mul(slots).ok_or_else(bad)?;
+        let mut map = MmapOptions::new().len(total).map_anon()?;
+        let mut huge = false;
+        if total >= 2 << 20 {
+            // THP is only a hint: the kernel may or may not back the mapping with huge pages.
+            huge = map.advise(memmap2::Advice::HugePage).is_ok();
+        }
+        // Pre-fault: registration pins the pages anyway, and a blocking backend should not
+        // take page faults in its first reads.
+        for off in (0..total).step_by(PAGE) {
+            map[off] = 0;
+        }
+        Ok(BufferPool { map, slot_bytes, header_bytes, payload_bytes, slots, huge })
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Payload capacity of one slot.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
+    }
+
+    /// Whether transparent huge pages were requested for the mapping.
+    pub fn huge_pages_advised(&self) -> bool {
+        self.huge
+    }
+
+    /// Total mapped bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the pool is empty (never: `new` rejects zero sizes).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The iovec that registers the whole pool as one buffer.
+    pub fn iovec(&self) -> libc::iovec {
+        libc::iovec { iov_base: self.map.as_ptr() as *mut libc::c_void, iov_len: self.map.len() }
+    }
+
+    /// Pointer to the first payload byte of `slot`.
+    ///
+    /// # Panics
+    /// If `slot >= self.slots()` (an engine bug, not an input error).
+    pub fn payload_ptr(&self, slot: usize) -> *mut u8 {
+        assert!(slot < self.slots, "slot {slot} out of range");
+        let off = slot * self.slot_bytes + self.header_bytes;
+        // SAFETY: `off` is inside the mapping (slot < slots, header_bytes < slot_bytes), so the
+        // pointer stays within the same allocation.
+        unsafe { self.map.as_ptr().add(off) as *mut u8 }
+    }
+
+    /// Pointer `back` bytes before the payload of `slot` (where a header of that length goes).
+    ///
+    /// # Panics
+    /// If `back` exceeds the slot's header space or `slot` is out of range.
+    pub fn header_ptr(&self, slot: usize, back: usize) -> *mut u8 {
+        assert!(back <= self.header_bytes, "header of {back} bytes does not fit");
+        let p = self.payload_ptr(slot);
+        // SAFETY: `back <= header_bytes`, so the result is inside this slot's header page.
+        unsafe { p.sub(back) }
+    }
+
+    /// Mutable view of `len` bytes ending at the payload of `slot` plus `extra` payload bytes:
+    /// `[payload - back, payload + extra)`.
+    ///
+    /// # Safety
+    /// The caller must own `slot` (no in-flight kernel operation may read or write that range,
+    /// and no other reference to it may be alive).
+    pub unsafe fn slot_bytes_mut(&self, slot: usize, back: usize, extra: usize) -> &mut [u8] {
+        assert!(extra <= self.payload_bytes, "range beyond the slot payload");
+        let p = self.header_ptr(slot, back);
+        // SAFETY: the range lies inside the slot (checked above); exclusivity is the caller's
+        // contract.
+        unsafe { std::slice::from_raw_parts_mut(p, back + extra) }
+    }
+
+    /// Shared view of a slot range, as [`BufferPool::slot_bytes_mut`].
+    ///
+    /// # Safety
+    /// No kernel operation may be writing the range, and no mutable reference may be alive.
+    pub unsafe fn slot_bytes(&self, slot: usize, back: usize, extra: usize) -> &[u8] {
+        assert!(extra <= self.payload_bytes, "range beyond the slot payload");
+        let p = self.header_ptr(slot, back);
+        // SAFETY: as `slot_bytes_mut`; the caller guarantees no concurrent writer.
+        unsafe { std::slice::from_raw_parts(p, back + extra) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let p = BufferPool::new(3, 288, 1000).unwrap();
+        assert_eq!(p.payload_bytes(), 4096);
+        assert_eq!(p.len(), 3 * 8192);
+        for s in 0..3 {
+            assert_eq!(p.payload_ptr(s) as usize % PAGE, 0);
+            assert_eq!(p.payload_ptr(s) as usize - p.header_ptr(s, 288) as usize, 288);
+        }
+        assert!(BufferPool::new(0, 0, 1).is_err());
+        assert!(BufferPool::new(1, 0, usize::MAX).is_err());
+    }
+}

@@ -1,0 +1,503 @@
+//! The destination's bookkeeping, shared by both backends: which packet goes into which slot,
+//! when a channel must wait, and which packet each device writes next.
+//!
+//! # Why progress is guaranteed (see also DESIGN.md)
+//!
+//! The sender issues one send at a time per channel, and each device's packets in index order.
+//! Order all packets by the time their send was issued: every channel's byte stream is a
+//! subsequence of that order. Take the earliest packet `P` (device `D`, index `i`) not yet
+//! admitted. Everything before `P` on its channel is earlier, hence admitted, so `P`'s header
+//! is the next thing its channel delivers; and every index of `D` below `i` was issued earlier,
+//! hence admitted, so `P` is `D`'s lowest missing index. Admission never refuses a device's
+//! lowest missing packet for long: each device owns one reserved slot for exactly that packet,
+//! outside the out-of-order budget, and when that slot is busy it holds a packet of `D` below
+//! `i` whose predecessors are all admitted, so `D`'s writer drains it without waiting for the
+//! network. Writers depend only on their device. Hence some channel can always move, and a
+//! state where every open channel waits for memory while no write is pending can only come
+//! from a sender that breaks the ordering rules: the receiver reports it as an error instead
+//! of waiting forever.
+
+use crate::error::{Error, Result};
+use crate::wire::{DeviceId, DeviceStateHeader, VfioPacketHeader, VFIO_HEADER_LEN};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Empty,
+    Receiving(u32),
+    Ready(u32),
+}
+
+/// Where an admitted packet's payload goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Admitted {
+    pub(crate) dev: usize,
+    pub(crate) slot: u32,
+    pub(crate) len: usize,
+    pub(crate) idx: u32,
+}
+
+/// The outcome of offering a packet header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Receive the payload into this slot.
+    Accept(Admitted),
+    /// No memory for it now; offer it again after a slot is freed.
+    Wait,
+}
+
+/// The next thing a device's writer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NextWrite {
+    /// Write `len` bytes of `slot` (packet `idx`) to the resume fd.
+    Data { slot: u32, len: usize, idx: u32 },
+    /// Every data packet is written: apply the config in `slot`.
+    Config { slot: u32, len: usize },
+}
+
+#[derive(Debug)]
+struct Dev {
+    id: DeviceId,
+    next_write: u32,
+    /// First index at or above `next_write` not yet admitted.
+    lowest_missing: u32,
+    ring: Vec<Entry>,
+    config_idx: Option<u32>,
+    max_data_idx: Option<u32>,
+    reserve_busy: bool,
+    writing: bool,
+    finished: bool,
+    data_bytes: u64,
+    packets: u64,
+    ooo: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotInfo {
+    len: usize,
+    reserve: bool,
+}
+
+/// Per-device counters for the report.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DevCounters {
+    pub(crate) data_bytes: u64,
+    pub(crate) packets: u64,
+    pub(crate) out_of_order: u64,
+}
+
+/// The reassembly state of one receive.
+#[derive(Debug)]
+pub(crate) struct Reassembly {
+    devs: Vec<Dev>,
+    free: Vec<u32>,
+    slots: Vec<Option<SlotInfo>>,
+    slot_bytes: usize,
+    budget: usize,
+    ooo_used: usize,
+    window: u32,
+    held_bytes: u64,
+    peak_held: u64,
+}
+
+impl Reassembly {
+    /// `budget` out-of-order slots plus one reserved slot per device, each `slot_bytes` large.
+    pub(crate) fn new(ids: Vec<DeviceId>, budget: usize, slot_bytes: usize) -> Reassembly {
+        let nslots = budget + ids.len();
+        let window = (nslots + 1) as u32;
+        Reassembly {
+            devs: ids
+                .into_iter()
+                .map(|id| Dev {
+                    id,
+                    next_write: 0,
+                    lowest_missing: 0,
+                    ring: vec![Entry::Empty; window as usize],
+                    config_idx: None,
+                    max_data_idx: None,
+                    reserve_busy: false,
+                    writing: false,
+                    finished: false,
+                    data_bytes: 0,
+                    packets: 0,
+                    ooo: 0,
+                })
+                .collect(),
+            free: (0..nslots as u32).rev().collect(),
+            slots: vec![None; nslots],
+            slot_bytes,
+            budget,
+            ooo_used: 0,
+            window,
+            held_bytes: 0,
+            peak_held: 0,
+        }
+    }
+
+    /// Total slots (the pool to allocate).
+    pub(crate) fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The identity of device `d`.
+    pub(crate) fn id(&self, d: usize) -> &DeviceId {
+        &self.devs[d].id
+    }
+
+    fn name(&self, d: usize) -> String {
+        self.devs[d].id.to_string()
+    }
+
+    /// Offers a decoded packet header that arrived on `channel`.
+    ///
+    /// # Errors
+    /// Unknown device, duplicate index, a data index after the config packet, a second config
+    /// packet, a packet after the device completed, a payload above the slot size.
+    pub(crate) fn admit(&mut self, channel: usize, hdr: &DeviceStateHeader, vfio: VfioPacketHeader) -> Result<Admit> {
+        let Some(d) = self.devs.iter().position(|x| x.id.matches(hdr)) else {
+            return Err(Error::UnknownDevice { channel, idstr: hdr.idstr_lossy(), instance_id: hdr.instance_id });
+        };
+        let len = hdr.next_packet_size as usize - VFIO_HEADER_LEN;
+        let idx = vfio.idx;
+        let proto = |what: String| Error::Protocol { channel, device: self.name(d), what };
+        if len > self.slot_bytes {
+            return Err(proto(format!("packet {idx} carries {len} bytes, above the {}-byte limit", self.slot_bytes)));
+        }
+        let dev = &self.devs[d];
+        if dev.finished {
+            return Err(proto(format!("packet {idx} arrived after the device completed")));
+        }
+        if idx < dev.next_write || (idx - dev.next_write < self.window && dev.ring[(idx % self.window) as usize] != Entry::Empty) {
+            return Err(proto(format!("duplicate packet index {idx}")));
+        }
+        if vfio.is_config() {
+            if let Some(c) = dev.config_idx {
+                return Err(proto(format!("second config packet (index {idx}; the first had index {c})")));
+            }
+            if let Some(m) = dev.max_data_idx {
+                if idx <= m {
+                    return Err(proto(format!("config packet index {idx} is not after data packet index {m}")));
+                }
+            }
+        } else if let Some(c) = dev.config_idx {
+            if idx >= c {
+                return Err(proto(format!("data packet index {idx} at or after the config packet's index {c}")));
+            }
+        }
+        if idx - dev.next_write >= self.window {
+            return Ok(Admit::Wait);
+        }
+        let in_order = idx == dev.lowest_missing;
+        let reserve = in_order && !dev.reserve_busy;
+        if !reserve && self.ooo_used >= self.budget {
+            return Ok(Admit::Wait);
+        }
+        let slot = self.free.pop().expect("slot accounting: budget + reserves always leave a free slot");
+        if reserve {
+            self.devs[d].reserve_busy = true;
+        } else {
+            self.ooo_used += 1;
+        }
+        self.slots[slot as usize] = Some(SlotInfo { len, reserve });
+        self.held_bytes += len as u64;
+        self.peak_held = self.peak_held.max(self.held_bytes);
+        let dev = &mut self.devs[d];
+        dev.ring[(idx % self.window) as usize] = Entry::Receiving(slot);
+        if vfio.is_config() {
+            dev.config_idx = Some(idx);
+        } else {
+            dev.max_data_idx = Some(dev.max_data_idx.map_or(idx, |m| m.max(idx)));
+            if !in_order {
+                dev.ooo += 1;
+            }
+        }
+        while dev.lowest_missing - dev.next_write < self.window
+            && dev.ring[(dev.lowest_missing % self.window) as usize] != Entry::Empty
+        {
+            dev.lowest_missing += 1;
+        }
+        Ok(Admit::Accept(Admitted { dev: d, slot, len, idx }))
+    }
+
+    /// The payload of an admitted packet is fully in its slot.
+    pub(crate) fn received(&mut self, a: Admitted) {
+        let w = self.window;
+        let dev = &mut self.devs[a.dev];
+        let e = &mut dev.ring[(a.idx % w) as usize];
+        debug_assert_eq!(*e, Entry::Receiving(a.slot));
+        *e = Entry::Ready(a.slot);
+    }
+
+    /// What device `d` writes next, if anything is ready and no write is in flight. Marks the
+    /// device as writing.
+    pub(crate) fn next_write(&mut self, d: usize) -> Option<NextWrite> {
+        let w = self.window;
+        let dev = &mut self.devs[d];
+        if dev.writing || dev.finished {
+            return None;
+        }
+        let Entry::Ready(slot) = dev.ring[(dev.next_write % w) as usize] else { return None };
+        let len = self.slots[slot as usize].expect("ready slot has info").len;
+        dev.writing = true;
+        if dev.config_idx == Some(dev.next_write) {
+            Some(NextWrite::Config { slot, len })
+        } else {
+            Some(NextWrite::Data { slot, len, idx: dev.next_write })
+        }
+    }
+
+    /// Device `d` finished writing its next packet (data, or the config was applied): frees
+    /// the slot and moves on. Returns whether the device is now complete.
+    pub(crate) fn written(&mut self, d: usize) -> bool {
+        let w = self.window;
+        let dev = &mut self.devs[d];
+        let i = (dev.next_write % w) as usize;
+        let Entry::Ready(slot) = dev.ring[i] else { unreachable!("written() without a ready packet") };
+        dev.ring[i] = Entry::Empty;
+        dev.writing = false;
+        let info = self.slots[slot as usize].take().expect("slot info");
+        let is_config = dev.config_idx == Some(dev.next_write);
+        if is_config {
+            dev.finished = true;
+        } else {
+            dev.data_bytes += info.len as u64;
+            dev.packets += 1;
+        }
+        dev.next_write += 1;
+        if info.reserve {
+            dev.reserve_busy = false;
+        } else {
+            self.ooo_used -= 1;
+        }
+        self.held_bytes -= info.len as u64;
+        self.free.push(slot);
+        is_config
+    }
+
+    /// Whether device `d` has applied its config.
+    pub(crate) fn finished(&self, d: usize) -> bool {
+        self.devs[d].finished
+    }
+
+    /// Whether every device has completed.
+    #[cfg(test)]
+    pub(crate) fn all_finished(&self) -> bool {
+        self.devs.iter().all(|d| d.finished)
+    }
+
+    /// Whether any device has a write in flight or a packet ready to write: if not, and every
+    /// channel waits for memory, nothing can ever move again.
+    pub(crate) fn write_pending(&self) -> bool {
+        self.devs.iter().any(|d| {
+            !d.finished && (d.writing || matches!(d.ring[(d.next_write % self.window) as usize], Entry::Ready(_)))
+        })
+    }
+
+    /// Counters of device `d`.
+    pub(crate) fn counters(&self, d: usize) -> DevCounters {
+        let x = &self.devs[d];
+        DevCounters { data_bytes: x.data_bytes, packets: x.packets, out_of_order: x.ooo }
+    }
+
+    /// Most payload bytes held at once.
+    pub(crate) fn peak_held(&self) -> u64 {
+        self.peak_held
+    }
+
+    /// The first incomplete device, as an error.
+    pub(crate) fn incomplete_error(&self) -> Option<Error> {
+        self.devs.iter().find(|d| !d.finished).map(|d| Error::Incomplete {
+            device: d.id.to_string(),
+            what: match d.config_idx {
+                None if d.next_write == 0 && d.lowest_missing == 0 => {
+                    "no packet of this device arrived before every channel closed".to_string()
+                }
+                None => format!(
+                    "all channels closed before its config packet; {} data packets written, next expected index {}",
+                    d.next_write, d.lowest_missing
+                ),
+                Some(c) => format!(
+                    "all channels closed with packet {} missing (config packet index {c}, {} data packets written)",
+                    d.lowest_missing, d.next_write
+                ),
+            },
+        })
+    }
+
+    /// Describes who waits for what, for a budget error.
+    pub(crate) fn stuck_report(&self) -> String {
+        let mut parts = Vec::new();
+        for d in &self.devs {
+            if !d.finished {
+                parts.push(format!(
+                    "{} waits for packet {} ({} written{})",
+                    d.id,
+                    d.lowest_missing,
+                    d.next_write,
+                    if d.reserve_busy { ", reserve slot busy" } else { "" }
+                ));
+            }
+        }
+        format!(
+            "{} of {} out-of-order packets held ({} bytes); {}; the sender is not delivering packets in per-channel order or exceeds the budget",
+            self.ooo_used,
+            self.budget,
+            self.held_bytes,
+            parts.join("; ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{encode_packet_header, PACKET_OVERHEAD};
+
+    fn hdr(dev: &DeviceId, idx: u32, config: bool, len: usize) -> (DeviceStateHeader, VfioPacketHeader) {
+        let mut b = [0u8; PACKET_OVERHEAD];
+        encode_packet_header(dev, VfioPacketHeader { idx, flags: u32::from(config) }, len, &mut b).unwrap();
+        (DeviceStateHeader::decode(&b, u32::MAX).unwrap(), VfioPacketHeader::decode(&b[276..]).unwrap())
+    }
+
+    fn ids(n: usize) -> Vec<DeviceId> {
+        (0..n).map(|i| DeviceId::new(&format!("d{i}/vfio"), 0).unwrap()).collect()
+    }
+
+    fn offer(r: &mut Reassembly, dev: &DeviceId, idx: u32, config: bool) -> Result<Admit> {
+        let (h, v) = hdr(dev, idx, config, 10);
+        r.admit(0, &h, v)
+    }
+
+    fn drain(r: &mut Reassembly, d: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        while let Some(w) = r.next_write(d) {
+            if let NextWrite::Data { idx, .. } = w {
+                out.push(idx);
+            }
+            r.written(d);
+        }
+        out
+    }
+
+    #[test]
+    fn in_order_and_out_of_order() {
+        let id = ids(1);
+        let mut r = Reassembly::new(id.clone(), 2, 4096);
+        let a2 = match offer(&mut r, &id[0], 2, false).unwrap() {
+            Admit::Accept(a) => a,
+            Admit::Wait => panic!(),
+        };
+        r.received(a2);
+        assert_eq!(r.next_write(0), None, "index 0 missing");
+        let Admit::Accept(a0) = offer(&mut r, &id[0], 0, false).unwrap() else { panic!() };
+        r.received(a0);
+        let Admit::Accept(a1) = offer(&mut r, &id[0], 1, false).unwrap() else { panic!() };
+        r.received(a1);
+        let Admit::Accept(c) = offer(&mut r, &id[0], 3, true).unwrap() else { panic!() };
+        r.received(c);
+        assert_eq!(drain(&mut r, 0), vec![0, 1, 2]);
+        assert!(r.finished(0));
+        assert_eq!(r.counters(0).out_of_order, 1);
+        assert!(r.all_finished());
+    }
+
+    #[test]
+    fn protocol_errors() {
+        let id = ids(1);
+        let mut r = Reassembly::new(id.clone(), 4, 4096);
+        let Admit::Accept(a) = offer(&mut r, &id[0], 0, false).unwrap() else { panic!() };
+        assert!(offer(&mut r, &id[0], 0, false).unwrap_err().to_string().contains("duplicate packet index 0"));
+        r.received(a);
+        drain(&mut r, 0);
+        assert!(offer(&mut r, &id[0], 0, false).unwrap_err().to_string().contains("duplicate"));
+        let Admit::Accept(_) = offer(&mut r, &id[0], 3, true).unwrap() else { panic!() };
+        assert!(offer(&mut r, &id[0], 4, true).unwrap_err().to_string().contains("second config"));
+        assert!(offer(&mut r, &id[0], 3, false).unwrap_err().to_string().contains("duplicate"));
+        assert!(offer(&mut r, &id[0], 5, false).unwrap_err().to_string().contains("after the config"));
+        let other = DeviceId::new("nope", 0).unwrap();
+        assert!(matches!(offer(&mut r, &other, 0, false), Err(Error::UnknownDevice { .. })));
+        let (h, v) = hdr(&id[0], 1, false, 5000);
+        assert!(r.admit(0, &h, v).unwrap_err().to_string().contains("above the 4096-byte limit"));
+        // Config index not after the highest data index.
+        let mut r = Reassembly::new(id.clone(), 4, 4096);
+        let _ = offer(&mut r, &id[0], 2, false).unwrap();
+        assert!(offer(&mut r, &id[0], 2, true).unwrap_err().to_string().contains("duplicate"));
+        assert!(offer(&mut r, &id[0], 1, true).unwrap_err().to_string().contains("not after data packet index 2"));
+    }
+
+    /// The budget fills with out-of-order packets; the in-order packet still gets in through
+    /// the device's reserved slot, and draining frees the budget.
+    #[test]
+    fn reserve_slot_guarantees_progress() {
+        let id = ids(2);
+        let mut r = Reassembly::new(id.clone(), 2, 4096);
+        for idx in [5, 6] {
+            let Admit::Accept(a) = offer(&mut r, &id[0], idx, false).unwrap() else { panic!() };
+            r.received(a);
+        }
+        assert_eq!(offer(&mut r, &id[0], 7, false).unwrap(), Admit::Wait);
+        assert_eq!(offer(&mut r, &id[1], 1, false).unwrap(), Admit::Wait);
+        let Admit::Accept(a) = offer(&mut r, &id[1], 0, false).unwrap() else { panic!() };
+        r.received(a);
+        // Device 1's reserve is busy until index 0 is written; index 1 has to wait.
+        assert_eq!(offer(&mut r, &id[1], 1, false).unwrap(), Admit::Wait);
+        assert_eq!(drain(&mut r, 1), vec![0]);
+        assert!(matches!(offer(&mut r, &id[1], 1, false).unwrap(), Admit::Accept(_)));
+    }
+
+    /// Randomised interleavings: every packet offered in an arbitrary order of per-channel
+    /// streams that respect issue order; retrying waiters must always complete.
+    #[test]
+    fn random_interleavings_complete() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..300 {
+            let ndev = 1 + rnd(4);
+            let nch = 1 + rnd(8);
+            let budget = 1 + rnd(4);
+            let id = ids(ndev);
+            let mut r = Reassembly::new(id.clone(), budget, 4096);
+            // Issue order: interleave devices randomly, each device in index order.
+            let counts: Vec<u32> = (0..ndev).map(|_| rnd(20) as u32).collect();
+            let mut next = vec![0u32; ndev];
+            let mut chans: Vec<std::collections::VecDeque<(usize, u32, bool)>> = vec![Default::default(); nch];
+            loop {
+                let live: Vec<usize> = (0..ndev).filter(|&d| next[d] <= counts[d]).collect();
+                if live.is_empty() {
+                    break;
+                }
+                let d = live[rnd(live.len())];
+                let idx = next[d];
+                next[d] += 1;
+                chans[rnd(nch)].push_back((d, idx, idx == counts[d]));
+            }
+            let mut steps = 0;
+            while !r.all_finished() {
+                steps += 1;
+                assert!(steps < 100_000, "round {round}: no progress");
+                let mut moved = false;
+                // Receivers pick channels in random order; writers run sometimes.
+                let c = rnd(nch);
+                if let Some(&(d, idx, cfg)) = chans[c].front() {
+                    if let Admit::Accept(a) = offer(&mut r, &id[d], idx, cfg).unwrap() {
+                        r.received(a);
+                        chans[c].pop_front();
+                        moved = true;
+                    }
+                }
+                if rnd(3) == 0 || !moved {
+                    for d in 0..ndev {
+                        if let Some(_w) = r.next_write(d) {
+                            r.written(d);
+                        }
+                    }
+                }
+            }
+            assert!(chans.iter().all(|c| c.is_empty()));
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The destination side: multifd packets in, device state out.
+
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use vfio_migration::{transition, MigState, MigrationDevice};
+
+use crate::abort::AbortHandle;
+use crate::config::ReceiverConfig;
+use crate::error::{Error, Result};
+use crate::reassembly::Reassembly;
+use crate::source::choose_backend;
+use crate::stats::{BackendKind, ChannelCounters, Progress, ReceiverDeviceReport, ReceiverReport};
+use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
+use crate::{recv_blocking, recv_uring};
+
+pub(crate) enum TargetKind<'a> {
+    Device { dev: &'a mut dyn MigrationDevice, final_state: MigState, fd: Option<OwnedFd> },
+    Fd { fd: BorrowedFd<'a>, config: &'a mut Vec<u8> },
+}
+
+/// One destination device: where its stream is written and its config applied.
+pub(crate) struct Target<'a> {
+    pub(crate) id: DeviceId,
+    pub(crate) kind: TargetKind<'a>,
+    pub(crate) config_bytes: u64,
+    pub(crate) short_writes: u64,
+    pub(crate) final_state: Option<MigState>,
+}
+
+impl Target<'_> {
+    /// The fd the stream is written to.
+    pub(crate) fn data_fd(&self) -> RawFd {
+        match &self.kind {
+            TargetKind::Device { fd, .. } => fd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+            TargetKind::Fd { fd, .. } => fd.as_raw_fd(),
+        }
+    }
+
+    /// Applies the config blob and moves the device on (the kernel validates the whole stream
+    /// when the device leaves RESUMING).
+    pub(crate) fn apply_config(&mut self, blob: &[u8]) -> Result<()> {
+        self.config_bytes = blob.len() as u64;
+        let name = self.id.idstr().into_owned();
+        match &mut self.kind {
+            TargetKind::Fd { config, .. } => {
+                config.clear();
+                config.extend_from_slice(blob);
+                Ok(())
+            }
+            TargetKind::Device { dev, final_state, fd } => {
+                dev.load_config(blob).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+                // The resume session ends with the walk; the fd is closed after it.
+                let r = transition(&mut **dev, *final_state);
+                *fd = None;
+                r.map_err(|e| Error::Device { device: name, source: e })?;
+                self.final_state = Some(*final_state);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Receives the migration state of expected devices from N multifd channels and loads it.
+///
+/// ```no_run
+/// use std::net::TcpListener;
+/// use vfio_multifd::{DeviceId, Receiver, ReceiverConfig};
+/// # fn device() -> Box<dyn vfio_migration::MigrationDevice> { unimplemented!() }
+/// let listener = TcpListener::bind("0.0.0.0:4444")?;
+/// let mut dev = device();
+/// let mut rx = Receiver::new(ReceiverConfig::new());
+/// rx.add_device(DeviceId::new("0000:00:02.0/vfio", 0)?, dev.as_mut());
+/// let report = rx.run_listener(&listener, 4)?;
+/// println!("loaded {} bytes", report.data_bytes());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Receiver<'a> {
+    cfg: ReceiverConfig,
+    targets: Vec<Target<'a>>,
+    abort: AbortHandle,
+    progress: Progress,
+}
+
+impl std::fmt::Debug for Receiver<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("cfg", &self.cfg)
+            .field("devices", &self.targets.iter().map(|t| t.id.clone()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Shared context of one receive.
+pub(crate) struct RecvShared<'c> {
+    pub(crate) cfg: &'c ReceiverConfig,
+    pub(crate) channels: Vec<RawFd>,
+    pub(crate) counters: Vec<ChannelCounters>,
+    pub(crate) abort: AbortHandle,
+    pub(crate) progress: Progress,
+}
+
+impl<'a> Receiver<'a> {
+    /// A receiver with no devices yet.
+    ///
+    /// # Panics
+    /// Never in practice: only if the process is out of file descriptors for the abort eventfd,
+    /// which [`Receiver::try_new`] reports as an error instead.
+    pub fn new(cfg: ReceiverConfig) -> Receiver<'a> {
+        Receiver::try_new(cfg).expect("eventfd for the abort handle")
+    }
+
+    /// A receiver with no devices yet.
+    ///
+    /// # Errors
+    /// eventfd creation failures.
+    pub fn try_new(cfg: ReceiverConfig) -> Result<Receiver<'a>> {
+        let abort = AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?;
+        Ok(Receiver { cfg, targets: Vec::new(), abort, progress: Progress::default() })
+    }
+
+    /// Expects a device: it is walked to RESUMING before the channels are read, its stream is
+    /// written in order, its config applied, and it is moved to RUNNING.
+    pub fn add_device(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice) -> &mut Self {
+        self.add_device_with(id, dev, MigState::Running)
+    }
+
+    /// As [`Receiver::add_device`], leaving the device in `final_state` (e.g. STOP, for a VMM
+    /// that starts devices itself).
+    pub fn add_device_with(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice, final_state: MigState) -> &mut Self {
+        self.targets.push(Target {
+            id,
+            kind: TargetKind::Device { dev, final_state, fd: None },
+            config_bytes: 0,
+            short_writes: 0,
+            final_state: None,
+        });
+        self
+    }
+
+    /// Expects a device whose stream goes to a writable fd (a RESUMING data fd the VMM owns, or
+    /// a file); its config blob is stored into `config`.
+    pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a mut Vec<u8>) -> &mut Self {
+        self.targets.push(Target { id, kind: TargetKind::Fd { fd, config }, config_bytes: 0, short_writes: 0, final_state: None });
+        self
+    }
+
+    /// A handle that aborts this receive from any thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// A handle to watch the bytes written to devices so far from any thread.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// Accepts `channels` connections on `listener` (within the accept timeout) and runs.
+    ///
+    /// # Errors
+    /// As [`Receiver::run`], plus accept failures and timeouts.
+    pub fn run_listener(self, listener: &TcpListener, channels: usize) -> Result<ReceiverReport> {
+        if channels == 0 || channels > crate::wire::MAX_CHANNELS {
+            return Err(Error::Config(format!("{channels} channels outside 1..=256")));
+        }
+        let deadline = Instant::now() + self.cfg.accept_timeout;
+        let mut socks = Vec::with_capacity(channels);
+        while socks.len() < channels {
+            if self.abort.is_aborted() {
+                return Err(Error::Aborted);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    what: format!("accepting channels: {} of {channels} connected", socks.len()),
+                    after: self.cfg.accept_timeout,
+                });
+            }
+            let ready = crate::source_blocking::poll_in(
+                &[listener.as_raw_fd(), self.abort.as_fd().as_raw_fd()],
+                left.min(crate::source::TICK),
+            )
+            .map_err(|e| Error::sys("poll listener", e))?;
+            if !ready || self.abort.is_aborted() {
+                continue;
+            }
+            let (s, _) = listener.accept().map_err(|e| Error::sys("accept", e))?;
+            s.set_nodelay(true).map_err(|e| Error::sys("TCP_NODELAY", e))?;
+            socks.push(OwnedFd::from(s));
+        }
+        self.run(socks)
+    }
+
+    /// Runs on already accepted sockets (any order: each one's init packet says which channel it
+    /// is). Returns once every channel is closed and every device is loaded.
+    ///
+    /// # Errors
+    /// The first failure, naming the channel, device and packet index. Devices are left where
+    /// the failure left them (RESUMING, typically), which a reset recovers.
+    pub fn run(mut self, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
+        let n = socks.len();
+        self.cfg.validate(n, self.targets.len()).map_err(Error::Config)?;
+        for (i, a) in self.targets.iter().enumerate() {
+            if self.targets[..i].iter().any(|b| b.id == a.id) {
+                return Err(Error::Config(format!("device {} expected twice", a.id)));
+            }
+        }
+        let (backend, fallback_reason) = choose_backend(self.cfg.backend)?;
+        for t in &mut self.targets {
+            if let TargetKind::Device { dev, fd, .. } = &mut t.kind {
+                let tr = transition(&mut **dev, MigState::Resuming)
+                    .map_err(|e| Error::Device { device: t.id.idstr().into_owned(), source: e })?;
+                let Some(f) = tr.data_fd else {
+                    return Err(Error::Device {
+                        device: t.id.idstr().into_owned(),
+                        source: vfio_migration::Error::Protocol {
+                            device: dev.name().to_owned(),
+                            what: "device was already RESUMING: its resume session belongs to someone else".into(),
+                        },
+                    });
+                };
+                *fd = Some(f);
+            }
+        }
+        let started = Instant::now();
+        let ordered = read_inits(socks, &self.cfg, &self.abort)?;
+        let shared = RecvShared {
+            cfg: &self.cfg,
+            channels: ordered.iter().map(|s| s.as_raw_fd()).collect(),
+            counters: (0..n).map(|_| ChannelCounters::default()).collect(),
+            abort: self.abort.clone(),
+            progress: self.progress.clone(),
+        };
+        let budget = self.cfg.budget_slots(n);
+        let mut re = Reassembly::new(self.targets.iter().map(|t| t.id.clone()).collect(), budget, self.cfg.slot_bytes());
+        let res = match backend {
+            BackendKind::Uring => recv_uring::run(&shared, &mut re, &mut self.targets),
+            BackendKind::Blocking => recv_blocking::run(&shared, &mut re, &mut self.targets),
+        };
+        drop(ordered);
+        res?;
+        let devices = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(d, t)| {
+                let c = re.counters(d);
+                ReceiverDeviceReport {
+                    id: t.id.clone(),
+                    data_bytes: c.data_bytes,
+                    packets: c.packets,
+                    out_of_order_packets: c.out_of_order,
+                    config_bytes: t.config_bytes,
+                    short_writes: t.short_writes,
+                    final_state: t.final_state,
+                }
+            })
+            .collect();
+        Ok(ReceiverReport {
+            backend,
+            fallback_reason,
+            elapsed: started.elapsed(),
+            devices,
+            channels: shared.counters.iter().enumerate().map(|(i, c)| c.report(i)).collect(),
+            peak_held_bytes: re.peak_held(),
+            reserved_bytes: (re.slot_count() * self.cfg.slot_bytes()) as u64,
+        })
+    }
+}
+
+/// Reads and validates every channel's init packet; returns the sockets ordered by channel id.
+fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) -> Result<Vec<OwnedFd>> {
+    let n = socks.len();
+    let deadline = Instant::now() + cfg.accept_timeout;
+    let mut slots: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
+    for (order, s) in socks.into_iter().enumerate() {
+        let mut b = [0u8; INIT_PACKET_LEN];
+        recv_exact(s.as_raw_fd(), &mut b, deadline, abort).map_err(|e| match e {
+            RecvExactError::Eof(got) => Error::ChannelClosed {
+                channel: order,
+                during: format!("during its init packet ({got} of {INIT_PACKET_LEN} bytes)"),
+            },
+            RecvExactError::Io(e) => Error::Channel { channel: order, op: "receive init packet".into(), source: e },
+            RecvExactError::Timeout => Error::Timeout {
+                what: format!("init packet of connection {order}"),
+                after: cfg.accept_timeout,
+            },
+            RecvExactError::Aborted => Error::Aborted,
+        })?;
+        let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::Wire { channel: order, what: "init packet", source: e })?;
+        let id = usize::from(p.id);
+        if slots[id].is_some() {
+            return Err(Error::Protocol {
+                channel: id,
+                device: "-".into(),
+                what: format!("channel id {id} announced twice (second time on connection {order})"),
+            });
+        }
+        slots[id] = Some(s);
+    }
+    Ok(slots.into_iter().map(|s| s.expect("n distinct ids below n cover every slot")).collect())
+}
+
+pub(crate) enum RecvExactError {
+    Eof(usize),
+    Io(std::io::Error),
+    Timeout,
+    Aborted,
+}
+
+/// Receives exactly `buf.len()` bytes, waking every tick for abort and the deadline.
+pub(crate) fn recv_exact(fd: RawFd, buf: &mut [u8], deadline: Instant, abort: &AbortHandle) -> Result<(), RecvExactError> {
+    let mut got = 0;
+    while got < buf.len() {
+        if abort.is_aborted() {
+            return Err(RecvExactError::Aborted);
+        }
+        if Instant::now() > deadline {
+            return Err(RecvExactError::Timeout);
+        }
+        let ready = crate::source_blocking::poll_in(&[fd, abort.as_fd().as_raw_fd()], Duration::from_millis(250))
+            .map_err(RecvExactError::Io)?;
+        if !ready {
+            continue;
+        }
+        // SAFETY: the destination range is inside the live, exclusively borrowed `buf`.
+        let r = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, libc::MSG_DONTWAIT) };
+        if r == 0 {
+            return Err(RecvExactError::Eof(got));
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+                continue;
+            }
+            return Err(RecvExactError::Io(e));
+        }
+        got += r as usize;
+    }
+    Ok(())
+}

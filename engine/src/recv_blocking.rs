@@ -1,0 +1,244 @@
+//! The blocking destination: one thread per channel receiving packets, one writer thread per
+//! device writing them in index order, sharing the same reassembly bookkeeping (under a mutex)
+//! as the io_uring loop. Used where io_uring is unavailable, or when forced.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::pool::BufferPool;
+use crate::reassembly::{Admit, NextWrite, Reassembly};
+use crate::recv::{recv_exact, RecvExactError, RecvShared, Target};
+use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD, VFIO_HEADER_LEN};
+
+struct State<'r> {
+    re: &'r mut Reassembly,
+    /// Bumped whenever a write frees memory: a parked channel must retry.
+    epoch: u64,
+    /// Per channel: the epoch at which its packet was last refused, while it is parked.
+    parked_at: Vec<Option<u64>>,
+    eof: usize,
+    err: Option<Error>,
+}
+
+impl State<'_> {
+    /// Every open channel waits for memory it was refused *since the last write*, and no write
+    /// is pending that could free any: nothing can ever move again.
+    fn stuck(&self, nch: usize) -> bool {
+        let parked = self.parked_at.iter().filter(|p| **p == Some(self.epoch)).count();
+        parked + self.eof == nch && !self.re.write_pending()
+    }
+}
+
+struct Shared<'r, 's, 'c> {
+    st: Mutex<State<'r>>,
+    cv: Condvar,
+    pool: BufferPool,
+    sh: &'s RecvShared<'c>,
+    nch: usize,
+}
+
+impl<'r> Shared<'r, '_, '_> {
+    fn lock(&self) -> MutexGuard<'_, State<'r>> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, e: Error) {
+        let mut g = self.lock();
+        if g.err.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
+            g.err = Some(e);
+        }
+        self.sh.abort.abort();
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    fn wait<'g>(&self, g: MutexGuard<'g, State<'r>>) -> MutexGuard<'g, State<'r>> {
+        self.cv.wait_timeout(g, crate::source::TICK).unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
+    let pool = BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let shared = Shared { st: Mutex::new(State { re, epoch: 0, parked_at: vec![None; sh.channels.len()], eof: 0, err: None }), cv: Condvar::new(), pool, sh, nch: sh.channels.len() };
+    std::thread::scope(|s| {
+        for c in 0..shared.nch {
+            let shared = &shared;
+            s.spawn(move || {
+                if let Err(e) = channel_thread(shared, c) {
+                    shared.fail(e);
+                }
+            });
+        }
+        for (d, t) in targets.iter_mut().enumerate() {
+            let shared = &shared;
+            s.spawn(move || {
+                if let Err(e) = writer_thread(shared, d, t) {
+                    shared.fail(e);
+                }
+            });
+        }
+    });
+    let st = shared.st.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = st.err {
+        return Err(e);
+    }
+    match st.re.incomplete_error() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn map_recv(c: usize, what: String, e: RecvExactError, stall: Duration) -> Error {
+    match e {
+        RecvExactError::Eof(got) => Error::ChannelClosed { channel: c, during: format!("{what} ({got} bytes in)") },
+        RecvExactError::Io(e) => Error::Channel { channel: c, op: format!("receive {what}"), source: e },
+        RecvExactError::Timeout => Error::Timeout { what: format!("channel {c}: {what}"), after: stall },
+        RecvExactError::Aborted => Error::Aborted,
+    }
+}
+
+fn channel_thread(x: &Shared<'_, '_, '_>, c: usize) -> Result<()> {
+    let fd = x.sh.channels[c];
+    let stall = x.sh.cfg.stall_timeout;
+    let max = u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX);
+    let mut hdr = [0u8; PACKET_OVERHEAD];
+    loop {
+        // A clean end of stream is a 0-byte read exactly at a packet boundary.
+        match recv_exact(fd, &mut hdr[..1], Instant::now() + stall, &x.sh.abort) {
+            Err(RecvExactError::Eof(0)) => {
+                let mut g = x.lock();
+                g.eof += 1;
+                drop(g);
+                x.cv.notify_all();
+                return Ok(());
+            }
+            Err(e) => return Err(map_recv(c, "packet header".into(), e, stall)),
+            Ok(()) => {}
+        }
+        recv_exact(fd, &mut hdr[1..], Instant::now() + stall, &x.sh.abort)
+            .map_err(|e| map_recv(c, "the rest of a packet header".into(), e, stall))?;
+        let h = DeviceStateHeader::decode(&hdr, max).map_err(|e| Error::Wire { channel: c, what: "device state packet header", source: e })?;
+        let v = VfioPacketHeader::decode(&hdr[DEVICE_STATE_HEADER_LEN..])
+            .map_err(|e| Error::Wire { channel: c, what: "VFIO device state packet header", source: e })?;
+        x.sh.counters[c].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
+        let a = {
+            let mut g = x.lock();
+            let a = loop {
+                if let Some(e) = g.err.take() {
+                    g.err = Some(e);
+                    return Err(Error::Aborted);
+                }
+                match g.re.admit(c, &h, v)? {
+                    Admit::Accept(a) => break a,
+                    Admit::Wait => {
+                        let epoch = g.epoch;
+                        g.parked_at[c] = Some(epoch);
+                        if g.stuck(x.nch) {
+                            let what = g.re.stuck_report();
+                            return Err(Error::BudgetExceeded { what });
+                        }
+                        g = x.wait(g);
+                    }
+                }
+            };
+            g.parked_at[c] = None;
+            a
+        };
+        if a.len > 0 {
+            // SAFETY: the slot was admitted to this channel alone; no other thread touches it
+            // until `received` hands it to the device's writer.
+            let buf = unsafe { std::slice::from_raw_parts_mut(x.pool.payload_ptr(a.slot as usize), a.len) };
+            recv_exact(fd, buf, Instant::now() + stall, &x.sh.abort).map_err(|e| {
+                map_recv(c, format!("payload of packet {} of device {}", a.idx, h.idstr_lossy()), e, stall)
+            })?;
+        }
+        x.lock().re.received(a);
+        x.cv.notify_all();
+    }
+}
+
+fn writer_thread(x: &Shared<'_, '_, '_>, d: usize, t: &mut Target<'_>) -> Result<()> {
+    let fd = t.data_fd();
+    let mut stream_off = 0u64;
+    let mut idle_since = Instant::now();
+    loop {
+        let next = {
+            let mut g = x.lock();
+            loop {
+                if g.err.is_some() || x.sh.abort.is_aborted() {
+                    return Ok(());
+                }
+                if g.re.finished(d) {
+                    return Ok(());
+                }
+                if let Some(w) = g.re.next_write(d) {
+                    break w;
+                }
+                // Every channel closed and nothing more can come for this device.
+                if g.eof == x.nch {
+                    return Ok(());
+                }
+                if idle_since.elapsed() > x.sh.cfg.stall_timeout {
+                    return Err(Error::Timeout {
+                        what: format!("device {}: no packet to write", t.id),
+                        after: x.sh.cfg.stall_timeout,
+                    });
+                }
+                g = x.wait(g);
+            }
+        };
+        match next {
+            NextWrite::Data { slot, len, idx } => {
+                // SAFETY: the slot is Ready (its payload fully received) and belongs to this
+                // device's writer until `written` below.
+                let buf = unsafe { std::slice::from_raw_parts(x.pool.payload_ptr(slot as usize), len) };
+                write_all(fd, buf, &mut t.short_writes).map_err(|(off, e)| Error::DeviceWrite {
+                    device: t.id.idstr().into_owned(),
+                    idx,
+                    offset: stream_off + off as u64,
+                    source: e,
+                })?;
+                stream_off += len as u64;
+                x.sh.progress.add(len as u64);
+            }
+            NextWrite::Config { slot, len } => {
+                // SAFETY: as above.
+                let blob = unsafe { std::slice::from_raw_parts(x.pool.payload_ptr(slot as usize), len) };
+                t.apply_config(blob)?;
+            }
+        }
+        {
+            let mut g = x.lock();
+            g.re.written(d);
+            g.epoch += 1;
+        }
+        idle_since = Instant::now();
+        x.cv.notify_all();
+    }
+}
+
+fn write_all(fd: RawFd, mut buf: &[u8], short: &mut u64) -> Result<(), (usize, io::Error)> {
+    let total = buf.len();
+    let mut spins = 0;
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live slice of `buf.len()` bytes.
+        let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if r > 0 {
+            if (r as usize) < buf.len() {
+                *short += 1;
+            }
+            buf = &buf[r as usize..];
+            continue;
+        }
+        let e = if r == 0 { io::Error::new(io::ErrorKind::WriteZero, "resume data fd accepted 0 bytes") } else { io::Error::last_os_error() };
+        if e.raw_os_error() == Some(libc::EINTR) && spins < 1000 {
+            spins += 1;
+            continue;
+        }
+        return Err((total - buf.len(), e));
+    }
+    Ok(())
+}

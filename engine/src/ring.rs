@@ -1,0 +1,269 @@
+//! A thin, bounded wrapper over one io_uring instance owned by one thread.
+//!
+//! * Setup asks for `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN | SUBMIT_ALL` and steps down
+//!   to plainer flag sets on kernels that refuse them (`EINVAL`).
+//! * Completions are copied into a vector sized once at setup, so reaping never allocates.
+//! * Waits always carry a timeout (`IORING_ENTER_EXT_ARG`), so a stalled peer can never hang
+//!   the thread; `EINTR` and `ETIME` are not errors.
+//!
+//! The ring must be created on the thread that uses it (`SINGLE_ISSUER`).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+
+use crate::pool::BufferPool;
+
+/// `IORING_SEND_ZC_REPORT_USAGE`: ask the notification to say whether the data was copied.
+pub const ZC_REPORT_USAGE: u16 = 8;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a notification's `res` when the kernel copied.
+pub const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+
+/// One completion, copied out of the CQ ring.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    /// The SQE's user_data.
+    pub user_data: u64,
+    /// Result: bytes, or a negative errno.
+    pub res: i32,
+    /// `IORING_CQE_F_*` flags.
+    pub flags: u32,
+}
+
+impl Completion {
+    /// `IORING_CQE_F_MORE`: another CQE (a SEND_ZC notification) will follow.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+
+    /// `IORING_CQE_F_NOTIF`: this is a SEND_ZC buffer-release notification.
+    pub fn notif(&self) -> bool {
+        cqueue::notif(self.flags)
+    }
+}
+
+/// The io_uring operations the engine uses, as the running kernel reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UringOps {
+    /// `IORING_OP_READ_FIXED`.
+    pub read_fixed: bool,
+    /// `IORING_OP_WRITE_FIXED`.
+    pub write_fixed: bool,
+    /// `IORING_OP_SEND`.
+    pub send: bool,
+    /// `IORING_OP_SEND_ZC`.
+    pub send_zc: bool,
+    /// `IORING_OP_RECV`.
+    pub recv: bool,
+    /// `IORING_OP_READ`.
+    pub read: bool,
+    /// `IORING_OP_ASYNC_CANCEL`.
+    pub async_cancel: bool,
+}
+
+/// A ring plus its completion scratch space.
+pub struct Ring {
+    ring: IoUring,
+    done: Vec<Completion>,
+    /// Setup flags that the kernel accepted, in words (for reports).
+    pub setup: &'static str,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring").field("setup", &self.setup).finish_non_exhaustive()
+    }
+}
+
+impl Ring {
+    /// Creates a ring with `sq_entries` submission and `cq_entries` completion slots.
+    ///
+    /// # Errors
+    /// The setup errno of the plainest flag set (`EPERM` when io_uring is disabled by sysctl
+    /// or seccomp, `ENOSYS` without io_uring, `ENOMEM` without locked memory for the rings).
+    pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
+        let attempts: [(&'static str, fn(&mut io_uring::Builder)); 3] = [
+            ("SINGLE_ISSUER|DEFER_TASKRUN|COOP_TASKRUN|SUBMIT_ALL", |b| {
+                b.setup_single_issuer().setup_defer_taskrun().setup_coop_taskrun().setup_submit_all();
+            }),
+            ("COOP_TASKRUN|SUBMIT_ALL", |b| {
+                b.setup_coop_taskrun().setup_submit_all();
+            }),
+            ("plain", |_| {}),
+        ];
+        let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+        for (name, apply) in attempts {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(cq_entries.max(sq_entries * 2));
+            apply(&mut b);
+            match b.build(sq_entries) {
+                Ok(ring) => {
+                    let cap = ring.params().cq_entries() as usize;
+                    return Ok(Ring { ring, done: Vec::with_capacity(cap), setup: name });
+                }
+                // EINVAL: an older kernel that lacks a flag; try a plainer set.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Registers the whole pool as fixed buffer 0.
+    ///
+    /// # Safety
+    /// `pool` must stay mapped until this ring is dropped, and the caller must not unmap it
+    /// while any operation that uses it may still be in flight.
+    pub unsafe fn register_pool(&self, pool: &BufferPool) -> io::Result<()> {
+        let iov = [pool.iovec()];
+        // SAFETY: the iovec describes a live anonymous mapping that, by this function's
+        // contract, outlives the registration.
+        unsafe { self.ring.submitter().register_buffers(&iov) }
+    }
+
+    /// Registers `fds` as fixed files `0..fds.len()`.
+    ///
+    /// # Errors
+    /// The kernel's errno (`EBADF` for a closed fd, `EMFILE` above `RLIMIT_NOFILE`).
+    pub fn register_files(&self, fds: &[RawFd]) -> io::Result<()> {
+        self.ring.submitter().register_files(fds)
+    }
+
+    /// Caps io-wq workers (bounded, unbounded) for this ring.
+    ///
+    /// # Errors
+    /// The kernel's errno.
+    pub fn limit_workers(&self, bounded: u32, unbounded: u32) -> io::Result<()> {
+        let mut v = [bounded, unbounded];
+        self.ring.submitter().register_iowq_max_workers(&mut v)
+    }
+
+    /// Queues `entries` as one all-or-nothing batch (a linked chain never straddles a
+    /// submission boundary). Submits first if the SQ has no room.
+    ///
+    /// # Safety
+    /// Every buffer and fd an entry refers to must stay valid until the operation's last CQE
+    /// (for SEND_ZC: until its notification), and `user_data` must let the caller find and
+    /// retire the operation.
+    pub unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        for _ in 0..2 {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
+                return Ok(());
+            }
+            self.submit()?;
+        }
+        Err(io::Error::new(io::ErrorKind::WouldBlock, "submission queue full after submit"))
+    }
+
+    /// Submits queued entries without waiting.
+    ///
+    /// # Errors
+    /// Any errno but `EINTR` and `EBUSY` (CQ overflow backlog; retried on the next wait).
+    pub fn submit(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits and waits for at least one completion or `timeout`, whichever comes first.
+    ///
+    /// # Errors
+    /// Any errno but `EINTR`, `ETIME` and `EBUSY`.
+    pub fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            // ETIME: the timeout passed with nothing to reap. EINTR: a signal. EBUSY: the CQ
+            // overflowed and the kernel wants us to reap first.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copies every available completion into the scratch vector and returns it.
+    pub fn reap(&mut self) -> &[Completion] {
+        self.done.clear();
+        let cap = self.done.capacity();
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            // The scratch vector is sized to the CQ ring, so one drain never reallocates.
+            debug_assert!(self.done.len() < cap || cap == 0);
+            self.done.push(Completion { user_data: cqe.user_data(), res: cqe.result(), flags: cqe.flags() });
+        }
+        &self.done
+    }
+
+    /// The `i`-th completion of the last [`Ring::reap`].
+    pub fn reap_cached(&self, i: usize) -> Completion {
+        self.done[i]
+    }
+
+    /// Asks the kernel which of the engine's operations it supports.
+    ///
+    /// # Errors
+    /// `IORING_REGISTER_PROBE` failures.
+    pub fn probe_ops(&self) -> io::Result<UringOps> {
+        let mut p = Probe::new();
+        self.ring.submitter().register_probe(&mut p)?;
+        Ok(UringOps {
+            read_fixed: p.is_supported(opcode::ReadFixed::CODE),
+            write_fixed: p.is_supported(opcode::WriteFixed::CODE),
+            send: p.is_supported(opcode::Send::CODE),
+            send_zc: p.is_supported(opcode::SendZc::CODE),
+            recv: p.is_supported(opcode::Recv::CODE),
+            read: p.is_supported(opcode::Read::CODE),
+            async_cancel: p.is_supported(opcode::AsyncCancel::CODE),
+        })
+    }
+
+    /// Queues a cancel of every in-flight request (`IORING_ASYNC_CANCEL_ANY`).
+    ///
+    /// # Errors
+    /// Submission failures.
+    pub fn cancel_all(&mut self, user_data: u64) -> io::Result<()> {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(user_data);
+        // SAFETY: a cancel request refers to no buffer or fd.
+        unsafe { self.push(&[e]) }?;
+        self.submit()
+    }
+}
+
+/// Why io_uring cannot be used here, in words an operator can act on, or `None` if a ring
+/// can be created.
+pub fn uring_unavailable_reason() -> Option<String> {
+    match Ring::new(4, 8) {
+        Ok(_) => None,
+        Err(e) => Some(describe_setup_error(&e)),
+    }
+}
+
+/// Explains an `io_uring_setup` failure.
+pub fn describe_setup_error(e: &io::Error) -> String {
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
+    let sysctl = sysctl.as_deref().map(str::trim);
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => "io_uring_setup: ENOSYS (the kernel was built without io_uring)".into(),
+        Some(libc::EPERM) => match sysctl {
+            Some("2") => "io_uring_setup: EPERM (kernel.io_uring_disabled=2: io_uring is disabled for all processes)".into(),
+            Some("1") => "io_uring_setup: EPERM (kernel.io_uring_disabled=1: only members of kernel.io_uring_group may use io_uring)".into(),
+            _ => "io_uring_setup: EPERM (blocked by a seccomp filter, e.g. a container runtime's default profile)".into(),
+        },
+        Some(libc::ENOMEM) => "io_uring_setup: ENOMEM (not enough locked memory for the rings; raise RLIMIT_MEMLOCK)".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => format!("io_uring_setup: {e} (out of file descriptors)"),
+        _ => format!("io_uring_setup: {e}"),
+    }
+}
+
+/// Meaning of a negative CQE result for an operation, for error messages.
+pub fn cqe_error(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}

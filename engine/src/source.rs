@@ -1,0 +1,478 @@
+//! The source side: devices in, multifd packets out.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vfio_migration::{recover, transition, MigState, MigrationDevice, ReadOutcome};
+
+use crate::abort::AbortHandle;
+use crate::config::{Backend, SourceConfig, ZeroCopy};
+use crate::error::{Error, Result};
+use crate::lease::ChannelLeases;
+use crate::ring;
+use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceDeviceReport, SourceReport};
+use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
+use crate::{source_blocking, source_uring};
+
+/// Per-device options for [`Source::add_device_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// Go through PRE_COPY first (when the device supports it), streaming the initial data
+    /// while the VM still runs, then enter STOP_COPY on the same data fd.
+    pub precopy: bool,
+    /// Where to leave the device after a successful transfer (default STOP, as QEMU does; the
+    /// save session ends either way). On failure the device is always recovered to RUNNING.
+    pub final_state: MigState,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions { precopy: false, final_state: MigState::Stop }
+    }
+}
+
+pub(crate) enum SourceKind<'a> {
+    Device { dev: &'a mut dyn MigrationDevice, opts: DeviceOptions },
+    Fd { fd: BorrowedFd<'a>, config: &'a [u8] },
+}
+
+pub(crate) struct SourceDevice<'a> {
+    pub(crate) id: DeviceId,
+    pub(crate) kind: SourceKind<'a>,
+}
+
+/// Sends the migration state of one or more devices over N multifd channels.
+///
+/// ```no_run
+/// use std::net::TcpStream;
+/// use vfio_multifd::{DeviceId, Source, SourceConfig};
+/// # fn device() -> Box<dyn vfio_migration::MigrationDevice> { unimplemented!() }
+/// let channels: Vec<_> = (0..4)
+///     .map(|_| TcpStream::connect("192.0.2.1:4444").map(Into::into))
+///     .collect::<Result<_, _>>()?;
+/// let mut dev = device();
+/// let mut src = Source::new(SourceConfig::new(), channels)?;
+/// src.add_device(DeviceId::new("0000:00:02.0/vfio", 0)?, dev.as_mut());
+/// let report = src.run()?;
+/// println!("{} bytes in {:?}", report.data_bytes(), report.elapsed);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Source<'a> {
+    cfg: SourceConfig,
+    channels: Vec<OwnedFd>,
+    devices: Vec<SourceDevice<'a>>,
+    abort: AbortHandle,
+    progress: Progress,
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("cfg", &self.cfg)
+            .field("channels", &self.channels.len())
+            .field("devices", &self.devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Shared, read-only context of one source run.
+pub(crate) struct SourceShared<'c> {
+    pub(crate) cfg: &'c SourceConfig,
+    pub(crate) channels: Vec<RawFd>,
+    pub(crate) leases: ChannelLeases,
+    pub(crate) counters: Vec<ChannelCounters>,
+    pub(crate) abort: AbortHandle,
+    pub(crate) zerocopy: bool,
+    pub(crate) failed: AtomicBool,
+    pub(crate) progress: Progress,
+}
+
+/// What a backend's device loop reads from and reports to.
+pub(crate) struct DeviceCtx<'a, 'd> {
+    pub(crate) id: &'a DeviceId,
+    pub(crate) dev_no: usize,
+    dev: Option<&'a mut (dyn MigrationDevice + 'd)>,
+    raw_config: &'a [u8],
+    owned_fd: Option<OwnedFd>,
+    raw_fd: RawFd,
+    pub(crate) in_precopy: bool,
+    pub(crate) precopy_bytes: u64,
+    pub(crate) stop_copy_start: Instant,
+}
+
+/// One step of the PRE_COPY phase.
+pub(crate) enum PrecopyStep {
+    /// `n` bytes were read into the buffer.
+    Data(usize),
+    /// The phase is over; the device is now in STOP_COPY on the same fd.
+    Switched,
+}
+
+impl DeviceCtx<'_, '_> {
+    /// The fd to read in STOP_COPY.
+    pub(crate) fn data_fd(&self) -> RawFd {
+        self.raw_fd
+    }
+
+    /// The device name for messages.
+    pub(crate) fn name(&self) -> String {
+        self.id.idstr().into_owned()
+    }
+
+    /// Reads at most `buf.len()` bytes of pre-copy data, bounded by what the device reports as
+    /// available; at the temporary end (ENOMSG, or 0 as mtty does) or past the pre-copy byte
+    /// cap, walks the device to STOP_COPY and reports [`PrecopyStep::Switched`].
+    pub(crate) fn precopy_read(&mut self, buf: &mut [u8], cap: u64) -> Result<PrecopyStep> {
+        let name = self.name();
+        let dev = self.dev.as_deref_mut().expect("pre-copy only runs on devices");
+        let fd = self.owned_fd.as_ref().expect("pre-copy holds a data fd").as_fd();
+        let info = dev.precopy_info(fd).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+        let avail = info.initial_bytes.saturating_add(info.dirty_bytes);
+        // Stream only the initial data: dirty data would be re-sent in STOP_COPY anyway, and a
+        // device that keeps dirtying must not keep the source in PRE_COPY forever.
+        if info.initial_bytes > 0 && self.precopy_bytes < cap {
+            let want = buf.len().min(usize::try_from(avail).unwrap_or(usize::MAX));
+            match dev.read_data(fd, &mut buf[..want]) {
+                Ok(ReadOutcome::Data(n)) => {
+                    self.precopy_bytes += n as u64;
+                    return Ok(PrecopyStep::Data(n));
+                }
+                Ok(ReadOutcome::Eof) | Ok(ReadOutcome::NoMsg) => {}
+                Err(e) => return Err(Error::Device { device: name, source: e }),
+            }
+        }
+        self.enter_stop_copy()?;
+        Ok(PrecopyStep::Switched)
+    }
+
+    fn enter_stop_copy(&mut self) -> Result<()> {
+        let name = self.name();
+        let dev = self.dev.as_deref_mut().expect("devices only");
+        let t = transition(dev, MigState::StopCopy).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+        if let Some(fd) = t.data_fd {
+            // Only a walk that passed through STOP makes a new fd; the pre-copy stream would
+            // be lost, so that is a protocol error for a device that was in PRE_COPY.
+            if self.in_precopy {
+                return Err(Error::Device {
+                    device: name,
+                    source: vfio_migration::Error::Protocol {
+                        device: dev.name().to_owned(),
+                        what: "PRE_COPY -> STOP_COPY created a new data fd".into(),
+                    },
+                });
+            }
+            self.raw_fd = fd.as_raw_fd();
+            self.owned_fd = Some(fd);
+        }
+        self.in_precopy = false;
+        self.stop_copy_start = Instant::now();
+        Ok(())
+    }
+
+    /// The config packet's payload, read after the data stream ended.
+    pub(crate) fn config(&mut self) -> Result<Vec<u8>> {
+        match self.dev.as_deref_mut() {
+            Some(dev) => dev.save_config().map_err(|e| Error::Device { device: self.id.idstr().into_owned(), source: e }),
+            None => Ok(self.raw_config.to_vec()),
+        }
+    }
+}
+
+/// Largest config blob a source sends or a receiver accepts in one packet is the packet size.
+fn check_unique_ids(devs: &[SourceDevice<'_>]) -> Result<()> {
+    for (i, a) in devs.iter().enumerate() {
+        if devs[..i].iter().any(|b| b.id == a.id) {
+            return Err(Error::Config(format!("device {} added twice", a.id)));
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Source<'a> {
+    /// A source over already connected stream sockets (TCP or Unix), channel `i` being
+    /// `channels[i]`. The sockets are closed when the transfer ends.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for no channels or more than 256; eventfd creation failures.
+    pub fn new(cfg: SourceConfig, channels: Vec<OwnedFd>) -> Result<Source<'a>> {
+        if channels.is_empty() || channels.len() > crate::wire::MAX_CHANNELS {
+            return Err(Error::Config(format!("{} channels outside 1..=256", channels.len())));
+        }
+        let abort = AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?;
+        Ok(Source { cfg, channels, devices: Vec::new(), abort, progress: Progress::default() })
+    }
+
+    /// Connects `n` TCP channels to `addr` (each with `TCP_NODELAY`).
+    ///
+    /// # Errors
+    /// [`Error::Sys`] naming the address and channel when a connection fails.
+    pub fn connect(cfg: SourceConfig, addr: impl ToSocketAddrs + std::fmt::Debug, n: usize) -> Result<Source<'a>> {
+        let mut chans = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = TcpStream::connect(&addr).map_err(|e| Error::sys(format!("connect channel {i} to {addr:?}"), e))?;
+            s.set_nodelay(true).map_err(|e| Error::sys("TCP_NODELAY", e))?;
+            chans.push(OwnedFd::from(s));
+        }
+        Source::new(cfg, chans)
+    }
+
+    /// Adds a migratable device with default options: the engine walks it to STOP_COPY,
+    /// streams its state, sends its config last, and leaves it in STOP.
+    pub fn add_device(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice) -> &mut Self {
+        self.add_device_with(id, dev, DeviceOptions::default())
+    }
+
+    /// Adds a migratable device with explicit options.
+    pub fn add_device_with(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice, opts: DeviceOptions) -> &mut Self {
+        self.devices.push(SourceDevice { id, kind: SourceKind::Device { dev, opts } });
+        self
+    }
+
+    /// Adds a raw readable stream (a data fd the VMM already put in STOP_COPY, or a saved
+    /// stream file) plus the config blob to send last.
+    pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a [u8]) -> &mut Self {
+        self.devices.push(SourceDevice { id, kind: SourceKind::Fd { fd, config } });
+        self
+    }
+
+    /// A handle that aborts this transfer from any thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// A handle to watch the bytes sent so far from any thread.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// Runs the transfer to completion: sends the init packet on every channel, runs one
+    /// thread per device, and closes the channels.
+    ///
+    /// # Errors
+    /// The first failure (later ones caused by the abort it triggers are dropped). Devices
+    /// handed over as [`MigrationDevice`] are recovered to RUNNING on failure.
+    pub fn run(mut self) -> Result<SourceReport> {
+        self.cfg.validate(self.channels.len(), self.devices.len()).map_err(Error::Config)?;
+        check_unique_ids(&self.devices)?;
+        let started = Instant::now();
+        let (backend, fallback_reason) = choose_backend(self.cfg.backend)?;
+        let zerocopy = match (backend, self.cfg.zerocopy) {
+            (BackendKind::Blocking, ZeroCopy::On) => {
+                return Err(Error::Config("zero-copy needs the io_uring backend".into()))
+            }
+            (BackendKind::Blocking, _) | (_, ZeroCopy::Off) => false,
+            (BackendKind::Uring, z) => {
+                let all_tcp = self.channels.iter().all(|c| is_inet_stream(c.as_raw_fd()));
+                let supported = source_uring::send_zc_supported();
+                if z == ZeroCopy::On && !(all_tcp && supported) {
+                    return Err(Error::Config(format!(
+                        "zero-copy requested but unavailable ({})",
+                        if supported { "a channel is not a TCP socket" } else { "the kernel lacks IORING_OP_SEND_ZC" }
+                    )));
+                }
+                all_tcp && supported
+            }
+        };
+        for (i, ch) in self.channels.iter().enumerate() {
+            send_init(ch.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: i as u8 })
+                .map_err(|e| Error::Channel { channel: i, op: "send init packet".into(), source: e })?;
+        }
+        let shared = SourceShared {
+            cfg: &self.cfg,
+            channels: self.channels.iter().map(|c| c.as_raw_fd()).collect(),
+            leases: ChannelLeases::new(self.channels.len(), self.devices.len()).map_err(|e| Error::sys("eventfd", e))?,
+            counters: (0..self.channels.len()).map(|_| ChannelCounters::default()).collect(),
+            abort: self.abort.clone(),
+            zerocopy,
+            failed: AtomicBool::new(false),
+            progress: self.progress.clone(),
+        };
+        let devices = std::mem::take(&mut self.devices);
+        let results: Vec<Result<(SourceDeviceReport, Latency, u64, u64)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = devices
+                .into_iter()
+                .enumerate()
+                .map(|(no, d)| {
+                    let shared = &shared;
+                    std::thread::Builder::new()
+                        .name(format!("vfmfd-src-{no}"))
+                        .spawn_scoped(s, move || run_device(shared, backend, no, d))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| Err(Error::sys("device thread", std::io::Error::other("panicked")))),
+                    Err(e) => {
+                        shared.abort.abort();
+                        Err(Error::sys("spawn device thread", e))
+                    }
+                })
+                .collect()
+        });
+        // Closing our write side tells the receiver the stream ended at a packet boundary.
+        for ch in &self.channels {
+            // SAFETY: shutdown on a socket fd we own; no memory arguments.
+            unsafe { libc::shutdown(ch.as_raw_fd(), libc::SHUT_WR) };
+        }
+        let mut reports = Vec::new();
+        let mut latency = Latency::new();
+        let (mut zc, mut copied) = (0, 0);
+        let mut first_err: Option<Error> = None;
+        for r in results {
+            match r {
+                Ok((rep, lat, z, c)) => {
+                    latency.merge(&lat);
+                    zc += z;
+                    copied += c;
+                    reports.push(rep);
+                }
+                Err(e) => {
+                    // Keep the root cause, not the "aborted" echoes it caused in other threads.
+                    if first_err.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok(SourceReport {
+            backend,
+            fallback_reason,
+            zerocopy,
+            zerocopy_bytes: zc,
+            copied_bytes: copied,
+            elapsed: started.elapsed(),
+            devices: reports,
+            channels: shared.counters.iter().enumerate().map(|(i, c)| c.report(i)).collect(),
+            latency: latency.summary(),
+        })
+    }
+}
+
+/// Picks the backend; `Auto` falls back to blocking when a ring cannot be created.
+pub(crate) fn choose_backend(want: Backend) -> Result<(BackendKind, Option<String>)> {
+    match want {
+        Backend::Blocking => Ok((BackendKind::Blocking, None)),
+        Backend::Uring => match ring::uring_unavailable_reason() {
+            None => Ok((BackendKind::Uring, None)),
+            Some(reason) => Err(Error::UringUnavailable { reason }),
+        },
+        Backend::Auto => match ring::uring_unavailable_reason() {
+            None => Ok((BackendKind::Uring, None)),
+            Some(reason) => Ok((BackendKind::Blocking, Some(format!("{reason}; using the blocking backend")))),
+        },
+    }
+}
+
+fn is_inet_stream(fd: RawFd) -> bool {
+    let mut dom: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `dom`, a live c_int.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut dom as *mut libc::c_int).cast(), &mut len) };
+    r == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
+}
+
+fn send_init(fd: BorrowedFd<'_>, p: &InitPacket) -> std::io::Result<()> {
+    let mut b = [0u8; INIT_PACKET_LEN];
+    p.encode(&mut b).map_err(std::io::Error::other)?;
+    // A cloned std stream over the same fd: write_all handles partial writes and EINTR.
+    let dup = fd.try_clone_to_owned()?;
+    let mut s = std::fs::File::from(dup);
+    s.write_all(&b)
+}
+
+/// Runs one device on its own thread: state transitions, the backend's loop, recovery.
+fn run_device(
+    shared: &SourceShared<'_>,
+    backend: BackendKind,
+    dev_no: usize,
+    d: SourceDevice<'_>,
+) -> Result<(SourceDeviceReport, Latency, u64, u64)> {
+    let started = Instant::now();
+    let SourceDevice { id, kind } = d;
+    let name = id.idstr().into_owned();
+    let (dev, raw_config, opts, raw_fd, owned_fd, in_precopy) = match kind {
+        SourceKind::Fd { fd, config } => (None, config, DeviceOptions::default(), fd.as_raw_fd(), None, false),
+        SourceKind::Device { dev, opts } => {
+            let flags = dev.migration_flags().map_err(|e| Error::Device { device: name.clone(), source: e })?;
+            let precopy = opts.precopy && flags.contains(vfio_migration::MigFlags::PRE_COPY);
+            let target = if precopy { MigState::PreCopy } else { MigState::StopCopy };
+            let t = match transition(dev, target) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = recover(dev, MigState::Running);
+                    shared.abort.abort();
+                    return Err(Error::Device { device: name, source: e });
+                }
+            };
+            let Some(fd) = t.data_fd else {
+                let _ = recover(dev, MigState::Running);
+                shared.abort.abort();
+                return Err(Error::Device {
+                    device: name,
+                    source: vfio_migration::Error::Protocol {
+                        device: dev.name().to_owned(),
+                        what: format!("device was already in {target}: its data stream was started by someone else"),
+                    },
+                });
+            };
+            let raw = fd.as_raw_fd();
+            (Some(dev), &[][..], opts, raw, Some(fd), precopy)
+        }
+    };
+    let mut ctx = DeviceCtx {
+        id: &id,
+        dev_no,
+        dev,
+        raw_config,
+        owned_fd,
+        raw_fd,
+        in_precopy,
+        precopy_bytes: 0,
+        stop_copy_start: Instant::now(),
+    };
+    let res = match backend {
+        BackendKind::Uring => source_uring::run(shared, &mut ctx),
+        BackendKind::Blocking => source_blocking::run(shared, &mut ctx),
+    };
+    shared.leases.withdraw(dev_no);
+    let is_device = ctx.dev.is_some();
+    let final_res = match res {
+        Ok(mut out) => {
+            // The stream is fully read: end the save session where asked.
+            ctx.owned_fd = None;
+            if let Some(dev) = ctx.dev.as_deref_mut() {
+                if let Err(e) = transition(dev, opts.final_state) {
+                    let _ = recover(dev, MigState::Running);
+                    shared.abort.abort();
+                    return Err(Error::Device { device: name, source: e });
+                }
+            }
+            out.0.id = id.clone();
+            out.0.precopy_bytes = ctx.precopy_bytes;
+            out.0.elapsed = started.elapsed();
+            Ok(out)
+        }
+        Err(e) => {
+            shared.failed.store(true, Ordering::SeqCst);
+            shared.abort.abort();
+            ctx.owned_fd = None;
+            if let Some(dev) = ctx.dev.as_deref_mut() {
+                // Keep the VM running: the migration failed, the source carries on.
+                let _ = recover(dev, MigState::Running);
+            }
+            Err(e)
+        }
+    };
+    let _ = is_device;
+    final_res
+}
+
+/// Default stall tick: how often a waiting thread re-checks abort and timeouts.
+pub(crate) const TICK: Duration = Duration::from_millis(250);

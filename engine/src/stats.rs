@@ -1,0 +1,240 @@
+//! Transfer statistics: byte and packet counters, and packet latency percentiles.
+//!
+//! Histograms are per thread (recording never allocates or locks) and merged at the end. The
+//! public summary types hold plain numbers only, so no foreign crate type leaks into the API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::wire::DeviceId;
+
+/// Which backend moved the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// io_uring with registered buffers and linked SQEs.
+    Uring,
+    /// Plain blocking `read`/`write`/`send`/`recv`.
+    Blocking,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Uring => "io_uring",
+            BackendKind::Blocking => "blocking",
+        })
+    }
+}
+
+/// Latency distribution in nanoseconds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Smallest sample.
+    pub min_ns: u64,
+    /// Largest sample.
+    pub max_ns: u64,
+    /// Mean.
+    pub mean_ns: f64,
+    /// Standard deviation.
+    pub stddev_ns: f64,
+    /// 50th percentile.
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+}
+
+/// A per-thread latency recorder (nanoseconds, 3 significant digits, up to 10 minutes).
+#[derive(Debug, Clone)]
+pub(crate) struct Latency(Histogram<u64>);
+
+impl Latency {
+    pub(crate) fn new() -> Latency {
+        // Bounds fixed at start-up: recording below never resizes (no allocation per packet).
+        let h = Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("static histogram bounds are valid");
+        Latency(h)
+    }
+
+    pub(crate) fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).clamp(1, 600_000_000_000);
+        self.0.saturating_record(ns);
+    }
+
+    pub(crate) fn merge(&mut self, other: &Latency) {
+        // Same bounds on both sides, so `add` cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+
+    pub(crate) fn summary(&self) -> LatencySummary {
+        let h = &self.0;
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            min_ns: h.min(),
+            max_ns: h.max(),
+            mean_ns: h.mean(),
+            stddev_ns: h.stdev(),
+            p50_ns: h.value_at_quantile(0.50),
+            p90_ns: h.value_at_quantile(0.90),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+        }
+    }
+}
+
+/// Live progress of a transfer, readable from any thread while it runs (for progress bars and
+/// downtime decisions). Updated once per packet with one relaxed atomic add.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    bytes: std::sync::Arc<AtomicU64>,
+}
+
+impl Progress {
+    /// Device-state bytes moved so far (sent by a source, written by a receiver).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Per-channel counters, shared by every thread that sends on or receives from the channel.
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCounters {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) packets: AtomicU64,
+}
+
+impl ChannelCounters {
+    pub(crate) fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.packets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn report(&self, id: usize) -> ChannelReport {
+        ChannelReport {
+            id,
+            bytes: self.bytes.load(Ordering::Relaxed),
+            packets: self.packets.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one channel carried (wire bytes: headers included, init packet excluded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelReport {
+    /// Channel id.
+    pub id: usize,
+    /// Bytes.
+    pub bytes: u64,
+    /// Packets.
+    pub packets: u64,
+}
+
+/// What the source sent for one device.
+#[derive(Debug, Clone)]
+pub struct SourceDeviceReport {
+    /// The device's wire identity.
+    pub id: DeviceId,
+    /// Device-state bytes read and sent (config excluded).
+    pub data_bytes: u64,
+    /// Of which read during PRE_COPY (while the VM ran).
+    pub precopy_bytes: u64,
+    /// Data packets.
+    pub packets: u64,
+    /// Reads that returned less than a full chunk.
+    pub short_reads: u64,
+    /// Size of the config packet's payload.
+    pub config_bytes: u64,
+    /// From entering STOP_COPY (or starting, for a raw fd) to the config packet's send
+    /// completing: the device's share of the downtime.
+    pub stop_copy_time: Duration,
+    /// Whole time on this device's thread.
+    pub elapsed: Duration,
+}
+
+/// What a source transfer did.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    /// The backend that ran.
+    pub backend: BackendKind,
+    /// Why the blocking backend was chosen automatically, if it was.
+    pub fallback_reason: Option<String>,
+    /// Whether SEND_ZC was used.
+    pub zerocopy: bool,
+    /// Bytes the kernel sent without copying (SEND_ZC notifications without the COPIED flag).
+    pub zerocopy_bytes: u64,
+    /// Bytes copied (plain sends, and SEND_ZC the kernel had to copy, e.g. on loopback).
+    pub copied_bytes: u64,
+    /// Wall time of the whole transfer.
+    pub elapsed: Duration,
+    /// Per device.
+    pub devices: Vec<SourceDeviceReport>,
+    /// Per channel.
+    pub channels: Vec<ChannelReport>,
+    /// Per-packet latency from read submission to send completion.
+    pub latency: LatencySummary,
+}
+
+impl SourceReport {
+    /// Device-state bytes sent, all devices (config excluded).
+    pub fn data_bytes(&self) -> u64 {
+        self.devices.iter().map(|d| d.data_bytes).sum()
+    }
+}
+
+/// What the destination received for one device.
+#[derive(Debug, Clone)]
+pub struct ReceiverDeviceReport {
+    /// The device's wire identity.
+    pub id: DeviceId,
+    /// Device-state bytes written to the resume data fd.
+    pub data_bytes: u64,
+    /// Data packets.
+    pub packets: u64,
+    /// Packets that arrived before an earlier index of the same device.
+    pub out_of_order_packets: u64,
+    /// Size of the config packet's payload.
+    pub config_bytes: u64,
+    /// Short writes to the resume fd that were continued.
+    pub short_writes: u64,
+    /// The state the device was moved to (None for a raw fd).
+    pub final_state: Option<vfio_migration::MigState>,
+}
+
+/// What a receive did.
+#[derive(Debug, Clone)]
+pub struct ReceiverReport {
+    /// The backend that ran.
+    pub backend: BackendKind,
+    /// Why the blocking backend was chosen automatically, if it was.
+    pub fallback_reason: Option<String>,
+    /// Wall time from the first channel accepted to the last device loaded.
+    pub elapsed: Duration,
+    /// Per device.
+    pub devices: Vec<ReceiverDeviceReport>,
+    /// Per channel.
+    pub channels: Vec<ChannelReport>,
+    /// Most payload bytes held at once (receiving or waiting to be written).
+    pub peak_held_bytes: u64,
+    /// Memory reserved for packets (the budget plus one in-order slot per device).
+    pub reserved_bytes: u64,
+}
+
+impl ReceiverReport {
+    /// Device-state bytes written, all devices (config excluded).
+    pub fn data_bytes(&self) -> u64 {
+        self.devices.iter().map(|d| d.data_bytes).sum()
+    }
+}

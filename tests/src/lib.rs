@@ -1,0 +1,108 @@
+//! Helpers shared by the integration tests: loopback transfers of simulated devices between a
+//! source and a receiver in one process, and fd counting for leak checks.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use vfio_migration::sim::{SimConfig, SimDevice};
+use vfio_migration::MigState;
+use vfio_multifd::{DeviceId, DeviceOptions, Receiver, ReceiverConfig, ReceiverReport, Result, Source, SourceConfig, SourceReport};
+
+/// Number of open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// `n` connected loopback TCP pairs: (client ends, server ends), server ends in accept order.
+pub fn tcp_pairs(n: usize) -> (Vec<OwnedFd>, Vec<OwnedFd>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("local addr");
+    let mut c = Vec::new();
+    let mut s = Vec::new();
+    for _ in 0..n {
+        let a = TcpStream::connect(addr).expect("connect loopback");
+        a.set_nodelay(true).ok();
+        let (b, _) = l.accept().expect("accept loopback");
+        c.push(OwnedFd::from(a));
+        s.push(OwnedFd::from(b));
+    }
+    (c, s)
+}
+
+/// The wire identity tests give simulated device `i`.
+pub fn dev_id(i: usize) -> DeviceId {
+    DeviceId::new(&format!("0000:00:{:02x}.0/vfio", i + 2), 0).expect("valid id")
+}
+
+/// Outcome of [`migrate`].
+#[allow(missing_debug_implementations)]
+pub struct Migration {
+    /// The source's result.
+    pub source: Result<SourceReport>,
+    /// The receiver's result.
+    pub receiver: Result<ReceiverReport>,
+    /// Source devices after the transfer.
+    pub sources: Vec<SimDevice>,
+    /// Destination devices after the transfer.
+    pub dests: Vec<SimDevice>,
+}
+
+/// Migrates simulated devices `cfgs` (destination expectations equal to the sources) over
+/// `channels` loopback TCP channels, source and receiver on two threads.
+pub fn migrate(cfgs: &[SimConfig], channels: usize, scfg: SourceConfig, rcfg: ReceiverConfig, precopy: bool) -> Migration {
+    migrate_with(cfgs, cfgs, channels, scfg, rcfg, precopy)
+}
+
+/// As [`migrate`], with separate destination expectations.
+pub fn migrate_with(
+    src_cfgs: &[SimConfig],
+    dst_cfgs: &[SimConfig],
+    channels: usize,
+    scfg: SourceConfig,
+    rcfg: ReceiverConfig,
+    precopy: bool,
+) -> Migration {
+    let mut sources: Vec<SimDevice> = src_cfgs.iter().cloned().map(SimDevice::new).collect();
+    let mut dests: Vec<SimDevice> = dst_cfgs.iter().cloned().map(SimDevice::new).collect();
+    let (c, s) = tcp_pairs(channels);
+    let (source, receiver) = std::thread::scope(|sc| {
+        let dests = &mut dests;
+        let rx = sc.spawn(move || {
+            let mut r = Receiver::new(rcfg.stall_timeout(Duration::from_secs(30)));
+            for (i, d) in dests.iter_mut().enumerate() {
+                r.add_device(dev_id(i), d);
+            }
+            r.run(s)
+        });
+        let mut src = Source::new(scfg.stall_timeout(Duration::from_secs(30)), c).expect("source");
+        for (i, d) in sources.iter_mut().enumerate() {
+            src.add_device_with(dev_id(i), d, DeviceOptions { precopy, final_state: MigState::Stop });
+        }
+        let source = src.run();
+        let receiver = rx.join().expect("receiver thread");
+        (source, receiver)
+    });
+    Migration { source, receiver, sources, dests }
+}
+
+/// Asserts that every destination verified its whole stream and holds the source's config.
+pub fn assert_verified(m: &Migration) {
+    let sr = m.source.as_ref().expect("source ok");
+    let rr = m.receiver.as_ref().expect("receiver ok");
+    for (i, d) in m.dests.iter().enumerate() {
+        let cfg = d.sim_config();
+        let rep = d.resume_report().expect("destination resumed");
+        assert!(rep.verified_ok, "device {i}: stream did not verify: {rep:?}");
+        assert_eq!(rep.bytes_written, cfg.size, "device {i}: bytes");
+        assert_eq!(d.config(), Some(SimDevice::expected_config(m.sources[i].sim_config())), "device {i}: config blob");
+        assert_eq!(d.state().ok(), Some(MigState::Running), "device {i}: destination state");
+        assert_eq!(rr.devices[i].data_bytes, cfg.size);
+        assert_eq!(sr.devices[i].data_bytes, cfg.size);
+    }
+    let sent: u64 = sr.channels.iter().map(|c| c.bytes).sum();
+    let got: u64 = rr.channels.iter().map(|c| c.bytes).sum();
+    assert_eq!(sent, got, "wire bytes sent and received");
+}
+
+pub use vfio_migration::MigrationDevice;
