@@ -34,7 +34,9 @@ pub enum Error {
         source: io::Error,
     },
     /// Writing the destination device's data fd failed.
-    #[error("device {device}: writing packet {idx} to the resume data fd failed after {offset} stream bytes: {source}")]
+    #[error(
+        "device {device}: writing packet {idx} to the resume data fd failed after {offset} stream bytes: {source}"
+    )]
     DeviceWrite {
         /// The device's `idstr`.
         device: String,

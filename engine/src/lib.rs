@@ -34,12 +34,15 @@ mod stats;
 pub mod wire;
 
 pub use abort::AbortHandle;
-pub use config::{Backend, ReceiverConfig, SourceConfig, ZeroCopy, MAX_BUFFERS_PER_DEVICE, MAX_CHUNK_BYTES, MAX_DEVICES};
+pub use config::{
+    Backend, ReceiverConfig, SourceConfig, ZeroCopy, MAX_BUFFERS_PER_DEVICE, MAX_CHUNK_BYTES, MAX_DEVICES,
+};
 pub use error::{Error, Result};
 pub use recv::Receiver;
 pub use source::{DeviceOptions, Source};
 pub use stats::{
-    BackendKind, ChannelReport, LatencySummary, Progress, ReceiverDeviceReport, ReceiverReport, SourceDeviceReport, SourceReport,
+    BackendKind, ChannelReport, LatencySummary, Progress, ReceiverDeviceReport, ReceiverReport, SourceDeviceReport,
+    SourceReport,
 };
 pub use wire::{DeviceId, Uuid};
 

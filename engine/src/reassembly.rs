@@ -166,7 +166,9 @@ impl Reassembly {
         if dev.finished {
             return Err(proto(format!("packet {idx} arrived after the device completed")));
         }
-        if idx < dev.next_write || (idx - dev.next_write < self.window && dev.ring[(idx % self.window) as usize] != Entry::Empty) {
+        if idx < dev.next_write
+            || (idx - dev.next_write < self.window && dev.ring[(idx % self.window) as usize] != Entry::Empty)
+        {
             return Err(proto(format!("duplicate packet index {idx}")));
         }
         if vfio.is_config() {

@@ -128,7 +128,12 @@ impl<'a> Receiver<'a> {
 
     /// As [`Receiver::add_device`], leaving the device in `final_state` (e.g. STOP, for a VMM
     /// that starts devices itself).
-    pub fn add_device_with(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice, final_state: MigState) -> &mut Self {
+    pub fn add_device_with(
+        &mut self,
+        id: DeviceId,
+        dev: &'a mut dyn MigrationDevice,
+        final_state: MigState,
+    ) -> &mut Self {
         self.targets.push(Target {
             id,
             kind: TargetKind::Device { dev, final_state, fd: None },
@@ -142,7 +147,13 @@ impl<'a> Receiver<'a> {
     /// Expects a device whose stream goes to a writable fd (a RESUMING data fd the VMM owns, or
     /// a file); its config blob is stored into `config`.
     pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a mut Vec<u8>) -> &mut Self {
-        self.targets.push(Target { id, kind: TargetKind::Fd { fd, config }, config_bytes: 0, short_writes: 0, final_state: None });
+        self.targets.push(Target {
+            id,
+            kind: TargetKind::Fd { fd, config },
+            config_bytes: 0,
+            short_writes: 0,
+            final_state: None,
+        });
         self
     }
 
@@ -233,7 +244,8 @@ impl<'a> Receiver<'a> {
             progress: self.progress.clone(),
         };
         let budget = self.cfg.budget_slots(n);
-        let mut re = Reassembly::new(self.targets.iter().map(|t| t.id.clone()).collect(), budget, self.cfg.slot_bytes());
+        let mut re =
+            Reassembly::new(self.targets.iter().map(|t| t.id.clone()).collect(), budget, self.cfg.slot_bytes());
         let res = match backend {
             BackendKind::Uring => recv_uring::run(&shared, &mut re, &mut self.targets),
             BackendKind::Blocking => recv_blocking::run(&shared, &mut re, &mut self.targets),
@@ -282,13 +294,16 @@ fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) ->
                 during: format!("during its init packet ({got} of {INIT_PACKET_LEN} bytes)"),
             },
             RecvExactError::Io(e) => Error::Channel { channel: order, op: "receive init packet".into(), source: e },
-            RecvExactError::Timeout => Error::Timeout {
-                what: format!("init packet of connection {order}"),
-                after: cfg.accept_timeout,
-            },
+            RecvExactError::Timeout => {
+                Error::Timeout { what: format!("init packet of connection {order}"), after: cfg.accept_timeout }
+            }
             RecvExactError::Aborted => Error::Aborted,
         })?;
-        let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::Wire { channel: order, what: "init packet", source: e })?;
+        let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::Wire {
+            channel: order,
+            what: "init packet",
+            source: e,
+        })?;
         let id = usize::from(p.id);
         if slots[id].is_some() {
             return Err(Error::Protocol {
@@ -310,7 +325,12 @@ pub(crate) enum RecvExactError {
 }
 
 /// Receives exactly `buf.len()` bytes, waking every tick for abort and the deadline.
-pub(crate) fn recv_exact(fd: RawFd, buf: &mut [u8], deadline: Instant, abort: &AbortHandle) -> Result<(), RecvExactError> {
+pub(crate) fn recv_exact(
+    fd: RawFd,
+    buf: &mut [u8],
+    deadline: Instant,
+    abort: &AbortHandle,
+) -> Result<(), RecvExactError> {
     let mut got = 0;
     while got < buf.len() {
         if abort.is_aborted() {

@@ -61,8 +61,15 @@ impl<'r> Shared<'r, '_, '_> {
 }
 
 pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let pool = BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
-    let shared = Shared { st: Mutex::new(State { re, epoch: 0, parked_at: vec![None; sh.channels.len()], eof: 0, err: None }), cv: Condvar::new(), pool, sh, nch: sh.channels.len() };
+    let pool =
+        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let shared = Shared {
+        st: Mutex::new(State { re, epoch: 0, parked_at: vec![None; sh.channels.len()], eof: 0, err: None }),
+        cv: Condvar::new(),
+        pool,
+        sh,
+        nch: sh.channels.len(),
+    };
     std::thread::scope(|s| {
         for c in 0..shared.nch {
             let shared = &shared;
@@ -120,9 +127,16 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: usize) -> Result<()> {
         }
         recv_exact(fd, &mut hdr[1..], Instant::now() + stall, &x.sh.abort)
             .map_err(|e| map_recv(c, "the rest of a packet header".into(), e, stall))?;
-        let h = DeviceStateHeader::decode(&hdr, max).map_err(|e| Error::Wire { channel: c, what: "device state packet header", source: e })?;
-        let v = VfioPacketHeader::decode(&hdr[DEVICE_STATE_HEADER_LEN..])
-            .map_err(|e| Error::Wire { channel: c, what: "VFIO device state packet header", source: e })?;
+        let h = DeviceStateHeader::decode(&hdr, max).map_err(|e| Error::Wire {
+            channel: c,
+            what: "device state packet header",
+            source: e,
+        })?;
+        let v = VfioPacketHeader::decode(&hdr[DEVICE_STATE_HEADER_LEN..]).map_err(|e| Error::Wire {
+            channel: c,
+            what: "VFIO device state packet header",
+            source: e,
+        })?;
         x.sh.counters[c].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
         let a = {
             let mut g = x.lock();
@@ -233,7 +247,11 @@ fn write_all(fd: RawFd, mut buf: &[u8], short: &mut u64) -> Result<(), (usize, i
             buf = &buf[r as usize..];
             continue;
         }
-        let e = if r == 0 { io::Error::new(io::ErrorKind::WriteZero, "resume data fd accepted 0 bytes") } else { io::Error::last_os_error() };
+        let e = if r == 0 {
+            io::Error::new(io::ErrorKind::WriteZero, "resume data fd accepted 0 bytes")
+        } else {
+            io::Error::last_os_error()
+        };
         if e.raw_os_error() == Some(libc::EINTR) && spins < 1000 {
             spins += 1;
             continue;

@@ -63,11 +63,13 @@ struct Loop<'s, 'c, 'a, 't> {
 
 pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
     let ring = Ring::new(64, 256).map_err(|e| Error::sys(crate::ring::describe_setup_error(&e), e))?;
-    let pool = BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let pool =
+        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
     // SAFETY: `pool` lives in the same `Loop` after `ring` (dropped after it), and `finish`
     // drains every operation before either is dropped.
-    unsafe { ring.register_pool(&pool) }
-        .map_err(|e| Error::sys("IORING_REGISTER_BUFFERS for the receive budget (raise RLIMIT_MEMLOCK or lower the budget)", e))?;
+    unsafe { ring.register_pool(&pool) }.map_err(|e| {
+        Error::sys("IORING_REGISTER_BUFFERS for the receive budget (raise RLIMIT_MEMLOCK or lower the budget)", e)
+    })?;
     let mut files: Vec<i32> = sh.channels.clone();
     files.extend(targets.iter().map(|t| t.data_fd()));
     files.push(std::os::fd::AsFd::as_fd(&sh.abort).as_raw_fd());
@@ -140,7 +142,9 @@ impl Loop<'_, '_, '_, '_> {
             .enumerate()
             .filter(|(_, c)| !matches!(c, Ch::Eof))
             .map(|(i, c)| match c {
-                Ch::Payload { a, got } => format!("channel {i} in packet {} of {} ({got} of {} bytes)", a.idx, self.re.id(a.dev), a.len),
+                Ch::Payload { a, got } => {
+                    format!("channel {i} in packet {} of {} ({got} of {} bytes)", a.idx, self.re.id(a.dev), a.len)
+                }
                 Ch::Parked => format!("channel {i} waiting for memory"),
                 _ => format!("channel {i} waiting for a packet header"),
             })
@@ -224,9 +228,13 @@ impl Loop<'_, '_, '_, '_> {
                     self.ch[c] = Ch::Header { got };
                     return self.recv_next(c);
                 }
-                let max = u32::try_from(self.sh.cfg.max_packet_bytes + crate::wire::VFIO_HEADER_LEN).unwrap_or(u32::MAX);
-                let h = DeviceStateHeader::decode(&self.hdrs[c], max)
-                    .map_err(|e| Error::Wire { channel: c, what: "device state packet header", source: e })?;
+                let max =
+                    u32::try_from(self.sh.cfg.max_packet_bytes + crate::wire::VFIO_HEADER_LEN).unwrap_or(u32::MAX);
+                let h = DeviceStateHeader::decode(&self.hdrs[c], max).map_err(|e| Error::Wire {
+                    channel: c,
+                    what: "device state packet header",
+                    source: e,
+                })?;
                 let v = VfioPacketHeader::decode(&self.hdrs[c][DEVICE_STATE_HEADER_LEN..])
                     .map_err(|e| Error::Wire { channel: c, what: "VFIO device state packet header", source: e })?;
                 self.sh.counters[c].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
@@ -383,11 +391,15 @@ impl Loop<'_, '_, '_, '_> {
         }
         if self.inflight > 0 {
             let ring = std::mem::replace(&mut self.ring, Ring::new(2, 4).map_err(|e| Error::sys("io_uring_setup", e))?);
-            let pool = std::mem::replace(&mut self.pool, BufferPool::new(1, 0, 4096).map_err(|e| Error::sys("mmap", e))?);
+            let pool =
+                std::mem::replace(&mut self.pool, BufferPool::new(1, 0, 4096).map_err(|e| Error::sys("mmap", e))?);
             std::mem::forget(ring);
             std::mem::forget(pool);
             return Err(Error::Timeout {
-                what: format!("{} receive operations did not complete after cancel; buffers leaked on purpose", self.inflight),
+                what: format!(
+                    "{} receive operations did not complete after cancel; buffers leaked on purpose",
+                    self.inflight
+                ),
                 after: Duration::from_secs(10),
             });
         }

@@ -181,9 +181,7 @@ impl Ring {
             Ok(_) => Ok(()),
             // ETIME: the timeout passed with nothing to reap. EINTR: a signal. EBUSY: the CQ
             // overflowed and the kernel wants us to reap first.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {
-                Ok(())
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
         }
     }

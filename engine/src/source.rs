@@ -175,7 +175,9 @@ impl DeviceCtx<'_, '_> {
     /// The config packet's payload, read after the data stream ended.
     pub(crate) fn config(&mut self) -> Result<Vec<u8>> {
         match self.dev.as_deref_mut() {
-            Some(dev) => dev.save_config().map_err(|e| Error::Device { device: self.id.idstr().into_owned(), source: e }),
+            Some(dev) => {
+                dev.save_config().map_err(|e| Error::Device { device: self.id.idstr().into_owned(), source: e })
+            }
             None => Ok(self.raw_config.to_vec()),
         }
     }
@@ -226,7 +228,12 @@ impl<'a> Source<'a> {
     }
 
     /// Adds a migratable device with explicit options.
-    pub fn add_device_with(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice, opts: DeviceOptions) -> &mut Self {
+    pub fn add_device_with(
+        &mut self,
+        id: DeviceId,
+        dev: &'a mut dyn MigrationDevice,
+        opts: DeviceOptions,
+    ) -> &mut Self {
         self.devices.push(SourceDevice { id, kind: SourceKind::Device { dev, opts } });
         self
     }
@@ -277,13 +284,17 @@ impl<'a> Source<'a> {
             }
         };
         for (i, ch) in self.channels.iter().enumerate() {
-            send_init(ch.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: i as u8 })
-                .map_err(|e| Error::Channel { channel: i, op: "send init packet".into(), source: e })?;
+            send_init(ch.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: i as u8 }).map_err(|e| Error::Channel {
+                channel: i,
+                op: "send init packet".into(),
+                source: e,
+            })?;
         }
         let shared = SourceShared {
             cfg: &self.cfg,
             channels: self.channels.iter().map(|c| c.as_raw_fd()).collect(),
-            leases: ChannelLeases::new(self.channels.len(), self.devices.len()).map_err(|e| Error::sys("eventfd", e))?,
+            leases: ChannelLeases::new(self.channels.len(), self.devices.len())
+                .map_err(|e| Error::sys("eventfd", e))?,
             counters: (0..self.channels.len()).map(|_| ChannelCounters::default()).collect(),
             abort: self.abort.clone(),
             zerocopy,
@@ -305,7 +316,9 @@ impl<'a> Source<'a> {
             handles
                 .into_iter()
                 .map(|h| match h {
-                    Ok(h) => h.join().unwrap_or_else(|_| Err(Error::sys("device thread", std::io::Error::other("panicked")))),
+                    Ok(h) => {
+                        h.join().unwrap_or_else(|_| Err(Error::sys("device thread", std::io::Error::other("panicked"))))
+                    }
                     Err(e) => {
                         shared.abort.abort();
                         Err(Error::sys("spawn device thread", e))
@@ -374,7 +387,9 @@ fn is_inet_stream(fd: RawFd) -> bool {
     let mut dom: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `dom`, a live c_int.
-    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut dom as *mut libc::c_int).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut dom as *mut libc::c_int).cast(), &mut len)
+    };
     r == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
 }
 

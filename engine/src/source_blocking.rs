@@ -70,7 +70,10 @@ pub(crate) fn send_all(sh_abort: &crate::AbortHandle, fd: RawFd, mut buf: &[u8],
     Ok(())
 }
 
-pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<(SourceDeviceReport, Latency, u64, u64)> {
+pub(crate) fn run(
+    sh: &SourceShared<'_>,
+    ctx: &mut DeviceCtx<'_, '_>,
+) -> Result<(SourceDeviceReport, Latency, u64, u64)> {
     let chunk = sh.cfg.chunk_bytes;
     let pool = BufferPool::new(1, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;
     let mut report = SourceDeviceReport {
@@ -102,13 +105,19 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
                 PrecopyStep::Switched => continue,
             }
         } else {
-            read_some(ctx.data_fd(), payload)
-                .map_err(|e| Error::DeviceRead { device: ctx.name(), offset: report.data_bytes, source: e })?
+            read_some(ctx.data_fd(), payload).map_err(|e| Error::DeviceRead {
+                device: ctx.name(),
+                offset: report.data_bytes,
+                source: e,
+            })?
         };
         let (len, flags) = if n == 0 {
             let blob = ctx.config()?;
             if blob.len() > chunk {
-                return Err(Error::Config(format!("config blob of {} bytes exceeds the chunk size {chunk}", blob.len())));
+                return Err(Error::Config(format!(
+                    "config blob of {} bytes exceeds the chunk size {chunk}",
+                    blob.len()
+                )));
             }
             payload[..blob.len()].copy_from_slice(&blob);
             report.config_bytes = blob.len() as u64;
@@ -128,7 +137,8 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
             }
             (n, 0)
         };
-        encode_packet_header(ctx.id, VfioPacketHeader { idx, flags }, len, hdr).map_err(|e| Error::Config(e.to_string()))?;
+        encode_packet_header(ctx.id, VfioPacketHeader { idx, flags }, len, hdr)
+            .map_err(|e| Error::Config(e.to_string()))?;
         let ch = lease(sh, ctx.dev_no, waker, abort_fd)?;
         let total = PACKET_OVERHEAD + len;
         let res = send_all(&sh.abort, sh.channels[ch], &buf[..total], sh.cfg.stall_timeout);
@@ -139,7 +149,11 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
                 if sh.abort.is_aborted() {
                     return Err(Error::Aborted);
                 }
-                return Err(Error::Channel { channel: ch, op: format!("send packet {idx} of device {}", ctx.name()), source: e });
+                return Err(Error::Channel {
+                    channel: ch,
+                    op: format!("send packet {idx} of device {}", ctx.name()),
+                    source: e,
+                });
             }
         }
         sh.counters[ch].add(total as u64);

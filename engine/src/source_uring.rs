@@ -25,7 +25,9 @@ use crate::pool::BufferPool;
 use crate::ring::{cqe_error, Ring, NOTIF_USAGE_ZC_COPIED, ZC_REPORT_USAGE};
 use crate::source::{DeviceCtx, PrecopyStep, SourceShared, TICK};
 use crate::stats::{Latency, SourceDeviceReport};
-use crate::wire::{encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE};
+use crate::wire::{
+    encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE,
+};
 
 const K_READ: u64 = 1;
 const K_SEND: u64 = 2;
@@ -278,9 +280,8 @@ impl Loop<'_, '_, '_, '_> {
 
     fn arm_wake(&mut self) -> Result<()> {
         let wake_fd = types::Fixed((self.sh.channels.len() + 1) as u32);
-        let e = opcode::Read::new(wake_fd, (&mut *self.wake_buf as *mut u64).cast(), 8)
-            .build()
-            .user_data(ud(K_WAKE, 0, 0));
+        let e =
+            opcode::Read::new(wake_fd, (&mut *self.wake_buf as *mut u64).cast(), 8).build().user_data(ud(K_WAKE, 0, 0));
         // SAFETY: `wake_buf` is boxed (stable address) and lives in `self` until `finish` has
         // drained every operation; the fixed file stays registered for the ring's life.
         unsafe { self.ring.push(&[e]) }.map_err(|e| Error::sys("io_uring push", e))?;
@@ -321,7 +322,8 @@ impl Loop<'_, '_, '_, '_> {
             }
         }
         // 3. The config packet, strictly after every data packet was sent.
-        if self.eof && self.reading.is_none() && self.ready.is_empty() && self.sends_inflight == 0 && !self.config_sent {
+        if self.eof && self.reading.is_none() && self.ready.is_empty() && self.sends_inflight == 0 && !self.config_sent
+        {
             self.send_config()?;
         }
         // 4. Channels we hold but cannot use right now go back to other devices.
@@ -404,11 +406,20 @@ impl Loop<'_, '_, '_, '_> {
         // Pre-fill the header for a full chunk; a short read rewrites it before resending.
         // SAFETY: slot `s` came from the free list: nothing in flight touches it.
         let hdr = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, 0) };
-        patch_packet_header(hdr, VfioPacketHeader { idx, flags: 0 }, self.chunk).map_err(|e| Error::Config(e.to_string()))?;
+        patch_packet_header(hdr, VfioPacketHeader { idx, flags: 0 }, self.chunk)
+            .map_err(|e| Error::Config(e.to_string()))?;
         let gen = self.slots[s].gen.wrapping_add(1);
         {
             let sl = &mut self.slots[s];
-            *sl = Slot { gen, idx, len: self.chunk, channel: ch, linked: ch.is_some(), t0: Instant::now(), ..Slot::new() };
+            *sl = Slot {
+                gen,
+                idx,
+                len: self.chunk,
+                channel: ch,
+                linked: ch.is_some(),
+                t0: Instant::now(),
+                ..Slot::new()
+            };
             sl.phase = Phase::Reading;
         }
         let ptr = self.pool.payload_ptr(s);
@@ -476,8 +487,12 @@ impl Loop<'_, '_, '_, '_> {
         // SAFETY: the config slot is never used for data, and this runs once.
         let buf = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, blob.len()) };
         buf[PACKET_OVERHEAD..].copy_from_slice(&blob);
-        patch_packet_header(&mut buf[..PACKET_OVERHEAD], VfioPacketHeader { idx: self.next_idx, flags: VFIO_FLAG_CONFIG_STATE }, blob.len())
-            .map_err(|e| Error::Config(e.to_string()))?;
+        patch_packet_header(
+            &mut buf[..PACKET_OVERHEAD],
+            VfioPacketHeader { idx: self.next_idx, flags: VFIO_FLAG_CONFIG_STATE },
+            blob.len(),
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
         self.report.config_bytes = blob.len() as u64;
         let sl = &mut self.slots[s];
         sl.phase = Phase::Ready;
@@ -658,7 +673,11 @@ impl Loop<'_, '_, '_, '_> {
             } else {
                 io::Error::new(io::ErrorKind::WriteZero, format!("short send: {} of {} bytes", c.res, total))
             };
-            return Err(Error::Channel { channel: ch, op: format!("send packet {idx} of device {}", self.name()), source: src });
+            return Err(Error::Channel {
+                channel: ch,
+                op: format!("send packet {idx} of device {}", self.name()),
+                source: src,
+            });
         }
         self.sh.counters[ch].add(total as u64);
         self.sh.progress.add(self.slots[s].len as u64);
@@ -726,11 +745,16 @@ impl Loop<'_, '_, '_, '_> {
         }
         if self.inflight > 0 {
             let ring = std::mem::replace(&mut self.ring, Ring::new(2, 4).map_err(|e| Error::sys("io_uring_setup", e))?);
-            let pool = std::mem::replace(&mut self.pool, BufferPool::new(1, 0, 4096).map_err(|e| Error::sys("mmap", e))?);
+            let pool =
+                std::mem::replace(&mut self.pool, BufferPool::new(1, 0, 4096).map_err(|e| Error::sys("mmap", e))?);
             std::mem::forget(ring);
             std::mem::forget(pool);
             return Err(Error::Timeout {
-                what: format!("device {}: {} operations did not complete after cancel; buffers leaked on purpose", self.name(), self.inflight),
+                what: format!(
+                    "device {}: {} operations did not complete after cancel; buffers leaked on purpose",
+                    self.name(),
+                    self.inflight
+                ),
                 after: Duration::from_secs(10),
             });
         }

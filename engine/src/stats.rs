@@ -123,11 +123,7 @@ impl ChannelCounters {
     }
 
     pub(crate) fn report(&self, id: usize) -> ChannelReport {
-        ChannelReport {
-            id,
-            bytes: self.bytes.load(Ordering::Relaxed),
-            packets: self.packets.load(Ordering::Relaxed),
-        }
+        ChannelReport { id, bytes: self.bytes.load(Ordering::Relaxed), packets: self.packets.load(Ordering::Relaxed) }
     }
 }
 

@@ -235,10 +235,7 @@ impl InitPacket {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&buf[8..24]);
         if &uuid != session {
-            return Err(WireError::UuidMismatch {
-                got: format_uuid(&uuid),
-                expected: format_uuid(session),
-            });
+            return Err(WireError::UuidMismatch { got: format_uuid(&uuid), expected: format_uuid(session) });
         }
         let id = buf[24];
         if usize::from(id) >= channels {
@@ -588,7 +585,8 @@ mod tests {
         let mut b = g;
         b[7] = 9;
         assert!(matches!(DeviceStateHeader::decode(&b, max), Err(WireError::BadVersion { got: 9, .. })));
-        for (flags, frag) in [(0x41u32, "SYNC"), (0x42, "compression"), (0x00, "RAM"), (0xc0, "unknown"), (0x01, "RAM")] {
+        for (flags, frag) in [(0x41u32, "SYNC"), (0x42, "compression"), (0x00, "RAM"), (0xc0, "unknown"), (0x01, "RAM")]
+        {
             let mut b = g;
             b[8..12].copy_from_slice(&flags.to_be_bytes());
             match DeviceStateHeader::decode(&b, max) {

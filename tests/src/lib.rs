@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::MigState;
-use vfio_multifd::{DeviceId, DeviceOptions, Receiver, ReceiverConfig, ReceiverReport, Result, Source, SourceConfig, SourceReport};
+use vfio_multifd::{
+    DeviceId, DeviceOptions, Receiver, ReceiverConfig, ReceiverReport, Result, Source, SourceConfig, SourceReport,
+};
 
 /// Number of open file descriptors of this process.
 pub fn open_fds() -> usize {
@@ -50,7 +52,13 @@ pub struct Migration {
 
 /// Migrates simulated devices `cfgs` (destination expectations equal to the sources) over
 /// `channels` loopback TCP channels, source and receiver on two threads.
-pub fn migrate(cfgs: &[SimConfig], channels: usize, scfg: SourceConfig, rcfg: ReceiverConfig, precopy: bool) -> Migration {
+pub fn migrate(
+    cfgs: &[SimConfig],
+    channels: usize,
+    scfg: SourceConfig,
+    rcfg: ReceiverConfig,
+    precopy: bool,
+) -> Migration {
     migrate_with(cfgs, cfgs, channels, scfg, rcfg, precopy)
 }
 

@@ -44,7 +44,11 @@ fn channels_by_devices_matrix() {
             for devs in [1usize, 2, 4] {
                 let m = migrate(&cfgs(devs, 3 << 20, CHUNK), ch, scfg(b, ZeroCopy::Auto), rcfg(b), false);
                 if m.source.is_err() || m.receiver.is_err() {
-                    panic!("{b:?} {ch}ch {devs}dev: source: {:?} receiver: {:?}", m.source.as_ref().err(), m.receiver.as_ref().err());
+                    panic!(
+                        "{b:?} {ch}ch {devs}dev: source: {:?} receiver: {:?}",
+                        m.source.as_ref().err(),
+                        m.receiver.as_ref().err()
+                    );
                 }
                 assert_verified(&m);
             }
