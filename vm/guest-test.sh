@@ -44,7 +44,7 @@ T_ALL=$(now)
 info() { echo "GUEST: $*"; }
 pass() { echo "VMTEST: PASS $1"; NPASS=$((NPASS + 1)); }
 fail() {
-  echo "VMTEST: FAIL $1: $(echo "$2" | tr '\n' ' ' | cut -c1-300)"
+  echo "VMTEST: FAIL $1: $(printf %s "$2" | tr '\n' ' ' | cut -c1-300)"
   NFAIL=$((NFAIL + 1))
   [ -s $W/last.out ] && sed -n '1,15s/^/GUEST:   | /p' $W/last.out
   : > $W/last.out
@@ -297,7 +297,8 @@ fi
 # --- saved stream: recv --sink file, then replay it with send --source file
 S=$W/stream.bin
 c=stream-save
-if want $c || want stream-replay || want stream-corrupt; then
+if want $c || want stream-replay || want stream-corrupt || want stream-corrupt-magic ||
+  want stream-corrupt-nrports || want stream-truncated; then
   load_uart $SRC 77 "SAVED" || fail $c "loading src UART: $(why region-write)"
   rm -f $S
   migrate $c -P 4 --device $DST --sink file:$S -- -P 4 --device $SRC

@@ -73,6 +73,11 @@ fi
 mkdir -p "$VM_WORK"/{debs,logs}
 VM_WORK=$(cd "$VM_WORK" && pwd)
 LOGS=$VM_WORK/logs
+# one run at a time per cache dir (shared initramfs/ and logs/)
+if command -v flock > /dev/null 2>&1; then
+  exec 9> "$VM_WORK/.lock"
+  flock -w 900 9 || die "another run-vm-test.sh holds $VM_WORK/.lock"
+fi
 
 # ---------------------------------------------------------------- host tools
 # command -> Debian package
