@@ -1,2 +1,49 @@
-//! The `vfio-multifd` command.
-fn main() {}
+//! `vfio-multifd`: migrate VFIO device state over parallel QEMU-compatible multifd channels
+//! (`send`, `recv`, `loopback`), inspect the host (`probe`) and devices (`dev`), and run the
+//! benchmark suite (`bench`).
+
+mod cli;
+mod dev;
+mod probe;
+mod suite;
+mod transfer;
+mod util;
+
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+
+use crate::cli::{Cli, Cmd};
+use crate::transfer::DevOpt;
+
+/// `--device` and `--sim` values in command-line order.
+fn device_order(m: &ArgMatches) -> Vec<DevOpt> {
+    let mut v: Vec<(usize, DevOpt)> = Vec::new();
+    if let Some(ix) = m.indices_of("device") {
+        v.extend(ix.enumerate().map(|(k, i)| (i, DevOpt::Device(k))));
+    }
+    if let Some(ix) = m.indices_of("sim") {
+        v.extend(ix.enumerate().map(|(k, i)| (i, DevOpt::Sim(k))));
+    }
+    v.sort_by_key(|x| x.0);
+    v.into_iter().map(|x| x.1).collect()
+}
+
+fn run() -> anyhow::Result<()> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let sub = matches.subcommand().map(|(_, m)| m);
+    match &cli.cmd {
+        Cmd::Loopback(a) => transfer::loopback(a),
+        Cmd::Send(a) => transfer::send(a, &sub.map(device_order).unwrap_or_default()),
+        Cmd::Recv(a) => transfer::recv(a, &sub.map(device_order).unwrap_or_default()),
+        Cmd::Probe(a) => probe::run(a.json),
+        Cmd::Dev(a) => dev::run(&a.cmd),
+        Cmd::Bench(a) => suite::run(a),
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("vfio-multifd: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,653 @@
+//! `vfio-multifd bench`: the benchmark suite of issue 4.
+//!
+//! Every design moves the same simulated devices (whose producer threads generate and whose
+//! consumer threads verify the content) over loopback TCP in this process. Each point is run
+//! `reps` times with the designs interleaved, and reported as the median with min..max.
+//! CPU is `getrusage(RUSAGE_SELF)` user + sys over the run (the simulated devices' own threads
+//! included, the same for every design).
+
+mod baselines;
+mod qemu;
+mod svg;
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use vfio_migration::sim::{SimConfig, SimDevice};
+use vfio_migration::MigrationDevice;
+use vfio_multifd::{Backend, LatencySummary, ZeroCopy};
+
+use crate::transfer::{run_engine, sim_configs, EngineParams};
+use crate::util::{fmt_size_short, kernel_version, parse_size, rusage_self, timestamp};
+
+/// `bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Small sizes and fewer points: finishes in under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for latest.json, latest.md and throughput.svg.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Repetitions per point (default 5, 3 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub reps: Option<u32>,
+    /// Bytes per run, all devices together (default 512MiB, 128MiB with --quick).
+    #[arg(long, value_parser = parse_size)]
+    pub bytes: Option<u64>,
+    /// Only these designs (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub designs: Vec<Design>,
+    /// Skip the downtime scenario.
+    #[arg(long)]
+    pub no_downtime: bool,
+    /// Also print the JSON on stdout.
+    #[arg(short = 'J', long)]
+    pub json: bool,
+}
+
+/// The designs compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Design {
+    /// The engine on io_uring with plain SEND.
+    EngineUringSend,
+    /// The engine on io_uring with SEND_ZC.
+    EngineUringZc,
+    /// The engine's blocking backend.
+    EngineBlocking,
+    /// QEMU 10's design (read, copy into a queued packet, writev; recv, copy, ordered write).
+    QemuStyle,
+    /// One blocking thread pair per channel, read->send and recv->write, no protocol.
+    MinCopy,
+    /// Loopback TCP memory to memory.
+    RawTcp,
+}
+
+impl Design {
+    const ALL: [Design; 6] = [
+        Design::EngineUringSend,
+        Design::EngineUringZc,
+        Design::EngineBlocking,
+        Design::QemuStyle,
+        Design::MinCopy,
+        Design::RawTcp,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Design::EngineUringSend => "engine-uring-send",
+            Design::EngineUringZc => "engine-uring-zc",
+            Design::EngineBlocking => "engine-blocking",
+            Design::QemuStyle => "qemu-style",
+            Design::MinCopy => "min-copy",
+            Design::RawTcp => "raw-tcp",
+        }
+    }
+
+    fn has_devices(self) -> bool {
+        self != Design::RawTcp
+    }
+}
+
+/// Blocking I/O helpers on raw fds (EINTR retried).
+pub(crate) mod io {
+    use std::io;
+    use std::os::fd::RawFd;
+
+    fn ret(r: isize) -> io::Result<Option<usize>> {
+        if r >= 0 {
+            return Ok(Some(r as usize));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// One `read()`.
+    pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: the kernel writes at most `buf.len()` bytes into the live, exclusive `buf`.
+            let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if let Some(n) = ret(r)? {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// One `write()`.
+    pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: the kernel reads at most `buf.len()` bytes from the live `buf`.
+            let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+            if let Some(n) = ret(r)? {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// One `writev()` of two buffers.
+    pub fn writev2(fd: RawFd, a: &[u8], b: &[u8]) -> io::Result<usize> {
+        let iov = [
+            libc::iovec { iov_base: a.as_ptr() as *mut _, iov_len: a.len() },
+            libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() },
+        ];
+        loop {
+            // SAFETY: both iovecs describe live buffers that the kernel only reads.
+            let r = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+            if let Some(n) = ret(r)? {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Reads exactly `len` bytes to `ptr`: `Ok(false)` on EOF before the first byte, an error
+    /// on EOF in the middle.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+    pub unsafe fn read_exact_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<bool> {
+        let mut got = 0;
+        while got < len {
+            // SAFETY: `ptr + got .. ptr + len` is writable by this function's contract.
+            let r = unsafe { libc::read(fd, ptr.add(got).cast(), len - got) };
+            match ret(r)? {
+                None => continue,
+                Some(0) if got == 0 => return Ok(false),
+                Some(0) => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("EOF after {got} of {len} bytes")))
+                }
+                Some(n) => got += n,
+            }
+        }
+        Ok(true)
+    }
+
+    /// [`read_exact_raw`] into a slice.
+    pub fn read_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<bool> {
+        // SAFETY: the slice is live and exclusively borrowed for the call.
+        unsafe { read_exact_raw(fd, buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
+/// Failure propagation inside one baseline run: the first failing thread trips it, which
+/// shuts the run's sockets down so that every blocked thread wakes up.
+#[derive(Debug, Default)]
+pub(crate) struct Abort {
+    tripped: AtomicBool,
+    sockets: Mutex<Vec<RawFd>>,
+}
+
+impl Abort {
+    pub(crate) fn set_sockets(&self, fds: Vec<RawFd>) {
+        *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = fds;
+    }
+
+    pub(crate) fn trip(&self) {
+        if !self.tripped.swap(true, Ordering::AcqRel) {
+            for &fd in self.sockets.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                // SAFETY: the sockets stay open until every thread of the run has been joined.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.tripped.load(Ordering::Acquire) {
+            bail!("aborted (another thread of this run failed)");
+        }
+        Ok(())
+    }
+}
+
+/// What one baseline run measured.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) wall: Duration,
+    pub(crate) latency: Option<LatencySummary>,
+}
+
+pub(crate) fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("static histogram bounds are valid")
+}
+
+pub(crate) fn summarize(h: &Histogram<u64>) -> LatencySummary {
+    if h.is_empty() {
+        return LatencySummary::default();
+    }
+    LatencySummary {
+        count: h.len(),
+        min_ns: h.min(),
+        max_ns: h.max(),
+        mean_ns: h.mean(),
+        stddev_ns: h.stdev(),
+        p50_ns: h.value_at_quantile(0.5),
+        p90_ns: h.value_at_quantile(0.9),
+        p99_ns: h.value_at_quantile(0.99),
+        p999_ns: h.value_at_quantile(0.999),
+    }
+}
+
+/// Every destination verified its whole stream (and, with `config`, got the source's blob).
+pub(crate) fn verify_streams(cfgs: &[SimConfig], dsts: &[SimDevice], config: bool) -> Result<()> {
+    if config {
+        return crate::transfer::verify_sims(cfgs, dsts);
+    }
+    for (i, (c, d)) in cfgs.iter().zip(dsts).enumerate() {
+        let r = d.resume_report().ok_or_else(|| anyhow!("device {i} never finished resuming"))?;
+        if !r.verified_ok || r.bytes_written != c.size {
+            bail!("device {i}: stream did not verify ({r:?})");
+        }
+        if d.state().ok() != Some(vfio_migration::MigState::Running) {
+            bail!("device {i}: destination not RUNNING");
+        }
+    }
+    Ok(())
+}
+
+/// One point of the sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Point {
+    channels: usize,
+    devices: usize,
+    chunk: usize,
+}
+
+/// One repetition's numbers.
+#[derive(Debug, Clone)]
+struct Rep {
+    secs: f64,
+    bytes: u64,
+    cpu: f64,
+    lat: Option<LatencySummary>,
+}
+
+impl Rep {
+    fn gibps(&self) -> f64 {
+        self.bytes as f64 / self.secs.max(1e-9) / (1u64 << 30) as f64
+    }
+    fn cpu_per_gib(&self) -> f64 {
+        self.cpu / (self.bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
+/// Median, min, max.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn spread(mut v: Vec<f64>) -> Spread {
+    if v.is_empty() {
+        return Spread::default();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    Spread { median, min: v[0], max: v[n - 1] }
+}
+
+impl Spread {
+    fn json(&self) -> Value {
+        json!({"median": self.median, "min": self.min, "max": self.max})
+    }
+}
+
+/// Aggregated result of one design at one point.
+#[derive(Debug, Clone)]
+struct PointResult {
+    design: Design,
+    point: Point,
+    gibps: Spread,
+    cpu: Spread,
+    lat: Option<(f64, f64, f64)>,
+    reps: Vec<Rep>,
+}
+
+fn aggregate(design: Design, point: Point, reps: Vec<Rep>) -> PointResult {
+    let gibps = spread(reps.iter().map(Rep::gibps).collect());
+    let cpu = spread(reps.iter().map(Rep::cpu_per_gib).collect());
+    let lats: Vec<&LatencySummary> = reps.iter().filter_map(|r| r.lat.as_ref()).filter(|l| l.count > 0).collect();
+    let lat = (!lats.is_empty()).then(|| {
+        (
+            spread(lats.iter().map(|l| l.p50_ns as f64).collect()).median,
+            spread(lats.iter().map(|l| l.p99_ns as f64).collect()).median,
+            spread(lats.iter().map(|l| l.p999_ns as f64).collect()).median,
+        )
+    });
+    PointResult { design, point, gibps, cpu, lat, reps }
+}
+
+/// Runs one design once at one point over `bytes` bytes in all.
+fn run_once(design: Design, p: Point, bytes: u64) -> Result<Rep> {
+    let size = (bytes / p.devices as u64) & !4095;
+    let cfgs = sim_configs(p.devices, size, 1 << 20);
+    let abort = Abort::default();
+    let (cpu0, _) = rusage_self();
+    let engine = |backend, zerocopy| -> Result<Outcome> {
+        let ep = EngineParams {
+            devices: p.devices,
+            size,
+            channels: p.channels,
+            chunk: p.chunk,
+            max_read: 1 << 20,
+            precopy: false,
+            zerocopy,
+            backend,
+            budget: None,
+            stall: Duration::from_secs(30),
+        };
+        let r = run_engine(&ep, false, Duration::from_secs(1))?;
+        Ok(Outcome { wall: r.wall, latency: Some(r.source.latency) })
+    };
+    let out = match design {
+        Design::EngineUringSend => engine(Backend::Uring, ZeroCopy::Off)?,
+        Design::EngineUringZc => engine(Backend::Uring, ZeroCopy::On)?,
+        Design::EngineBlocking => engine(Backend::Blocking, ZeroCopy::Off)?,
+        Design::QemuStyle => qemu::run(&cfgs, p.channels, p.chunk, &abort)?,
+        Design::MinCopy => baselines::min_copy(&cfgs, p.channels, p.chunk, &abort)?,
+        Design::RawTcp => baselines::raw_tcp(size * p.devices as u64, p.channels, p.chunk, &abort)?,
+    };
+    let (cpu1, _) = rusage_self();
+    let moved = if design == Design::RawTcp {
+        (size * p.devices as u64 / p.channels as u64) * p.channels as u64
+    } else {
+        size * p.devices as u64
+    };
+    Ok(Rep {
+        secs: out.wall.as_secs_f64(),
+        bytes: moved,
+        cpu: cpu1.saturating_sub(cpu0).as_secs_f64(),
+        lat: out.latency,
+    })
+}
+
+const BASE: Point = Point { channels: 4, devices: 2, chunk: 1 << 20 };
+
+fn points(quick: bool) -> Vec<Point> {
+    let mut v = Vec::new();
+    let mut push = |p: Point| {
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    };
+    for c in [1, 2, 4, 8] {
+        push(Point { channels: c, ..BASE });
+    }
+    let devs: &[usize] = if quick { &[1, 4] } else { &[1, 2, 4] };
+    for &d in devs {
+        push(Point { devices: d, ..BASE });
+    }
+    let chunks: &[usize] = if quick { &[64 << 10, 4 << 20] } else { &[64 << 10, 256 << 10, 1 << 20, 4 << 20] };
+    for &k in chunks {
+        push(Point { chunk: k, ..BASE });
+    }
+    v
+}
+
+/// Which designs can run here, and why the others cannot.
+fn available(wanted: &[Design]) -> (Vec<Design>, Vec<(Design, String)>) {
+    let mut ok = Vec::new();
+    let mut skipped = Vec::new();
+    let uring = vfio_multifd::ring::uring_unavailable_reason();
+    let zc = vfio_multifd::ring::Ring::new(4, 8).and_then(|r| r.probe_ops()).map(|o| o.send_zc).unwrap_or(false);
+    for &d in wanted {
+        match d {
+            Design::EngineUringSend | Design::EngineUringZc if uring.is_some() => {
+                skipped.push((d, uring.clone().unwrap_or_default()));
+            }
+            Design::EngineUringZc if !zc => skipped.push((d, "the kernel lacks IORING_OP_SEND_ZC".into())),
+            _ => ok.push(d),
+        }
+    }
+    (ok, skipped)
+}
+
+/// `vfio-multifd bench`.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let quick = a.quick;
+    let reps = a.reps.map_or(if quick { 3 } else { 5 }, |r| r as usize);
+    let bytes = a.bytes.unwrap_or(if quick { 128 << 20 } else { 512 << 20 });
+    if bytes < (4 << 20) {
+        bail!("--bytes {bytes}: use at least 4MiB per run so that timings mean something");
+    }
+    let wanted: Vec<Design> = if a.designs.is_empty() { Design::ALL.to_vec() } else { a.designs.clone() };
+    let (designs, skipped) = available(&wanted);
+    for (d, why) in &skipped {
+        eprintln!("bench: skipping {}: {why}", d.name());
+    }
+    let pts = points(quick);
+    let started = std::time::Instant::now();
+    eprintln!(
+        "bench: {} points x {} designs x {reps} reps, {} per run{}",
+        pts.len(),
+        designs.len(),
+        crate::util::fmt_bytes(bytes),
+        if quick { " (quick)" } else { "" }
+    );
+    // Warm-up: one small run of each design (page cache, allocator, TCP autotuning).
+    for &d in &designs {
+        run_once(d, BASE, (bytes / 4).max(4 << 20)).with_context(|| format!("warm-up of {}", d.name()))?;
+    }
+    let mut results = Vec::new();
+    for (pi, &p) in pts.iter().enumerate() {
+        let mut per: Vec<Vec<Rep>> = designs.iter().map(|_| Vec::new()).collect();
+        for _ in 0..reps {
+            for (di, &d) in designs.iter().enumerate() {
+                let r = run_once(d, p, bytes).with_context(|| {
+                    format!(
+                        "{} at {} channels, {} devices, chunk {}",
+                        d.name(),
+                        p.channels,
+                        p.devices,
+                        fmt_size_short(p.chunk as u64)
+                    )
+                })?;
+                per[di].push(r);
+            }
+        }
+        let line: Vec<String> = designs
+            .iter()
+            .zip(per.iter())
+            .map(|(d, r)| format!("{} {:.2}", d.name(), spread(r.iter().map(Rep::gibps).collect()).median))
+            .collect();
+        eprintln!(
+            "bench: [{}/{}] P={} devices={} chunk={}: {} GiB/s ({:.0} s)",
+            pi + 1,
+            pts.len(),
+            p.channels,
+            p.devices,
+            fmt_size_short(p.chunk as u64),
+            line.join(", "),
+            started.elapsed().as_secs_f64()
+        );
+        for (d, r) in designs.iter().zip(per) {
+            results.push(aggregate(*d, p, r));
+        }
+    }
+    // Downtime: 4 devices x 400 MiB (100 MiB in quick mode), STOP_COPY to the last byte loaded.
+    let mut downtime = Vec::new();
+    let dt_size: u64 = if quick { 100 << 20 } else { 400 << 20 };
+    if !a.no_downtime {
+        let dt_reps = if quick { 1 } else { 3 };
+        let p = Point { channels: 4, devices: 4, chunk: 1 << 20 };
+        for &d in designs.iter().filter(|d| d.has_devices()) {
+            let mut v = Vec::new();
+            for _ in 0..dt_reps {
+                let r = run_once(d, p, dt_size * 4).with_context(|| format!("downtime scenario of {}", d.name()))?;
+                v.push(r.secs * 1000.0);
+            }
+            let s = spread(v);
+            eprintln!("bench: downtime {}: {:.0} ms", d.name(), s.median);
+            downtime.push((d, s));
+        }
+    }
+    let targets = targets(&results);
+    let doc = json!({
+        "start": {
+            "version": format!("vfio-multifd {}", env!("CARGO_PKG_VERSION")),
+            "timestamp": timestamp(),
+            "kernel": kernel_version(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "capabilities": crate::probe::capabilities_json(),
+            "config": {"quick": quick, "reps": reps, "bytes_per_run": bytes, "sim_max_read": 1 << 20,
+                       "base_point": {"channels": BASE.channels, "devices": BASE.devices, "chunk": BASE.chunk},
+                       "downtime": {"devices": 4, "size_per_device": dt_size, "channels": 4, "chunk": 1 << 20}},
+            "skipped": skipped.iter().map(|(d, w)| json!({"design": d.name(), "reason": w})).collect::<Vec<_>>(),
+        },
+        "results": results.iter().map(|r| json!({
+            "design": r.design.name(), "channels": r.point.channels, "devices": r.point.devices, "chunk": r.point.chunk,
+            "gib_per_sec": r.gibps.json(), "cpu_seconds_per_gib": r.cpu.json(),
+            "latency_ns": r.lat.map(|(a, b, c)| json!({"p50": a, "p99": b, "p99.9": c})),
+            "reps": r.reps.iter().map(|x| json!({"seconds": x.secs, "bytes": x.bytes, "cpu_seconds": x.cpu,
+                "latency": x.lat.as_ref().map(crate::util::lat_json)})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "downtime": downtime.iter().map(|(d, s)| json!({"design": d.name(), "ms": s.json()})).collect::<Vec<_>>(),
+        "targets": targets,
+        "elapsed_seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let jp = a.out.join("latest.json");
+    std::fs::write(&jp, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", jp.display()))?;
+    let md = markdown(&doc, &results, &downtime, quick, reps, bytes, dt_size);
+    let mp = a.out.join("latest.md");
+    std::fs::write(&mp, &md).with_context(|| format!("writing {}", mp.display()))?;
+    let sp = a.out.join("throughput.svg");
+    std::fs::write(
+        &sp,
+        svg::throughput(
+            &results
+                .iter()
+                .filter(|r| r.point.devices == BASE.devices && r.point.chunk == BASE.chunk)
+                .map(|r| (r.design.name(), r.point.channels, r.gibps.median, r.gibps.min, r.gibps.max))
+                .collect::<Vec<_>>(),
+        ),
+    )
+    .with_context(|| format!("writing {}", sp.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("{md}");
+        println!(
+            "wrote {}, {}, {} in {:.0} s",
+            jp.display(),
+            mp.display(),
+            sp.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn find(results: &[PointResult], d: Design, p: Point) -> Option<&PointResult> {
+    results.iter().find(|r| r.design == d && r.point == p)
+}
+
+/// The issue's targets at the base point, as ratios from this run.
+fn targets(results: &[PointResult]) -> Value {
+    let q = find(results, Design::QemuStyle, BASE);
+    let m = find(results, Design::MinCopy, BASE);
+    let mut out = Vec::new();
+    for e in [Design::EngineUringSend, Design::EngineUringZc, Design::EngineBlocking] {
+        let Some(er) = find(results, e, BASE) else { continue };
+        let mut t = json!({"engine": e.name()});
+        if let Some(q) = q {
+            let thr = er.gibps.median / q.gibps.median;
+            let cpu = er.cpu.median / q.cpu.median;
+            t["throughput_vs_qemu"] = json!({"ratio": thr, "target": ">= 1.4", "met": thr >= 1.4});
+            t["cpu_per_gib_vs_qemu"] = json!({"ratio": cpu, "target": "<= 0.7", "met": cpu <= 0.7});
+        }
+        if let Some(m) = m {
+            let r = er.gibps.median / m.gibps.median;
+            t["throughput_vs_min_copy"] = json!({"ratio": r, "target": ">= 0.9", "met": r >= 0.9});
+        }
+        out.push(t);
+    }
+    json!(out)
+}
+
+fn markdown(
+    doc: &Value,
+    results: &[PointResult],
+    downtime: &[(Design, Spread)],
+    quick: bool,
+    reps: usize,
+    bytes: u64,
+    dt_size: u64,
+) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "# vfio-multifd benchmark{}\n", if quick { " (quick)" } else { "" });
+    let _ = writeln!(
+        s,
+        "{} on {} CPUs, {}; {} per run, median of {reps} runs [min..max]; simulated devices (reads up to 1 MiB), loopback TCP.\n",
+        doc["start"]["timestamp"]["time"].as_str().unwrap_or("?"),
+        doc["start"]["cpus"],
+        doc["start"]["kernel"].as_str().unwrap_or("?"),
+        crate::util::fmt_bytes(bytes)
+    );
+    let _ = writeln!(s, "## Targets (P=4, 2 devices, 1 MiB chunks)\n");
+    let _ = writeln!(s, "| engine | throughput / qemu-style (>= 1.4) | CPU per GiB / qemu-style (<= 0.7) | throughput / min-copy (>= 0.9) |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let cell = |v: &Value| {
+        v["ratio"].as_f64().map_or("-".to_owned(), |r| {
+            format!("{r:.2}x {}", if v["met"] == json!(true) { "met" } else { "**missed**" })
+        })
+    };
+    for t in doc["targets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            t["engine"].as_str().unwrap_or("?"),
+            cell(&t["throughput_vs_qemu"]),
+            cell(&t["cpu_per_gib_vs_qemu"]),
+            cell(&t["throughput_vs_min_copy"])
+        );
+    }
+    let _ = writeln!(s, "\n## Sweep\n");
+    let _ = writeln!(s, "| design | P | devices | chunk | GiB/s | CPU s/GiB | p50 | p99 | p99.9 |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---|---|---:|---:|---:|");
+    let us = |ns: f64| format!("{:.0} us", ns / 1000.0);
+    for r in results {
+        let (a, b, c) = r.lat.map_or(("-".into(), "-".into(), "-".into()), |(a, b, c)| (us(a), us(b), us(c)));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} [{:.2}..{:.2}] | {a} | {b} | {c} |",
+            r.design.name(),
+            r.point.channels,
+            r.point.devices,
+            fmt_size_short(r.point.chunk as u64),
+            r.gibps.median,
+            r.gibps.min,
+            r.gibps.max,
+            r.cpu.median,
+            r.cpu.min,
+            r.cpu.max
+        );
+    }
+    if !downtime.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Downtime: 4 devices x {}, P=4, STOP_COPY to the last byte loaded\n",
+            crate::util::fmt_bytes(dt_size)
+        );
+        let _ = writeln!(s, "| design | ms |");
+        let _ = writeln!(s, "|---|---|");
+        for (d, sp) in downtime {
+            let _ = writeln!(s, "| {} | {:.0} [{:.0}..{:.0}] |", d.name(), sp.median, sp.min, sp.max);
+        }
+    }
+    let _ = writeln!(s, "\n![throughput vs channels](throughput.svg)");
+    s
+}

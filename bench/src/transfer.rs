@@ -1,0 +1,707 @@
+//! `loopback`, `send` and `recv`: transfers through the engine, with progress and reports.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use vfio_migration::sim::{SimConfig, SimDevice};
+use vfio_migration::vfio::VfioDevice;
+use vfio_migration::{transition, MigState, MigrationDevice};
+use vfio_multifd::{
+    Backend, DeviceId, DeviceOptions, Receiver, ReceiverConfig, ReceiverReport, Source, SourceConfig, SourceReport,
+    ZeroCopy,
+};
+
+use crate::cli::{check_positions, device_id, LoopbackArgs, RecvArgs, SendArgs, SimSpec};
+use crate::util::{
+    fmt_bytes, fmt_ns, fmt_rate, kernel_version, lat_json, rusage_self, timestamp, with_progress, Interval,
+};
+
+/// Which option gave a device, in command-line order: `(option, k-th value of it)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevOpt {
+    /// `--device`.
+    Device(usize),
+    /// `--sim`.
+    Sim(usize),
+}
+
+/// Engine loopback parameters (shared with the benchmark suite).
+#[derive(Debug, Clone)]
+pub struct EngineParams {
+    /// Simulated devices.
+    pub devices: usize,
+    /// Stream bytes per device.
+    pub size: u64,
+    /// Channels.
+    pub channels: usize,
+    /// Device bytes per packet.
+    pub chunk: usize,
+    /// Largest simulated read.
+    pub max_read: usize,
+    /// Through PRE_COPY.
+    pub precopy: bool,
+    /// Zero-copy policy.
+    pub zerocopy: ZeroCopy,
+    /// Backend policy.
+    pub backend: Backend,
+    /// Receive budget.
+    pub budget: Option<usize>,
+    /// Stall timeout.
+    pub stall: Duration,
+}
+
+/// Outcome of one engine loopback run.
+#[derive(Debug)]
+pub struct EngineRun {
+    /// Source report.
+    pub source: SourceReport,
+    /// Receiver report.
+    pub receiver: ReceiverReport,
+    /// From the source's start to the receiver's end (the last device loaded).
+    pub wall: Duration,
+    /// User + system CPU of the process over the run.
+    pub cpu: Duration,
+    /// Receiver-side intervals.
+    pub intervals: Vec<Interval>,
+    /// Peak RSS of the process.
+    pub max_rss: u64,
+}
+
+/// The simulated device configs of a run: device `i` is `sim<i>` with seed `i + 1`.
+pub fn sim_configs(n: usize, size: u64, max_read: usize) -> Vec<SimConfig> {
+    (0..n).map(|i| SimConfig::new(format!("sim{i}"), size, i as u64 + 1).with_max_read(max_read)).collect()
+}
+
+/// Checks that every destination verified its whole stream and got its source's config blob.
+pub fn verify_sims(srcs: &[SimConfig], dsts: &[SimDevice]) -> Result<()> {
+    for (i, (s, d)) in srcs.iter().zip(dsts).enumerate() {
+        let rep = d.resume_report().ok_or_else(|| anyhow!("device {i}: the destination never finished resuming"))?;
+        if !rep.verified_ok || rep.bytes_written != s.size {
+            bail!(
+                "device {i}: destination stream did not verify: {} of {} bytes, first bad offset {:?}",
+                rep.bytes_written,
+                s.size,
+                rep.first_bad_offset
+            );
+        }
+        if d.config() != Some(SimDevice::expected_config(s)) {
+            bail!("device {i}: the destination's config blob differs from the source's");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the engine between simulated devices over loopback TCP in this process.
+pub fn run_engine(p: &EngineParams, bar: bool, interval: Duration) -> Result<EngineRun> {
+    let cfgs = sim_configs(p.devices, p.size, p.max_read);
+    let mut srcs: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let mut dsts: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let addr = listener.local_addr().context("loopback listener address")?;
+    let scfg = SourceConfig::new().chunk_bytes(p.chunk).zerocopy(p.zerocopy).backend(p.backend).stall_timeout(p.stall);
+    let mut rcfg = ReceiverConfig::new()
+        .max_packet_bytes(p.chunk)
+        .backend(p.backend)
+        .stall_timeout(p.stall)
+        .accept_timeout(Duration::from_secs(20));
+    if let Some(b) = p.budget {
+        rcfg = rcfg.budget_bytes(b);
+    }
+    let ids: Vec<DeviceId> = (0..p.devices).map(|i| device_id(i, &[], &[])).collect::<Result<_>>()?;
+    let mut rx = Receiver::try_new(rcfg).context("creating the receiver")?;
+    for (i, d) in dsts.iter_mut().enumerate() {
+        rx.add_device(ids[i].clone(), d);
+    }
+    let progress = rx.progress();
+    let rx_abort = rx.abort_handle();
+    let total = p.size * p.devices as u64;
+    let (cpu0, _) = rusage_self();
+    let t0 = Instant::now();
+    let ((sres, rres, wall), intervals) = with_progress(&progress, Some(total), bar, "loopback", interval, || {
+        std::thread::scope(|s| {
+            let listener = &listener;
+            let h = s.spawn(move || {
+                let r = rx.run_listener(listener, p.channels);
+                (r, t0.elapsed())
+            });
+            let sres = (|| {
+                let mut src = Source::connect(scfg, addr, p.channels)?;
+                for (i, d) in srcs.iter_mut().enumerate() {
+                    src.add_device_with(
+                        ids[i].clone(),
+                        d,
+                        DeviceOptions { precopy: p.precopy, final_state: MigState::Stop },
+                    );
+                }
+                src.run()
+            })();
+            if sres.is_err() {
+                rx_abort.abort();
+            }
+            let (rres, wall) = h.join().unwrap_or_else(|_| (Err(vfio_multifd::Error::Aborted), t0.elapsed()));
+            (sres, rres, wall)
+        })
+    });
+    let (cpu1, max_rss) = rusage_self();
+    let (source, receiver) = match (sres, rres) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), Ok(_)) | (Err(e), Err(vfio_multifd::Error::Aborted)) => return Err(e).context("source failed"),
+        (Ok(_), Err(e)) => return Err(e).context("receiver failed"),
+        (Err(se), Err(re)) => return Err(anyhow!("source failed: {se}; receiver failed: {re}")),
+    };
+    verify_sims(&cfgs, &dsts).context("verification failed")?;
+    Ok(EngineRun { source, receiver, wall, cpu: cpu1.saturating_sub(cpu0), intervals, max_rss })
+}
+
+/// `vfio-multifd loopback`.
+pub fn loopback(a: &LoopbackArgs) -> Result<()> {
+    let p = EngineParams {
+        devices: a.devices as usize,
+        size: a.size,
+        channels: a.common.channels,
+        chunk: a.chunk,
+        max_read: a.max_read,
+        precopy: a.precopy,
+        zerocopy: a.zerocopy.into(),
+        backend: a.common.backend.into(),
+        budget: a.budget,
+        stall: Duration::from_secs(a.common.stall_timeout),
+    };
+    if a.size == 0 {
+        bail!("--size 0: each device needs at least one byte of state");
+    }
+    let bar = crate::util::bars_allowed(a.common.json);
+    let r = run_engine(&p, bar, Duration::from_secs_f64(a.common.interval)).context(
+        "loopback transfer failed (try --backend blocking to rule out io_uring, or `vfio-multifd probe` to see what this host supports)",
+    )?;
+    let config = json!({
+        "mode": "loopback", "devices": p.devices, "size_per_device": p.size, "channels": p.channels,
+        "chunk": p.chunk, "max_read": p.max_read, "precopy": p.precopy,
+        "zerocopy": format!("{:?}", a.zerocopy).to_lowercase(), "backend": format!("{:?}", a.common.backend).to_lowercase(),
+        "interval": a.common.interval,
+    });
+    if a.common.json {
+        let mut v = report_json(config, Some(&r.source), Some(&r.receiver), r.wall, r.cpu, &r.intervals);
+        v["end"]["verified"] = json!(true);
+        v["end"]["max_rss_bytes"] = json!(r.max_rss);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "vfio-multifd loopback: {} device(s) x {}, {} channel(s), chunk {}{}",
+            p.devices,
+            fmt_bytes(p.size),
+            p.channels,
+            fmt_bytes(p.chunk as u64),
+            if p.precopy { ", through PRE_COPY" } else { "" }
+        );
+        print_text(Some(&r.source), Some(&r.receiver), r.wall, r.cpu);
+        println!("process peak RSS: {}", fmt_bytes(r.max_rss));
+        println!("verified: {} device(s), every byte and the config blob", p.devices);
+    }
+    Ok(())
+}
+
+/// iperf3-style JSON of a transfer.
+pub fn report_json(
+    config: Value,
+    s: Option<&SourceReport>,
+    r: Option<&ReceiverReport>,
+    wall: Duration,
+    cpu: Duration,
+    intervals: &[Interval],
+) -> Value {
+    let secs = wall.as_secs_f64().max(1e-9);
+    let data = s.map(|s| s.data_bytes()).or(r.map(|r| r.data_bytes())).unwrap_or(0);
+    let chans = s.map(|s| &s.channels).or(r.map(|r| &r.channels));
+    let streams: Vec<Value> = chans
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    json!({"id": c.id, "bytes": c.bytes, "packets": c.packets, "seconds": secs,
+                           "bits_per_second": c.bytes as f64 * 8.0 / secs})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let backend =
+        s.map(|s| (s.backend, s.fallback_reason.clone())).or(r.map(|r| (r.backend, r.fallback_reason.clone())));
+    let mut end = json!({
+        "sum": {"start": 0.0, "end": secs, "seconds": secs, "bytes": data, "bits_per_second": data as f64 * 8.0 / secs},
+        "streams": streams,
+        "backend": backend.as_ref().map(|b| b.0.to_string()),
+        "fallback_reason": backend.and_then(|b| b.1),
+        "cpu_utilization": {"seconds": cpu.as_secs_f64(),
+            "seconds_per_gib": if data > 0 { cpu.as_secs_f64() / (data as f64 / (1u64 << 30) as f64) } else { 0.0 }},
+    });
+    if let Some(s) = s {
+        end["latency"] =
+            json!({"what": "packet: device read submitted to send completed", "lat_ns": lat_json(&s.latency)});
+        end["zerocopy"] =
+            json!({"used": s.zerocopy, "zerocopy_bytes": s.zerocopy_bytes, "copied_bytes": s.copied_bytes});
+        end["source_devices"] = s
+            .devices
+            .iter()
+            .map(|d| {
+                json!({"idstr": d.id.idstr(), "instance_id": d.id.instance_id, "data_bytes": d.data_bytes,
+                   "precopy_bytes": d.precopy_bytes, "packets": d.packets, "short_reads": d.short_reads,
+                   "config_bytes": d.config_bytes, "stop_copy_seconds": d.stop_copy_time.as_secs_f64(),
+                   "seconds": d.elapsed.as_secs_f64()})
+            })
+            .collect();
+    }
+    if let Some(r) = r {
+        end["receiver"] = json!({
+            "seconds": r.elapsed.as_secs_f64(), "peak_held_bytes": r.peak_held_bytes, "reserved_bytes": r.reserved_bytes,
+            "devices": r.devices.iter().map(|d| json!({
+                "idstr": d.id.idstr(), "instance_id": d.id.instance_id, "data_bytes": d.data_bytes, "packets": d.packets,
+                "out_of_order_packets": d.out_of_order_packets, "config_bytes": d.config_bytes,
+                "short_writes": d.short_writes, "final_state": d.final_state.map(|s| s.name()),
+            })).collect::<Vec<_>>(),
+        });
+    }
+    json!({
+        "start": {
+            "version": format!("vfio-multifd {}", env!("CARGO_PKG_VERSION")),
+            "timestamp": timestamp(),
+            "kernel": kernel_version(),
+            "capabilities": crate::probe::capabilities_json(),
+            "config": config,
+        },
+        "intervals": intervals.iter().map(Interval::json).collect::<Vec<_>>(),
+        "end": end,
+    })
+}
+
+/// Human summary of a transfer.
+pub fn print_text(s: Option<&SourceReport>, r: Option<&ReceiverReport>, wall: Duration, cpu: Duration) {
+    let secs = wall.as_secs_f64();
+    let data = s.map(|s| s.data_bytes()).or(r.map(|r| r.data_bytes())).unwrap_or(0);
+    if let Some(s) = s {
+        println!(
+            "backend: {}{}; zero-copy: {}",
+            s.backend,
+            s.fallback_reason.as_deref().map(|w| format!(" ({w})")).unwrap_or_default(),
+            if s.zerocopy { "SEND_ZC" } else { "off (SEND)" }
+        );
+    } else if let Some(r) = r {
+        println!(
+            "backend: {}{}",
+            r.backend,
+            r.fallback_reason.as_deref().map(|w| format!(" ({w})")).unwrap_or_default()
+        );
+    }
+    let chans = s.map(|s| &s.channels).or(r.map(|r| &r.channels));
+    if let Some(cs) = chans {
+        let wire: u64 = cs.iter().map(|c| c.bytes).sum::<u64>().max(1);
+        println!("{:<8} {:>12} {:>9} {:>7}  {}", "channel", "wire bytes", "packets", "share", "rate");
+        for c in cs {
+            println!(
+                "{:<8} {:>12} {:>9} {:>6.1}%  {}",
+                c.id,
+                fmt_bytes(c.bytes),
+                c.packets,
+                c.bytes as f64 * 100.0 / wire as f64,
+                fmt_rate(c.bytes, secs)
+            );
+        }
+    }
+    println!("total: {} of device state in {secs:.3} s = {}", fmt_bytes(data), fmt_rate(data, secs));
+    if data > 0 {
+        println!(
+            "cpu: {:.2} s user+sys, {:.3} s per GiB",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() / (data as f64 / (1u64 << 30) as f64)
+        );
+    }
+    if let Some(s) = s {
+        let l = &s.latency;
+        if l.count > 0 {
+            println!(
+                "packet latency (read submitted -> send completed), {} packets: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                l.count,
+                fmt_ns(l.p50_ns),
+                fmt_ns(l.p90_ns),
+                fmt_ns(l.p99_ns),
+                fmt_ns(l.p999_ns),
+                fmt_ns(l.max_ns)
+            );
+        }
+        println!("zero-copy bytes: {}; copied bytes: {}", fmt_bytes(s.zerocopy_bytes), fmt_bytes(s.copied_bytes));
+        for d in &s.devices {
+            println!(
+                "  sent {}: {} ({} pre-copy), {} packets, config {} B, stop-copy {:.3} s",
+                d.id,
+                fmt_bytes(d.data_bytes),
+                fmt_bytes(d.precopy_bytes),
+                d.packets,
+                d.config_bytes,
+                d.stop_copy_time.as_secs_f64()
+            );
+        }
+    }
+    if let Some(r) = r {
+        println!(
+            "receiver: peak held {} (reserved {}), {} out-of-order packets",
+            fmt_bytes(r.peak_held_bytes),
+            fmt_bytes(r.reserved_bytes),
+            r.devices.iter().map(|d| d.out_of_order_packets).sum::<u64>()
+        );
+        for d in &r.devices {
+            println!(
+                "  loaded {}: {}, {} packets, config {} B, now {}",
+                d.id,
+                fmt_bytes(d.data_bytes),
+                d.packets,
+                d.config_bytes,
+                d.final_state.map_or("(file)", |s| s.name())
+            );
+        }
+    }
+}
+
+/// A source-side entry.
+enum SrcEntry {
+    Sim(SimDevice),
+    Vfio(Box<VfioDevice>),
+    File { file: File, config: Vec<u8> },
+}
+
+/// Opens a VFIO device with an actionable error.
+pub fn open_vfio(spec: &str) -> Result<VfioDevice> {
+    VfioDevice::open(spec).with_context(|| {
+        format!(
+            "opening VFIO device {spec:?} (give a sysfs path, PCI address, mdev UUID or group:N/name of a device bound \
+             to vfio-pci or an mdev driver; `vfio-multifd probe` lists them; opening needs access to /dev/vfio)"
+        )
+    })
+}
+
+fn sim_cfg(i: usize, s: &SimSpec) -> SimConfig {
+    SimConfig::new(format!("sim{i}"), s.size, s.seed.unwrap_or(i as u64 + 1))
+}
+
+fn config_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".config");
+    PathBuf::from(s)
+}
+
+/// Connects `n` channels to `addr`, retrying refused connections until `timeout`.
+fn connect_channels(addr: &str, n: usize, timeout: Duration) -> Result<Vec<OwnedFd>> {
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving --connect {addr:?} (expected HOST:PORT, e.g. 192.0.2.1:4444)"))?
+        .collect();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(n);
+    for ch in 0..n {
+        let s = loop {
+            let mut last = None;
+            let mut ok = None;
+            for a in &addrs {
+                match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
+                    Ok(s) => {
+                        ok = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(s) = ok {
+                break s;
+            }
+            let e = last.unwrap_or_else(|| std::io::Error::other("no address"));
+            let retry = matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::TimedOut
+            );
+            if !retry || Instant::now() >= deadline {
+                return Err(e).with_context(|| {
+                    format!(
+                        "connecting channel {ch} to {addr} (is `vfio-multifd recv --listen {addr} -P {n}` running there? \
+                         retried for {} s)",
+                        timeout.as_secs()
+                    )
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        s.set_nodelay(true).context("setting TCP_NODELAY")?;
+        out.push(OwnedFd::from(s));
+    }
+    Ok(out)
+}
+
+/// `vfio-multifd send`.
+pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
+    let n = order.len().max(a.source.len());
+    check_positions(n, &a.idstr, &a.instance)?;
+    let mut entries: Vec<(DeviceId, SrcEntry)> = Vec::with_capacity(n);
+    let mut total: Option<u64> = Some(0);
+    for i in 0..n {
+        let id = device_id(i, &a.idstr, &a.instance)?;
+        let e = if let Some(path) = a.source.get(i) {
+            let file = File::open(path).with_context(|| {
+                format!("opening saved stream {} (write one with `vfio-multifd recv --sink file:PATH`)", path.display())
+            })?;
+            let len = file.metadata().map(|m| m.len()).ok();
+            total = total.zip(len).map(|(t, l)| t + l);
+            let cp = config_path(path);
+            let config = match std::fs::read(&cp) {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading config blob {}", cp.display())),
+            };
+            SrcEntry::File { file, config }
+        } else {
+            match order[i] {
+                DevOpt::Sim(k) => {
+                    let c = sim_cfg(i, &a.sim[k]);
+                    total = total.map(|t| t + c.size);
+                    SrcEntry::Sim(SimDevice::new(c))
+                }
+                DevOpt::Device(k) => {
+                    let d = open_vfio(&a.device[k])?;
+                    let hint = vfio_migration::bounded_data_size(&d, 1 << 40).ok();
+                    total = total.zip(hint).map(|(t, h)| t + h);
+                    SrcEntry::Vfio(Box::new(d))
+                }
+            }
+        };
+        entries.push((id, e));
+    }
+    let cfg = SourceConfig::new()
+        .chunk_bytes(a.chunk)
+        .zerocopy(a.zerocopy.into())
+        .backend(a.common.backend.into())
+        .uuid(a.common.uuid.unwrap_or([0; 16]))
+        .stall_timeout(Duration::from_secs(a.common.stall_timeout));
+    let chans = connect_channels(&a.connect, a.common.channels, Duration::from_secs(a.connect_timeout))?;
+    let mut src = Source::new(cfg, chans).context("setting up the source")?;
+    let opts = DeviceOptions { precopy: a.precopy, final_state: a.final_state };
+    for (id, e) in entries.iter_mut() {
+        match e {
+            SrcEntry::Sim(d) => src.add_device_with(id.clone(), d, opts),
+            SrcEntry::Vfio(d) => src.add_device_with(id.clone(), d.as_mut(), opts),
+            SrcEntry::File { file, config } => {
+                let f: &File = file;
+                src.add_data_fd(id.clone(), f.as_fd(), config)
+            }
+        };
+    }
+    let progress = src.progress();
+    let bar = crate::util::bars_allowed(a.common.json);
+    let (cpu0, _) = rusage_self();
+    let t0 = Instant::now();
+    let (res, intervals) = with_progress(
+        &progress,
+        total.filter(|&t| t > 0),
+        bar,
+        "send",
+        Duration::from_secs_f64(a.common.interval),
+        || src.run(),
+    );
+    let wall = t0.elapsed();
+    let (cpu1, _) = rusage_self();
+    let rep = res.with_context(|| {
+        format!(
+            "sending to {} failed (source devices were put back to RUNNING; the receiver's output says more)",
+            a.connect
+        )
+    })?;
+    let config = json!({"mode": "send", "connect": a.connect, "channels": a.common.channels, "chunk": a.chunk,
+        "devices": n, "precopy": a.precopy, "final_state": a.final_state.name(), "interval": a.common.interval});
+    if a.common.json {
+        let v = report_json(config, Some(&rep), None, wall, cpu1.saturating_sub(cpu0), &intervals);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("vfio-multifd send: {n} device(s) to {} over {} channel(s)", a.connect, a.common.channels);
+        print_text(Some(&rep), None, wall, cpu1.saturating_sub(cpu0));
+    }
+    Ok(())
+}
+
+/// A destination device.
+enum DstDev {
+    Sim(SimDevice),
+    Vfio(Box<VfioDevice>),
+}
+
+impl DstDev {
+    fn as_dyn(&mut self) -> &mut dyn MigrationDevice {
+        match self {
+            DstDev::Sim(d) => d,
+            DstDev::Vfio(d) => d.as_mut(),
+        }
+    }
+}
+
+struct DstEntry {
+    id: DeviceId,
+    dev: Option<DstDev>,
+    sink: Option<(PathBuf, File)>,
+    config: Vec<u8>,
+}
+
+/// Loads a saved stream into a device: RESUMING, write it all, apply the config, final state.
+fn load_saved_stream(dev: &mut dyn MigrationDevice, path: &Path, config: &[u8], final_state: MigState) -> Result<()> {
+    let name = dev.name().to_owned();
+    let t = transition(dev, MigState::Resuming).with_context(|| format!("{name}: entering RESUMING"))?;
+    let fd = t
+        .data_fd
+        .ok_or_else(|| anyhow!("{name}: was already RESUMING (someone else's resume session); reset it first"))?;
+    let mut f = File::open(path).with_context(|| format!("re-opening {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        let mut off = 0;
+        while off < n {
+            let w = dev
+                .write_data(fd.as_fd(), &buf[off..n])
+                .with_context(|| format!("{name}: writing the saved stream"))?;
+            if w == 0 {
+                bail!("{name}: the resume data fd accepted 0 bytes");
+            }
+            off += w;
+        }
+    }
+    dev.load_config(config).with_context(|| format!("{name}: applying the config blob"))?;
+    transition(dev, final_state)
+        .with_context(|| format!("{name}: leaving RESUMING (the device rejected the stream)"))?;
+    drop(fd);
+    Ok(())
+}
+
+/// `vfio-multifd recv`.
+pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
+    let n = order.len().max(a.sink.len());
+    check_positions(n, &a.idstr, &a.instance)?;
+    if a.verify && a.sim.is_empty() {
+        bail!("--verify checks simulated destinations: give --sim SIZE[,SEED] (the sender's size and seed)");
+    }
+    let listener = TcpListener::bind(&a.listen)
+        .with_context(|| format!("listening on {:?} (expected HOST:PORT that is free on this host)", a.listen))?;
+    let mut entries = Vec::with_capacity(n);
+    let mut total: Option<u64> = Some(0);
+    let mut sim_cfgs: Vec<Option<SimConfig>> = Vec::new();
+    for i in 0..n {
+        let id = device_id(i, &a.idstr, &a.instance)?;
+        let dev = match order.get(i) {
+            Some(DevOpt::Sim(k)) => {
+                let c = sim_cfg(i, &a.sim[*k]);
+                total = total.map(|t| t + c.size);
+                sim_cfgs.push(Some(c.clone()));
+                Some(DstDev::Sim(SimDevice::new(c)))
+            }
+            Some(DevOpt::Device(k)) => {
+                total = None;
+                sim_cfgs.push(None);
+                Some(DstDev::Vfio(Box::new(open_vfio(&a.device[*k])?)))
+            }
+            None => {
+                total = None;
+                sim_cfgs.push(None);
+                None
+            }
+        };
+        let sink = match a.sink.get(i) {
+            Some(p) => {
+                let f = File::create(p).with_context(|| format!("creating sink file {}", p.display()))?;
+                Some((p.clone(), f))
+            }
+            None => None,
+        };
+        entries.push(DstEntry { id, dev, sink, config: Vec::new() });
+    }
+    let mut cfg = ReceiverConfig::new()
+        .max_packet_bytes(a.max_packet)
+        .backend(a.common.backend.into())
+        .uuid(a.common.uuid.unwrap_or([0; 16]))
+        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
+        .accept_timeout(Duration::from_secs(a.accept_timeout));
+    if let Some(b) = a.budget {
+        cfg = cfg.budget_bytes(b);
+    }
+    let mut rx = Receiver::try_new(cfg).context("setting up the receiver")?;
+    for e in entries.iter_mut() {
+        let DstEntry { id, dev, sink, config } = e;
+        match (sink, dev) {
+            (Some((_, f)), _) => {
+                let f: &File = f;
+                rx.add_data_fd(id.clone(), f.as_fd(), config);
+            }
+            (None, Some(d)) => {
+                rx.add_device_with(id.clone(), d.as_dyn(), a.final_state);
+            }
+            (None, None) => unreachable!("every position has a device or a sink"),
+        }
+    }
+    let progress = rx.progress();
+    let bar = crate::util::bars_allowed(a.common.json);
+    let (cpu0, _) = rusage_self();
+    let t0 = Instant::now();
+    let (res, intervals) =
+        with_progress(&progress, total, bar, "recv", Duration::from_secs_f64(a.common.interval), || {
+            rx.run_listener(&listener, a.common.channels)
+        });
+    let wall = t0.elapsed();
+    let (cpu1, _) = rusage_self();
+    let rep = res.context(
+        "receiving failed; nothing was loaded completely (a destination device may be left in RESUMING: \
+         `vfio-multifd dev reset DEV` brings it back to RUNNING)",
+    )?;
+    // Sinks: store the config next to the stream, then load into a device given with it.
+    for (i, e) in entries.iter_mut().enumerate() {
+        if let Some((path, f)) = e.sink.take() {
+            f.sync_all().ok();
+            drop(f);
+            let cp = config_path(&path);
+            std::fs::File::create(&cp)
+                .and_then(|mut c| c.write_all(&e.config))
+                .with_context(|| format!("writing config blob {}", cp.display()))?;
+            if let Some(d) = e.dev.as_mut() {
+                load_saved_stream(d.as_dyn(), &path, &e.config, a.final_state)
+                    .with_context(|| format!("loading the saved stream {} into device {i}", path.display()))?;
+            }
+        }
+    }
+    let mut verified = Vec::new();
+    if a.verify {
+        for (i, e) in entries.iter().enumerate() {
+            if let (Some(DstDev::Sim(d)), Some(c)) = (&e.dev, &sim_cfgs[i]) {
+                verify_sims(std::slice::from_ref(c), std::slice::from_ref(d))
+                    .with_context(|| format!("device {i} ({}) failed verification", e.id))?;
+                verified.push(i);
+            }
+        }
+    }
+    let config = json!({"mode": "recv", "listen": a.listen, "channels": a.common.channels, "max_packet": a.max_packet,
+        "devices": n, "final_state": a.final_state.name(), "interval": a.common.interval});
+    if a.common.json {
+        let mut v = report_json(config, None, Some(&rep), wall, cpu1.saturating_sub(cpu0), &intervals);
+        v["end"]["verified_devices"] = json!(verified);
+        v["end"]["sinks"] = json!(a.sink.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("vfio-multifd recv: {n} device(s) on {} over {} channel(s)", a.listen, a.common.channels);
+        print_text(None, Some(&rep), wall, cpu1.saturating_sub(cpu0));
+        for p in &a.sink {
+            println!("saved stream: {} (config: {})", p.display(), config_path(p).display());
+        }
+        if a.verify {
+            println!("verified: {} simulated device(s), every byte and the config blob", verified.len());
+        }
+    }
+    Ok(())
+}
