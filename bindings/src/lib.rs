@@ -18,8 +18,7 @@ mod sys;
 pub mod vfio;
 
 pub use device::{
-    bounded_data_size, recover, transition, MigrationDevice, PrecopyInfo, ReadOutcome, Recovery,
-    Transition,
+    bounded_data_size, recover, transition, MigrationDevice, PrecopyInfo, ReadOutcome, Recovery, Transition,
 };
 pub use error::{Error, Result};
 pub use state::{next_step, MigFlags, MigState};

@@ -459,8 +459,13 @@ struct SaveShared {
     stop: AtomicBool,
     /// The device is in STOP_COPY: produce up to the end and close.
     finale: AtomicBool,
-    /// Bytes written into the fd so far.
+    /// Bytes written into the fd so far. Updated under `io_lock` together with the write
+    /// itself, so `produced - FIONREAD` taken under the same lock is the exact number of bytes
+    /// the reader has consumed (a reader can't drain bytes the count doesn't yet include).
     produced: AtomicU64,
+    /// Held by the producer across one `write` + `produced` update, and by the device while it
+    /// snapshots `produced` and FIONREAD.
+    io_lock: Mutex<()>,
     /// The producer has exited (EOF or error delivered, or stopped).
     done: AtomicBool,
     /// Wakes the producer (control changed).
@@ -502,8 +507,7 @@ impl SaveSession {
     /// Creates the fd and starts the producer. `finale` is true for STOP→STOP_COPY.
     fn start(cfg: &SimConfig, finale: bool) -> io::Result<(SaveSession, OwnedFd)> {
         let socket = cfg.read_error_mode();
-        let (caller_end, producer_end) =
-            if socket { sys::socketpair_stream()? } else { sys::pipe()? };
+        let (caller_end, producer_end) = if socket { sys::socketpair_stream()? } else { sys::pipe()? };
         let mut chunk = cfg.max_read.clamp(1, 8 << 20);
         if !socket {
             let want = pipe_capacity_for(cfg.max_read);
@@ -520,6 +524,7 @@ impl SaveSession {
             stop: AtomicBool::new(false),
             finale: AtomicBool::new(finale),
             produced: AtomicU64::new(0),
+            io_lock: Mutex::new(()),
             done: AtomicBool::new(false),
             wake: sys::eventfd()?,
         });
@@ -533,16 +538,11 @@ impl SaveSession {
             latency: cfg.read_latency,
         };
         let sh = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("sim-save-{}", cfg.name))
-            .spawn(move || {
-                produce(&sh, &params, producer_end, trick_end, socket);
-                sh.done.store(true, Ordering::Release);
-            })?;
-        Ok((
-            SaveSession { shared, reader, id, precopy_len: cfg.precopy_len(), thread: Some(thread) },
-            caller_end,
-        ))
+        let thread = std::thread::Builder::new().name(format!("sim-save-{}", cfg.name)).spawn(move || {
+            produce(&sh, &params, producer_end, trick_end, socket);
+            sh.done.store(true, Ordering::Release);
+        })?;
+        Ok((SaveSession { shared, reader, id, precopy_len: cfg.precopy_len(), thread: Some(thread) }, caller_end))
     }
 
     /// PRE_COPY(_P2P) → STOP_COPY: the same stream continues to the end.
@@ -551,22 +551,19 @@ impl SaveSession {
         sys::eventfd_signal(self.shared.wake.as_fd());
     }
 
-    /// Bytes the reader has consumed so far: produced minus what is still queued.
+    /// Bytes the reader has consumed so far: produced minus what is still queued, taken
+    /// atomically with respect to the producer's writes (exact, never a stale count).
     fn consumed(&self) -> u64 {
-        for _ in 0..4 {
-            let p1 = self.shared.produced.load(Ordering::Acquire);
-            let queued = sys::fionread(self.reader.as_fd()).unwrap_or(0) as u64;
-            let p2 = self.shared.produced.load(Ordering::Acquire);
-            if p1 == p2 {
-                return p1.saturating_sub(queued);
-            }
-        }
+        let _g = self.shared.io_lock.lock().unwrap_or_else(|p| p.into_inner());
         let p = self.shared.produced.load(Ordering::Acquire);
         p.saturating_sub(sys::fionread(self.reader.as_fd()).unwrap_or(0) as u64)
     }
 
-    /// Whether a read now would be at the PRE_COPY temporary end.
+    /// Whether a read now would be at the PRE_COPY temporary end: every pre-copy byte is
+    /// produced and the reader has taken them all. Exact: in PRE_COPY the producer writes
+    /// nothing past `precopy_len`, and the check is atomic with its writes.
     fn at_precopy_end(&self) -> bool {
+        let _g = self.shared.io_lock.lock().unwrap_or_else(|p| p.into_inner());
         !self.shared.done.load(Ordering::Acquire)
             && !self.shared.finale.load(Ordering::Acquire)
             && self.shared.produced.load(Ordering::Acquire) >= self.precopy_len
@@ -611,7 +608,11 @@ impl Drop for SaveSession {
 fn wait_wake(wake: BorrowedFd<'_>, timeout: Option<Duration>) {
     let ms = timeout.map_or(-1, |d| {
         let ms = d.as_millis().min(i32::MAX as u128) as i32;
-        if ms == 0 && !d.is_zero() { 1 } else { ms }
+        if ms == 0 && !d.is_zero() {
+            1
+        } else {
+            ms
+        }
     });
     let mut p = [libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&wake), events: libc::POLLIN, revents: 0 }];
     let _ = sys::poll(&mut p, ms);
@@ -634,13 +635,7 @@ fn paced_sleep(sh: &SaveShared, d: Duration) -> bool {
 }
 
 /// The producer thread's body.
-fn produce(
-    sh: &SaveShared,
-    p: &ProducerParams,
-    out: OwnedFd,
-    trick_end: Option<OwnedFd>,
-    socket: bool,
-) {
+fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<OwnedFd>, socket: bool) {
     let mut buf = vec![0u8; p.chunk];
     let start = Instant::now();
     let mut produced = 0u64;
@@ -682,21 +677,28 @@ fn produce(
             if sh.stop.load(Ordering::Acquire) {
                 return;
             }
+            // The fd is non-blocking, so the lock is held for one short copy only.
+            let guard = sh.io_lock.lock().unwrap_or_else(|p| p.into_inner());
             let r = if socket {
                 sys::send_nosignal(out.as_fd(), &data[off..])
             } else {
                 sys::SysOps::write(&sys::Kernel, out.as_fd(), &data[off..])
             };
+            if let Ok(k) = r {
+                produced += k as u64;
+                sh.produced.store(produced, Ordering::Release);
+            }
+            drop(guard);
             match r {
-                Ok(k) => {
-                    off += k;
-                    produced += k as u64;
-                    sh.produced.store(produced, Ordering::Release);
-                }
+                Ok(k) => off += k,
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     let mut fds = [
                         libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&out), events: libc::POLLOUT, revents: 0 },
-                        libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&sh.wake), events: libc::POLLIN, revents: 0 },
+                        libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(&sh.wake),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
                     ];
                     let _ = sys::poll(&mut fds, -1);
                     if fds[1].revents != 0 {
@@ -776,20 +778,14 @@ impl ResumeSession {
         let _ = sys::set_pipe_size(r.as_fd(), 1 << 20);
         sys::set_nonblocking(r.as_fd())?;
         let id = sys::file_id(w.as_fd())?;
-        let shared = Arc::new(ResumeShared {
-            ctl: Mutex::new(ResumeCtl::default()),
-            cv: Condvar::new(),
-            wake: sys::eventfd()?,
-        });
+        let shared =
+            Arc::new(ResumeShared { ctl: Mutex::new(ResumeCtl::default()), cv: Condvar::new(), wake: sys::eventfd()? });
         let sh = Arc::clone(&shared);
         let (seed, size, fail_at) = (cfg.seed, cfg.size, cfg.write_error_at);
         let thread = std::thread::Builder::new()
             .name(format!("sim-resume-{}", cfg.name))
             .spawn(move || consume(&sh, r, seed, size, fail_at))?;
-        Ok((
-            ResumeSession { shared, id, size: cfg.size, accepted: AtomicU64::new(0), thread: Some(thread) },
-            w,
-        ))
+        Ok((ResumeSession { shared, id, size: cfg.size, accepted: AtomicU64::new(0), thread: Some(thread) }, w))
     }
 
     /// Snapshot without draining.
@@ -1109,10 +1105,7 @@ impl SimDevice {
                             self.cfg.size, rep.bytes_written
                         )
                     } else {
-                        format!(
-                            "resume stream is short: {} of {} bytes",
-                            rep.bytes_written, self.cfg.size
-                        )
+                        format!("resume stream is short: {} of {} bytes", rep.bytes_written, self.cfg.size)
                     };
                     // Like mtty: EINVAL, the device stays in RESUMING with its file open.
                     return Err(self.err(format!("{} ({why})", op()), libc::EINVAL));
@@ -1217,11 +1210,7 @@ impl MigrationDevice for SimDevice {
         let Some(s) = self.save.as_ref().filter(|_| kind == FdKind::Save) else {
             return Err(self.err(op, libc::ENODEV));
         };
-        Ok(PrecopyInfo {
-            initial_bytes: s.precopy_len.saturating_sub(s.consumed()),
-            dirty_bytes: 0,
-            reinit: false,
-        })
+        Ok(PrecopyInfo { initial_bytes: s.precopy_len.saturating_sub(s.consumed()), dirty_bytes: 0, reinit: false })
     }
 
     fn enable_precopy_info_v2(&mut self) -> Result<bool> {
@@ -1263,9 +1252,7 @@ impl MigrationDevice for SimDevice {
                 Ok(0) => return Ok(ReadOutcome::Eof),
                 Ok(n) => return Ok(ReadOutcome::Data(n)),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
-                Err(e) => {
-                    return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e })
-                }
+                Err(e) => return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e }),
             }
         }
     }
@@ -1296,9 +1283,7 @@ impl MigrationDevice for SimDevice {
                     return Ok(n);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
-                Err(e) => {
-                    return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e })
-                }
+                Err(e) => return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e }),
             }
         }
     }

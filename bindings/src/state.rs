@@ -127,9 +127,7 @@ impl MigFlags {
     /// `state_flags_table`).
     pub const fn supports(self, state: MigState) -> bool {
         let need = match state {
-            MigState::Running | MigState::Stop | MigState::StopCopy | MigState::Resuming => {
-                MigFlags::STOP_COPY.0
-            }
+            MigState::Running | MigState::Stop | MigState::StopCopy | MigState::Resuming => MigFlags::STOP_COPY.0,
             MigState::RunningP2p => MigFlags::STOP_COPY.0 | MigFlags::P2P.0,
             MigState::PreCopy => MigFlags::STOP_COPY.0 | MigFlags::PRE_COPY.0,
             MigState::PreCopyP2p => MigFlags::STOP_COPY.0 | MigFlags::P2P.0 | MigFlags::PRE_COPY.0,
@@ -167,14 +165,15 @@ impl fmt::Display for MigFlags {
 }
 
 use MigState::{
-    Error as ERR, PreCopy as PC, PreCopyP2p as PCP, Resuming as RES, Running as RUN,
-    RunningP2p as RP, Stop as STOP, StopCopy as SC,
+    Error as ERR, PreCopy as PC, PreCopyP2p as PCP, Resuming as RES, Running as RUN, RunningP2p as RP, Stop as STOP,
+    StopCopy as SC,
 };
 
 /// The kernel's next-step table, indexed `[current][target]` by uAPI value.
 const NEXT: [[MigState; 8]; 8] = [
     //            ERROR STOP  RUN   SC    RES   RP    PC    PCP
-    /* ERROR */ [ERR, ERR, ERR, ERR, ERR, ERR, ERR, ERR],
+    /* ERROR */
+    [ERR, ERR, ERR, ERR, ERR, ERR, ERR, ERR],
     /* STOP  */ [ERR, STOP, RP, SC, RES, RP, RP, RP],
     /* RUN   */ [ERR, RP, RUN, RP, RP, RP, PC, RP],
     /* SC    */ [ERR, STOP, STOP, SC, STOP, STOP, ERR, ERR],

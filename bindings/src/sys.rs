@@ -19,8 +19,8 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature, vfio_device_feature_mig_state, vfio_device_info, vfio_group_status,
-    vfio_precopy_info, vfio_region_info,
+    vfio_device_feature, vfio_device_feature_mig_state, vfio_device_info, vfio_group_status, vfio_precopy_info,
+    vfio_region_info,
 };
 
 /// `VFIO_TYPE`: the ioctl "magic" character `';'`.
@@ -190,8 +190,7 @@ impl SysOps for Kernel {
         info.argsz = std::mem::size_of::<vfio_precopy_info>() as u32;
         info.flags = 0;
         // SAFETY: `info` is a live vfio_precopy_info whose argsz is its own size.
-        unsafe { ioctl_ptr(data, VFIO_MIG_GET_PRECOPY_INFO, info as *mut vfio_precopy_info) }
-            .map(|_| ())
+        unsafe { ioctl_ptr(data, VFIO_MIG_GET_PRECOPY_INFO, info as *mut vfio_precopy_info) }.map(|_| ())
     }
 
     fn reset(&self, dev: BorrowedFd<'_>) -> io::Result<()> {
@@ -208,8 +207,7 @@ impl SysOps for Kernel {
         info.argsz = std::mem::size_of::<vfio_region_info>() as u32;
         // SAFETY: `info` is a live vfio_region_info whose argsz is its own size (capability
         // chains, which need a larger buffer, are not requested).
-        unsafe { ioctl_ptr(dev, VFIO_DEVICE_GET_REGION_INFO, info as *mut vfio_region_info) }
-            .map(|_| ())
+        unsafe { ioctl_ptr(dev, VFIO_DEVICE_GET_REGION_INFO, info as *mut vfio_region_info) }.map(|_| ())
     }
 
     fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
@@ -252,10 +250,7 @@ pub(crate) fn set_iommu(container: BorrowedFd<'_>, ty: u32) -> io::Result<()> {
 
 /// `VFIO_GROUP_GET_STATUS`: the group's flags (`VFIO_GROUP_FLAGS_*`).
 pub(crate) fn group_get_status(group: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut st = vfio_group_status {
-        argsz: std::mem::size_of::<vfio_group_status>() as u32,
-        flags: 0,
-    };
+    let mut st = vfio_group_status { argsz: std::mem::size_of::<vfio_group_status>() as u32, flags: 0 };
     // SAFETY: `st` is a live vfio_group_status whose argsz is its own size.
     unsafe { ioctl_ptr(group, VFIO_GROUP_GET_STATUS, &mut st as *mut vfio_group_status) }?;
     Ok(st.flags)
@@ -304,9 +299,7 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub(crate) fn socketpair_stream() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1; 2];
     // SAFETY: `fds` is a live array of two c_ints for socketpair to fill.
-    check(unsafe {
-        libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
-    })?;
+    check(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
     // SAFETY: socketpair succeeded, so both fds are new and unowned.
     Ok(unsafe { own_pair(fds) })
 }
@@ -394,9 +387,7 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Res
 /// `send(MSG_NOSIGNAL)` on a stream socket (no SIGPIPE when the peer is gone).
 pub(crate) fn send_nosignal(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
-    check_size(unsafe {
-        libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
-    })
+    check_size(unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) })
 }
 
 /// The system page size (4096 where sysconf has no answer).

@@ -143,9 +143,7 @@ pub fn resolve_group(spec: &str) -> Result<(u32, String)> {
 /// As [`resolve_group`].
 pub fn resolve_group_in(sys_root: &Path, spec: &str) -> Result<(u32, String)> {
     if let Some(rest) = spec.strip_prefix("group:") {
-        let (n, name) = rest
-            .split_once('/')
-            .ok_or_else(|| open_err(spec, "expected group:N/name", None))?;
+        let (n, name) = rest.split_once('/').ok_or_else(|| open_err(spec, "expected group:N/name", None))?;
         let n: u32 = n.parse().map_err(|_| open_err(spec, format!("bad group number {n:?}"), None))?;
         check_name(spec, name)?;
         return Ok((n, name.to_owned()));
@@ -172,8 +170,8 @@ pub fn resolve_group_in(sys_root: &Path, spec: &str) -> Result<(u32, String)> {
         .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
         .ok_or_else(|| open_err(spec, "sysfs path has no device name", None))?;
     check_name(spec, &name)?;
-    let group = read_group(&dir)
-        .map_err(|e| open_err(spec, format!("cannot read {}/iommu_group", dir.display()), Some(e)))?;
+    let group =
+        read_group(&dir).map_err(|e| open_err(spec, format!("cannot read {}/iommu_group", dir.display()), Some(e)))?;
     Ok((group, name))
 }
 
@@ -262,8 +260,8 @@ impl VfioDevice {
             .open(&gpath)
             .map_err(|e| open_err(name, format!("open {gpath}"), Some(e)))?
             .into();
-        let status = sys::group_get_status(gfd.as_fd())
-            .map_err(|e| open_err(name, "VFIO_GROUP_GET_STATUS", Some(e)))?;
+        let status =
+            sys::group_get_status(gfd.as_fd()).map_err(|e| open_err(name, "VFIO_GROUP_GET_STATUS", Some(e)))?;
         if status & v::VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(open_err(
                 name,
@@ -279,8 +277,7 @@ impl VfioDevice {
                 .open("/dev/vfio/vfio")
                 .map_err(|e| open_err(name, "open /dev/vfio/vfio", Some(e)))?
                 .into();
-            let api = sys::get_api_version(cfd.as_fd())
-                .map_err(|e| open_err(name, "VFIO_GET_API_VERSION", Some(e)))?;
+            let api = sys::get_api_version(cfd.as_fd()).map_err(|e| open_err(name, "VFIO_GET_API_VERSION", Some(e)))?;
             if api != v::VFIO_API_VERSION as i32 {
                 return Err(open_err(name, format!("VFIO API version {api}, expected {}", v::VFIO_API_VERSION), None));
             }
@@ -316,9 +313,8 @@ impl VfioDevice {
     /// [`Error::Open`] if the fd is not a VFIO device.
     pub fn from_device_fd(fd: OwnedFd, name: impl Into<String>) -> Result<VfioDevice> {
         let dev = VfioDevice::with_ops(fd, name.into(), Box::new(sys::Kernel));
-        dev.device_info().map_err(|e| {
-            open_err(&dev.name, "not a VFIO device fd (VFIO_DEVICE_GET_INFO failed)", sys_source(e))
-        })?;
+        dev.device_info()
+            .map_err(|e| open_err(&dev.name, "not a VFIO device fd (VFIO_DEVICE_GET_INFO failed)", sys_source(e)))?;
         Ok(dev)
     }
 
@@ -337,9 +333,7 @@ impl VfioDevice {
     /// [`Error::Sys`] with the kernel's errno.
     pub fn device_info(&self) -> Result<DeviceInfo> {
         let mut info = v::vfio_device_info::default();
-        self.ops
-            .device_info(self.device.as_fd(), &mut info)
-            .map_err(|e| self.sys_err("VFIO_DEVICE_GET_INFO", e))?;
+        self.ops.device_info(self.device.as_fd(), &mut info).map_err(|e| self.sys_err("VFIO_DEVICE_GET_INFO", e))?;
         Ok(DeviceInfo { flags: info.flags, num_regions: info.num_regions, num_irqs: info.num_irqs })
     }
 
@@ -384,7 +378,11 @@ impl VfioDevice {
     pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = self.region_info(index)?;
         if !r.readable() {
-            return Err(Error::Unsupported { device: self.name.clone(), what: format!("reading region {index}"), flags: 0 });
+            return Err(Error::Unsupported {
+                device: self.name.clone(),
+                what: format!("reading region {index}"),
+                flags: 0,
+            });
         }
         let mut at = self.region_span(&r, offset, buf.len())?;
         let mut done = 0usize;
@@ -415,7 +413,11 @@ impl VfioDevice {
     pub fn region_write(&self, index: u32, offset: u64, buf: &[u8]) -> Result<()> {
         let r = self.region_info(index)?;
         if !r.writable() {
-            return Err(Error::Unsupported { device: self.name.clone(), what: format!("writing region {index}"), flags: 0 });
+            return Err(Error::Unsupported {
+                device: self.name.clone(),
+                what: format!("writing region {index}"),
+                flags: 0,
+            });
         }
         let mut at = self.region_span(&r, offset, buf.len())?;
         let mut done = 0usize;
@@ -547,13 +549,9 @@ impl MigrationDevice for VfioDevice {
 
     fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo> {
         // flags = 0 on input, always (old kernels echo back what we send).
-        let mut info = v::vfio_precopy_info {
-            argsz: std::mem::size_of::<v::vfio_precopy_info>() as u32,
-            ..Default::default()
-        };
-        self.ops
-            .precopy_info(data_fd, &mut info)
-            .map_err(|e| self.sys_err("VFIO_MIG_GET_PRECOPY_INFO", e))?;
+        let mut info =
+            v::vfio_precopy_info { argsz: std::mem::size_of::<v::vfio_precopy_info>() as u32, ..Default::default() };
+        self.ops.precopy_info(data_fd, &mut info).map_err(|e| self.sys_err("VFIO_MIG_GET_PRECOPY_INFO", e))?;
         Ok(PrecopyInfo {
             initial_bytes: info.initial_bytes,
             dirty_bytes: info.dirty_bytes,
@@ -629,7 +627,8 @@ impl MigrationDevice for VfioDevice {
     /// capability state are the VMM's to restore through its own emulation (as QEMU does);
     /// writing them blindly through the config region is not safe on every driver.
     fn load_config(&mut self, blob: &[u8]) -> Result<()> {
-        let payload = parse_config_blob(blob).map_err(|reason| Error::BadConfig { device: self.name.clone(), reason })?;
+        let payload =
+            parse_config_blob(blob).map_err(|reason| Error::BadConfig { device: self.name.clone(), reason })?;
         if payload.is_empty() {
             return Ok(());
         }

@@ -3,7 +3,9 @@
 
 use vfio_migration::sim::{ArcFault, FaultLeave, SimConfig, SimDevice};
 use vfio_migration::state::{arc_creates_data_fd, path};
-use vfio_migration::{next_step, recover, transition, Error as MigError, MigFlags, MigState, MigrationDevice, Recovery};
+use vfio_migration::{
+    next_step, recover, transition, Error as MigError, MigFlags, MigState, MigrationDevice, Recovery,
+};
 
 /// Copied verbatim from the reference (§2.2, `vfio_mig_get_next_state`'s table).
 const REFERENCE_TABLE: &str = "
@@ -73,12 +75,8 @@ fn kernel_next(t: &[[MigState; 8]; 8], flags: MigFlags, cur: MigState, tgt: MigS
     (next != MigState::Error).then_some(next)
 }
 
-const FLAG_SETS: [MigFlags; 4] = [
-    MigFlags::STOP_COPY,
-    MigFlags::from_bits(0b011),
-    MigFlags::from_bits(0b101),
-    MigFlags::ALL,
-];
+const FLAG_SETS: [MigFlags; 4] =
+    [MigFlags::STOP_COPY, MigFlags::from_bits(0b011), MigFlags::from_bits(0b101), MigFlags::ALL];
 
 #[test]
 fn every_cell_matches_the_reference_for_every_flag_set() {

@@ -402,7 +402,9 @@ fn throughput_paces_the_producer_and_drop_is_prompt() {
     assert!(el >= Duration::from_millis(100), "1 MiB at 8 MiB/s took only {el:?}");
 
     // A very slow device: drop mid-stream returns promptly and the raw fd ends.
-    let mut d = SimDevice::new(SimConfig::new("slower", 1 << 30, 2).with_throughput(1000).with_read_latency(Duration::from_secs(5)));
+    let mut d = SimDevice::new(
+        SimConfig::new("slower", 1 << 30, 2).with_throughput(1000).with_read_latency(Duration::from_secs(5)),
+    );
     let fd = transition(&mut d, MigState::StopCopy).unwrap().data_fd.unwrap();
     let t0 = Instant::now();
     drop(d);

@@ -409,7 +409,8 @@ fn open_without_vfio_is_a_clean_error() {
 /// A throwaway sysfs tree.
 fn fake_sysfs() -> PathBuf {
     use std::os::unix::fs::symlink;
-    let root = std::env::temp_dir().join(format!("vfio-sysfs-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let root =
+        std::env::temp_dir().join(format!("vfio-sysfs-{}-{:?}", std::process::id(), std::thread::current().id()));
     let _ = fs::remove_dir_all(&root);
     let pci = root.join("bus/pci/devices");
     let mdev = root.join("bus/mdev/devices");
