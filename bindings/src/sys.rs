@@ -354,8 +354,11 @@ pub(crate) fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
 /// `FIONREAD`: bytes queued for reading on a pipe or socket.
 pub(crate) fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
+    // FIONREAD's type differs between libcs (c_ulong on glibc, c_int on musl).
+    #[allow(clippy::unnecessary_cast)]
+    let req = libc::FIONREAD as u64;
     // SAFETY: FIONREAD writes one int through the pointer; `n` is a live c_int.
-    unsafe { ioctl_ptr(fd, libc::FIONREAD as u64, &mut n as *mut libc::c_int) }?;
+    unsafe { ioctl_ptr(fd, req, &mut n as *mut libc::c_int) }?;
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
