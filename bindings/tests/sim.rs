@@ -430,3 +430,45 @@ fn zero_size_and_empty_buffers() {
     assert_eq!(d.precopy_info(rfd.as_fd()).unwrap_err().errno(), Some(libc::ENOTTY));
     assert_eq!(d.write_data(rfd.as_fd(), &[]).unwrap(), 0);
 }
+
+/// How an io_uring engine uses the fd: raw reads, with PRECOPY_INFO deciding when the
+/// pre-copy data is exhausted (a raw read at the temporary end would block), and a reader
+/// thread that keeps reading across the PRE_COPY -> STOP_COPY SET made on another thread.
+#[test]
+fn raw_reader_thread_across_precopy_and_stop_copy() {
+    let size = 3_000_000u64;
+    let cfg = SimConfig::new("io", size, 31).with_precopy_bytes(1_000_000).with_max_read(65_536);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::PreCopy).unwrap().data_fd.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let mut got = Vec::new();
+    loop {
+        let i = d.precopy_info(fd.as_fd()).unwrap();
+        if i.initial_bytes == 0 && i.dirty_bytes == 0 {
+            break;
+        }
+        let n = raw_read(fd.as_fd(), &mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got.len(), 1_000_000);
+    assert_eq!(d.bytes_read(), 1_000_000);
+    let reader_fd = fd.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        let mut got = Vec::new();
+        loop {
+            let n = raw_read(reader_fd.as_fd(), &mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(20)); // the reader is now blocked in read()
+    transition(&mut d, MigState::StopCopy).unwrap();
+    got.extend_from_slice(&reader.join().unwrap());
+    assert_eq!(got.len() as u64, size);
+    assert_eq!(sim::verify(31, 0, &got), Ok(()));
+    assert_eq!(d.bytes_read(), size);
+}
