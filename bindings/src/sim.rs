@@ -287,7 +287,9 @@ pub struct SimConfig {
     pub flags: MigFlags,
     /// Upper bound on the bytes one read returns. Implemented as the save pipe's capacity
     /// (`F_SETPIPE_SZ`, rounded up by the kernel to a power-of-two number of pages, at least
-    /// one page), and as a cap in [`SimDevice::read_data`], which is therefore exact.
+    /// one page), and as a cap in [`SimDevice::read_data`], which is therefore exact. Raw
+    /// reads are bounded by the pipe capacity (`max_read` rounded up). In read-error mode (a
+    /// socket, see [`SimConfig::read_error_at`]) only the `read_data` cap applies.
     pub max_read: usize,
     /// Bytes of initial data available in PRE_COPY (clamped to the stream length).
     pub precopy_bytes: u64,
@@ -514,7 +516,7 @@ impl SaveSession {
             // Best effort: above /proc/sys/fs/pipe-max-size an unprivileged process gets
             // EPERM; the cap in read_data still holds then.
             let _ = sys::set_pipe_size(producer_end.as_fd(), want);
-            chunk = sys::pipe_size(producer_end.as_fd()).unwrap_or(chunk).max(1);
+            chunk = sys::pipe_size(producer_end.as_fd()).unwrap_or(chunk).clamp(1, 8 << 20);
         }
         sys::set_nonblocking(producer_end.as_fd())?;
         let reader = caller_end.try_clone()?;
