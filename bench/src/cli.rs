@@ -286,8 +286,8 @@ pub enum DevCmd {
         #[arg(long, value_parser = parse_u64_auto)]
         offset: u64,
         /// The bytes, as hex (e.g. `07`, `0a0b`, `0x41 42`).
-        #[arg(long, value_parser = parse_hex_bytes)]
-        hex: Vec<u8>,
+        #[arg(long, value_parser = parse_hex_arg)]
+        hex: HexBytes,
     },
     /// Check that a reset ends a save session: STOP_COPY, reset, the old data fd reads
     /// ENODEV, the device is RUNNING.
@@ -301,6 +301,14 @@ pub enum DevCmd {
         /// The device.
         dev: String,
     },
+}
+
+/// Bytes given in hex on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HexBytes(pub Vec<u8>);
+
+fn parse_hex_arg(s: &str) -> Result<HexBytes, String> {
+    parse_hex_bytes(s).map(HexBytes)
 }
 
 /// `--sim SIZE[,SEED]`.

@@ -61,6 +61,7 @@ pub fn run(cmd: &DevCmd) -> Result<()> {
         }
         DevCmd::RegionWrite { dev, region, offset, hex } => {
             let d = open_vfio(dev)?;
+            let hex = &hex.0;
             d.region_write(*region, *offset, hex).with_context(|| {
                 format!("{}: writing {} byte(s) at {offset:#x} of region {region}", d.name(), hex.len())
             })?;

@@ -43,7 +43,16 @@ fn run() -> anyhow::Result<()> {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("vfio-multifd: error: {e:#}");
+        // Print the cause chain once: the engine's and the uAPI layer's messages already
+        // include their sources, so skip a cause whose text the previous one contains.
+        let mut msgs: Vec<String> = Vec::new();
+        for c in e.chain() {
+            let s = c.to_string();
+            if !msgs.last().is_some_and(|p| p.contains(&s)) {
+                msgs.push(s);
+            }
+        }
+        eprintln!("vfio-multifd: error: {}", msgs.join(": "));
         std::process::exit(1);
     }
 }

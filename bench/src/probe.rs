@@ -17,13 +17,13 @@ fn uring() -> Result<UringOps, String> {
 }
 
 /// `(soft, hard)` RLIMIT_MEMLOCK in bytes (`None` = unlimited).
-fn memlock() -> (Option<u64>, Option<u64>) {
+fn memlock() -> (Option<libc::rlim_t>, Option<libc::rlim_t>) {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one rlimit into the live, exclusively borrowed `r`.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
         return (None, None);
     }
-    let f = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { None } else { Some(v as u64) };
+    let f = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { None } else { Some(v) };
     (f(r.rlim_cur), f(r.rlim_max))
 }
 
@@ -131,7 +131,8 @@ pub fn run(json_out: bool) -> Result<()> {
         println!("  kernel.io_uring_disabled = {s}");
     }
     let (soft, hard) = memlock();
-    let show = |v: Option<u64>| v.map_or("unlimited".to_owned(), fmt_bytes);
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, but not on every target
+    let show = |v: Option<libc::rlim_t>| v.map_or("unlimited".to_owned(), |b| fmt_bytes(b as u64));
     println!("RLIMIT_MEMLOCK: soft {}, hard {}", show(soft), show(hard));
     println!(
         "CAP_IPC_LOCK: {}",

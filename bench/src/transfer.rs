@@ -299,7 +299,7 @@ pub fn print_text(s: Option<&SourceReport>, r: Option<&ReceiverReport>, wall: Du
     let chans = s.map(|s| &s.channels).or(r.map(|r| &r.channels));
     if let Some(cs) = chans {
         let wire: u64 = cs.iter().map(|c| c.bytes).sum::<u64>().max(1);
-        println!("{:<8} {:>12} {:>9} {:>7}  {}", "channel", "wire bytes", "packets", "share", "rate");
+        println!("{:<8} {:>12} {:>9} {:>7}  rate", "channel", "wire bytes", "packets", "share");
         for c in cs {
             println!(
                 "{:<8} {:>12} {:>9} {:>6.1}%  {}",
@@ -367,7 +367,7 @@ pub fn print_text(s: Option<&SourceReport>, r: Option<&ReceiverReport>, wall: Du
 
 /// A source-side entry.
 enum SrcEntry {
-    Sim(SimDevice),
+    Sim(Box<SimDevice>),
     Vfio(Box<VfioDevice>),
     File { file: File, config: Vec<u8> },
 }
@@ -462,11 +462,11 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
             };
             SrcEntry::File { file, config }
         } else {
-            match order[i] {
+            match order.get(i).copied().ok_or_else(|| anyhow!("no device at position {i}"))? {
                 DevOpt::Sim(k) => {
                     let c = sim_cfg(i, &a.sim[k]);
                     total = total.map(|t| t + c.size);
-                    SrcEntry::Sim(SimDevice::new(c))
+                    SrcEntry::Sim(Box::new(SimDevice::new(c)))
                 }
                 DevOpt::Device(k) => {
                     let d = open_vfio(&a.device[k])?;
@@ -489,7 +489,7 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
     let opts = DeviceOptions { precopy: a.precopy, final_state: a.final_state };
     for (id, e) in entries.iter_mut() {
         match e {
-            SrcEntry::Sim(d) => src.add_device_with(id.clone(), d, opts),
+            SrcEntry::Sim(d) => src.add_device_with(id.clone(), d.as_mut(), opts),
             SrcEntry::Vfio(d) => src.add_device_with(id.clone(), d.as_mut(), opts),
             SrcEntry::File { file, config } => {
                 let f: &File = file;
@@ -531,14 +531,14 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
 
 /// A destination device.
 enum DstDev {
-    Sim(SimDevice),
+    Sim(Box<SimDevice>),
     Vfio(Box<VfioDevice>),
 }
 
 impl DstDev {
     fn as_dyn(&mut self) -> &mut dyn MigrationDevice {
         match self {
-            DstDev::Sim(d) => d,
+            DstDev::Sim(d) => d.as_mut(),
             DstDev::Vfio(d) => d.as_mut(),
         }
     }
@@ -602,7 +602,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
                 let c = sim_cfg(i, &a.sim[*k]);
                 total = total.map(|t| t + c.size);
                 sim_cfgs.push(Some(c.clone()));
-                Some(DstDev::Sim(SimDevice::new(c)))
+                Some(DstDev::Sim(Box::new(SimDevice::new(c))))
             }
             Some(DevOpt::Device(k)) => {
                 total = None;
@@ -680,7 +680,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     if a.verify {
         for (i, e) in entries.iter().enumerate() {
             if let (Some(DstDev::Sim(d)), Some(c)) = (&e.dev, &sim_cfgs[i]) {
-                verify_sims(std::slice::from_ref(c), std::slice::from_ref(d))
+                verify_sims(std::slice::from_ref(c), std::slice::from_ref(d.as_ref()))
                     .with_context(|| format!("device {i} ({}) failed verification", e.id))?;
                 verified.push(i);
             }
