@@ -124,6 +124,7 @@ impl BufferPool {
     /// # Safety
     /// The caller must own `slot` (no in-flight kernel operation may read or write that range,
     /// and no other reference to it may be alive).
+    #[allow(clippy::mut_from_ref)] // The pool is shared memory; exclusivity is per slot, by contract.
     pub unsafe fn slot_bytes_mut(&self, slot: usize, back: usize, extra: usize) -> &mut [u8] {
         assert!(extra <= self.payload_bytes, "range beyond the slot payload");
         let p = self.header_ptr(slot, back);

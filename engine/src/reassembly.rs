@@ -383,7 +383,9 @@ mod tests {
     #[test]
     fn in_order_and_out_of_order() {
         let id = ids(1);
-        let mut r = Reassembly::new(id.clone(), 2, 4096);
+        // Budget 3: packet 2 (out of order), packet 1 (in order, but the reserve holds 0) and
+        // the config packet each take a budget slot.
+        let mut r = Reassembly::new(id.clone(), 3, 4096);
         let a2 = match offer(&mut r, &id[0], 2, false).unwrap() {
             Admit::Accept(a) => a,
             Admit::Wait => panic!(),
@@ -432,11 +434,13 @@ mod tests {
     fn reserve_slot_guarantees_progress() {
         let id = ids(2);
         let mut r = Reassembly::new(id.clone(), 2, 4096);
-        for idx in [5, 6] {
+        for idx in [2, 3] {
             let Admit::Accept(a) = offer(&mut r, &id[0], idx, false).unwrap() else { panic!() };
             r.received(a);
         }
-        assert_eq!(offer(&mut r, &id[0], 7, false).unwrap(), Admit::Wait);
+        assert_eq!(offer(&mut r, &id[0], 4, false).unwrap(), Admit::Wait);
+        // Beyond the reorder window (slots + 1 = 5 indices ahead): wait, whatever the budget.
+        assert_eq!(offer(&mut r, &id[1], 5, false).unwrap(), Admit::Wait);
         assert_eq!(offer(&mut r, &id[1], 1, false).unwrap(), Admit::Wait);
         let Admit::Accept(a) = offer(&mut r, &id[1], 0, false).unwrap() else { panic!() };
         r.received(a);

@@ -98,9 +98,14 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
     }
 }
 
-fn map_recv(c: usize, what: String, e: RecvExactError, stall: Duration) -> Error {
+/// Maps a receive failure; `what` names the structure and `base`/`total` place the bytes
+/// received so far within it (for "in the middle of ..." messages).
+fn map_recv(c: usize, what: String, e: RecvExactError, stall: Duration, base: usize, total: usize) -> Error {
     match e {
-        RecvExactError::Eof(got) => Error::ChannelClosed { channel: c, during: format!("{what} ({got} bytes in)") },
+        RecvExactError::Eof(got) => Error::ChannelClosed {
+            channel: c,
+            during: format!("in the middle of {what} ({} of {total} bytes)", base + got),
+        },
         RecvExactError::Io(e) => Error::Channel { channel: c, op: format!("receive {what}"), source: e },
         RecvExactError::Timeout => Error::Timeout { what: format!("channel {c}: {what}"), after: stall },
         RecvExactError::Aborted => Error::Aborted,
@@ -122,11 +127,11 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: usize) -> Result<()> {
                 x.cv.notify_all();
                 return Ok(());
             }
-            Err(e) => return Err(map_recv(c, "packet header".into(), e, stall)),
+            Err(e) => return Err(map_recv(c, "a packet header".into(), e, stall, 0, PACKET_OVERHEAD)),
             Ok(()) => {}
         }
         recv_exact(fd, &mut hdr[1..], Instant::now() + stall, &x.sh.abort)
-            .map_err(|e| map_recv(c, "the rest of a packet header".into(), e, stall))?;
+            .map_err(|e| map_recv(c, "a packet header".into(), e, stall, 1, PACKET_OVERHEAD))?;
         let h = DeviceStateHeader::decode(&hdr, max).map_err(|e| Error::Wire {
             channel: c,
             what: "device state packet header",
@@ -166,7 +171,8 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: usize) -> Result<()> {
             // until `received` hands it to the device's writer.
             let buf = unsafe { std::slice::from_raw_parts_mut(x.pool.payload_ptr(a.slot as usize), a.len) };
             recv_exact(fd, buf, Instant::now() + stall, &x.sh.abort).map_err(|e| {
-                map_recv(c, format!("payload of packet {} of device {}", a.idx, h.idstr_lossy()), e, stall)
+                let what = format!("packet {} of device {}", a.idx, x.lock().re.id(a.dev));
+                map_recv(c, what, e, stall, 0, a.len)
             })?;
         }
         x.lock().re.received(a);

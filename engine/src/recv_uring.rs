@@ -85,7 +85,7 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
         targets,
         ch: vec![Ch::Header { got: 0 }; n],
         parked_hdr: vec![None; n],
-        wr: vec![Wr::default(); 0],
+        wr: Vec::new(),
         inflight: 0,
         abort_seen: false,
         last_progress: Instant::now(),
@@ -130,7 +130,15 @@ impl Loop<'_, '_, '_, '_> {
             }
             for i in 0..n {
                 let c = self.ring.reap_cached(i);
-                self.handle(c)?;
+                if let Err(e) = self.handle(c) {
+                    // The rest of this batch completed too: keep the in-flight count exact so
+                    // `finish` knows what the kernel still holds.
+                    for j in i + 1..n {
+                        let c = self.ring.reap_cached(j);
+                        self.account_only(c);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -245,7 +253,7 @@ impl Loop<'_, '_, '_, '_> {
                     return Err(Error::ChannelClosed {
                         channel: c,
                         during: format!(
-                            "in the middle of packet {} of device {} ({got} of {} payload bytes)",
+                            "in the middle of packet {} of device {} ({got} of {} bytes)",
                             a.idx,
                             self.re.id(a.dev),
                             a.len
@@ -369,6 +377,13 @@ impl Loop<'_, '_, '_, '_> {
         Ok(())
     }
 
+    /// Retires a completion without acting on it (after a failure).
+    fn account_only(&mut self, c: crate::ring::Completion) {
+        if c.user_data >> 56 != K_CANCEL {
+            self.inflight = self.inflight.saturating_sub(1);
+        }
+    }
+
     /// Cancels what is in flight and reaps every CQE before the pool may be unmapped; leaks
     /// the pool on purpose if the kernel does not give it back in time.
     fn finish(&mut self) -> Result<()> {
@@ -384,9 +399,7 @@ impl Loop<'_, '_, '_, '_> {
             let n = self.ring.reap().len();
             for i in 0..n {
                 let c = self.ring.reap_cached(i);
-                if c.user_data >> 56 != K_CANCEL {
-                    self.inflight -= 1;
-                }
+                self.account_only(c);
             }
         }
         if self.inflight > 0 {

@@ -84,7 +84,8 @@ impl Ring {
     /// The setup errno of the plainest flag set (`EPERM` when io_uring is disabled by sysctl
     /// or seccomp, `ENOSYS` without io_uring, `ENOMEM` without locked memory for the rings).
     pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
-        let attempts: [(&'static str, fn(&mut io_uring::Builder)); 3] = [
+        type Apply = fn(&mut io_uring::Builder);
+        let attempts: [(&'static str, Apply); 3] = [
             ("SINGLE_ISSUER|DEFER_TASKRUN|COOP_TASKRUN|SUBMIT_ALL", |b| {
                 b.setup_single_issuer().setup_defer_taskrun().setup_coop_taskrun().setup_submit_all();
             }),

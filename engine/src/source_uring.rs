@@ -264,7 +264,15 @@ impl Loop<'_, '_, '_, '_> {
             }
             for i in 0..n {
                 let c = self.ring_completion(i);
-                self.handle(c)?;
+                if let Err(e) = self.handle(c) {
+                    // The rest of this batch completed too: keep the in-flight count exact so
+                    // `finish` knows which buffers the kernel still holds.
+                    for j in i + 1..n {
+                        let c = self.ring_completion(j);
+                        self.account_only(c);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -693,6 +701,30 @@ impl Loop<'_, '_, '_, '_> {
         Ok(())
     }
 
+    /// Retires a completion without acting on it (after a failure): only the in-flight count
+    /// and the SEND_ZC notification bookkeeping move.
+    fn account_only(&mut self, c: crate::ring::Completion) {
+        let (kind, s, gen) = ud_parts(c.user_data);
+        match kind {
+            K_WAKE | K_ABORT | K_READ => self.inflight = self.inflight.saturating_sub(1),
+            K_SEND => {
+                if c.notif() {
+                    if self.slots[s].gen == gen && self.slots[s].zc_pending {
+                        self.slots[s].zc_pending = false;
+                        self.inflight = self.inflight.saturating_sub(1);
+                    }
+                } else if self.slots[s].gen == gen {
+                    self.inflight = self.inflight.saturating_sub(1);
+                    if c.more() {
+                        self.slots[s].zc_pending = true;
+                        self.inflight += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Cancels whatever is still in flight and reaps until the kernel has given back every
     /// buffer. If the kernel does not finish within the bound, the pool and ring are leaked on
     /// purpose rather than unmapped under an operation that may still write into them.
@@ -722,25 +754,7 @@ impl Loop<'_, '_, '_, '_> {
             let n = self.ring.reap().len();
             for i in 0..n {
                 let c = self.ring.reap_cached(i);
-                let (kind, s, gen) = ud_parts(c.user_data);
-                match kind {
-                    K_WAKE | K_ABORT | K_READ => self.inflight = self.inflight.saturating_sub(1),
-                    K_SEND => {
-                        if c.notif() {
-                            if self.slots[s].gen == gen && self.slots[s].zc_pending {
-                                self.slots[s].zc_pending = false;
-                                self.inflight = self.inflight.saturating_sub(1);
-                            }
-                        } else if self.slots[s].gen == gen {
-                            self.inflight = self.inflight.saturating_sub(1);
-                            if c.more() {
-                                self.slots[s].zc_pending = true;
-                                self.inflight += 1;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
+                self.account_only(c);
             }
         }
         if self.inflight > 0 {

@@ -114,3 +114,87 @@ pub fn assert_verified(m: &Migration) {
 }
 
 pub use vfio_migration::MigrationDevice;
+
+/// A hand-driven sender for protocol tests: writes init packets and device-state packets
+/// exactly as it is told, in any order, on any channel.
+#[allow(missing_debug_implementations)]
+pub struct RawSender {
+    /// Channel sockets.
+    pub chans: Vec<TcpStream>,
+}
+
+impl RawSender {
+    /// Connects `n` channels to `addr`.
+    pub fn connect(addr: std::net::SocketAddr, n: usize) -> RawSender {
+        RawSender { chans: (0..n).map(|_| TcpStream::connect(addr).expect("connect")).collect() }
+    }
+
+    /// Writes raw bytes on channel `c` (errors ignored: the receiver may have hung up).
+    pub fn raw(&mut self, c: usize, b: &[u8]) {
+        use std::io::Write;
+        let _ = self.chans[c].write_all(b);
+    }
+
+    /// Sends a valid init packet with id `id` and the all-zero UUID on channel `c`.
+    pub fn init(&mut self, c: usize, id: u8) {
+        let mut b = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id }.encode(&mut b).unwrap();
+        self.raw(c, &b);
+    }
+
+    /// Sends a packet of device `dev` with index `idx` carrying `data` on channel `c`.
+    pub fn packet(&mut self, c: usize, dev: &DeviceId, idx: u32, config: bool, data: &[u8]) {
+        let mut b = vec![0u8; vfio_multifd::wire::PACKET_OVERHEAD];
+        let v = vfio_multifd::wire::VfioPacketHeader { idx, flags: u32::from(config) };
+        vfio_multifd::wire::encode_packet_header(dev, v, data.len(), &mut b).unwrap();
+        b.extend_from_slice(data);
+        self.raw(c, &b);
+    }
+
+    /// Closes every channel's write side.
+    pub fn finish(&mut self) {
+        for c in &self.chans {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// The device-state bytes of a simulated stream `[off, off+len)`.
+pub fn sim_bytes(seed: u64, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    vfio_migration::sim::fill(seed, off, &mut v);
+    v
+}
+
+/// Runs a receiver for destination sims `cfgs` on a loopback listener with `channels`
+/// channels; `drive` gets the listener address and plays the sender. Returns the receiver's
+/// result and the destination devices.
+pub fn receive_from<F: FnOnce(std::net::SocketAddr)>(
+    cfgs: &[SimConfig],
+    channels: usize,
+    rcfg: ReceiverConfig,
+    drive: F,
+) -> (Result<ReceiverReport>, Vec<SimDevice>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    let mut dests: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let res = std::thread::scope(|sc| {
+        let dests = &mut dests;
+        let l = &l;
+        let h = sc.spawn(move || {
+            let mut r = Receiver::new(rcfg);
+            for (i, d) in dests.iter_mut().enumerate() {
+                r.add_device(dev_id(i), d);
+            }
+            r.run_listener(l, channels)
+        });
+        drive(addr);
+        h.join().expect("receiver thread")
+    });
+    (res, dests)
+}
+
+/// Number of threads of this process.
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
