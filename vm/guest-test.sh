@@ -323,6 +323,8 @@ corrupt_case() {
   want $c || want stream-corrupt || return 0
   [ -s $S ] || { fail $c "no saved stream ($S)"; return; }
   cp $S $W/bad.bin
+  # Keep the config blob, so the failure is the stream's and not a missing config.
+  cp $S.config $W/bad.bin.config 2> /dev/null || true
   case $what in
     magic) printf '\000' | dd of=$W/bad.bin bs=1 seek=0 conv=notrunc 2> /dev/null ;;
     nr_ports) printf '\001' | dd of=$W/bad.bin bs=1 seek=16 conv=notrunc 2> /dev/null ;;
@@ -333,6 +335,13 @@ corrupt_case() {
   if timed_out $RRC; then dump_io; fail $c "recv hung (timeout) on a stream with bad $what"; return; fi
   if ! grep -q '[a-zA-Z]' $W/recv.out; then fail $c "recv failed (rc=$RRC) without an error message"; return; fi
   info "$c: recv error: $(grep -v '^$' $W/recv.out | tail -2 | tr '\n' ' ')"
+  # The kernel must be the one that rejects it: mtty's write() fails on a bad header
+  # (EFAULT), and RESUMING -> STOP fails on a short stream (EINVAL).
+  case $what in
+    truncate) want_err='RESUMING -> STOP.*Invalid argument' ;;
+    *) want_err='writing packet 0 to the resume data fd failed.*Bad address' ;;
+  esac
+  if ! grep -q "$want_err" $W/recv.out; then fail $c "recv error does not match '$want_err'"; return; fi
   if ! run $B dev reset $DST; then fail $c "$(why dev reset $DST) after the failed load"; return; fi
   expect_state $c $DST RUNNING || return
   pass $c
