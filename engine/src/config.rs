@@ -35,7 +35,9 @@ pub const MAX_BUFFERS_PER_DEVICE: usize = 64;
 /// Largest number of devices in one transfer.
 pub const MAX_DEVICES: usize = 64;
 
-/// Source settings. Defaults: 1 MiB chunks (QEMU's), 4 buffers per device, zero-copy auto,
+/// Source settings. Defaults: 1 MiB chunks (QEMU's), 2 buffers per device (reading chunk n+1
+/// while chunk n is sent; deeper read-ahead only evicts the data from the CPU caches before it
+/// is sent, measured in `bench/README.md`), zero-copy auto,
 /// backend auto, all-zero session UUID (QEMU's default), 60 s stall timeout.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -53,7 +55,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             chunk_bytes: 1 << 20,
-            buffers_per_device: 4,
+            buffers_per_device: 2,
             zerocopy: ZeroCopy::Auto,
             backend: Backend::Auto,
             uuid: [0; 16],
@@ -140,8 +142,8 @@ fn validate_common(channels: usize, devices: usize, t: Duration) -> Result<(), S
 }
 
 /// Receiver settings. Defaults: packets up to 1 MiB of device data (QEMU's chunk) plus the
-/// header, a budget of 4 packets per channel for out-of-order data, backend auto, all-zero
-/// UUID, 60 s stall timeout.
+/// header, a budget of one packet per channel (at least two) for out-of-order data on top of one
+/// in-order packet per device, backend auto, all-zero UUID, 60 s stall timeout.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
     pub(crate) max_packet_bytes: usize,
@@ -150,6 +152,7 @@ pub struct ReceiverConfig {
     pub(crate) uuid: Uuid,
     pub(crate) stall_timeout: Duration,
     pub(crate) accept_timeout: Duration,
+    pub(crate) workers: Option<usize>,
 }
 
 impl Default for ReceiverConfig {
@@ -161,6 +164,7 @@ impl Default for ReceiverConfig {
             uuid: [0; 16],
             stall_timeout: Duration::from_secs(60),
             accept_timeout: Duration::from_secs(60),
+            workers: None,
         }
     }
 }
@@ -176,7 +180,8 @@ impl ReceiverConfig {
         self.max_packet_bytes = v;
         self
     }
-    /// Bytes of out-of-order packets held at most (default: 4 packets per channel). Rounded
+    /// Bytes of out-of-order packets held at most (default: one packet per channel, at least
+    /// two). Rounded
     /// down to whole packets, at least one.
     pub fn budget_bytes(mut self, v: usize) -> Self {
         self.budget_bytes = Some(v);
@@ -203,6 +208,18 @@ impl ReceiverConfig {
         self
     }
 
+    /// Receive threads of the io_uring backend, each with its own ring and a share of the
+    /// channels (1 ..= 64; default: one per CPU, at most one per channel).
+    pub fn workers(mut self, v: usize) -> Self {
+        self.workers = Some(v);
+        self
+    }
+
+    pub(crate) fn workers_for(&self, channels: usize) -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.workers.unwrap_or(cpus).clamp(1, 64).min(channels)
+    }
+
     pub(crate) fn slot_bytes(&self) -> usize {
         self.max_packet_bytes.div_ceil(crate::pool::PAGE) * crate::pool::PAGE
     }
@@ -210,7 +227,7 @@ impl ReceiverConfig {
     pub(crate) fn budget_slots(&self, channels: usize) -> usize {
         match self.budget_bytes {
             Some(b) => (b / self.slot_bytes()).max(1),
-            None => 4 * channels,
+            None => channels.max(2),
         }
     }
 

@@ -1,31 +1,164 @@
-//! The io_uring loop of the destination: one thread, one ring, every channel and device.
+//! The io_uring destination: `W` worker threads, each with its own ring, sharing one
+//! registered pool and one reassembly state.
 //!
-//! Each channel has one `RECV` in flight: first the 288 bytes of a packet header (into a small
-//! per-channel buffer), then the payload straight into a registered slot. Each device has at
-//! most one `WRITE_FIXED` in flight, from the slot of its next packet index; a short write is
-//! continued where it stopped. A channel whose packet has no memory yet parks until a write
-//! frees a slot (see `reassembly` for why that cannot deadlock).
+//! Channel `c` belongs to worker `c % W`. A worker has one `RECV` in flight per channel: first
+//! the 288 bytes of a packet header (into a small per-channel buffer), then the payload straight
+//! into a registered slot. Device writes (`WRITE_FIXED`, one in flight per device) are issued by
+//! whichever worker made the next packet writable (by receiving it, or by finishing the write
+//! before it), and complete on that worker's ring; a short write continues where it stopped.
+//! A channel whose packet has no memory yet parks; a worker that frees memory kicks the others
+//! through their eventfds (see `reassembly` for why that cannot deadlock).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use crate::error::{Error, Result};
 use crate::pool::BufferPool;
 use crate::reassembly::{Admit, Admitted, NextWrite, Reassembly};
 use crate::recv::{RecvShared, Target};
-use crate::ring::{cqe_error, Ring};
+use crate::ring::{cqe_error, Completion, Ring};
 use crate::source::TICK;
-use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
+use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD, VFIO_HEADER_LEN};
 
 const K_RECV: u64 = 1;
 const K_WRITE: u64 = 2;
 const K_ABORT: u64 = 3;
 const K_CANCEL: u64 = 4;
+const K_KICK: u64 = 5;
 
 fn ud(kind: u64, n: usize) -> u64 {
     (kind << 56) | n as u64
+}
+
+struct State<'r> {
+    re: &'r mut Reassembly,
+    /// Bumped whenever a write frees memory: parked channels must retry.
+    epoch: u64,
+    /// Per channel: the epoch at which its packet was last refused, while parked.
+    parked_at: Vec<Option<u64>>,
+    eof: Vec<bool>,
+    err: Option<Error>,
+}
+
+impl State<'_> {
+    fn stuck(&self) -> bool {
+        let waiting = self.parked_at.iter().zip(&self.eof).all(|(p, e)| *e || *p == Some(self.epoch));
+        waiting && self.eof.iter().any(|e| !e) && !self.re.write_pending()
+    }
+}
+
+struct Shared<'r, 's, 'c, 'a, 'x> {
+    st: Mutex<State<'r>>,
+    targets: Vec<Mutex<&'x mut Target<'a>>>,
+    pool: BufferPool,
+    sh: &'s RecvShared<'c>,
+    kicks: Vec<OwnedFd>,
+    workers: usize,
+    start: Instant,
+    last_progress_ns: AtomicU64,
+}
+
+impl<'r> Shared<'r, '_, '_, '_, '_> {
+    fn lock(&self) -> MutexGuard<'_, State<'r>> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, e: Error) {
+        let mut g = self.lock();
+        if g.err.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
+            g.err = Some(e);
+        }
+        drop(g);
+        self.sh.abort.abort();
+    }
+
+    fn touch(&self) {
+        self.last_progress_ns.store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_progress_ns.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
+    /// Wakes every other worker that has a parked channel: memory was freed.
+    fn kick_others(&self, me: usize, g: &State<'_>) {
+        for w in 0..self.workers {
+            if w == me {
+                continue;
+            }
+            let parked = (w..g.parked_at.len()).step_by(self.workers).any(|c| g.parked_at[c].is_some());
+            if parked {
+                let one: u64 = 1;
+                // SAFETY: writes a live u64 to an eventfd we own; EAGAIN (saturated counter) is
+                // harmless: the worker is already due to wake.
+                let _ = unsafe { libc::write(self.kicks[w].as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }
+        }
+    }
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: no pointer arguments; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
+    let n = sh.channels.len();
+    let workers = sh.cfg.workers_for(n);
+    let pool =
+        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let kicks =
+        (0..workers).map(|_| eventfd()).collect::<std::io::Result<Vec<_>>>().map_err(|e| Error::sys("eventfd", e))?;
+    let x = Shared {
+        st: Mutex::new(State { re, epoch: 0, parked_at: vec![None; n], eof: vec![false; n], err: None }),
+        targets: targets.iter_mut().map(Mutex::new).collect(),
+        pool,
+        sh,
+        kicks,
+        workers,
+        start: Instant::now(),
+        last_progress_ns: AtomicU64::new(0),
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let x = &x;
+                std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
+                    if let Err(e) = worker(x, w) {
+                        x.fail(e);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            match h {
+                Ok(h) => {
+                    if h.join().is_err() {
+                        x.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
+                    }
+                }
+                Err(e) => x.fail(Error::sys("spawn receive worker", e)),
+            }
+        }
+    });
+    let st = x.st.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = st.err {
+        return Err(e);
+    }
+    match st.re.incomplete_error() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,97 +169,119 @@ enum Ch {
     Eof,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Wr {
     slot: u32,
     len: usize,
     off: usize,
     idx: u32,
-    stream_off: u64,
+    /// Stream offset of the packet's first byte.
+    base: u64,
 }
 
-struct Loop<'s, 'c, 'a, 't> {
+struct Worker<'w, 'r, 's, 'c, 'a, 'x> {
     ring: Ring,
-    pool: BufferPool,
+    x: &'w Shared<'r, 's, 'c, 'a, 'x>,
+    me: usize,
+    /// Global ids of this worker's channels; local index `i` is fixed file `i`.
+    chans: Vec<usize>,
     hdrs: Box<[[u8; PACKET_OVERHEAD]]>,
-    sh: &'s RecvShared<'c>,
-    re: &'s mut Reassembly,
-    targets: &'s mut [Target<'a>],
     ch: Vec<Ch>,
     parked_hdr: Vec<Option<(DeviceStateHeader, VfioPacketHeader)>>,
-    wr: Vec<Wr>,
+    /// Writes this worker has in flight, per device.
+    wr: Vec<Option<Wr>>,
     inflight: usize,
+    kick_buf: Box<u64>,
     abort_seen: bool,
-    last_progress: Instant,
-    _t: std::marker::PhantomData<&'t ()>,
+    max_size: u32,
 }
 
-pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
+fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     let ring = Ring::new(64, 256).map_err(|e| Error::sys(crate::ring::describe_setup_error(&e), e))?;
-    let pool =
-        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
-    // SAFETY: `pool` lives in the same `Loop` after `ring` (dropped after it), and `finish`
-    // drains every operation before either is dropped.
-    unsafe { ring.register_pool(&pool) }.map_err(|e| {
+    // SAFETY: the pool lives in `Shared`, which outlives every worker (scoped threads), and the
+    // worker drains its ring in `finish` before returning.
+    unsafe { ring.register_pool(&x.pool) }.map_err(|e| {
         Error::sys("IORING_REGISTER_BUFFERS for the receive budget (raise RLIMIT_MEMLOCK or lower the budget)", e)
     })?;
-    let mut files: Vec<i32> = sh.channels.clone();
-    files.extend(targets.iter().map(|t| t.data_fd()));
-    files.push(std::os::fd::AsFd::as_fd(&sh.abort).as_raw_fd());
+    let chans: Vec<usize> = (me..x.sh.channels.len()).step_by(x.workers).collect();
+    let ndev = x.targets.len();
+    let mut files: Vec<i32> = chans.iter().map(|&c| x.sh.channels[c]).collect();
+    for t in &x.targets {
+        files.push(t.lock().unwrap_or_else(|p| p.into_inner()).data_fd());
+    }
+    files.push(x.sh.abort.as_fd().as_raw_fd());
+    files.push(x.kicks[me].as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     let _ = ring.limit_workers(2, 2);
-    let n = sh.channels.len();
-    let mut lp = Loop {
+    let nloc = chans.len();
+    let mut w = Worker {
         ring,
-        pool,
-        hdrs: vec![[0u8; PACKET_OVERHEAD]; n].into_boxed_slice(),
-        sh,
-        re,
-        targets,
-        ch: vec![Ch::Header { got: 0 }; n],
-        parked_hdr: vec![None; n],
-        wr: Vec::new(),
+        x,
+        me,
+        hdrs: vec![[0u8; PACKET_OVERHEAD]; nloc].into_boxed_slice(),
+        ch: vec![Ch::Header { got: 0 }; nloc],
+        parked_hdr: vec![None; nloc],
+        chans,
+        wr: vec![None; ndev],
         inflight: 0,
+        kick_buf: Box::new(0),
         abort_seen: false,
-        last_progress: Instant::now(),
-        _t: std::marker::PhantomData,
+        max_size: u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
     };
-    lp.wr = vec![Wr::default(); lp.targets.len()];
-    let r = lp.run();
-    let f = lp.finish();
+    let r = w.run();
+    let f = w.finish();
     r.and(f)
 }
 
-impl Loop<'_, '_, '_, '_> {
-    fn run(&mut self) -> Result<()> {
-        let abort_fd = types::Fixed((self.sh.channels.len() + self.targets.len()) as u32);
-        let e = opcode::PollAdd::new(abort_fd, libc::POLLIN as u32).build().user_data(ud(K_ABORT, 0));
-        // SAFETY: a poll refers to no memory; the fixed file stays registered.
+impl Worker<'_, '_, '_, '_, '_, '_> {
+    fn abort_file(&self) -> types::Fixed {
+        types::Fixed((self.chans.len() + self.wr.len()) as u32)
+    }
+
+    fn kick_file(&self) -> types::Fixed {
+        types::Fixed((self.chans.len() + self.wr.len() + 1) as u32)
+    }
+
+    fn push(&mut self, e: squeue::Entry) -> Result<()> {
+        // SAFETY: every entry built in this file points into the shared pool (alive for the
+        // whole receive and drained in `finish`), a boxed header or kick buffer owned by this
+        // worker until `finish`, or nothing; fixed files stay registered for the ring's life.
         unsafe { self.ring.push(&[e]) }.map_err(|e| Error::sys("io_uring push", e))?;
         self.inflight += 1;
-        for c in 0..self.sh.channels.len() {
-            self.recv_next(c)?;
+        Ok(())
+    }
+
+    fn arm_kick(&mut self) -> Result<()> {
+        let e = opcode::Read::new(self.kick_file(), (&mut *self.kick_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(ud(K_KICK, 0));
+        self.push(e)
+    }
+
+    fn run(&mut self) -> Result<()> {
+        let e = opcode::PollAdd::new(self.abort_file(), libc::POLLIN as u32).build().user_data(ud(K_ABORT, 0));
+        self.push(e)?;
+        self.arm_kick()?;
+        for i in 0..self.chans.len() {
+            self.recv_next(i)?;
         }
         loop {
-            if self.abort_seen || self.sh.abort.is_aborted() {
+            if self.abort_seen || self.x.sh.abort.is_aborted() {
                 return Err(Error::Aborted);
             }
-            let all_eof = self.ch.iter().all(|c| matches!(c, Ch::Eof));
-            if all_eof && !self.re.write_pending() {
-                return match self.re.incomplete_error() {
-                    Some(e) => Err(e),
-                    None => Ok(()),
-                };
+            let own_writes = self.wr.iter().any(Option::is_some);
+            if self.ch.iter().all(|c| matches!(c, Ch::Eof)) && !own_writes {
+                return Ok(());
             }
-            if self.ch.iter().all(|c| matches!(c, Ch::Eof | Ch::Parked)) && !self.re.write_pending() && !all_eof {
-                return Err(Error::BudgetExceeded { what: self.re.stuck_report() });
+            if self.x.lock().stuck() {
+                return Err(Error::BudgetExceeded { what: self.x.lock().re.stuck_report() });
             }
             self.ring.submit_and_wait(TICK).map_err(|e| Error::sys("io_uring_enter", e))?;
             let n = self.ring.reap().len();
             if n > 0 {
-                self.last_progress = Instant::now();
-            } else if self.last_progress.elapsed() > self.sh.cfg.stall_timeout {
-                return Err(Error::Timeout { what: self.waiting_for(), after: self.sh.cfg.stall_timeout });
+                self.x.touch();
+            } else if self.x.idle_for() > self.x.sh.cfg.stall_timeout {
+                return Err(Error::Timeout { what: self.waiting_for(), after: self.x.sh.cfg.stall_timeout });
             }
             for i in 0..n {
                 let c = self.ring.reap_cached(i);
@@ -144,46 +299,44 @@ impl Loop<'_, '_, '_, '_> {
     }
 
     fn waiting_for(&self) -> String {
+        let g = self.x.lock();
         let open: Vec<String> = self
             .ch
             .iter()
             .enumerate()
             .filter(|(_, c)| !matches!(c, Ch::Eof))
-            .map(|(i, c)| match c {
-                Ch::Payload { a, got } => {
-                    format!("channel {i} in packet {} of {} ({got} of {} bytes)", a.idx, self.re.id(a.dev), a.len)
+            .map(|(i, c)| {
+                let gc = self.chans[i];
+                match c {
+                    Ch::Payload { a, got } => {
+                        format!("channel {gc} in packet {} of {} ({got} of {} bytes)", a.idx, g.re.id(a.dev), a.len)
+                    }
+                    Ch::Parked => format!("channel {gc} waiting for memory"),
+                    _ => format!("channel {gc} waiting for a packet header"),
                 }
-                Ch::Parked => format!("channel {i} waiting for memory"),
-                _ => format!("channel {i} waiting for a packet header"),
             })
             .collect();
-        match self.re.incomplete_error() {
+        match g.re.incomplete_error() {
             Some(e) => format!("{e}; {}", open.join(", ")),
             None => format!("all devices complete; waiting for channels to close: {}", open.join(", ")),
         }
     }
 
-    fn recv_next(&mut self, c: usize) -> Result<()> {
-        let (ptr, len) = match self.ch[c] {
-            Ch::Header { got } => (self.hdrs[c][got..].as_mut_ptr(), PACKET_OVERHEAD - got),
-            Ch::Payload { a, got } => {
-                // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
-                (unsafe { self.pool.payload_ptr(a.slot as usize).add(got) }, a.len - got)
-            }
+    fn recv_next(&mut self, i: usize) -> Result<()> {
+        let (ptr, len) = match self.ch[i] {
+            Ch::Header { got } => (self.hdrs[i][got..].as_mut_ptr(), PACKET_OVERHEAD - got),
+            // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
+            Ch::Payload { a, got } => (unsafe { self.x.pool.payload_ptr(a.slot as usize).add(got) }, a.len - got),
             Ch::Parked | Ch::Eof => return Ok(()),
         };
-        let e = opcode::Recv::new(types::Fixed(c as u32), ptr, len as u32)
+        let e = opcode::Recv::new(types::Fixed(i as u32), ptr, len as u32)
             .flags(libc::MSG_WAITALL)
             .build()
-            .user_data(ud(K_RECV, c));
-        // SAFETY: the header buffers are boxed for the loop's life and the slot is owned by this
-        // channel until the payload is complete; `finish` reaps every RECV before unmapping.
-        unsafe { self.ring.push(&[e]) }.map_err(|e| Error::sys("io_uring push", e))?;
-        self.inflight += 1;
-        Ok(())
+            .user_data(ud(K_RECV, i));
+        self.push(e)
     }
 
-    fn handle(&mut self, c: crate::ring::Completion) -> Result<()> {
+    fn handle(&mut self, c: Completion) -> Result<()> {
         let kind = c.user_data >> 56;
         let n = (c.user_data & 0xffff_ffff) as usize;
         match kind {
@@ -193,6 +346,14 @@ impl Loop<'_, '_, '_, '_> {
                     self.abort_seen = true;
                 }
                 Ok(())
+            }
+            K_KICK => {
+                self.inflight -= 1;
+                if c.res == -libc::ECANCELED {
+                    return Ok(());
+                }
+                self.arm_kick()?;
+                self.unpark()
             }
             K_RECV => {
                 self.inflight -= 1;
@@ -206,186 +367,206 @@ impl Loop<'_, '_, '_, '_> {
         }
     }
 
-    fn on_recv(&mut self, c: usize, res: i32) -> Result<()> {
+    fn on_recv(&mut self, i: usize, res: i32) -> Result<()> {
+        let gc = self.chans[i];
         if res < 0 {
             // EINTR/EAGAIN: nothing happened; receive again.
             if res == -libc::EINTR || res == -libc::EAGAIN {
-                return self.recv_next(c);
+                return self.recv_next(i);
             }
-            let what = match self.ch[c] {
-                Ch::Payload { a, .. } => format!("receive packet {} of {}", a.idx, self.re.id(a.dev)),
+            let what = match self.ch[i] {
+                Ch::Payload { a, .. } => format!("receive packet {} of {}", a.idx, self.x.lock().re.id(a.dev)),
                 _ => "receive packet header".to_string(),
             };
-            return Err(Error::Channel { channel: c, op: what, source: cqe_error(res) });
+            return Err(Error::Channel { channel: gc, op: what, source: cqe_error(res) });
         }
         let r = res as usize;
-        match self.ch[c] {
+        match self.ch[i] {
             Ch::Header { got } => {
                 if r == 0 {
                     if got == 0 {
-                        self.ch[c] = Ch::Eof;
+                        self.ch[i] = Ch::Eof;
+                        self.x.lock().eof[gc] = true;
                         return Ok(());
                     }
                     return Err(Error::ChannelClosed {
-                        channel: c,
+                        channel: gc,
                         during: format!("in the middle of a packet header ({got} of {PACKET_OVERHEAD} bytes)"),
                     });
                 }
                 let got = got + r;
                 if got < PACKET_OVERHEAD {
-                    self.ch[c] = Ch::Header { got };
-                    return self.recv_next(c);
+                    self.ch[i] = Ch::Header { got };
+                    return self.recv_next(i);
                 }
-                let max =
-                    u32::try_from(self.sh.cfg.max_packet_bytes + crate::wire::VFIO_HEADER_LEN).unwrap_or(u32::MAX);
-                let h = DeviceStateHeader::decode(&self.hdrs[c], max).map_err(|e| Error::Wire {
-                    channel: c,
+                let h = DeviceStateHeader::decode(&self.hdrs[i], self.max_size).map_err(|e| Error::Wire {
+                    channel: gc,
                     what: "device state packet header",
                     source: e,
                 })?;
-                let v = VfioPacketHeader::decode(&self.hdrs[c][DEVICE_STATE_HEADER_LEN..])
-                    .map_err(|e| Error::Wire { channel: c, what: "VFIO device state packet header", source: e })?;
-                self.sh.counters[c].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
-                self.offer(c, h, v)
+                let v = VfioPacketHeader::decode(&self.hdrs[i][DEVICE_STATE_HEADER_LEN..])
+                    .map_err(|e| Error::Wire { channel: gc, what: "VFIO device state packet header", source: e })?;
+                self.x.sh.counters[gc].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
+                self.offer(i, h, v)
             }
             Ch::Payload { a, got } => {
                 if r == 0 {
                     return Err(Error::ChannelClosed {
-                        channel: c,
+                        channel: gc,
                         during: format!(
                             "in the middle of packet {} of device {} ({got} of {} bytes)",
                             a.idx,
-                            self.re.id(a.dev),
+                            self.x.lock().re.id(a.dev),
                             a.len
                         ),
                     });
                 }
                 let got = got + r;
                 if got < a.len {
-                    self.ch[c] = Ch::Payload { a, got };
-                    return self.recv_next(c);
+                    self.ch[i] = Ch::Payload { a, got };
+                    return self.recv_next(i);
                 }
-                self.payload_done(c, a)
+                self.payload_done(i, a)
             }
             Ch::Parked | Ch::Eof => Ok(()),
         }
     }
 
-    fn offer(&mut self, c: usize, h: DeviceStateHeader, v: VfioPacketHeader) -> Result<()> {
-        match self.re.admit(c, &h, v)? {
+    fn offer(&mut self, i: usize, h: DeviceStateHeader, v: VfioPacketHeader) -> Result<()> {
+        let gc = self.chans[i];
+        let admit = {
+            let mut g = self.x.lock();
+            let r = g.re.admit(gc, &h, v)?;
+            g.parked_at[gc] = match r {
+                Admit::Wait => Some(g.epoch),
+                Admit::Accept(_) => None,
+            };
+            r
+        };
+        match admit {
             Admit::Accept(a) => {
-                self.parked_hdr[c] = None;
+                self.parked_hdr[i] = None;
                 if a.len == 0 {
-                    return self.payload_done(c, a);
+                    return self.payload_done(i, a);
                 }
-                self.ch[c] = Ch::Payload { a, got: 0 };
-                self.recv_next(c)
+                self.ch[i] = Ch::Payload { a, got: 0 };
+                self.recv_next(i)
             }
             Admit::Wait => {
-                self.parked_hdr[c] = Some((h, v));
-                self.ch[c] = Ch::Parked;
+                self.parked_hdr[i] = Some((h, v));
+                self.ch[i] = Ch::Parked;
                 Ok(())
             }
         }
     }
 
-    fn payload_done(&mut self, c: usize, a: Admitted) -> Result<()> {
-        self.re.received(a);
-        self.ch[c] = Ch::Header { got: 0 };
-        self.recv_next(c)?;
+    fn payload_done(&mut self, i: usize, a: Admitted) -> Result<()> {
+        self.x.lock().re.received(a);
+        self.ch[i] = Ch::Header { got: 0 };
+        self.recv_next(i)?;
         self.try_write(a.dev)
     }
 
     fn try_write(&mut self, d: usize) -> Result<()> {
         loop {
-            match self.re.next_write(d) {
+            let (next, base) = {
+                let mut g = self.x.lock();
+                (g.re.next_write(d), g.re.counters(d).data_bytes)
+            };
+            match next {
                 None => return Ok(()),
                 Some(NextWrite::Data { slot, len, idx }) => {
-                    let stream_off = self.wr[d].stream_off;
-                    self.wr[d] = Wr { slot, len, off: 0, idx, stream_off };
+                    self.wr[d] = Some(Wr { slot, len, off: 0, idx, base });
                     return self.submit_write(d);
                 }
                 Some(NextWrite::Config { slot, len }) => {
                     // SAFETY: the config slot is Ready: its RECV completed and nothing else
                     // refers to it until `written` frees it below.
-                    let blob = unsafe { self.pool.slot_bytes(slot as usize, 0, len) };
-                    self.targets[d].apply_config(blob)?;
-                    self.re.written(d);
-                    self.unpark()?;
+                    let blob = unsafe { self.x.pool.slot_bytes(slot as usize, 0, len) };
+                    self.x.targets[d].lock().unwrap_or_else(|p| p.into_inner()).apply_config(blob)?;
+                    self.written(d);
                 }
             }
         }
     }
 
+    fn written(&mut self, d: usize) {
+        let mut g = self.x.lock();
+        g.re.written(d);
+        g.epoch += 1;
+        self.x.kick_others(self.me, &g);
+    }
+
     fn submit_write(&mut self, d: usize) -> Result<()> {
-        let w = self.wr[d];
+        let w = self.wr[d].expect("a write is owned");
         // SAFETY: `off < len <= payload_bytes`: inside the slot.
-        let ptr = unsafe { self.pool.payload_ptr(w.slot as usize).add(w.off) };
-        let fd = types::Fixed((self.sh.channels.len() + d) as u32);
+        let ptr = unsafe { self.x.pool.payload_ptr(w.slot as usize).add(w.off) };
+        let fd = types::Fixed((self.chans.len() + d) as u32);
+        // IOSQE_ASYNC: the copy into the device runs on an io-wq worker, in parallel with this
+        // ring's receives (a VFIO resume fd, having no FMODE_NOWAIT, goes there anyway).
         let e = opcode::WriteFixed::new(fd, ptr, (w.len - w.off) as u32, 0)
             .offset(u64::MAX)
             .build()
+            .flags(squeue::Flags::ASYNC)
             .user_data(ud(K_WRITE, d));
-        // SAFETY: the slot is Ready and owned by this device's writer until `written`; the
-        // registered pool outlives the operation (drained in `finish`).
-        unsafe { self.ring.push(&[e]) }.map_err(|e| Error::sys("io_uring push", e))?;
-        self.inflight += 1;
-        Ok(())
+        self.push(e)
     }
 
     fn on_write(&mut self, d: usize, res: i32) -> Result<()> {
-        let w = self.wr[d];
+        let w = self.wr[d].expect("a write is owned");
+        let device = || self.x.lock().re.id(d).idstr().into_owned();
         if res < 0 {
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 return self.submit_write(d);
             }
             return Err(Error::DeviceWrite {
-                device: self.re.id(d).idstr().into_owned(),
+                device: device(),
                 idx: w.idx,
-                offset: w.stream_off + w.off as u64,
+                offset: w.base + w.off as u64,
                 source: cqe_error(res),
             });
         }
         if res == 0 {
             return Err(Error::DeviceWrite {
-                device: self.re.id(d).idstr().into_owned(),
+                device: device(),
                 idx: w.idx,
-                offset: w.stream_off + w.off as u64,
+                offset: w.base + w.off as u64,
                 source: std::io::Error::new(std::io::ErrorKind::WriteZero, "resume data fd accepted 0 bytes"),
             });
         }
         let off = w.off + res as usize;
         if off < w.len {
-            self.targets[d].short_writes += 1;
-            self.wr[d].off = off;
+            self.x.targets[d].lock().unwrap_or_else(|p| p.into_inner()).short_writes += 1;
+            self.wr[d] = Some(Wr { off, ..w });
             return self.submit_write(d);
         }
-        self.wr[d].stream_off += w.len as u64;
-        self.sh.progress.add(w.len as u64);
-        self.re.written(d);
+        self.wr[d] = None;
+        self.x.sh.progress.add(w.len as u64);
+        self.written(d);
         self.try_write(d)?;
         self.unpark()
     }
 
-    /// A slot was freed: parked channels try again, oldest channel id first.
+    /// Memory was freed: this worker's parked channels try again.
     fn unpark(&mut self) -> Result<()> {
-        for c in 0..self.ch.len() {
-            if let (Ch::Parked, Some((h, v))) = (self.ch[c], self.parked_hdr[c].clone()) {
-                self.offer(c, h, v)?;
+        for i in 0..self.ch.len() {
+            if let (Ch::Parked, Some((h, v))) = (self.ch[i], self.parked_hdr[i].clone()) {
+                self.offer(i, h, v)?;
             }
         }
         Ok(())
     }
 
     /// Retires a completion without acting on it (after a failure).
-    fn account_only(&mut self, c: crate::ring::Completion) {
+    fn account_only(&mut self, c: Completion) {
         if c.user_data >> 56 != K_CANCEL {
             self.inflight = self.inflight.saturating_sub(1);
         }
     }
 
-    /// Cancels what is in flight and reaps every CQE before the pool may be unmapped; leaks
-    /// the pool on purpose if the kernel does not give it back in time.
+    /// Cancels what is in flight and reaps every CQE before returning (the pool may then be
+    /// unmapped); leaks the ring on purpose if the kernel does not finish in time, and reports
+    /// it, so that the caller never unmaps memory an operation may still write.
     fn finish(&mut self) -> Result<()> {
         if self.inflight == 0 {
             return Ok(());
@@ -404,13 +585,11 @@ impl Loop<'_, '_, '_, '_> {
         }
         if self.inflight > 0 {
             let ring = std::mem::replace(&mut self.ring, Ring::new(2, 4).map_err(|e| Error::sys("io_uring_setup", e))?);
-            let pool =
-                std::mem::replace(&mut self.pool, BufferPool::new(1, 0, 4096).map_err(|e| Error::sys("mmap", e))?);
             std::mem::forget(ring);
-            std::mem::forget(pool);
+            std::mem::forget(std::mem::replace(&mut self.hdrs, Box::new([])));
             return Err(Error::Timeout {
                 what: format!(
-                    "{} receive operations did not complete after cancel; buffers leaked on purpose",
+                    "{} receive operations did not complete after cancel; their buffers are leaked on purpose",
                     self.inflight
                 ),
                 after: Duration::from_secs(10),

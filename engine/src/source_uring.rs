@@ -312,27 +312,29 @@ impl Loop<'_, '_, '_, '_> {
 
     /// Schedules whatever can run now.
     fn pump(&mut self) -> Result<()> {
-        // 1. Packets waiting for a channel, oldest first.
+        // 1. The config packet, strictly after every data packet was sent; it joins the queue
+        //    of packets waiting for a channel, served just below.
+        if self.eof && self.reading.is_none() && self.ready.is_empty() && self.sends_inflight == 0 && !self.config_sent
+        {
+            self.send_config()?;
+        }
+        // 2. Packets waiting for a channel, oldest first.
         while let Some(&s) = self.ready.front() {
             let Some(ch) = self.take_channel(true) else { break };
             self.ready.pop_front();
             self.submit_send(s, ch)?;
         }
-        // 2. The next read (one in flight per data fd).
+        // 3. The next read (one in flight per data fd).
         if !self.eof && self.reading.is_none() {
             if let Some(s) = self.free.pop() {
                 if self.ctx.in_precopy {
                     self.precopy_read(s)?;
-                } else {
-                    let ch = if self.ready.is_empty() { self.take_channel(false) } else { None };
-                    self.submit_read(s, ch)?;
+                    // A pre-copy read completes synchronously: queue its send right away.
+                    return self.pump();
                 }
+                let ch = if self.ready.is_empty() { self.take_channel(false) } else { None };
+                self.submit_read(s, ch)?;
             }
-        }
-        // 3. The config packet, strictly after every data packet was sent.
-        if self.eof && self.reading.is_none() && self.ready.is_empty() && self.sends_inflight == 0 && !self.config_sent
-        {
-            self.send_config()?;
         }
         // 4. Channels we hold but cannot use right now go back to other devices.
         if self.ready.is_empty() && (self.reading.is_some() || self.eof) {
