@@ -19,7 +19,9 @@ pub enum Backend {
 /// Whether to send with `IORING_OP_SEND_ZC`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZeroCopy {
-    /// When the kernel supports it, buffers are registered and every channel is TCP.
+    /// Where it can pay off: the kernel supports it and every channel is TCP to a peer that is
+    /// not on the loopback network (loopback always copies, and holds each buffer until the
+    /// peer reads it, so SEND_ZC is only slower there).
     #[default]
     Auto,
     /// Always (fails where impossible).
@@ -42,7 +44,7 @@ pub const MAX_DEVICES: usize = 64;
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub(crate) chunk_bytes: usize,
-    pub(crate) buffers_per_device: usize,
+    pub(crate) buffers_per_device: Option<usize>,
     pub(crate) zerocopy: ZeroCopy,
     pub(crate) backend: Backend,
     pub(crate) uuid: Uuid,
@@ -55,7 +57,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             chunk_bytes: 1 << 20,
-            buffers_per_device: 2,
+            buffers_per_device: None,
             zerocopy: ZeroCopy::Auto,
             backend: Backend::Auto,
             uuid: [0; 16],
@@ -77,9 +79,15 @@ impl SourceConfig {
         self
     }
     /// Registered buffers per device thread (2 ..= 64): bounds read-ahead and sends in flight.
+    /// Default: 2 with copying sends; 4 with SEND_ZC, whose buffers stay with the kernel until
+    /// the peer acknowledges the data.
     pub fn buffers_per_device(mut self, v: usize) -> Self {
-        self.buffers_per_device = v;
+        self.buffers_per_device = Some(v);
         self
+    }
+
+    pub(crate) fn buffers_for(&self, zerocopy: bool) -> usize {
+        self.buffers_per_device.unwrap_or(if zerocopy { 4 } else { 2 })
     }
     /// Zero-copy send policy.
     pub fn zerocopy(mut self, v: ZeroCopy) -> Self {
@@ -121,8 +129,10 @@ impl SourceConfig {
         if !(4096..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
             return Err(format!("chunk of {} bytes outside 4096..={MAX_CHUNK_BYTES}", self.chunk_bytes));
         }
-        if !(2..=MAX_BUFFERS_PER_DEVICE).contains(&self.buffers_per_device) {
-            return Err(format!("{} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}", self.buffers_per_device));
+        if let Some(b) = self.buffers_per_device {
+            if !(2..=MAX_BUFFERS_PER_DEVICE).contains(&b) {
+                return Err(format!("{b} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}"));
+            }
         }
         validate_common(channels, devices, self.stall_timeout)
     }

@@ -280,7 +280,8 @@ impl<'a> Source<'a> {
                         if supported { "a channel is not a TCP socket" } else { "the kernel lacks IORING_OP_SEND_ZC" }
                     )));
                 }
-                all_tcp && supported
+                let remote = self.channels.iter().all(|c| !peer_is_loopback(c.as_raw_fd()));
+                all_tcp && supported && (z == ZeroCopy::On || remote)
             }
         };
         for (i, ch) in self.channels.iter().enumerate() {
@@ -391,6 +392,32 @@ fn is_inet_stream(fd: RawFd) -> bool {
         libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut dom as *mut libc::c_int).cast(), &mut len)
     };
     r == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
+}
+
+/// Whether a TCP socket's peer is on the loopback network (127.0.0.0/8, ::1, or a v4-mapped
+/// 127.x address), where SEND_ZC always falls back to copying.
+fn peer_is_loopback(fd: RawFd) -> bool {
+    // SAFETY: a zeroed sockaddr_storage is a valid out buffer for getpeername.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getpeername writes at most `len` bytes into `ss`, a live sockaddr_storage.
+    if unsafe { libc::getpeername(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return false;
+    }
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).is_loopback()
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        _ => false,
+    }
 }
 
 fn send_init(fd: BorrowedFd<'_>, p: &InitPacket) -> std::io::Result<()> {

@@ -134,7 +134,7 @@ pub(crate) fn run(
     ctx: &mut DeviceCtx<'_, '_>,
 ) -> Result<(SourceDeviceReport, Latency, u64, u64)> {
     let cfg = sh.cfg;
-    let nslots = cfg.buffers_per_device + 1;
+    let nslots = cfg.buffers_for(sh.zerocopy) + 1;
     let chunk = cfg.chunk_bytes;
     let ring = Ring::new(64, 256).map_err(|e| Error::sys(ring_err_op(&e), e))?;
     let pool = BufferPool::new(nslots, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;

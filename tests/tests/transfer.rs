@@ -56,6 +56,14 @@ fn channels_by_devices_matrix() {
 }
 
 #[test]
+fn zerocopy_auto_stays_off_on_loopback() {
+    // Loopback always copies and holds SEND_ZC buffers until the peer reads: auto picks SEND.
+    let m = migrate(&cfgs(1, 1 << 20, CHUNK), 2, scfg(Backend::Uring, ZeroCopy::Auto), rcfg(Backend::Uring), false);
+    assert_verified(&m);
+    assert!(!m.source.as_ref().unwrap().zerocopy);
+}
+
+#[test]
 fn zerocopy_on_and_off_with_short_reads() {
     for z in [ZeroCopy::On, ZeroCopy::Off] {
         // 4 KiB reads: every read is short against a 64 KiB chunk, so every linked send is
