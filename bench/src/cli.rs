@@ -125,7 +125,7 @@ pub struct LoopbackArgs {
     /// Zero-copy sends (SEND_ZC).
     #[arg(long, value_enum, default_value_t)]
     pub zerocopy: ZeroCopyArg,
-    /// Receive budget for out-of-order packets (default: 4 packets per channel).
+    /// Receive budget for out-of-order packets (default: one packet per channel, at least two).
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
     /// Transfer options.
@@ -210,7 +210,7 @@ pub struct RecvArgs {
     /// Largest device data per packet accepted (must be at least the sender's --chunk).
     #[arg(long, default_value = "1M", value_parser = parse_chunk)]
     pub max_packet: usize,
-    /// Memory for out-of-order packets (default: 4 packets per channel).
+    /// Memory for out-of-order packets (default: one packet per channel, at least two).
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
     /// State to leave destination devices in once loaded.

@@ -18,13 +18,11 @@ fn uring() -> Result<UringOps, String> {
 
 /// `(soft, hard)` RLIMIT_MEMLOCK in bytes (`None` = unlimited).
 fn memlock() -> (Option<libc::rlim_t>, Option<libc::rlim_t>) {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one rlimit into the live, exclusively borrowed `r`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+    let Ok((cur, max)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) else {
         return (None, None);
-    }
+    };
     let f = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { None } else { Some(v) };
-    (f(r.rlim_cur), f(r.rlim_max))
+    (f(cur), f(max))
 }
 
 /// Whether CAP_IPC_LOCK is in the effective set (from /proc/self/status).

@@ -110,30 +110,18 @@ pub fn fmt_ns(ns: u64) -> String {
 
 /// User + system CPU time of this process so far (`getrusage(RUSAGE_SELF)`), and its peak RSS.
 pub fn rusage_self() -> (Duration, u64) {
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes one rusage into the live, exclusively borrowed `ru`.
-    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    if r != 0 {
-        return (Duration::ZERO, 0);
-    }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32).saturating_mul(1000));
-    (tv(ru.ru_utime) + tv(ru.ru_stime), (ru.ru_maxrss as u64).saturating_mul(1024))
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    let Ok(ru) = getrusage(UsageWho::RUSAGE_SELF) else { return (Duration::ZERO, 0) };
+    let us = |t: nix::sys::time::TimeVal| Duration::from_micros(t.num_microseconds().max(0) as u64);
+    (us(ru.user_time()) + us(ru.system_time()), (ru.max_rss() as u64).saturating_mul(1024))
 }
 
 /// Kernel release (`uname -r`) and machine.
 pub fn kernel_version() -> String {
-    // SAFETY: an all-zero utsname is a valid value of this plain C struct.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname fills the live, exclusively borrowed struct.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return "unknown".into();
-    }
-    let field = |f: &[libc::c_char]| {
-        let b: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-        String::from_utf8_lossy(&b).into_owned()
-    };
-    format!("{} {} {}", field(&u.sysname), field(&u.release), field(&u.machine))
+    let Ok(u) = nix::sys::utsname::uname() else { return "unknown".into() };
+    let f = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+    format!("{} {} {}", f(u.sysname()), f(u.release()), f(u.machine()))
 }
 
 /// Seconds since the epoch, and an RFC-3339-ish UTC string, as iperf3's `timestamp`.

@@ -104,7 +104,7 @@ impl SourceConfig {
         self.uuid = v;
         self
     }
-    /// Longest time without any progress before the transfer fails (1 s ..= 1 h).
+    /// Longest time without any progress before the transfer fails (100 ms ..= 1 h).
     pub fn stall_timeout(mut self, v: Duration) -> Self {
         self.stall_timeout = v;
         self
@@ -133,6 +133,10 @@ impl SourceConfig {
             if !(2..=MAX_BUFFERS_PER_DEVICE).contains(&b) {
                 return Err(format!("{b} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}"));
             }
+        }
+        let pool = (self.buffers_for(true) + 1).saturating_mul(self.chunk_bytes + crate::pool::PAGE);
+        if pool > crate::pool::MAX_REGISTERED {
+            return Err(format!("a device's buffer pool of {pool} bytes exceeds the 1 GiB registered-buffer limit"));
         }
         validate_common(channels, devices, self.stall_timeout)
     }
@@ -212,7 +216,7 @@ impl ReceiverConfig {
         self.stall_timeout = v;
         self
     }
-    /// Longest wait for all channels to connect and send their init packet.
+    /// Longest wait for all channels to connect and send their init packet (100 ms ..= 1 h).
     pub fn accept_timeout(mut self, v: Duration) -> Self {
         self.accept_timeout = v;
         self
@@ -244,6 +248,9 @@ impl ReceiverConfig {
     pub(crate) fn validate(&self, channels: usize, devices: usize) -> Result<(), String> {
         if !(4096..=MAX_CHUNK_BYTES).contains(&self.max_packet_bytes) {
             return Err(format!("max packet of {} bytes outside 4096..={MAX_CHUNK_BYTES}", self.max_packet_bytes));
+        }
+        if self.accept_timeout < Duration::from_millis(100) || self.accept_timeout > Duration::from_secs(3600) {
+            return Err(format!("accept timeout {:?} outside 100 ms ..= 1 h", self.accept_timeout));
         }
         let slots = self.budget_slots(channels) + devices;
         if slots.saturating_mul(self.slot_bytes()) > crate::pool::MAX_REGISTERED {

@@ -194,15 +194,21 @@ struct Worker<'w, 'r, 's, 'c, 'a, 'x> {
     kick_buf: Box<u64>,
     abort_seen: bool,
     max_size: u32,
+    registered: bool,
 }
 
 fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     let ring = Ring::new(64, 256).map_err(|e| Error::sys(crate::ring::describe_setup_error(&e), e))?;
     // SAFETY: the pool lives in `Shared`, which outlives every worker (scoped threads), and the
     // worker drains its ring in `finish` before returning.
-    unsafe { ring.register_pool(&x.pool) }.map_err(|e| {
-        Error::sys("IORING_REGISTER_BUFFERS for the receive budget (raise RLIMIT_MEMLOCK or lower the budget)", e)
-    })?;
+    let registered = match unsafe { ring.register_pool(&x.pool) } {
+        Ok(()) => true,
+        // ENOMEM: RLIMIT_MEMLOCK cannot pin the pool (once per worker ring, without
+        // CAP_IPC_LOCK). Plain WRITE from the same memory needs no pinning; only the per-op page
+        // lookup is lost.
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => false,
+        Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS for the receive budget", e)),
+    };
     let chans: Vec<usize> = (me..x.sh.channels.len()).step_by(x.workers).collect();
     let ndev = x.targets.len();
     let mut files: Vec<i32> = chans.iter().map(|&c| x.sh.channels[c]).collect();
@@ -227,6 +233,7 @@ fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         kick_buf: Box::new(0),
         abort_seen: false,
         max_size: u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
+        registered,
     };
     let r = w.run();
     let f = w.finish();
@@ -504,11 +511,14 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         let fd = types::Fixed((self.chans.len() + d) as u32);
         // IOSQE_ASYNC: the copy into the device runs on an io-wq worker, in parallel with this
         // ring's receives (a VFIO resume fd, having no FMODE_NOWAIT, goes there anyway).
-        let e = opcode::WriteFixed::new(fd, ptr, (w.len - w.off) as u32, 0)
-            .offset(u64::MAX)
-            .build()
-            .flags(squeue::Flags::ASYNC)
-            .user_data(ud(K_WRITE, d));
+        let len = (w.len - w.off) as u32;
+        let e = if self.registered {
+            opcode::WriteFixed::new(fd, ptr, len, 0).offset(u64::MAX).build()
+        } else {
+            opcode::Write::new(fd, ptr, len).offset(u64::MAX).build()
+        }
+        .flags(squeue::Flags::ASYNC)
+        .user_data(ud(K_WRITE, d));
         self.push(e)
     }
 

@@ -564,8 +564,15 @@ impl Loop<'_, '_, '_, '_> {
     }
 
     fn on_read(&mut self, s: usize, res: i32) -> Result<()> {
-        self.reading = None;
         let linked = self.slots[s].linked;
+        // A linked read that came back short (or empty) has cancelled its send; until that
+        // cancellation is reaped the packet is neither sent nor re-queued, so the next read
+        // stays blocked: otherwise packet n+1 could go out before packet n is re-sent, and the
+        // receiver's no-deadlock argument needs each device's packets sent in index order.
+        let chain_open = linked && res != self.chunk as i32 && !self.slots[s].send_cancelled;
+        if !chain_open {
+            self.reading = None;
+        }
         self.slots[s].read_done = true;
         self.slots[s].read_res = res;
         if res > 0 {
@@ -666,6 +673,9 @@ impl Loop<'_, '_, '_, '_> {
                 self.inflight -= 1;
             }
             if self.slots[s].read_done {
+                if self.reading == Some(s) {
+                    self.reading = None;
+                }
                 let r = self.slots[s].read_res;
                 if r > 0 {
                     self.resend_after_short(s)?;
