@@ -170,3 +170,57 @@ fn bad_arguments_say_what_to_do() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("probe"), "{}", text(&o));
 }
+
+/// Runs the binary with a seccomp filter that makes `io_uring_setup` fail with EPERM, as a
+/// container runtime's default profile does.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn run_without_io_uring(args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    // SAFETY: the closure runs in the forked child before exec and only makes two prctl calls on
+    // data that lives on its own stack: async-signal-safe, no allocation.
+    unsafe {
+        cmd.pre_exec(|| {
+            const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+            let stmt = |code: u16, k: u32| libc::sock_filter { code, jt: 0, jf: 0, k };
+            let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter { code: 0x05 | 0x10, jt, jf, k };
+            let filter = [
+                stmt(0x20, 4), // ld [arch]
+                jeq(AUDIT_ARCH_X86_64, 1, 0),
+                stmt(0x06, libc::SECCOMP_RET_ALLOW),
+                stmt(0x20, 0), // ld [nr]
+                jeq(libc::SYS_io_uring_setup as u32, 0, 1),
+                stmt(0x06, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+                stmt(0x06, libc::SECCOMP_RET_ALLOW),
+            ];
+            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run vfio-multifd under seccomp")
+}
+
+/// Without io_uring (seccomp), `auto` falls back to the blocking backend, says why, and still
+/// migrates every byte; forcing io_uring fails with that reason.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn falls_back_to_blocking_when_seccomp_blocks_io_uring() {
+    let o = run_without_io_uring(&["loopback", "--devices", "1", "--size", "4M", "-P", "2", "-J"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    let end = &v["end"];
+    assert_eq!(end["verified"], true);
+    let all = v.to_string();
+    assert!(all.contains("\"blocking\""), "backend not blocking: {all}");
+    assert!(all.contains("seccomp"), "no reason given: {all}");
+    let o = run_without_io_uring(&["loopback", "--devices", "1", "--size", "4M", "--backend", "uring"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("io_uring backend unavailable") && t.contains("EPERM"), "{t}");
+}

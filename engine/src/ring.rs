@@ -237,11 +237,36 @@ impl Ring {
 }
 
 /// Why io_uring cannot be used here, in words an operator can act on, or `None` if a ring
-/// can be created.
+/// can be created and the kernel has every operation and feature the engine needs
+/// (`IORING_FEAT_EXT_ARG` for bounded waits, 5.11; READ_FIXED, WRITE_FIXED, READ, WRITE, SEND,
+/// RECV, POLL_ADD, ASYNC_CANCEL).
 pub fn uring_unavailable_reason() -> Option<String> {
-    match Ring::new(4, 8) {
-        Ok(_) => None,
-        Err(e) => Some(describe_setup_error(&e)),
+    let ring = match Ring::new(4, 8) {
+        Ok(r) => r,
+        Err(e) => return Some(describe_setup_error(&e)),
+    };
+    if !ring.ring.params().is_feature_ext_arg() {
+        return Some("io_uring lacks IORING_FEAT_EXT_ARG (kernel older than 5.11)".into());
+    }
+    let mut p = Probe::new();
+    if let Err(e) = ring.ring.submitter().register_probe(&mut p) {
+        return Some(format!("IORING_REGISTER_PROBE: {e} (kernel older than 5.6)"));
+    }
+    let need = [
+        ("READ_FIXED", opcode::ReadFixed::CODE),
+        ("WRITE_FIXED", opcode::WriteFixed::CODE),
+        ("READ", opcode::Read::CODE),
+        ("WRITE", opcode::Write::CODE),
+        ("SEND", opcode::Send::CODE),
+        ("RECV", opcode::Recv::CODE),
+        ("POLL_ADD", opcode::PollAdd::CODE),
+        ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
+    ];
+    let missing: Vec<&str> = need.iter().filter(|(_, c)| !p.is_supported(*c)).map(|(n, _)| *n).collect();
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("io_uring lacks IORING_OP_{}", missing.join(", IORING_OP_")))
     }
 }
 
