@@ -38,6 +38,10 @@ struct Shared<'r, 's, 'c> {
     pool: BufferPool,
     sh: &'s RecvShared<'c>,
     nch: usize,
+    start: Instant,
+    /// Nanoseconds after `start` of the last packet received or written by anyone: a quiet
+    /// channel is fine while the others make progress.
+    last_progress_ns: std::sync::atomic::AtomicU64,
 }
 
 impl<'r> Shared<'r, '_, '_> {
@@ -55,6 +59,16 @@ impl<'r> Shared<'r, '_, '_> {
         self.cv.notify_all();
     }
 
+    fn touch(&self) {
+        let ns = self.start.elapsed().as_nanos() as u64;
+        self.last_progress_ns.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_progress_ns.load(std::sync::atomic::Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
     fn wait<'g>(&self, g: MutexGuard<'g, State<'r>>) -> MutexGuard<'g, State<'r>> {
         self.cv.wait_timeout(g, crate::source::TICK).unwrap_or_else(|p| p.into_inner()).0
     }
@@ -69,6 +83,8 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
         pool,
         sh,
         nch: sh.channels.len(),
+        start: Instant::now(),
+        last_progress_ns: std::sync::atomic::AtomicU64::new(0),
     };
     std::thread::scope(|s| {
         for c in 0..shared.nch {
@@ -118,8 +134,16 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: usize) -> Result<()> {
     let max = u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX);
     let mut hdr = [0u8; PACKET_OVERHEAD];
     loop {
-        // A clean end of stream is a 0-byte read exactly at a packet boundary.
-        match recv_exact(fd, &mut hdr[..1], Instant::now() + stall, &x.sh.abort) {
+        // A clean end of stream is a 0-byte read exactly at a packet boundary. A channel may
+        // stay quiet for long while the others carry the data: only a receive-wide stall of
+        // `stall` is an error.
+        let first = loop {
+            match recv_exact(fd, &mut hdr[..1], Instant::now() + crate::source::TICK * 4, &x.sh.abort) {
+                Err(RecvExactError::Timeout) if x.idle_for() <= stall => continue,
+                other => break other,
+            }
+        };
+        match first {
             Err(RecvExactError::Eof(0)) => {
                 let mut g = x.lock();
                 g.eof += 1;
@@ -176,6 +200,7 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: usize) -> Result<()> {
             })?;
         }
         x.lock().re.received(a);
+        x.touch();
         x.cv.notify_all();
     }
 }
@@ -235,6 +260,7 @@ fn writer_thread(x: &Shared<'_, '_, '_>, d: usize, t: &mut Target<'_>) -> Result
             g.re.written(d);
             g.epoch += 1;
         }
+        x.touch();
         idle_since = Instant::now();
         x.cv.notify_all();
     }

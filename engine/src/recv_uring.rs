@@ -9,8 +9,9 @@
 //! A channel whose packet has no memory yet parks; a worker that frees memory kicks the others
 //! through their eventfds (see `reassembly` for why that cannot deadlock).
 
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,9 @@ impl State<'_> {
 struct Shared<'r, 's, 'c, 'a, 'x> {
     st: Mutex<State<'r>>,
     targets: Vec<Mutex<&'x mut Target<'a>>>,
-    pool: BufferPool,
+    /// Unmapped only if no worker had to leak its ring (`leaked`).
+    pool: ManuallyDrop<BufferPool>,
+    leaked: AtomicBool,
     sh: &'s RecvShared<'c>,
     kicks: Vec<OwnedFd>,
     workers: usize,
@@ -119,10 +122,11 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
         BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
     let kicks =
         (0..workers).map(|_| eventfd()).collect::<std::io::Result<Vec<_>>>().map_err(|e| Error::sys("eventfd", e))?;
-    let x = Shared {
+    let mut x = Shared {
         st: Mutex::new(State { re, epoch: 0, parked_at: vec![None; n], eof: vec![false; n], err: None }),
         targets: targets.iter_mut().map(Mutex::new).collect(),
-        pool,
+        pool: ManuallyDrop::new(pool),
+        leaked: AtomicBool::new(false),
         sh,
         kicks,
         workers,
@@ -151,6 +155,11 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
             }
         }
     });
+    if !x.leaked.load(Ordering::SeqCst) {
+        // SAFETY: every worker has returned and reaped all its operations (none leaked), so
+        // nothing refers to the pool any more; it is dropped once, here.
+        unsafe { ManuallyDrop::drop(&mut x.pool) };
+    }
     let st = x.st.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = st.err {
         return Err(e);
@@ -180,21 +189,40 @@ struct Wr {
 }
 
 struct Worker<'w, 'r, 's, 'c, 'a, 'x> {
-    ring: Ring,
+    /// Leaked instead of dropped when the kernel did not give every buffer back.
+    ring: ManuallyDrop<Ring>,
     x: &'w Shared<'r, 's, 'c, 'a, 'x>,
     me: usize,
     /// Global ids of this worker's channels; local index `i` is fixed file `i`.
     chans: Vec<usize>,
-    hdrs: Box<[[u8; PACKET_OVERHEAD]]>,
+    hdrs: ManuallyDrop<Box<[[u8; PACKET_OVERHEAD]]>>,
     ch: Vec<Ch>,
     parked_hdr: Vec<Option<(DeviceStateHeader, VfioPacketHeader)>>,
     /// Writes this worker has in flight, per device.
     wr: Vec<Option<Wr>>,
     inflight: usize,
-    kick_buf: Box<u64>,
+    kick_buf: ManuallyDrop<Box<u64>>,
+    leaked: bool,
+    need_unpark: bool,
     abort_seen: bool,
     max_size: u32,
     registered: bool,
+}
+
+impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
+    fn drop(&mut self) {
+        if self.leaked {
+            // The kernel may still write into these: leak them rather than free them.
+            return;
+        }
+        // SAFETY: dropped exactly once, here, after `finish` reaped every operation; the ring
+        // goes first.
+        unsafe {
+            ManuallyDrop::drop(&mut self.ring);
+            ManuallyDrop::drop(&mut self.hdrs);
+            ManuallyDrop::drop(&mut self.kick_buf);
+        }
+    }
 }
 
 fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
@@ -221,16 +249,18 @@ fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     let _ = ring.limit_workers(2, 2);
     let nloc = chans.len();
     let mut w = Worker {
-        ring,
+        ring: ManuallyDrop::new(ring),
         x,
         me,
-        hdrs: vec![[0u8; PACKET_OVERHEAD]; nloc].into_boxed_slice(),
+        hdrs: ManuallyDrop::new(vec![[0u8; PACKET_OVERHEAD]; nloc].into_boxed_slice()),
         ch: vec![Ch::Header { got: 0 }; nloc],
         parked_hdr: vec![None; nloc],
         chans,
         wr: vec![None; ndev],
         inflight: 0,
-        kick_buf: Box::new(0),
+        kick_buf: ManuallyDrop::new(Box::new(0)),
+        leaked: false,
+        need_unpark: false,
         abort_seen: false,
         max_size: u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
         registered,
@@ -259,7 +289,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn arm_kick(&mut self) -> Result<()> {
-        let e = opcode::Read::new(self.kick_file(), (&mut *self.kick_buf as *mut u64).cast(), 8)
+        let e = opcode::Read::new(self.kick_file(), (&mut **self.kick_buf as *mut u64).cast(), 8)
             .build()
             .user_data(ud(K_KICK, 0));
         self.push(e)
@@ -289,6 +319,9 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 self.x.touch();
             } else if self.x.idle_for() > self.x.sh.cfg.stall_timeout {
                 return Err(Error::Timeout { what: self.waiting_for(), after: self.x.sh.cfg.stall_timeout });
+            }
+            if std::mem::take(&mut self.need_unpark) {
+                self.unpark()?;
             }
             for i in 0..n {
                 let c = self.ring.reap_cached(i);
@@ -492,6 +525,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                     let blob = unsafe { self.x.pool.slot_bytes(slot as usize, 0, len) };
                     self.x.targets[d].lock().unwrap_or_else(|p| p.into_inner()).apply_config(blob)?;
                     self.written(d);
+                    // A slot was freed: this worker's parked channels retry after this batch.
+                    self.need_unpark = true;
                 }
             }
         }
@@ -594,9 +629,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
             }
         }
         if self.inflight > 0 {
-            let ring = std::mem::replace(&mut self.ring, Ring::new(2, 4).map_err(|e| Error::sys("io_uring_setup", e))?);
-            std::mem::forget(ring);
-            std::mem::forget(std::mem::replace(&mut self.hdrs, Box::new([])));
+            self.leaked = true;
+            self.x.leaked.store(true, Ordering::SeqCst);
             return Err(Error::Timeout {
                 what: format!(
                     "{} receive operations did not complete after cancel; their buffers are leaked on purpose",

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ const K_SEND: u64 = 2;
 const K_WAKE: u64 = 3;
 const K_ABORT: u64 = 4;
 const K_CANCEL: u64 = 5;
+const K_POLL: u64 = 6;
 
 fn ud(kind: u64, slot: usize, gen: u32) -> u64 {
     (kind << 56) | ((slot as u64) << 32) | u64::from(gen)
@@ -98,9 +100,14 @@ impl Slot {
 }
 
 struct Loop<'s, 'c, 'a, 'd> {
-    // Drop order matters: the ring goes before the pool it has registered.
-    ring: Ring,
-    pool: BufferPool,
+    // Dropped by hand in `Drop`: the ring before the pool it registered, and neither if the
+    // kernel did not give every buffer back (`leaked`).
+    ring: ManuallyDrop<Ring>,
+    pool: ManuallyDrop<BufferPool>,
+    leaked: bool,
+    /// The last read got EAGAIN (an O_NONBLOCK fd with nothing ready): wait for POLLIN before
+    /// the next one instead of spinning.
+    poll_first: bool,
     sh: &'s SourceShared<'c>,
     ctx: &'s mut DeviceCtx<'a, 'd>,
     slots: Vec<Slot>,
@@ -126,6 +133,21 @@ struct Loop<'s, 'c, 'a, 'd> {
     latency: Latency,
     zc_bytes: u64,
     copied_bytes: u64,
+}
+
+impl Drop for Loop<'_, '_, '_, '_> {
+    fn drop(&mut self) {
+        if self.leaked {
+            // The kernel may still write into the pool: leak both rather than free them.
+            return;
+        }
+        // SAFETY: dropped exactly once, here, and never used again; the ring goes first so the
+        // pool it registered is unmapped only after the registration is gone.
+        unsafe {
+            ManuallyDrop::drop(&mut self.ring);
+            ManuallyDrop::drop(&mut self.pool);
+        }
+    }
 }
 
 /// Runs one device's transfer on io_uring.
@@ -156,8 +178,10 @@ pub(crate) fn run(
     let _ = ring.limit_workers(2, 2);
     let read_async = needs_async(ctx.data_fd());
     let mut lp = Loop {
-        ring,
-        pool,
+        ring: ManuallyDrop::new(ring),
+        pool: ManuallyDrop::new(pool),
+        leaked: false,
+        poll_first: false,
         sh,
         ctx,
         slots: vec![Slot::new(); nslots],
@@ -193,7 +217,7 @@ pub(crate) fn run(
         copied_bytes: 0,
     };
     let r = lp.run();
-    let drained = lp.finish();
+    let drained = lp.finish(r.is_err());
     match (r, drained) {
         (Ok(()), Ok(())) => {
             lp.report.stop_copy_time = lp.ctx.stop_copy_start.elapsed();
@@ -352,8 +376,7 @@ impl Loop<'_, '_, '_, '_> {
         match self.ctx.precopy_read(buf, cap)? {
             PrecopyStep::Data(n) => {
                 self.account_read(n)?;
-                let idx = self.next_idx;
-                self.next_idx += 1;
+                let idx = self.take_idx()?;
                 self.prepare_ready(s, idx, n)?;
             }
             PrecopyStep::Switched => self.free.push(s),
@@ -410,9 +433,19 @@ impl Loop<'_, '_, '_, '_> {
         e.user_data(ud(K_SEND, s, gen))
     }
 
-    fn submit_read(&mut self, s: usize, ch: Option<usize>) -> Result<()> {
+    fn take_idx(&mut self) -> Result<u32> {
         let idx = self.next_idx;
-        self.next_idx += 1;
+        // u32::MAX is reserved as invalid on the wire, and the config packet needs one more.
+        self.next_idx = idx.checked_add(1).filter(|&n| n < u32::MAX).ok_or_else(|| Error::DeviceRead {
+            device: self.name(),
+            offset: self.stream_bytes,
+            source: io::Error::other("more than 2^32-2 packets for one device"),
+        })?;
+        Ok(idx)
+    }
+
+    fn submit_read(&mut self, s: usize, ch: Option<usize>) -> Result<()> {
+        let idx = self.take_idx()?;
         // Pre-fill the header for a full chunk; a short read rewrites it before resending.
         // SAFETY: slot `s` came from the free list: nothing in flight touches it.
         let hdr = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, 0) };
@@ -441,6 +474,24 @@ impl Loop<'_, '_, '_, '_> {
         .user_data(ud(K_READ, s, gen));
         if self.read_async {
             rd = rd.flags(squeue::Flags::ASYNC);
+        }
+        if std::mem::take(&mut self.poll_first) {
+            // The fd said EAGAIN last time: wait until it is readable, then read. No send is
+            // linked: the channel would sit idle for as long as the device takes.
+            if let Some(ch) = ch {
+                self.held.push(ch);
+            }
+            self.slots[s].channel = None;
+            self.slots[s].linked = false;
+            let poll = opcode::PollAdd::new(types::Fixed(0), libc::POLLIN as u32)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(ud(K_POLL, s, gen));
+            // SAFETY: as below; the poll refers to no memory and precedes the read in one chain.
+            unsafe { self.ring.push(&[poll, rd]) }.map_err(|e| Error::sys("io_uring push", e))?;
+            self.inflight += 2;
+            self.reading = Some(s);
+            return Ok(());
         }
         match ch {
             Some(ch) => {
@@ -551,6 +602,10 @@ impl Loop<'_, '_, '_, '_> {
                 Ok(())
             }
             K_CANCEL => Ok(()),
+            K_POLL => {
+                self.inflight -= 1;
+                Ok(())
+            }
             K_READ => {
                 self.inflight -= 1;
                 if self.slots[s].gen != gen {
@@ -606,6 +661,9 @@ impl Loop<'_, '_, '_, '_> {
         if res == -libc::EINTR || res == -libc::EAGAIN {
             self.next_idx -= 1;
             self.slots[s].read_res = 0;
+            if res == -libc::EAGAIN {
+                self.poll_first = true;
+            }
             if !linked || self.slots[s].send_cancelled {
                 self.retire_read_slot(s);
             } else {
@@ -718,7 +776,7 @@ impl Loop<'_, '_, '_, '_> {
     fn account_only(&mut self, c: crate::ring::Completion) {
         let (kind, s, gen) = ud_parts(c.user_data);
         match kind {
-            K_WAKE | K_ABORT | K_READ => self.inflight = self.inflight.saturating_sub(1),
+            K_WAKE | K_ABORT | K_READ | K_POLL => self.inflight = self.inflight.saturating_sub(1),
             K_SEND => {
                 if c.notif() {
                     if self.slots[s].gen == gen && self.slots[s].zc_pending {
@@ -740,19 +798,15 @@ impl Loop<'_, '_, '_, '_> {
     /// Cancels whatever is still in flight and reaps until the kernel has given back every
     /// buffer. If the kernel does not finish within the bound, the pool and ring are leaked on
     /// purpose rather than unmapped under an operation that may still write into them.
-    fn finish(&mut self) -> Result<()> {
+    fn finish(&mut self, failed: bool) -> Result<()> {
         while let Some(ch) = self.held.pop() {
             self.sh.leases.release(ch);
         }
-        for s in 0..self.slots.len() {
-            if let Some(ch) = self.slots[s].channel.take() {
-                if self.slots[s].phase == Phase::Sending && !self.slots[s].send_done {
-                    // The send may still complete; its channel is unusable for framing now,
-                    // and the whole transfer is failing anyway.
-                    continue;
-                }
-                self.sh.leases.release(ch);
-            }
+        if failed {
+            // Stop every other device first. Channels held by slots are never released here:
+            // a linked or in-flight send may still be issued on them, and a second sender on
+            // the same socket would interleave partial writes.
+            self.sh.abort.abort();
         }
         if self.inflight == 0 {
             return Ok(());
@@ -770,11 +824,7 @@ impl Loop<'_, '_, '_, '_> {
             }
         }
         if self.inflight > 0 {
-            let ring = std::mem::replace(&mut self.ring, Ring::new(2, 4).map_err(|e| Error::sys("io_uring_setup", e))?);
-            let pool =
-                std::mem::replace(&mut self.pool, BufferPool::new(1, 0, 4096).map_err(|e| Error::sys("mmap", e))?);
-            std::mem::forget(ring);
-            std::mem::forget(pool);
+            self.leaked = true;
             return Err(Error::Timeout {
                 what: format!(
                     "device {}: {} operations did not complete after cancel; buffers leaked on purpose",
