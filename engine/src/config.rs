@@ -195,8 +195,7 @@ impl ReceiverConfig {
         self
     }
     /// Bytes of out-of-order packets held at most (default: one packet per channel, at least
-    /// two). Rounded
-    /// down to whole packets, at least one.
+    /// two). Rounded down to whole packets, at least one.
     pub fn budget_bytes(mut self, v: usize) -> Self {
         self.budget_bytes = Some(v);
         self

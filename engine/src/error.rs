@@ -148,6 +148,14 @@ impl Error {
         Error::Sys { op: op.into(), source }
     }
 
+    /// Records `e` in `slot` unless `slot` already holds a root cause: the first error wins,
+    /// except that a real failure replaces an [`Error::Aborted`] echo of it.
+    pub(crate) fn keep_root_cause(slot: &mut Option<Error>, e: Error) {
+        if slot.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
+            *slot = Some(e);
+        }
+    }
+
     /// Whether this error only reports that the transfer was aborted (by the caller or
     /// because another thread failed first), as opposed to the original failure.
     pub fn is_aborted(&self) -> bool {

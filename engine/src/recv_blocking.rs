@@ -51,9 +51,7 @@ impl<'r> Shared<'r, '_, '_> {
 
     fn fail(&self, e: Error) {
         let mut g = self.lock();
-        if g.err.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
-            g.err = Some(e);
-        }
+        Error::keep_root_cause(&mut g.err, e);
         self.sh.abort.abort();
         drop(g);
         self.cv.notify_all();

@@ -72,9 +72,7 @@ impl<'r> Shared<'r, '_, '_, '_, '_> {
 
     fn fail(&self, e: Error) {
         let mut g = self.lock();
-        if g.err.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
-            g.err = Some(e);
-        }
+        Error::keep_root_cause(&mut g.err, e);
         drop(g);
         self.sh.abort.abort();
     }
@@ -207,6 +205,18 @@ struct Worker<'w, 'r, 's, 'c, 'a, 'x> {
     abort_seen: bool,
     max_size: u32,
     registered: bool,
+}
+
+impl crate::ring::Drain for Worker<'_, '_, '_, '_, '_, '_> {
+    fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+    fn retire(&mut self, c: Completion) {
+        self.account_only(c);
+    }
+    fn pending(&self) -> bool {
+        self.inflight > 0
+    }
 }
 
 impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
@@ -616,19 +626,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         if self.inflight == 0 {
             return Ok(());
         }
-        let _ = self.ring.cancel_all(ud(K_CANCEL, 0));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.inflight > 0 && Instant::now() < deadline {
-            if self.ring.submit_and_wait(Duration::from_millis(100)).is_err() {
-                break;
-            }
-            let n = self.ring.reap().len();
-            for i in 0..n {
-                let c = self.ring.reap_cached(i);
-                self.account_only(c);
-            }
-        }
-        if self.inflight > 0 {
+        if !crate::ring::cancel_and_drain(self, ud(K_CANCEL, 0), Duration::from_secs(10)) {
             self.leaked = true;
             self.x.leaked.store(true, Ordering::SeqCst);
             return Err(Error::Timeout {

@@ -236,6 +236,35 @@ impl Ring {
     }
 }
 
+/// An event loop that owns a ring and knows which of its operations are still in flight.
+pub(crate) trait Drain {
+    /// The loop's ring.
+    fn ring(&mut self) -> &mut Ring;
+    /// Retires one completion without acting on it (bookkeeping only).
+    fn retire(&mut self, c: Completion);
+    /// Whether operations are still in flight.
+    fn pending(&self) -> bool;
+}
+
+/// Cancels everything `d` has in flight and reaps until nothing is pending or `limit` passes.
+/// Returns whether everything was reaped; if not, the caller must not free any memory an
+/// operation may still use.
+pub(crate) fn cancel_and_drain(d: &mut impl Drain, cancel_user_data: u64, limit: Duration) -> bool {
+    let _ = d.ring().cancel_all(cancel_user_data);
+    let deadline = std::time::Instant::now() + limit;
+    while d.pending() && std::time::Instant::now() < deadline {
+        if d.ring().submit_and_wait(Duration::from_millis(100)).is_err() {
+            break;
+        }
+        let n = d.ring().reap().len();
+        for i in 0..n {
+            let c = d.ring().reap_cached(i);
+            d.retire(c);
+        }
+    }
+    !d.pending()
+}
+
 /// Why io_uring cannot be used here, in words an operator can act on, or `None` if a ring
 /// can be created and the kernel has every operation and feature the engine needs
 /// (`IORING_FEAT_EXT_ARG` for bounded waits, 5.11; READ_FIXED, WRITE_FIXED, READ, WRITE, SEND,

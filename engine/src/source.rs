@@ -346,9 +346,7 @@ impl<'a> Source<'a> {
                 }
                 Err(e) => {
                     // Keep the root cause, not the "aborted" echoes it caused in other threads.
-                    if first_err.as_ref().is_none_or(|f| f.is_aborted() && !e.is_aborted()) {
-                        first_err = Some(e);
-                    }
+                    Error::keep_root_cause(&mut first_err, e);
                 }
             }
         }

@@ -76,16 +76,7 @@ pub(crate) fn run(
 ) -> Result<(SourceDeviceReport, Latency, u64, u64)> {
     let chunk = sh.cfg.chunk_bytes;
     let pool = BufferPool::new(1, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;
-    let mut report = SourceDeviceReport {
-        id: ctx.id.clone(),
-        data_bytes: 0,
-        precopy_bytes: 0,
-        packets: 0,
-        short_reads: 0,
-        config_bytes: 0,
-        stop_copy_time: Duration::ZERO,
-        elapsed: Duration::ZERO,
-    };
+    let mut report = SourceDeviceReport::empty(ctx.id.clone());
     let mut latency = Latency::new();
     let mut copied = 0u64;
     let mut idx: u32 = 0;

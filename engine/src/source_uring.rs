@@ -135,6 +135,18 @@ struct Loop<'s, 'c, 'a, 'd> {
     copied_bytes: u64,
 }
 
+impl crate::ring::Drain for Loop<'_, '_, '_, '_> {
+    fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+    fn retire(&mut self, c: crate::ring::Completion) {
+        self.account_only(c);
+    }
+    fn pending(&self) -> bool {
+        self.inflight > 0
+    }
+}
+
 impl Drop for Loop<'_, '_, '_, '_> {
     fn drop(&mut self) {
         if self.leaked {
@@ -177,6 +189,7 @@ pub(crate) fn run(
     // Bound the kernel's helper threads for blocking device reads.
     let _ = ring.limit_workers(2, 2);
     let read_async = needs_async(ctx.data_fd());
+    let id = ctx.id.clone();
     let mut lp = Loop {
         ring: ManuallyDrop::new(ring),
         pool: ManuallyDrop::new(pool),
@@ -202,16 +215,7 @@ pub(crate) fn run(
         abort_seen: false,
         last_progress: Instant::now(),
         stream_bytes: 0,
-        report: SourceDeviceReport {
-            id: crate::wire::DeviceId::new("x", 0).expect("static id"),
-            data_bytes: 0,
-            precopy_bytes: 0,
-            packets: 0,
-            short_reads: 0,
-            config_bytes: 0,
-            stop_copy_time: Duration::ZERO,
-            elapsed: Duration::ZERO,
-        },
+        report: SourceDeviceReport::empty(id),
         latency: Latency::new(),
         zc_bytes: 0,
         copied_bytes: 0,
@@ -811,19 +815,7 @@ impl Loop<'_, '_, '_, '_> {
         if self.inflight == 0 {
             return Ok(());
         }
-        let _ = self.ring.cancel_all(ud(K_CANCEL, 0, 0));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.inflight > 0 && Instant::now() < deadline {
-            if self.ring.submit_and_wait(Duration::from_millis(100)).is_err() {
-                break;
-            }
-            let n = self.ring.reap().len();
-            for i in 0..n {
-                let c = self.ring.reap_cached(i);
-                self.account_only(c);
-            }
-        }
-        if self.inflight > 0 {
+        if !crate::ring::cancel_and_drain(self, ud(K_CANCEL, 0, 0), Duration::from_secs(10)) {
             self.leaked = true;
             return Err(Error::Timeout {
                 what: format!(

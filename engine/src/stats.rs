@@ -160,6 +160,21 @@ pub struct SourceDeviceReport {
     pub elapsed: Duration,
 }
 
+impl SourceDeviceReport {
+    pub(crate) fn empty(id: DeviceId) -> SourceDeviceReport {
+        SourceDeviceReport {
+            id,
+            data_bytes: 0,
+            precopy_bytes: 0,
+            packets: 0,
+            short_reads: 0,
+            config_bytes: 0,
+            stop_copy_time: Duration::ZERO,
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
 /// What a source transfer did.
 #[derive(Debug, Clone)]
 pub struct SourceReport {

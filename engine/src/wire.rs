@@ -167,6 +167,21 @@ fn need(what: &'static str, buf: &[u8], n: usize) -> Result<(), WireError> {
     }
 }
 
+/// Checks the length, then the leading `MULTIFD_MAGIC` and `MULTIFD_VERSION` every multifd
+/// structure starts with.
+fn check_magic_version(what: &'static str, buf: &[u8], len: usize) -> Result<(), WireError> {
+    need(what, buf, len)?;
+    let magic = get_u32(buf, 0);
+    if magic != MULTIFD_MAGIC {
+        return Err(WireError::BadMagic { what, got: magic });
+    }
+    let version = get_u32(buf, 4);
+    if version != MULTIFD_VERSION {
+        return Err(WireError::BadVersion { what, got: version });
+    }
+    Ok(())
+}
+
 /// Formats a UUID in the usual 8-4-4-4-12 form.
 pub fn format_uuid(u: &Uuid) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
@@ -220,15 +235,7 @@ impl InitPacket {
     /// The first violation found.
     pub fn decode(buf: &[u8], channels: usize, session: &Uuid) -> Result<InitPacket, WireError> {
         const W: &str = "init packet";
-        need(W, buf, INIT_PACKET_LEN)?;
-        let magic = get_u32(buf, 0);
-        if magic != MULTIFD_MAGIC {
-            return Err(WireError::BadMagic { what: W, got: magic });
-        }
-        let version = get_u32(buf, 4);
-        if version != MULTIFD_VERSION {
-            return Err(WireError::BadVersion { what: W, got: version });
-        }
+        check_magic_version(W, buf, INIT_PACKET_LEN)?;
         if let Some(off) = (25..INIT_PACKET_LEN).find(|&i| buf[i] != 0) {
             return Err(WireError::Reserved { what: W, offset: off, value: buf[off] });
         }
@@ -353,15 +360,7 @@ impl DeviceStateHeader {
     /// The first violation found.
     pub fn decode(buf: &[u8], max_packet_size: u32) -> Result<DeviceStateHeader, WireError> {
         const W: &str = "device state header";
-        need(W, buf, DEVICE_STATE_HEADER_LEN)?;
-        let magic = get_u32(buf, 0);
-        if magic != MULTIFD_MAGIC {
-            return Err(WireError::BadMagic { what: W, got: magic });
-        }
-        let version = get_u32(buf, 4);
-        if version != MULTIFD_VERSION {
-            return Err(WireError::BadVersion { what: W, got: version });
-        }
+        check_magic_version(W, buf, DEVICE_STATE_HEADER_LEN)?;
         let flags = get_u32(buf, 8);
         if flags != MULTIFD_FLAG_DEVICE_STATE {
             let why = if flags & MULTIFD_FLAG_DEVICE_STATE == 0 {
@@ -451,6 +450,15 @@ impl VfioPacketHeader {
     }
 }
 
+/// `next_packet_size` for `data_len` bytes of device data (the VFIO header included).
+fn packet_size(data_len: usize) -> Result<u32, WireError> {
+    data_len.checked_add(VFIO_HEADER_LEN).and_then(|s| u32::try_from(s).ok()).ok_or(WireError::BadPacketSize {
+        size: u32::MAX,
+        min: VFIO_HEADER_LEN as u32,
+        max: u32::MAX,
+    })
+}
+
 /// Encodes a whole packet header (device-state header + VFIO header, 288 bytes) for a packet
 /// carrying `data_len` bytes of device data into `buf[..288]`.
 ///
@@ -464,10 +472,7 @@ pub fn encode_packet_header(
     buf: &mut [u8],
 ) -> Result<(), WireError> {
     need("packet header", buf, PACKET_OVERHEAD)?;
-    let size = data_len
-        .checked_add(VFIO_HEADER_LEN)
-        .and_then(|s| u32::try_from(s).ok())
-        .ok_or(WireError::BadPacketSize { size: u32::MAX, min: VFIO_HEADER_LEN as u32, max: u32::MAX })?;
+    let size = packet_size(data_len)?;
     DeviceStateHeader::encode(dev, size, &mut buf[..DEVICE_STATE_HEADER_LEN])?;
     vfio.encode(&mut buf[DEVICE_STATE_HEADER_LEN..PACKET_OVERHEAD])
 }
@@ -479,10 +484,7 @@ pub fn encode_packet_header(
 /// As [`encode_packet_header`].
 pub fn patch_packet_header(buf: &mut [u8], vfio: VfioPacketHeader, data_len: usize) -> Result<(), WireError> {
     need("packet header", buf, PACKET_OVERHEAD)?;
-    let size = data_len
-        .checked_add(VFIO_HEADER_LEN)
-        .and_then(|s| u32::try_from(s).ok())
-        .ok_or(WireError::BadPacketSize { size: u32::MAX, min: VFIO_HEADER_LEN as u32, max: u32::MAX })?;
+    let size = packet_size(data_len)?;
     DeviceStateHeader::patch_size(buf, size)?;
     vfio.encode(&mut buf[DEVICE_STATE_HEADER_LEN..PACKET_OVERHEAD])
 }
