@@ -48,3 +48,8 @@ pub use wire::{DeviceId, Uuid};
 
 /// Re-export of the migration uAPI layer the engine talks to.
 pub use vfio_migration;
+
+/// The README's Rust examples, compiled as doctests so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
