@@ -79,3 +79,18 @@ fn zerocopy_on_and_off_with_short_reads() {
         }
     }
 }
+
+/// The real sender against the smallest receive budget (one out-of-order packet), with many
+/// channels shared by several devices and reads of every size: it must complete, never stall.
+#[test]
+fn smallest_budget_with_the_real_sender() {
+    for b in [Backend::Uring, Backend::Blocking] {
+        for max_read in [4096, 20_000, CHUNK] {
+            let m = migrate(&cfgs(4, 1 << 20, max_read), 8, scfg(b, ZeroCopy::Off), rcfg(b).budget_bytes(CHUNK), false);
+            if m.source.is_err() || m.receiver.is_err() {
+                panic!("{b:?} max_read {max_read}: {:?} / {:?}", m.source.as_ref().err(), m.receiver.as_ref().err());
+            }
+            assert_verified(&m);
+        }
+    }
+}
