@@ -22,6 +22,18 @@ pub enum Error {
         #[source]
         source: vfio_migration::Error,
     },
+    /// The transfer failed and the source device could not be put back into RUNNING either
+    /// (neither by a walk nor by a reset): the VM's device needs attention.
+    #[error("device {device}: {cause}; then putting the device back to RUNNING failed too: {source}")]
+    Unrecovered {
+        /// The device's `idstr`.
+        device: String,
+        /// The failure that stopped the transfer.
+        cause: Box<Error>,
+        /// Why recovery failed.
+        #[source]
+        source: vfio_migration::Error,
+    },
     /// Reading the source device's data fd failed.
     #[error("device {device}: reading the migration data fd failed after {offset} bytes: {source}")]
     DeviceRead {

@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use vfio_migration::{recover, transition, MigState, MigrationDevice, ReadOutcome};
@@ -86,7 +85,6 @@ pub(crate) struct SourceShared<'c> {
     pub(crate) counters: Vec<ChannelCounters>,
     pub(crate) abort: AbortHandle,
     pub(crate) zerocopy: bool,
-    pub(crate) failed: AtomicBool,
     pub(crate) progress: Progress,
 }
 
@@ -299,7 +297,6 @@ impl<'a> Source<'a> {
             counters: (0..self.channels.len()).map(|_| ChannelCounters::default()).collect(),
             abort: self.abort.clone(),
             zerocopy,
-            failed: AtomicBool::new(false),
             progress: self.progress.clone(),
         };
         let devices = std::mem::take(&mut self.devices);
@@ -443,24 +440,25 @@ fn run_device(
             let flags = dev.migration_flags().map_err(|e| Error::Device { device: name.clone(), source: e })?;
             let precopy = opts.precopy && flags.contains(vfio_migration::MigFlags::PRE_COPY);
             let target = if precopy { MigState::PreCopy } else { MigState::StopCopy };
-            let t = match transition(dev, target) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = recover(dev, MigState::Running);
-                    shared.abort.abort();
-                    return Err(Error::Device { device: name, source: e });
-                }
-            };
-            let Some(fd) = t.data_fd else {
-                let _ = recover(dev, MigState::Running);
-                shared.abort.abort();
-                return Err(Error::Device {
-                    device: name,
+            let started_fd = transition(dev, target).map_err(|e| Error::Device { device: name.clone(), source: e });
+            let started_fd = started_fd.and_then(|t| {
+                t.data_fd.ok_or_else(|| Error::Device {
+                    device: name.clone(),
                     source: vfio_migration::Error::Protocol {
                         device: dev.name().to_owned(),
                         what: format!("device was already in {target}: its data stream was started by someone else"),
                     },
-                });
+                })
+            });
+            let fd = match started_fd {
+                Ok(fd) => fd,
+                Err(e) => {
+                    shared.abort.abort();
+                    return Err(match recover(dev, MigState::Running) {
+                        Ok(_) => e,
+                        Err(r) => Error::Unrecovered { device: name, cause: Box::new(e), source: r },
+                    });
+                }
             };
             let raw = fd.as_raw_fd();
             (Some(dev), &[][..], opts, raw, Some(fd), precopy)
@@ -482,36 +480,28 @@ fn run_device(
         BackendKind::Blocking => source_blocking::run(shared, &mut ctx),
     };
     shared.leases.withdraw(dev_no);
-    let is_device = ctx.dev.is_some();
-    let final_res = match res {
-        Ok(mut out) => {
-            // The stream is fully read: end the save session where asked.
-            ctx.owned_fd = None;
-            if let Some(dev) = ctx.dev.as_deref_mut() {
-                if let Err(e) = transition(dev, opts.final_state) {
-                    let _ = recover(dev, MigState::Running);
-                    shared.abort.abort();
-                    return Err(Error::Device { device: name, source: e });
-                }
-            }
-            out.0.id = id.clone();
-            out.0.precopy_bytes = ctx.precopy_bytes;
-            out.0.elapsed = started.elapsed();
-            Ok(out)
+    // The save session ends with the walk below (or the recovery); the fd goes first.
+    ctx.owned_fd = None;
+    let res = res.and_then(|mut out| {
+        if let Some(dev) = ctx.dev.as_deref_mut() {
+            transition(dev, opts.final_state).map_err(|e| Error::Device { device: name.clone(), source: e })?;
         }
+        out.0.id = id.clone();
+        out.0.precopy_bytes = ctx.precopy_bytes;
+        out.0.elapsed = started.elapsed();
+        Ok(out)
+    });
+    match res {
+        Ok(out) => Ok(out),
         Err(e) => {
-            shared.failed.store(true, Ordering::SeqCst);
             shared.abort.abort();
-            ctx.owned_fd = None;
-            if let Some(dev) = ctx.dev.as_deref_mut() {
-                // Keep the VM running: the migration failed, the source carries on.
-                let _ = recover(dev, MigState::Running);
+            // Keep the VM running: the migration failed, the source carries on.
+            match ctx.dev.as_deref_mut().map(|dev| recover(dev, MigState::Running)) {
+                Some(Err(r)) => Err(Error::Unrecovered { device: name, cause: Box::new(e), source: r }),
+                _ => Err(e),
             }
-            Err(e)
         }
-    };
-    let _ = is_device;
-    final_res
+    }
 }
 
 /// Default stall tick: how often a waiting thread re-checks abort and timeouts.

@@ -257,7 +257,6 @@ impl Loop<'_, '_, '_, '_> {
     fn run(&mut self) -> Result<()> {
         self.arm_wake()?;
         self.arm_abort()?;
-        let config_slot = self.slots.len() - 1;
         // Every slot's header carries the device identity; encode it once, patch per packet.
         for s in 0..self.slots.len() {
             // SAFETY: no operation is in flight yet; we own every slot.
@@ -265,7 +264,6 @@ impl Loop<'_, '_, '_, '_> {
             encode_packet_header(self.ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, hdr)
                 .map_err(|e| Error::Config(e.to_string()))?;
         }
-        let _ = config_slot;
         loop {
             if self.abort_seen || self.sh.abort.is_aborted() {
                 return Err(Error::Aborted);
