@@ -94,9 +94,14 @@ pub fn run(json_out: bool) -> Result<()> {
         })
         .collect();
     let (backend, zc) = match &u {
-        Ok(o) => {
-            ("io_uring", if o.send_zc { "SEND_ZC to remote TCP peers (auto; plain SEND on loopback, which always copies)" } else { "off (kernel lacks SEND_ZC)" })
-        }
+        Ok(o) => (
+            "io_uring",
+            if o.send_zc {
+                "SEND_ZC to remote TCP peers (auto; plain SEND on loopback, which always copies)"
+            } else {
+                "off (kernel lacks SEND_ZC)"
+            },
+        ),
         Err(_) => ("blocking", "off (needs io_uring)"),
     };
     if json_out {

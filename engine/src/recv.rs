@@ -27,6 +27,8 @@ pub(crate) struct Target<'a> {
     pub(crate) config_bytes: u64,
     pub(crate) short_writes: u64,
     pub(crate) final_state: Option<MigState>,
+    /// When the device finished loading (config applied, device moved on).
+    pub(crate) loaded_at: Option<Instant>,
 }
 
 impl Target<'_> {
@@ -47,6 +49,7 @@ impl Target<'_> {
             TargetKind::Fd { config, .. } => {
                 config.clear();
                 config.extend_from_slice(blob);
+                self.loaded_at = Some(Instant::now());
                 Ok(())
             }
             TargetKind::Device { dev, final_state, fd } => {
@@ -56,6 +59,7 @@ impl Target<'_> {
                 *fd = None;
                 r.map_err(|e| Error::Device { device: name, source: e })?;
                 self.final_state = Some(*final_state);
+                self.loaded_at = Some(Instant::now());
                 Ok(())
             }
         }
@@ -140,6 +144,7 @@ impl<'a> Receiver<'a> {
             config_bytes: 0,
             short_writes: 0,
             final_state: None,
+            loaded_at: None,
         });
         self
     }
@@ -153,6 +158,7 @@ impl<'a> Receiver<'a> {
             config_bytes: 0,
             short_writes: 0,
             final_state: None,
+            loaded_at: None,
         });
         self
     }
@@ -266,6 +272,7 @@ impl<'a> Receiver<'a> {
                     config_bytes: t.config_bytes,
                     short_writes: t.short_writes,
                     final_state: t.final_state,
+                    loaded_after: t.loaded_at.map(|t| t.saturating_duration_since(started)),
                 }
             })
             .collect();

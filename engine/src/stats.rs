@@ -222,6 +222,9 @@ pub struct ReceiverDeviceReport {
     pub short_writes: u64,
     /// The state the device was moved to (None for a raw fd).
     pub final_state: Option<vfio_migration::MigState>,
+    /// From the first init packet read to this device's config applied and the device moved on:
+    /// the destination's share of the downtime.
+    pub loaded_after: Option<Duration>,
 }
 
 /// What a receive did.

@@ -94,3 +94,14 @@ fn smallest_budget_with_the_real_sender() {
         }
     }
 }
+
+#[test]
+fn receiver_reports_when_each_device_was_loaded() {
+    let m = migrate(&cfgs(2, 2 << 20, CHUNK), 2, scfg(Backend::Uring, ZeroCopy::Off), rcfg(Backend::Uring), false);
+    assert_verified(&m);
+    let r = m.receiver.as_ref().unwrap();
+    for d in &r.devices {
+        let t = d.loaded_after.expect("loaded");
+        assert!(t > std::time::Duration::ZERO && t <= r.elapsed, "{t:?} vs {:?}", r.elapsed);
+    }
+}
