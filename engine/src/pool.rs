@@ -20,6 +20,20 @@ pub const PAGE: usize = 4096;
 /// Largest registered buffer the kernel accepts (`io_buffer_validate`: 1 GiB).
 pub const MAX_REGISTERED: usize = 1 << 30;
 
+/// Size of the huge pages the pool asks for (x86_64 and arm64 with 4 KiB base pages).
+const HUGE: usize = 2 << 20;
+
+/// What backs the pool's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Reserved hugetlb pages (`MAP_HUGETLB`): the host has a huge page pool.
+    Hugetlb,
+    /// Base pages with `MADV_HUGEPAGE`: transparent huge pages where the kernel can.
+    TransparentHuge,
+    /// Base pages (a pool smaller than one huge page).
+    Base,
+}
+
 /// A fixed set of page-aligned slots in one mapping.
 #[derive(Debug)]
 pub struct BufferPool {
@@ -28,7 +42,7 @@ pub struct BufferPool {
     header_bytes: usize,
     payload_bytes: usize,
     slots: usize,
-    huge: bool,
+    backing: Backing,
 }
 
 fn round_up(v: usize, to: usize) -> Option<usize> {
@@ -37,8 +51,11 @@ fn round_up(v: usize, to: usize) -> Option<usize> {
 
 impl BufferPool {
     /// Maps `slots` slots, each with `header_bytes` (rounded up to a page; may be 0) in front of
-    /// `payload_bytes` (rounded up to a page). Asks for transparent huge pages when the mapping
-    /// is large enough, and pre-faults it so that registration and the first reads do not fault.
+    /// `payload_bytes` (rounded up to a page). A pool of at least one huge page comes from the
+    /// hugetlb pool when the host has free huge pages (fewer TLB misses, and io_uring and
+    /// SEND_ZC coalesce each huge page into one segment), else from base pages advised for
+    /// transparent huge pages. The mapping is pre-faulted so that registration and the first
+    /// reads do not fault.
     ///
     /// # Errors
     /// `InvalidInput` for a zero or overflowing size, or the mmap error.
@@ -51,18 +68,28 @@ impl BufferPool {
         let payload_bytes = round_up(payload_bytes, PAGE).ok_or_else(bad)?;
         let slot_bytes = header_bytes.checked_add(payload_bytes).ok_or_else(bad)?;
         let total = slot_bytes.checked_mul(slots).ok_or_else(bad)?;
-        let mut map = MmapOptions::new().len(total).map_anon()?;
-        let mut huge = false;
-        if total >= 2 << 20 {
-            // THP is only a hint: the kernel may or may not back the mapping with huge pages.
-            huge = map.advise(memmap2::Advice::HugePage).is_ok();
-        }
+        let (mut map, backing) = if total >= HUGE {
+            let rounded = round_up(total, HUGE).ok_or_else(bad)?;
+            // MAP_HUGETLB reserves the pages at mmap time: without enough free huge pages it
+            // fails at once (ENOMEM), and the pool falls back to base pages.
+            match MmapOptions::new().len(rounded).huge(Some(21)).map_anon() {
+                Ok(m) => (m, Backing::Hugetlb),
+                Err(_) => {
+                    let m = MmapOptions::new().len(total).map_anon()?;
+                    // THP is only a hint: the kernel may or may not use huge pages.
+                    let advised = m.advise(memmap2::Advice::HugePage).is_ok();
+                    (m, if advised { Backing::TransparentHuge } else { Backing::Base })
+                }
+            }
+        } else {
+            (MmapOptions::new().len(total).map_anon()?, Backing::Base)
+        };
         // Pre-fault: registration pins the pages anyway, and a blocking backend should not
         // take page faults in its first reads.
-        for off in (0..total).step_by(PAGE) {
+        for off in (0..map.len()).step_by(PAGE) {
             map[off] = 0;
         }
-        Ok(BufferPool { map, slot_bytes, header_bytes, payload_bytes, slots, huge })
+        Ok(BufferPool { map, slot_bytes, header_bytes, payload_bytes, slots, backing })
     }
 
     /// Number of slots.
@@ -75,9 +102,9 @@ impl BufferPool {
         self.payload_bytes
     }
 
-    /// Whether transparent huge pages were requested for the mapping.
-    pub fn huge_pages_advised(&self) -> bool {
-        self.huge
+    /// What backs the mapping.
+    pub fn backing(&self) -> Backing {
+        self.backing
     }
 
     /// Total mapped bytes.
@@ -159,6 +186,10 @@ mod tests {
             assert_eq!(p.payload_ptr(s) as usize - p.header_ptr(s, 288) as usize, 288);
         }
         assert!(BufferPool::new(0, 0, 1).is_err());
+        // 4 MiB: hugetlb if this host has a pool of free huge pages, else THP-advised pages.
+        let big = BufferPool::new(4, 0, 1 << 20).unwrap();
+        assert_ne!(big.backing(), Backing::Base);
+        assert_eq!(p.backing(), Backing::Base);
         assert!(BufferPool::new(1, 0, usize::MAX).is_err());
     }
 }
