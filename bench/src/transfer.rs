@@ -114,7 +114,7 @@ pub fn run_engine(p: &EngineParams, bar: bool, interval: Duration) -> Result<Eng
         rcfg = rcfg.budget_bytes(b);
     }
     let ids: Vec<DeviceId> = (0..p.devices).map(|i| device_id(i, &[], &[])).collect::<Result<_>>()?;
-    let mut rx = Receiver::try_new(rcfg).context("creating the receiver")?;
+    let mut rx = Receiver::new(rcfg).context("creating the receiver")?;
     for (i, d) in dsts.iter_mut().enumerate() {
         rx.add_device(ids[i].clone(), d);
     }
@@ -634,7 +634,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     if let Some(b) = a.budget {
         cfg = cfg.budget_bytes(b);
     }
-    let mut rx = Receiver::try_new(cfg).context("setting up the receiver")?;
+    let mut rx = Receiver::new(cfg).context("setting up the receiver")?;
     for e in entries.iter_mut() {
         let DstEntry { id, dev, sink, config } = e;
         match (sink, dev) {

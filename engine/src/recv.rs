@@ -74,7 +74,7 @@ impl Target<'_> {
 /// # fn device() -> Box<dyn vfio_migration::MigrationDevice> { unimplemented!() }
 /// let listener = TcpListener::bind("0.0.0.0:4444")?;
 /// let mut dev = device();
-/// let mut rx = Receiver::new(ReceiverConfig::new());
+/// let mut rx = Receiver::new(ReceiverConfig::new())?;
 /// rx.add_device(DeviceId::new("0000:00:02.0/vfio", 0)?, dev.as_mut());
 /// let report = rx.run_listener(&listener, 4)?;
 /// println!("loaded {} bytes", report.data_bytes());
@@ -108,18 +108,9 @@ pub(crate) struct RecvShared<'c> {
 impl<'a> Receiver<'a> {
     /// A receiver with no devices yet.
     ///
-    /// # Panics
-    /// Never in practice: only if the process is out of file descriptors for the abort eventfd,
-    /// which [`Receiver::try_new`] reports as an error instead.
-    pub fn new(cfg: ReceiverConfig) -> Receiver<'a> {
-        Receiver::try_new(cfg).expect("eventfd for the abort handle")
-    }
-
-    /// A receiver with no devices yet.
-    ///
     /// # Errors
-    /// eventfd creation failures.
-    pub fn try_new(cfg: ReceiverConfig) -> Result<Receiver<'a>> {
+    /// eventfd creation failures (for the abort handle: the process is out of descriptors).
+    pub fn new(cfg: ReceiverConfig) -> Result<Receiver<'a>> {
         let abort = AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?;
         Ok(Receiver { cfg, targets: Vec::new(), abort, progress: Progress::default() })
     }

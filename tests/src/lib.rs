@@ -77,7 +77,7 @@ pub fn migrate_with(
     let (source, receiver) = std::thread::scope(|sc| {
         let dests = &mut dests;
         let rx = sc.spawn(move || {
-            let mut r = Receiver::new(rcfg.stall_timeout(Duration::from_secs(30)));
+            let mut r = Receiver::new(rcfg.stall_timeout(Duration::from_secs(30))).expect("receiver");
             for (i, d) in dests.iter_mut().enumerate() {
                 r.add_device(dev_id(i), d);
             }
@@ -182,7 +182,7 @@ pub fn receive_from<F: FnOnce(std::net::SocketAddr)>(
         let dests = &mut dests;
         let l = &l;
         let h = sc.spawn(move || {
-            let mut r = Receiver::new(rcfg);
+            let mut r = Receiver::new(rcfg).expect("receiver");
             for (i, d) in dests.iter_mut().enumerate() {
                 r.add_device(dev_id(i), d);
             }

@@ -25,7 +25,7 @@ fn aborted_run(b: Backend, side: Side) {
     let rcfg = ReceiverConfig::new().backend(b).stall_timeout(Duration::from_secs(20));
     let mut src = Source::new(scfg, c).unwrap();
     src.add_device_with(dev_id(0), &mut src_dev, DeviceOptions::default());
-    let mut rx = Receiver::new(rcfg);
+    let mut rx = Receiver::new(rcfg).unwrap();
     rx.add_device(dev_id(0), &mut dst_dev);
     let (sa, ra) = (src.abort_handle(), rx.abort_handle());
     let t0 = Instant::now();
