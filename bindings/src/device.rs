@@ -102,9 +102,9 @@ pub struct Transition {
 /// failed and where the device really is.
 ///
 /// # Errors
-/// [`Error::NoPath`] if the kernel table has no path; [`Error::Transition`] if an arc fails
-/// (its `reached` field is the state read back after the failure); [`Error::Protocol`] if the
-/// device hands back a data fd on an arc that must not create one.
+/// [`Error::NoPath`] if the kernel table has no path; [`Error::Transition`] if an arc fails, or
+/// if the device hands back a data fd on an arc that must not create one (or none where it must);
+/// its `reached` field is the state read back afterwards.
 pub fn transition(dev: &mut dyn MigrationDevice, target: MigState) -> Result<Transition> {
     let flags = dev.migration_flags()?;
     let from = dev.state()?;
@@ -120,21 +120,27 @@ pub fn transition(dev: &mut dyn MigrationDevice, target: MigState) -> Result<Tra
         match dev.set_state_raw(next) {
             Ok(fd) => {
                 let creates = arc_creates_data_fd(at, next);
-                match (fd, creates) {
-                    (Some(fd), true) => data_fd = Some(fd),
-                    (None, true) => {
-                        return Err(Error::Protocol {
-                            device: dev.name().to_owned(),
-                            what: format!("arc {at} -> {next} returned no data fd"),
-                        })
+                let wrong = match (fd, creates) {
+                    (Some(fd), true) => {
+                        data_fd = Some(fd);
+                        None
                     }
-                    (Some(_), false) => {
-                        return Err(Error::Protocol {
-                            device: dev.name().to_owned(),
-                            what: format!("arc {at} -> {next} returned a data fd it must not create"),
-                        })
-                    }
-                    (None, false) => {}
+                    (None, true) => Some(format!("arc {at} -> {next} returned no data fd")),
+                    (Some(_), false) => Some(format!("arc {at} -> {next} returned a data fd it must not create")),
+                    (None, false) => None,
+                };
+                if let Some(what) = wrong {
+                    // The arc itself succeeded: say where the device now is.
+                    let reached = dev.state().unwrap_or(MigState::Error);
+                    return Err(Error::Transition {
+                        device: dev.name().to_owned(),
+                        from,
+                        to: target,
+                        arc_from: at,
+                        arc_to: next,
+                        reached,
+                        source: Box::new(Error::Protocol { device: dev.name().to_owned(), what }),
+                    });
                 }
                 arcs.push((at, next));
                 at = next;
@@ -177,7 +183,8 @@ pub enum Recovery {
 /// and where that fails, by `VFIO_DEVICE_RESET` (which leaves it RUNNING), then a walk again.
 ///
 /// # Errors
-/// The reset's error if even the reset fails.
+/// The reset's error if even the reset fails, or the error of the walk after a successful reset
+/// (the device is then wherever that walk stopped; [`MigrationDevice::state`] tells).
 pub fn recover(dev: &mut dyn MigrationDevice, want: MigState) -> Result<Recovery> {
     if dev.state().ok() == Some(want) {
         return Ok(Recovery::AlreadyThere);
