@@ -117,52 +117,38 @@ pub fn transition(dev: &mut dyn MigrationDevice, target: MigState) -> Result<Tra
             from: at,
             to: target,
         })?;
-        match dev.set_state_raw(next) {
-            Ok(fd) => {
-                let creates = arc_creates_data_fd(at, next);
-                let wrong = match (fd, creates) {
-                    (Some(fd), true) => {
-                        data_fd = Some(fd);
-                        None
-                    }
-                    (None, true) => Some(format!("arc {at} -> {next} returned no data fd")),
-                    (Some(_), false) => Some(format!("arc {at} -> {next} returned a data fd it must not create")),
-                    (None, false) => None,
-                };
-                if let Some(what) = wrong {
-                    // The arc itself succeeded: say where the device now is.
-                    let reached = dev.state().unwrap_or(MigState::Error);
-                    return Err(Error::Transition {
-                        device: dev.name().to_owned(),
-                        from,
-                        to: target,
-                        arc_from: at,
-                        arc_to: next,
-                        reached,
-                        source: Box::new(Error::Protocol { device: dev.name().to_owned(), what }),
-                    });
-                }
-                arcs.push((at, next));
-                at = next;
-                if arcs.len() > 8 {
-                    return Err(Error::Protocol {
-                        device: dev.name().to_owned(),
-                        what: format!("walk from {from} to {target} did not converge"),
-                    });
-                }
+        // A failed arc, or one that succeeded but broke the data-fd rule: either way, say which
+        // arc and where the device really is now (read back after the SET).
+        let failed = |dev: &mut dyn MigrationDevice, source: Error| Error::Transition {
+            device: dev.name().to_owned(),
+            from,
+            to: target,
+            arc_from: at,
+            arc_to: next,
+            reached: dev.state().unwrap_or(MigState::Error),
+            source: Box::new(source),
+        };
+        let fd = dev.set_state_raw(next).map_err(|e| failed(dev, e))?;
+        let wrong = match (fd, arc_creates_data_fd(at, next)) {
+            (Some(fd), true) => {
+                data_fd = Some(fd);
+                None
             }
-            Err(e) => {
-                let reached = dev.state().unwrap_or(MigState::Error);
-                return Err(Error::Transition {
-                    device: dev.name().to_owned(),
-                    from,
-                    to: target,
-                    arc_from: at,
-                    arc_to: next,
-                    reached,
-                    source: Box::new(e),
-                });
-            }
+            (None, true) => Some(format!("arc {at} -> {next} returned no data fd")),
+            (Some(_), false) => Some(format!("arc {at} -> {next} returned a data fd it must not create")),
+            (None, false) => None,
+        };
+        if let Some(what) = wrong {
+            let source = Error::Protocol { device: dev.name().to_owned(), what };
+            return Err(failed(dev, source));
+        }
+        arcs.push((at, next));
+        at = next;
+        if arcs.len() > 8 {
+            return Err(Error::Protocol {
+                device: dev.name().to_owned(),
+                what: format!("walk from {from} to {target} did not converge"),
+            });
         }
     }
     Ok(Transition { arcs, data_fd })

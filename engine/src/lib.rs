@@ -41,8 +41,8 @@ pub use error::{Error, Result};
 pub use recv::Receiver;
 pub use source::{DeviceOptions, Source};
 pub use stats::{
-    BackendKind, ChannelReport, LatencySummary, Progress, ReceiverDeviceReport, ReceiverReport, SourceDeviceReport,
-    SourceReport,
+    BackendKind, ChannelReport, Latency, LatencySummary, Progress, ReceiverDeviceReport, ReceiverReport,
+    SourceDeviceReport, SourceReport,
 };
 pub use wire::{DeviceId, Uuid};
 

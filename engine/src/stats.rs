@@ -51,28 +51,40 @@ pub struct LatencySummary {
     pub p999_ns: u64,
 }
 
-/// A per-thread latency recorder (nanoseconds, 3 significant digits, up to 10 minutes).
+/// A latency recorder (nanoseconds, 3 significant digits, 1 ns to 10 minutes), one per thread:
+/// recording never allocates or locks. Merge the threads' recorders at the end and read a
+/// [`LatencySummary`].
 #[derive(Debug, Clone)]
-pub(crate) struct Latency(Histogram<u64>);
+pub struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::new()
+    }
+}
 
 impl Latency {
-    pub(crate) fn new() -> Latency {
+    /// An empty recorder.
+    pub fn new() -> Latency {
         // Bounds fixed at start-up: recording below never resizes (no allocation per packet).
         let h = Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("static histogram bounds are valid");
         Latency(h)
     }
 
-    pub(crate) fn record(&mut self, d: Duration) {
+    /// Records one sample (clamped to the recorder's range).
+    pub fn record(&mut self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).clamp(1, 600_000_000_000);
         self.0.saturating_record(ns);
     }
 
-    pub(crate) fn merge(&mut self, other: &Latency) {
+    /// Adds every sample of `other`.
+    pub fn merge(&mut self, other: &Latency) {
         // Same bounds on both sides, so `add` cannot fail.
         let _ = self.0.add(&other.0);
     }
 
-    pub(crate) fn summary(&self) -> LatencySummary {
+    /// Count, extremes, mean, deviation and the 50/90/99/99.9th percentiles.
+    pub fn summary(&self) -> LatencySummary {
         let h = &self.0;
         if h.is_empty() {
             return LatencySummary::default();

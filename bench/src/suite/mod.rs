@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::MigrationDevice;
@@ -214,27 +213,6 @@ impl Abort {
 pub(crate) struct Outcome {
     pub(crate) wall: Duration,
     pub(crate) latency: Option<LatencySummary>,
-}
-
-pub(crate) fn new_hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("static histogram bounds are valid")
-}
-
-pub(crate) fn summarize(h: &Histogram<u64>) -> LatencySummary {
-    if h.is_empty() {
-        return LatencySummary::default();
-    }
-    LatencySummary {
-        count: h.len(),
-        min_ns: h.min(),
-        max_ns: h.max(),
-        mean_ns: h.mean(),
-        stddev_ns: h.stdev(),
-        p50_ns: h.value_at_quantile(0.5),
-        p90_ns: h.value_at_quantile(0.9),
-        p99_ns: h.value_at_quantile(0.99),
-        p999_ns: h.value_at_quantile(0.999),
-    }
 }
 
 /// Every destination verified its whole stream (and, with `config`, got the source's blob).

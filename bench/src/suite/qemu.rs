@@ -21,7 +21,6 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use hdrhistogram::Histogram;
 use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::{transition, MigState, MigrationDevice};
 use vfio_multifd::wire::{
@@ -29,8 +28,9 @@ use vfio_multifd::wire::{
     VFIO_HEADER_LEN,
 };
 use vfio_multifd::DeviceId;
+use vfio_multifd::Latency;
 
-use super::{io, new_hist, Abort, Outcome};
+use super::{io, Abort, Outcome};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -208,7 +208,7 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
     };
     let devices_done = AtomicBool::new(false);
 
-    let result: Result<Vec<Histogram<u64>>> = std::thread::scope(|s| {
+    let result: Result<Vec<Latency>> = std::thread::scope(|s| {
         // ---- destination: recv threads (one per channel)
         let mut recv_h = Vec::new();
         for fd in rx.iter().map(|f| f.as_raw_fd()) {
@@ -236,7 +236,7 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
         let mut chan_h = Vec::new();
         for (c, fd) in tx.iter().map(|f| f.as_raw_fd()).enumerate() {
             let send = &send;
-            chan_h.push(s.spawn(move || -> Result<Histogram<u64>> {
+            chan_h.push(s.spawn(move || -> Result<Latency> {
                 let r = channel_thread(c, fd, send, abort);
                 if r.is_err() {
                     abort.trip();
@@ -297,12 +297,12 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
     let wall = t0.elapsed();
     drop(tx);
     drop(rx);
-    let mut h = new_hist();
+    let mut h = Latency::new();
     for x in &hists {
-        let _ = h.add(x);
+        h.merge(x);
     }
     super::verify_streams(cfgs, &dsts, true)?;
-    Ok(Outcome { wall, latency: Some(super::summarize(&h)) })
+    Ok(Outcome { wall, latency: Some(h.summary()) })
 }
 
 /// `vfio_multifd_save_complete_precopy_thread()`.
@@ -336,8 +336,8 @@ fn save_thread(d: &mut SimDevice, id: &DeviceId, chunk: usize, send: &SendState,
 }
 
 /// `multifd_send_thread()` for device-state jobs.
-fn channel_thread(_c: usize, fd: RawFd, send: &SendState, abort: &Abort) -> Result<Histogram<u64>> {
-    let mut hist = new_hist();
+fn channel_thread(_c: usize, fd: RawFd, send: &SendState, abort: &Abort) -> Result<Latency> {
+    let mut hist = Latency::new();
     let mut hdr = [0u8; DEVICE_STATE_HEADER_LEN];
     let (m, cv) = &send.slots[_c];
     send.channels_ready.post();
@@ -358,8 +358,7 @@ fn channel_thread(_c: usize, fd: RawFd, send: &SendState, abort: &Abort) -> Resu
         let Some(data) = data else { return Ok(hist) };
         DeviceStateHeader::encode(&data.id, data.buf.len() as u32, &mut hdr)?;
         writev_all(fd, &hdr, &data.buf).context("writev to the channel")?;
-        let ns = u64::try_from(data.t_read.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        hist.saturating_record(ns.clamp(1, 600_000_000_000));
+        hist.record(data.t_read.elapsed());
         drop(data); // multifd_send_data_clear(): the payload is freed at once.
         lock(m).pending_job = false;
         send.channels_ready.post();
