@@ -1,14 +1,16 @@
 //! A cross-thread abort signal that can also be polled as a file descriptor.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use crate::event::EventFd;
 
 #[derive(Debug)]
 struct Inner {
     flag: AtomicBool,
-    efd: OwnedFd,
+    efd: EventFd,
 }
 
 /// Stops a transfer promptly from any thread.
@@ -27,23 +29,14 @@ impl AbortHandle {
     /// # Errors
     /// `eventfd(2)` failures (out of file descriptors).
     pub fn new() -> io::Result<AbortHandle> {
-        // SAFETY: eventfd has no memory arguments; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let efd = EventFd::new()?;
         Ok(AbortHandle { inner: Arc::new(Inner { flag: AtomicBool::new(false), efd }) })
     }
 
     /// Aborts the transfer. Idempotent.
     pub fn abort(&self) {
         if !self.inner.flag.swap(true, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A failure (counter
-            // overflow) cannot happen for a single write of 1, and the flag is set regardless.
-            let _ = unsafe { libc::write(self.inner.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            self.inner.efd.signal();
         }
     }
 
@@ -61,6 +54,8 @@ impl AsFd for AbortHandle {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]

@@ -9,8 +9,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
+
+use crate::event::EventFd;
 
 #[derive(Debug)]
 struct Inner {
@@ -24,24 +25,14 @@ struct Inner {
 #[derive(Debug)]
 pub(crate) struct ChannelLeases {
     inner: Mutex<Inner>,
-    wakers: Vec<OwnedFd>,
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: no pointer arguments; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    wakers: Vec<EventFd>,
 }
 
 impl ChannelLeases {
     /// All `channels` idle, `devices` mailboxes and wakers. Every queue is allocated here at
     /// its final capacity, so leasing never allocates.
     pub(crate) fn new(channels: usize, devices: usize) -> io::Result<ChannelLeases> {
-        let wakers = (0..devices).map(|_| eventfd()).collect::<io::Result<Vec<_>>>()?;
+        let wakers = (0..devices).map(|_| EventFd::new()).collect::<io::Result<Vec<_>>>()?;
         let mut idle = VecDeque::with_capacity(channels);
         idle.extend(0..channels);
         Ok(ChannelLeases {
@@ -93,10 +84,7 @@ impl ChannelLeases {
             g.waiting[dev] = false;
             g.granted[dev].push_back(ch);
             drop(g);
-            let one: u64 = 1;
-            // SAFETY: writes a live u64 to an eventfd we own; EAGAIN (counter saturated) is
-            // harmless because the waiter only needs one wake-up.
-            let _ = unsafe { libc::write(self.wakers[dev].as_raw_fd(), (&one as *const u64).cast(), 8) };
+            self.wakers[dev].signal();
         } else {
             g.idle.push_back(ch);
         }
@@ -120,8 +108,8 @@ impl ChannelLeases {
     }
 
     /// The eventfd that becomes readable when a channel is granted to `dev`.
-    pub(crate) fn waker(&self, dev: usize) -> BorrowedFd<'_> {
-        self.wakers[dev].as_fd()
+    pub(crate) fn waker(&self, dev: usize) -> &EventFd {
+        &self.wakers[dev]
     }
 
     /// Number of idle channels (for tests and reports).

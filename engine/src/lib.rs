@@ -20,6 +20,7 @@
 mod abort;
 mod config;
 mod error;
+mod event;
 mod lease;
 pub mod pool;
 mod reassembly;

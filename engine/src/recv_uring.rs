@@ -10,7 +10,7 @@
 //! through their eventfds (see `reassembly` for why that cannot deadlock).
 
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types};
 
 use crate::error::{Error, Result};
+use crate::event::EventFd;
 use crate::pool::BufferPool;
 use crate::reassembly::{Admit, Admitted, NextWrite, Reassembly};
 use crate::recv::{RecvShared, Target};
@@ -59,7 +60,7 @@ struct Shared<'r, 's, 'c, 'a, 'x> {
     pool: ManuallyDrop<BufferPool>,
     leaked: AtomicBool,
     sh: &'s RecvShared<'c>,
-    kicks: Vec<OwnedFd>,
+    kicks: Vec<EventFd>,
     workers: usize,
     start: Instant,
     last_progress_ns: AtomicU64,
@@ -94,23 +95,10 @@ impl<'r> Shared<'r, '_, '_, '_, '_> {
             }
             let parked = (w..g.parked_at.len()).step_by(self.workers).any(|c| g.parked_at[c].is_some());
             if parked {
-                let one: u64 = 1;
-                // SAFETY: writes a live u64 to an eventfd we own; EAGAIN (saturated counter) is
-                // harmless: the worker is already due to wake.
-                let _ = unsafe { libc::write(self.kicks[w].as_raw_fd(), (&one as *const u64).cast(), 8) };
+                self.kicks[w].signal();
             }
         }
     }
-}
-
-fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: no pointer arguments; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
@@ -118,8 +106,10 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
     let workers = sh.cfg.workers_for(n);
     let pool =
         BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
-    let kicks =
-        (0..workers).map(|_| eventfd()).collect::<std::io::Result<Vec<_>>>().map_err(|e| Error::sys("eventfd", e))?;
+    let kicks = (0..workers)
+        .map(|_| EventFd::new())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::sys("eventfd", e))?;
     let mut x = Shared {
         st: Mutex::new(State { re, epoch: 0, parked_at: vec![None; n], eof: vec![false; n], err: None }),
         targets: targets.iter_mut().map(Mutex::new).collect(),
@@ -254,7 +244,7 @@ fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         files.push(t.lock().unwrap_or_else(|p| p.into_inner()).data_fd());
     }
     files.push(x.sh.abort.as_fd().as_raw_fd());
-    files.push(x.kicks[me].as_raw_fd());
+    files.push(x.kicks[me].as_fd().as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     let _ = ring.limit_workers(2, 2);
     let nloc = chans.len();

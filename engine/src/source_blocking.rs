@@ -10,6 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::event::EventFd;
 use crate::pool::BufferPool;
 use crate::source::{DeviceCtx, PrecopyStep, SourceShared, TICK};
 use crate::stats::{Latency, SourceDeviceReport};
@@ -32,12 +33,6 @@ pub(crate) fn poll_in(fds: &[RawFd], timeout: Duration) -> io::Result<bool> {
         return Err(e);
     }
     Ok(r > 0)
-}
-
-fn drain_eventfd(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-    let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
 /// Sends all of `buf` on `fd`, waking every tick to honour abort and the stall timeout.
@@ -80,7 +75,7 @@ pub(crate) fn run(
     let mut latency = Latency::new();
     let mut copied = 0u64;
     let mut idx: u32 = 0;
-    let waker = sh.leases.waker(ctx.dev_no).as_raw_fd();
+    let waker = sh.leases.waker(ctx.dev_no);
     let abort_fd = sh.abort.as_fd().as_raw_fd();
     loop {
         if sh.abort.is_aborted() {
@@ -174,7 +169,7 @@ fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Err(io::Error::new(io::ErrorKind::Interrupted, "read interrupted 1000 times in a row"))
 }
 
-fn lease(sh: &SourceShared<'_>, dev: usize, waker: RawFd, abort_fd: RawFd) -> Result<usize> {
+fn lease(sh: &SourceShared<'_>, dev: usize, waker: &EventFd, abort_fd: RawFd) -> Result<usize> {
     let start = Instant::now();
     loop {
         if let Some(ch) = sh.leases.try_lease(dev, true) {
@@ -186,7 +181,7 @@ fn lease(sh: &SourceShared<'_>, dev: usize, waker: RawFd, abort_fd: RawFd) -> Re
         if start.elapsed() > sh.cfg.stall_timeout {
             return Err(Error::Timeout { what: "waiting for an idle channel".into(), after: sh.cfg.stall_timeout });
         }
-        poll_in(&[waker, abort_fd], TICK).map_err(|e| Error::sys("poll", e))?;
-        drain_eventfd(waker);
+        poll_in(&[waker.as_fd().as_raw_fd(), abort_fd], TICK).map_err(|e| Error::sys("poll", e))?;
+        waker.drain();
     }
 }

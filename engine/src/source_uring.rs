@@ -183,7 +183,7 @@ pub(crate) fn run(
     };
     let mut files = vec![ctx.data_fd()];
     files.extend_from_slice(&sh.channels);
-    files.push(sh.leases.waker(ctx.dev_no).as_raw_fd());
+    files.push(std::os::fd::AsFd::as_fd(sh.leases.waker(ctx.dev_no)).as_raw_fd());
     files.push(std::os::fd::AsFd::as_fd(&sh.abort).as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     // Bound the kernel's helper threads for blocking device reads.
