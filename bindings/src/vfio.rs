@@ -377,33 +377,10 @@ impl VfioDevice {
     /// cannot be read, [`Error::Sys`] from the kernel, [`Error::Protocol`] on a short read.
     pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = self.region_info(index)?;
-        if !r.readable() {
-            return Err(Error::Unsupported {
-                device: self.name.clone(),
-                what: format!("reading region {index}"),
-                flags: 0,
-            });
-        }
-        let mut at = self.region_span(&r, offset, buf.len())?;
-        let mut done = 0usize;
-        let mut tries = 0;
-        while done < buf.len() {
-            match self.ops.pread(self.device.as_fd(), &mut buf[done..], at) {
-                Ok(0) => {
-                    return Err(Error::Protocol {
-                        device: self.name.clone(),
-                        what: format!("region {index} read ended after {done} of {} bytes", buf.len()),
-                    })
-                }
-                Ok(n) => {
-                    done += n;
-                    at = at.saturating_add(n as u64);
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
-                Err(e) => return Err(self.sys_err(format!("pread region {index} @ {offset:#x}"), e)),
-            }
-        }
-        Ok(())
+        let len = buf.len();
+        self.region_io(&r, r.readable(), "read", offset, len, |done, at| {
+            self.ops.pread(self.device.as_fd(), &mut buf[done..], at)
+        })
     }
 
     /// Writes `buf` at `offset` of region `index` (`pwrite` on the device fd).
@@ -412,22 +389,40 @@ impl VfioDevice {
     /// As [`VfioDevice::region_read`].
     pub fn region_write(&self, index: u32, offset: u64, buf: &[u8]) -> Result<()> {
         let r = self.region_info(index)?;
-        if !r.writable() {
+        self.region_io(&r, r.writable(), "write", offset, buf.len(), |done, at| {
+            self.ops.pwrite(self.device.as_fd(), &buf[done..], at)
+        })
+    }
+
+    /// Moves `len` bytes at `offset` of region `r` with `step(done, device offset)`, which
+    /// returns the bytes one `pread`/`pwrite` moved: checks access and bounds, continues
+    /// partial transfers, retries EINTR a bounded number of times.
+    fn region_io(
+        &self,
+        r: &RegionInfo,
+        allowed: bool,
+        verb: &str,
+        offset: u64,
+        len: usize,
+        mut step: impl FnMut(usize, u64) -> std::io::Result<usize>,
+    ) -> Result<()> {
+        let index = r.index;
+        if !allowed {
             return Err(Error::Unsupported {
                 device: self.name.clone(),
-                what: format!("writing region {index}"),
+                what: format!("{verb}ing region {index}"),
                 flags: 0,
             });
         }
-        let mut at = self.region_span(&r, offset, buf.len())?;
+        let mut at = self.region_span(r, offset, len)?;
         let mut done = 0usize;
         let mut tries = 0;
-        while done < buf.len() {
-            match self.ops.pwrite(self.device.as_fd(), &buf[done..], at) {
+        while done < len {
+            match step(done, at) {
                 Ok(0) => {
                     return Err(Error::Protocol {
                         device: self.name.clone(),
-                        what: format!("region {index} write stopped after {done} of {} bytes", buf.len()),
+                        what: format!("region {index} {verb} stopped after {done} of {len} bytes"),
                     })
                 }
                 Ok(n) => {
@@ -435,7 +430,7 @@ impl VfioDevice {
                     at = at.saturating_add(n as u64);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
-                Err(e) => return Err(self.sys_err(format!("pwrite region {index} @ {offset:#x}"), e)),
+                Err(e) => return Err(self.sys_err(format!("p{verb} region {index} @ {offset:#x}"), e)),
             }
         }
         Ok(())

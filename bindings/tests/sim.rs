@@ -61,12 +61,13 @@ fn stream(seed: u64, from: u64, len: usize) -> Vec<u8> {
     v
 }
 
-#[test]
-fn device_is_send() {
-    fn is_send<T: Send>() {}
+// The engine moves devices into per-device threads: checked at compile time, not by a test
+// that cannot fail at run time.
+const _: () = {
+    const fn is_send<T: Send>() {}
     is_send::<SimDevice>();
     is_send::<vfio_migration::vfio::VfioDevice>();
-}
+};
 
 #[test]
 fn fill_and_verify_agree_everywhere() {
