@@ -4,6 +4,17 @@ use std::time::Duration;
 
 use crate::wire::{Uuid, MAX_CHANNELS};
 
+/// A builder setter: `pub fn field(mut self, v: T) -> Self`, with its doc comment.
+macro_rules! setter {
+    ($(#[doc = $doc:expr])* $name:ident: $ty:ty) => {
+        $(#[doc = $doc])*
+        pub fn $name(mut self, v: $ty) -> Self {
+            self.$name = v;
+            self
+        }
+    };
+}
+
 /// Which I/O backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
@@ -73,10 +84,9 @@ impl SourceConfig {
     pub fn new() -> SourceConfig {
         SourceConfig::default()
     }
-    /// Device bytes per packet (4 KiB ..= 64 MiB).
-    pub fn chunk_bytes(mut self, v: usize) -> Self {
-        self.chunk_bytes = v;
-        self
+    setter! {
+        /// Device bytes per packet (4 KiB ..= 64 MiB).
+        chunk_bytes: usize
     }
     /// Registered buffers per device thread (2 ..= 64): bounds read-ahead and sends in flight.
     /// Default: 2 with copying sends; 4 with SEND_ZC, whose buffers stay with the kernel until
@@ -89,36 +99,30 @@ impl SourceConfig {
     pub(crate) fn buffers_for(&self, zerocopy: bool) -> usize {
         self.buffers_per_device.unwrap_or(if zerocopy { 4 } else { 2 })
     }
-    /// Zero-copy send policy.
-    pub fn zerocopy(mut self, v: ZeroCopy) -> Self {
-        self.zerocopy = v;
-        self
+    setter! {
+        /// Zero-copy send policy.
+        zerocopy: ZeroCopy
     }
-    /// Backend policy.
-    pub fn backend(mut self, v: Backend) -> Self {
-        self.backend = v;
-        self
+    setter! {
+        /// Backend policy.
+        backend: Backend
     }
-    /// Session UUID written into every init packet (must equal the destination's).
-    pub fn uuid(mut self, v: Uuid) -> Self {
-        self.uuid = v;
-        self
+    setter! {
+        /// Session UUID written into every init packet (must equal the destination's).
+        uuid: Uuid
     }
-    /// Longest time without any progress before the transfer fails (100 ms ..= 1 h).
-    pub fn stall_timeout(mut self, v: Duration) -> Self {
-        self.stall_timeout = v;
-        self
+    setter! {
+        /// Longest time without any progress before the transfer fails (100 ms ..= 1 h).
+        stall_timeout: Duration
     }
-    /// Most bytes one device's stream may produce before the transfer fails (guards against a
-    /// device that never reaches end of stream).
-    pub fn max_stream_bytes(mut self, v: u64) -> Self {
-        self.max_stream_bytes = v;
-        self
+    setter! {
+        /// Most bytes one device's stream may produce before the transfer fails (guards against a
+        /// device that never reaches end of stream).
+        max_stream_bytes: u64
     }
-    /// Most bytes read in PRE_COPY before switching to STOP_COPY regardless.
-    pub fn precopy_max_bytes(mut self, v: u64) -> Self {
-        self.precopy_max_bytes = v;
-        self
+    setter! {
+        /// Most bytes read in PRE_COPY before switching to STOP_COPY regardless.
+        precopy_max_bytes: u64
     }
     /// The chunk size in effect.
     pub fn get_chunk_bytes(&self) -> usize {
@@ -188,11 +192,10 @@ impl ReceiverConfig {
     pub fn new() -> ReceiverConfig {
         ReceiverConfig::default()
     }
-    /// Largest device-data payload per packet accepted (4 KiB ..= 64 MiB); a sender using
-    /// bigger chunks gets a clear error.
-    pub fn max_packet_bytes(mut self, v: usize) -> Self {
-        self.max_packet_bytes = v;
-        self
+    setter! {
+        /// Largest device-data payload per packet accepted (4 KiB ..= 64 MiB); a sender using
+        /// bigger chunks gets a clear error.
+        max_packet_bytes: usize
     }
     /// Bytes of out-of-order packets held at most (default: one packet per channel, at least
     /// two). Rounded down to whole packets, at least one.
@@ -200,25 +203,21 @@ impl ReceiverConfig {
         self.budget_bytes = Some(v);
         self
     }
-    /// Backend policy.
-    pub fn backend(mut self, v: Backend) -> Self {
-        self.backend = v;
-        self
+    setter! {
+        /// Backend policy.
+        backend: Backend
     }
-    /// Session UUID every init packet must carry.
-    pub fn uuid(mut self, v: Uuid) -> Self {
-        self.uuid = v;
-        self
+    setter! {
+        /// Session UUID every init packet must carry.
+        uuid: Uuid
     }
-    /// Longest time without progress once all channels are up.
-    pub fn stall_timeout(mut self, v: Duration) -> Self {
-        self.stall_timeout = v;
-        self
+    setter! {
+        /// Longest time without progress once all channels are up.
+        stall_timeout: Duration
     }
-    /// Longest wait for all channels to connect and send their init packet (100 ms ..= 1 h).
-    pub fn accept_timeout(mut self, v: Duration) -> Self {
-        self.accept_timeout = v;
-        self
+    setter! {
+        /// Longest wait for all channels to connect and send their init packet (100 ms ..= 1 h).
+        accept_timeout: Duration
     }
 
     /// Receive threads of the io_uring backend, each with its own ring and a share of the
