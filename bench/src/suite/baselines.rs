@@ -25,17 +25,6 @@ fn pairs(n: usize) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
     Ok((c, s))
 }
 
-fn send_all(fd: i32, mut b: &[u8]) -> Result<()> {
-    while !b.is_empty() {
-        let n = io::write(fd, b)?;
-        if n == 0 {
-            bail!("send returned 0");
-        }
-        b = &b[n..];
-    }
-    Ok(())
-}
-
 /// Per channel one blocking thread pair: `read(device) -> send` and `recv -> write(device)`,
 /// no protocol. Channel `c` carries devices `c, c + C, ...` one after another (a stream cannot
 /// be split over channels without framing), so at most `min(C, D)` pairs carry data.
@@ -72,7 +61,7 @@ pub fn min_copy(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort
                             if n == 0 {
                                 break;
                             }
-                            send_all(sock, &buf[..n])?;
+                            io::write_all(sock, &buf[..n])?;
                         }
                         drop(fd);
                         transition(d, MigState::Stop)?;
@@ -99,7 +88,7 @@ pub fn min_copy(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort
                             if n == 0 {
                                 bail!("peer closed with {left} bytes missing");
                             }
-                            send_all(fd.as_raw_fd(), &buf[..n])?;
+                            io::write_all(fd.as_raw_fd(), &buf[..n])?;
                             left -= n as u64;
                         }
                         drop(fd);
@@ -142,7 +131,7 @@ pub fn raw_tcp(total: u64, channels: usize, chunk: usize, abort: &Abort) -> Resu
                 let mut left = per;
                 while left > 0 {
                     let n = (left as usize).min(chunk);
-                    send_all(sock, &buf[..n])?;
+                    io::write_all(sock, &buf[..n])?;
                     left -= n as u64;
                 }
                 // SAFETY: shutdown on a socket that stays open until the scope ends.

@@ -149,6 +149,18 @@ pub(crate) mod io {
         }
     }
 
+    /// Writes all of `b`, continuing after partial writes.
+    pub fn write_all(fd: RawFd, mut b: &[u8]) -> io::Result<()> {
+        while !b.is_empty() {
+            let n = write(fd, b)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
+            }
+            b = &b[n..];
+        }
+        Ok(())
+    }
+
     /// Reads exactly `len` bytes to `ptr`: `Ok(false)` on EOF before the first byte, an error
     /// on EOF in the middle.
     ///

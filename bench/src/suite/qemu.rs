@@ -124,17 +124,6 @@ struct DevLoad {
     ready: Condvar,
 }
 
-fn write_all_fd(fd: RawFd, mut b: &[u8]) -> std::io::Result<()> {
-    while !b.is_empty() {
-        let n = io::write(fd, b)?;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "write returned 0"));
-        }
-        b = &b[n..];
-    }
-    Ok(())
-}
-
 /// `writev()` of header + payload, continued after partial writes.
 fn writev_all(fd: RawFd, hdr: &[u8], payload: &[u8]) -> std::io::Result<()> {
     let total = hdr.len() + payload.len();
@@ -169,7 +158,7 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
         s.set_nodelay(true)?;
         let mut init = [0u8; INIT_PACKET_LEN];
         InitPacket { uuid: [0; 16], id: c as u8 }.encode(&mut init)?;
-        write_all_fd(s.as_raw_fd(), &init)?;
+        io::write_all(s.as_raw_fd(), &init)?;
         tx.push(s.into());
         let (r, _) = l.accept()?;
         r.set_nodelay(true)?;
@@ -423,7 +412,7 @@ fn load_thread(d: &mut SimDevice, fd: OwnedFd, l: &DevLoad, abort: &Abort) -> Re
         }
         let buf = g.array[idx].1.take().unwrap_or_default();
         drop(g);
-        write_all_fd(fd.as_raw_fd(), &buf).with_context(|| format!("writing state buffer {idx}"))?;
+        io::write_all(fd.as_raw_fd(), &buf).with_context(|| format!("writing state buffer {idx}"))?;
         drop(buf);
         g = lock(&l.m);
         g.load_buf_idx += 1;
