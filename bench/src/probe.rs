@@ -4,16 +4,17 @@ use anyhow::Result;
 use serde_json::{json, Value};
 use vfio_migration::vfio::{list_vfio_devices, Bus, VfioDevice};
 use vfio_migration::MigrationDevice;
-use vfio_multifd::ring::{uring_unavailable_reason, Ring, UringOps};
+use vfio_multifd::{uring_capabilities, UringCapabilities};
 
 use crate::util::{fmt_bytes, kernel_version};
 
-/// io_uring availability: `Ok(ops)` or the reason it cannot be used.
-fn uring() -> Result<UringOps, String> {
-    if let Some(r) = uring_unavailable_reason() {
-        return Err(r);
+/// io_uring availability: `Ok(capabilities)` or the reason it cannot be used.
+fn uring() -> Result<UringCapabilities, String> {
+    let caps = uring_capabilities();
+    match &caps.unavailable {
+        Some(r) => Err(r.clone()),
+        None => Ok(caps),
     }
-    Ring::new(4, 8).and_then(|r| r.probe_ops()).map_err(|e| format!("IORING_REGISTER_PROBE: {e}"))
 }
 
 /// `(soft, hard)` RLIMIT_MEMLOCK in bytes (`None` = unlimited).
@@ -70,9 +71,8 @@ pub fn capabilities_json() -> Value {
     })
 }
 
-fn ops_json(o: &UringOps) -> Value {
-    json!({"READ_FIXED": o.read_fixed, "WRITE_FIXED": o.write_fixed, "SEND": o.send, "SEND_ZC": o.send_zc,
-           "RECV": o.recv, "READ": o.read, "ASYNC_CANCEL": o.async_cancel})
+fn ops_json(o: &UringCapabilities) -> Value {
+    o.ops.iter().map(|&(name, ok)| (name.to_string(), Value::Bool(ok))).collect::<serde_json::Map<_, _>>().into()
 }
 
 /// `vfio-multifd probe`.
@@ -96,7 +96,7 @@ pub fn run(json_out: bool) -> Result<()> {
     let (backend, zc) = match &u {
         Ok(o) => (
             "io_uring",
-            if o.send_zc {
+            if o.supports("SEND_ZC") {
                 "SEND_ZC to remote TCP peers (auto; plain SEND on loopback, which always copies)"
             } else {
                 "off (kernel lacks SEND_ZC)"
@@ -116,17 +116,12 @@ pub fn run(json_out: bool) -> Result<()> {
     match &u {
         Ok(o) => {
             println!("io_uring: available");
-            let flag = |b: bool| if b { "yes" } else { "NO" };
-            println!(
-                "  ops: READ_FIXED {}  WRITE_FIXED {}  SEND {}  SEND_ZC {}  RECV {}  READ {}  ASYNC_CANCEL {}",
-                flag(o.read_fixed),
-                flag(o.write_fixed),
-                flag(o.send),
-                flag(o.send_zc),
-                flag(o.recv),
-                flag(o.read),
-                flag(o.async_cancel)
-            );
+            let ops: Vec<String> =
+                o.ops.iter().map(|&(name, ok)| format!("{name} {}", if ok { "yes" } else { "NO" })).collect();
+            println!("  ops: {}", ops.join("  "));
+            if let Some(flags) = o.setup_flags {
+                println!("  ring setup: {flags}");
+            }
         }
         Err(r) => println!("io_uring: unavailable: {r}"),
     }

@@ -223,7 +223,7 @@ pub fn report_json(
         .map(|cs| {
             cs.iter()
                 .map(|c| {
-                    json!({"id": c.id, "bytes": c.bytes, "packets": c.packets, "seconds": secs,
+                    json!({"id": c.id.get(), "bytes": c.bytes, "packets": c.packets, "seconds": secs,
                            "bits_per_second": c.bytes as f64 * 8.0 / secs})
                 })
                 .collect()

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::event::EventFd;
+use crate::sys::EventFd;
 
 #[derive(Debug)]
 struct Inner {

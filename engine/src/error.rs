@@ -1,12 +1,184 @@
-//! The engine's error type.
+//! The engine's error type: every variant says what went wrong and where, in typed fields
+//! (which channel, which device, which packet index), so that callers match on data instead of
+//! message text.
 
+use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use crate::wire::WireError;
+use crate::ids::{ChannelId, PacketIndex};
+use crate::wire::{DeviceId, WireError};
+
+/// A packet that is well framed but breaks the rules of a device's stream (DESIGN.md §4). Each
+/// carries the index it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// The index was already received (or written).
+    #[error("duplicate packet index {idx}")]
+    DuplicateIndex {
+        /// The repeated index.
+        idx: PacketIndex,
+    },
+    /// A data packet at or after the config packet's index.
+    #[error("data packet index {idx} at or after the config packet's index {config_idx}")]
+    DataAfterConfig {
+        /// The data packet's index.
+        idx: PacketIndex,
+        /// The config packet's index.
+        config_idx: PacketIndex,
+    },
+    /// A second config packet.
+    #[error("second config packet (index {idx}; the first had index {first})")]
+    SecondConfig {
+        /// The second one's index.
+        idx: PacketIndex,
+        /// The first one's index.
+        first: PacketIndex,
+    },
+    /// A config packet whose index is not above every data index received.
+    #[error("config packet index {idx} is not after data packet index {data_idx}")]
+    ConfigNotLast {
+        /// The config packet's index.
+        idx: PacketIndex,
+        /// A data index at or above it.
+        data_idx: PacketIndex,
+    },
+    /// A packet for a device whose config was already applied.
+    #[error("packet {idx} arrived after the device completed")]
+    AfterCompletion {
+        /// Its index.
+        idx: PacketIndex,
+    },
+    /// A payload larger than the receiver's packet limit.
+    #[error("packet {idx} carries {len} bytes, above the {limit}-byte limit")]
+    TooLarge {
+        /// Its index.
+        idx: PacketIndex,
+        /// Payload bytes announced.
+        len: usize,
+        /// The limit (`ReceiverConfig::max_packet_bytes`, rounded up to a page).
+        limit: usize,
+    },
+    /// Two connections announced the same channel id in their init packets.
+    #[error("channel id {channel} announced twice (second time on connection {connection})")]
+    DuplicateChannelId {
+        /// The id.
+        channel: ChannelId,
+        /// Accept order of the second connection, from 0.
+        connection: usize,
+    },
+}
+
+/// Where in the protocol a channel ended early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// Inside the 64-byte init packet.
+    InitPacket {
+        /// Bytes received of it.
+        got: usize,
+    },
+    /// Inside a 288-byte packet header.
+    Header {
+        /// Bytes received of it.
+        got: usize,
+    },
+    /// Inside a packet's payload.
+    Payload {
+        /// The packet's device.
+        device: DeviceId,
+        /// The packet's index.
+        idx: PacketIndex,
+        /// Bytes received of the payload.
+        got: usize,
+        /// The payload's length.
+        len: usize,
+    },
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::InitPacket { got } => {
+                write!(f, "during its init packet ({got} of {} bytes)", crate::wire::INIT_PACKET_LEN)
+            }
+            Stage::Header { got } => {
+                write!(f, "in the middle of a packet header ({got} of {} bytes)", crate::wire::PACKET_OVERHEAD)
+            }
+            Stage::Payload { device, idx, got, len } => {
+                write!(f, "in the middle of packet {idx} of device {device} ({got} of {len} bytes)")
+            }
+        }
+    }
+}
+
+/// What a device's stream was missing when every channel had closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Missing {
+    /// No packet of the device arrived at all.
+    Everything,
+    /// Its config packet never came.
+    Config {
+        /// Data packets written.
+        written: u32,
+        /// The next index expected.
+        next: u32,
+    },
+    /// A packet below the config packet never came.
+    Packet {
+        /// The missing index.
+        idx: u32,
+        /// The config packet's index.
+        config_idx: PacketIndex,
+        /// Data packets written.
+        written: u32,
+    },
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Missing::Everything => f.write_str("no packet of this device arrived before every channel closed"),
+            Missing::Config { written, next } => write!(
+                f,
+                "all channels closed before its config packet; {written} data packets written, next expected index {next}"
+            ),
+            Missing::Packet { idx, config_idx, written } => write!(
+                f,
+                "all channels closed with packet {idx} missing (config packet index {config_idx}, {written} data packets written)"
+            ),
+        }
+    }
+}
+
+/// A limit of one device's stream at the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamLimit {
+    /// More bytes than `SourceConfig::max_stream_bytes`.
+    Bytes {
+        /// The configured maximum.
+        max: u64,
+    },
+    /// More packets than a `u32` index can number ([`PacketIndex::MAX`], config included).
+    Packets,
+}
+
+impl fmt::Display for StreamLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamLimit::Bytes { max } => {
+                write!(f, "the stream exceeds the configured maximum of {max} bytes (max_stream_bytes)")
+            }
+            StreamLimit::Packets => write!(f, "the stream needs more than {} packets", u64::from(u32::MAX)),
+        }
+    }
+}
 
 /// Everything that can stop a transfer. Each variant says what went wrong and where: which
-/// channel, which device (its `idstr`), which packet index.
+/// channel, which device, which packet index.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -16,8 +188,8 @@ pub enum Error {
     /// A device's migration uAPI call failed (state change, config, size).
     #[error("device {device}: {source}")]
     Device {
-        /// The device's `idstr`.
-        device: String,
+        /// The device.
+        device: DeviceId,
         /// What the uAPI layer said.
         #[source]
         source: vfio_migration::Error,
@@ -26,8 +198,8 @@ pub enum Error {
     /// (neither by a walk nor by a reset): the VM's device needs attention.
     #[error("device {device}: {cause}; then putting the device back to RUNNING failed too: {source}")]
     Unrecovered {
-        /// The device's `idstr`.
-        device: String,
+        /// The device.
+        device: DeviceId,
         /// The failure that stopped the transfer.
         cause: Box<Error>,
         /// Why recovery failed.
@@ -37,23 +209,31 @@ pub enum Error {
     /// Reading the source device's data fd failed.
     #[error("device {device}: reading the migration data fd failed after {offset} bytes: {source}")]
     DeviceRead {
-        /// The device's `idstr`.
-        device: String,
+        /// The device.
+        device: DeviceId,
         /// Stream bytes read before the failure.
         offset: u64,
         /// The errno.
         #[source]
         source: io::Error,
     },
+    /// A device's stream at the source went past a limit.
+    #[error("device {device}: {limit}")]
+    StreamLimit {
+        /// The device.
+        device: DeviceId,
+        /// Which limit.
+        limit: StreamLimit,
+    },
     /// Writing the destination device's data fd failed.
     #[error(
         "device {device}: writing packet {idx} to the resume data fd failed after {offset} stream bytes: {source}"
     )]
     DeviceWrite {
-        /// The device's `idstr`.
-        device: String,
+        /// The device.
+        device: DeviceId,
         /// Packet index being written.
-        idx: u32,
+        idx: PacketIndex,
         /// Stream bytes written before the failure.
         offset: u64,
         /// The errno.
@@ -63,10 +243,21 @@ pub enum Error {
     /// A channel socket failed.
     #[error("channel {channel}: {op} failed: {source}")]
     Channel {
-        /// Channel id.
-        channel: usize,
-        /// What was being done (`"send packet 3 of dev/vfio"`, `"recv header"`...).
+        /// The channel.
+        channel: ChannelId,
+        /// What was being done (`"send packet 3 of device 0000:00:02.0/vfio (instance 0)"`).
         op: String,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A connection failed before its init packet said which channel it is.
+    #[error("connection {connection} (accept order): {op} failed: {source}")]
+    Connection {
+        /// Accept order, from 0.
+        connection: usize,
+        /// What was being done.
+        op: &'static str,
         /// The errno.
         #[source]
         source: io::Error,
@@ -74,49 +265,66 @@ pub enum Error {
     /// A channel ended where the protocol does not allow it.
     #[error("channel {channel}: peer closed the connection {during}")]
     ChannelClosed {
-        /// Channel id.
-        channel: usize,
-        /// Where in the protocol (`"in the middle of a packet header (100 of 288 bytes)"`...).
-        during: String,
+        /// The channel.
+        channel: ChannelId,
+        /// Where in the protocol.
+        during: Stage,
+    },
+    /// A connection ended inside its init packet.
+    #[error("connection {connection} (accept order): peer closed the connection {during}")]
+    ConnectionClosed {
+        /// Accept order, from 0.
+        connection: usize,
+        /// Where in the protocol.
+        during: Stage,
     },
     /// The peer sent bytes that are not a valid packet.
     #[error("channel {channel}: invalid {what}: {source}")]
     Wire {
-        /// Channel id (or the accept order for init packets).
-        channel: usize,
+        /// The channel.
+        channel: ChannelId,
         /// Which structure.
         what: &'static str,
         /// Decode error.
         #[source]
         source: WireError,
     },
+    /// A connection's init packet is not valid.
+    #[error("connection {connection} (accept order): invalid init packet: {source}")]
+    InitPacket {
+        /// Accept order, from 0.
+        connection: usize,
+        /// Decode error.
+        #[source]
+        source: WireError,
+    },
     /// Valid framing, but the packet breaks the transfer's rules.
-    #[error("channel {channel}: device {device}: {what}")]
+    #[error("channel {channel}: {}{violation}", device.as_ref().map(|d| format!("device {d}: ")).unwrap_or_default())]
     Protocol {
-        /// Channel id.
-        channel: usize,
-        /// The device's `idstr` (and instance).
-        device: String,
-        /// What is wrong (duplicate index, index after the config packet...).
-        what: String,
+        /// The channel.
+        channel: ChannelId,
+        /// The device, when the violation concerns one.
+        device: Option<DeviceId>,
+        /// What is wrong.
+        violation: ProtocolViolation,
     },
     /// A packet names a device the receiver does not expect.
     #[error("channel {channel}: packet for unknown device {idstr:?} instance {instance_id}")]
     UnknownDevice {
-        /// Channel id.
-        channel: usize,
+        /// The channel.
+        channel: ChannelId,
         /// The `idstr` received.
         idstr: String,
         /// The `instance_id` received.
         instance_id: u32,
     },
     /// Every channel ended but a device is still missing packets.
-    #[error("device {device}: transfer incomplete: {what}")]
+    #[error("device {device}: transfer incomplete: {missing}")]
     Incomplete {
-        /// The device's `idstr`.
-        device: String,
-        /// What is missing (next packet index, config packet...).
-        what: String,
+        /// The device.
+        device: DeviceId,
+        /// What is missing.
+        missing: Missing,
     },
     /// The sender holds more out-of-order data than the receive budget allows and no
     /// channel can deliver the packet that would let the receiver progress.
@@ -153,11 +361,22 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Something the engine's own rules say cannot happen did (a completion of an unknown kind
+    /// or generation, a slot in the wrong state). A bug: please report it with this text.
+    #[error("internal error (a bug in vfio-multifd): {what}")]
+    Internal {
+        /// What was impossible.
+        what: String,
+    },
 }
 
 impl Error {
     pub(crate) fn sys(op: impl Into<String>, source: io::Error) -> Error {
         Error::Sys { op: op.into(), source }
+    }
+
+    pub(crate) fn internal(what: impl Into<String>) -> Error {
+        Error::Internal { what: what.into() }
     }
 
     /// Records `e` in `slot` unless `slot` already holds a root cause: the first error wins,

@@ -18,33 +18,33 @@
 #![deny(missing_docs)]
 
 mod abort;
+mod backend;
+mod blocking;
 mod config;
+mod device_io;
 mod error;
-mod event;
-mod lease;
-pub mod pool;
-mod reassembly;
-mod recv;
-mod recv_blocking;
-mod recv_uring;
-pub mod ring;
+mod ids;
+mod pool;
+mod receiver;
 mod source;
-mod source_blocking;
-mod source_uring;
 mod stats;
+mod sys;
+mod uring;
 pub mod wire;
 
 pub use abort::AbortHandle;
 pub use config::{
     Backend, ReceiverConfig, SourceConfig, ZeroCopy, MAX_BUFFERS_PER_DEVICE, MAX_CHUNK_BYTES, MAX_DEVICES,
 };
-pub use error::{Error, Result};
-pub use recv::Receiver;
+pub use error::{Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
+pub use ids::{ChannelId, DeviceIndex, PacketIndex};
+pub use receiver::Receiver;
 pub use source::{DeviceOptions, Source};
 pub use stats::{
     BackendKind, ChannelReport, Latency, LatencySummary, Progress, ReceiverDeviceReport, ReceiverReport,
     SourceDeviceReport, SourceReport,
 };
+pub use uring::{uring_capabilities, UringCapabilities};
 pub use wire::{DeviceId, Uuid};
 
 /// Re-export of the migration uAPI layer the engine talks to.

@@ -15,17 +15,17 @@ use std::io;
 use memmap2::{MmapMut, MmapOptions};
 
 /// Page size assumed for alignment (x86_64 and arm64 base pages).
-pub const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 
 /// Largest registered buffer the kernel accepts (`io_buffer_validate`: 1 GiB).
-pub const MAX_REGISTERED: usize = 1 << 30;
+pub(crate) const MAX_REGISTERED: usize = 1 << 30;
 
 /// Size of the huge pages the pool asks for (x86_64 and arm64 with 4 KiB base pages).
 const HUGE: usize = 2 << 20;
 
 /// What backs the pool's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backing {
+pub(crate) enum Backing {
     /// Reserved hugetlb pages (`MAP_HUGETLB`): the host has a huge page pool.
     Hugetlb,
     /// Base pages with `MADV_HUGEPAGE`: transparent huge pages where the kernel can.
@@ -36,12 +36,13 @@ pub enum Backing {
 
 /// A fixed set of page-aligned slots in one mapping.
 #[derive(Debug)]
-pub struct BufferPool {
+pub(crate) struct BufferPool {
     map: MmapMut,
     slot_bytes: usize,
     header_bytes: usize,
     payload_bytes: usize,
     slots: usize,
+    #[cfg_attr(not(test), allow(dead_code))] // reported by tests; kept for diagnostics
     backing: Backing,
 }
 
@@ -59,7 +60,7 @@ impl BufferPool {
     ///
     /// # Errors
     /// `InvalidInput` for a zero or overflowing size, or the mmap error.
-    pub fn new(slots: usize, header_bytes: usize, payload_bytes: usize) -> io::Result<BufferPool> {
+    pub(crate) fn new(slots: usize, header_bytes: usize, payload_bytes: usize) -> io::Result<BufferPool> {
         let bad = || io::Error::new(io::ErrorKind::InvalidInput, "buffer pool size out of range");
         if slots == 0 || payload_bytes == 0 {
             return Err(bad());
@@ -92,41 +93,34 @@ impl BufferPool {
         Ok(BufferPool { map, slot_bytes, header_bytes, payload_bytes, slots, backing })
     }
 
-    /// Number of slots.
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
     /// Payload capacity of one slot.
-    pub fn payload_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn payload_bytes(&self) -> usize {
         self.payload_bytes
     }
 
     /// What backs the mapping.
-    pub fn backing(&self) -> Backing {
+    #[cfg(test)]
+    pub(crate) fn backing(&self) -> Backing {
         self.backing
     }
 
     /// Total mapped bytes.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
 
-    /// Whether the pool is empty (never: `new` rejects zero sizes).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// The iovec that registers the whole pool as one buffer.
-    pub fn iovec(&self) -> libc::iovec {
-        libc::iovec { iov_base: self.map.as_ptr() as *mut libc::c_void, iov_len: self.map.len() }
+    /// The whole mapping, `(base, len)`, to register as one buffer.
+    pub(crate) fn region(&self) -> (*mut u8, usize) {
+        (self.map.as_ptr() as *mut u8, self.map.len())
     }
 
     /// Pointer to the first payload byte of `slot`.
     ///
     /// # Panics
     /// If `slot >= self.slots()` (an engine bug, not an input error).
-    pub fn payload_ptr(&self, slot: usize) -> *mut u8 {
+    pub(crate) fn payload_ptr(&self, slot: usize) -> *mut u8 {
         assert!(slot < self.slots, "slot {slot} out of range");
         let off = slot * self.slot_bytes + self.header_bytes;
         // SAFETY: `off` is inside the mapping (slot < slots, header_bytes < slot_bytes), so the
@@ -138,7 +132,7 @@ impl BufferPool {
     ///
     /// # Panics
     /// If `back` exceeds the slot's header space or `slot` is out of range.
-    pub fn header_ptr(&self, slot: usize, back: usize) -> *mut u8 {
+    pub(crate) fn header_ptr(&self, slot: usize, back: usize) -> *mut u8 {
         assert!(back <= self.header_bytes, "header of {back} bytes does not fit");
         let p = self.payload_ptr(slot);
         // SAFETY: `back <= header_bytes`, so the result is inside this slot's header page.
@@ -152,7 +146,7 @@ impl BufferPool {
     /// The caller must own `slot` (no in-flight kernel operation may read or write that range,
     /// and no other reference to it may be alive).
     #[allow(clippy::mut_from_ref)] // The pool is shared memory; exclusivity is per slot, by contract.
-    pub unsafe fn slot_bytes_mut(&self, slot: usize, back: usize, extra: usize) -> &mut [u8] {
+    pub(crate) unsafe fn slot_bytes_mut(&self, slot: usize, back: usize, extra: usize) -> &mut [u8] {
         assert!(extra <= self.payload_bytes, "range beyond the slot payload");
         let p = self.header_ptr(slot, back);
         // SAFETY: the range lies inside the slot (checked above); exclusivity is the caller's
@@ -164,7 +158,7 @@ impl BufferPool {
     ///
     /// # Safety
     /// No kernel operation may be writing the range, and no mutable reference may be alive.
-    pub unsafe fn slot_bytes(&self, slot: usize, back: usize, extra: usize) -> &[u8] {
+    pub(crate) unsafe fn slot_bytes(&self, slot: usize, back: usize, extra: usize) -> &[u8] {
         assert!(extra <= self.payload_bytes, "range beyond the slot payload");
         let p = self.header_ptr(slot, back);
         // SAFETY: as `slot_bytes_mut`; the caller guarantees no concurrent writer.

@@ -6,7 +6,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
+
+use crate::ids::ChannelId;
 
 use crate::wire::DeviceId;
 
@@ -107,7 +110,7 @@ impl Latency {
 /// downtime decisions). Updated once per packet with one relaxed atomic add.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    bytes: std::sync::Arc<AtomicU64>,
+    bytes: std::sync::Arc<CachePadded<AtomicU64>>,
 }
 
 impl Progress {
@@ -122,20 +125,29 @@ impl Progress {
 }
 
 /// Per-channel counters, shared by every thread that sends on or receives from the channel.
+/// Each channel's pair sits on its own cache line: device threads on different CPUs update
+/// different channels without false sharing.
 #[derive(Debug, Default)]
-pub(crate) struct ChannelCounters {
-    pub(crate) bytes: AtomicU64,
-    pub(crate) packets: AtomicU64,
+pub(crate) struct ChannelCounters(CachePadded<ChannelCountersInner>);
+
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCountersInner {
+    bytes: AtomicU64,
+    packets: AtomicU64,
 }
 
 impl ChannelCounters {
     pub(crate) fn add(&self, bytes: u64) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.0.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.0.packets.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn report(&self, id: usize) -> ChannelReport {
-        ChannelReport { id, bytes: self.bytes.load(Ordering::Relaxed), packets: self.packets.load(Ordering::Relaxed) }
+    pub(crate) fn report(&self, id: ChannelId) -> ChannelReport {
+        ChannelReport {
+            id,
+            bytes: self.0.bytes.load(Ordering::Relaxed),
+            packets: self.0.packets.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -143,7 +155,7 @@ impl ChannelCounters {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelReport {
     /// Channel id.
-    pub id: usize,
+    pub id: ChannelId,
     /// Bytes.
     pub bytes: u64,
     /// Packets.

@@ -255,11 +255,11 @@ impl InitPacket {
 /// A device's identity on the wire: QEMU's `idstr` (e.g. `0000:00:02.0/vfio`) and
 /// `instance_id`.
 ///
-/// The `idstr` is kept as a fixed 256-byte NUL-padded array so that comparing an incoming
-/// header against known devices never allocates.
+/// The `idstr` is kept as a fixed 256-byte NUL-padded array (shared: cloning is a reference
+/// count) so that comparing an incoming header against known devices never allocates.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct DeviceId {
-    idstr: [u8; IDSTR_LEN],
+    idstr: std::sync::Arc<[u8; IDSTR_LEN]>,
     len: u8,
     /// `instance_id`.
     pub instance_id: u32,
@@ -295,7 +295,7 @@ impl DeviceId {
         }
         let mut idstr = [0u8; IDSTR_LEN];
         idstr[..b.len()].copy_from_slice(b);
-        Ok(DeviceId { idstr, len: b.len() as u8, instance_id })
+        Ok(DeviceId { idstr: std::sync::Arc::new(idstr), len: b.len() as u8, instance_id })
     }
 
     /// The `idstr` (lossy if the peer sent non-UTF-8 bytes).
@@ -310,7 +310,7 @@ impl DeviceId {
 
     /// Whether this identity equals a decoded header's, without allocating.
     pub fn matches(&self, hdr: &DeviceStateHeader) -> bool {
-        self.instance_id == hdr.instance_id && self.idstr == hdr.idstr
+        self.instance_id == hdr.instance_id && *self.idstr == hdr.idstr
     }
 }
 
@@ -336,7 +336,7 @@ impl DeviceStateHeader {
         put_u32(buf, 0, MULTIFD_MAGIC);
         put_u32(buf, 4, MULTIFD_VERSION);
         put_u32(buf, 8, MULTIFD_FLAG_DEVICE_STATE);
-        buf[12..12 + IDSTR_LEN].copy_from_slice(&dev.idstr);
+        buf[12..12 + IDSTR_LEN].copy_from_slice(&dev.idstr[..]);
         put_u32(buf, 268, dev.instance_id);
         put_u32(buf, 272, payload_len);
         Ok(())

@@ -26,7 +26,7 @@ fn device_read_error_recovers_source_to_running() {
         let m = migrate_with(&[cfg], &[dst], 2, sc(b), rc(b), false);
         match &m.source {
             Err(Error::DeviceRead { device, offset, .. }) => {
-                assert_eq!(device, "0000:00:02.0/vfio");
+                assert_eq!(device.idstr(), "0000:00:02.0/vfio");
                 assert!(*offset >= 1 << 20, "{b:?}: offset {offset}");
             }
             other => panic!("{b:?}: expected a device read error, got {other:?}"),
@@ -45,12 +45,12 @@ fn destination_write_error_is_reported_with_the_packet() {
         let m = migrate_with(&[src], &[dst], 2, sc(b), rc(b), false);
         match &m.receiver {
             Err(Error::DeviceWrite { device, idx, offset, source }) => {
-                assert_eq!(device, "0000:00:02.0/vfio");
+                assert_eq!(device.idstr(), "0000:00:02.0/vfio");
                 assert_eq!(source.raw_os_error(), Some(libc::EPIPE));
                 // The pipe in front of the device buffers up to 1 MiB, so EPIPE shows up at most
                 // that far past the failing byte.
                 assert!(*offset + CHUNK as u64 >= 300_000 && *offset <= 300_000 + (1 << 20), "{b:?}: offset {offset}");
-                assert_eq!(*idx as u64, *offset / CHUNK as u64);
+                assert_eq!(u64::from(idx.get()), *offset / CHUNK as u64);
             }
             other => panic!("{b:?}: expected a device write error, got {other:?}"),
         }

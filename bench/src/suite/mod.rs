@@ -390,8 +390,9 @@ fn points(quick: bool) -> Vec<Point> {
 fn available(wanted: &[Design]) -> (Vec<Design>, Vec<(Design, String)>) {
     let mut ok = Vec::new();
     let mut skipped = Vec::new();
-    let uring = vfio_multifd::ring::uring_unavailable_reason();
-    let zc = vfio_multifd::ring::Ring::new(4, 8).and_then(|r| r.probe_ops()).map(|o| o.send_zc).unwrap_or(false);
+    let caps = vfio_multifd::uring_capabilities();
+    let uring = caps.unavailable.clone();
+    let zc = caps.supports("SEND_ZC");
     for &d in wanted {
         match d {
             Design::EngineUringSend | Design::EngineUringZc if uring.is_some() => {

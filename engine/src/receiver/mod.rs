@@ -1,19 +1,34 @@
 //! The destination side: multifd packets in, device state out.
+//!
+//! * `mod.rs` (this file): the public [`Receiver`], device targets, channel set-up (accept,
+//!   init packets) and the report.
+//! * `reassembly`: per-packet admission within the memory budget and the write order (why it
+//!   cannot deadlock is in its module docs).
+//! * `core`: the run-wide rules (parked and closed channels, stuck detection, first error,
+//!   the epilogue), shared by both backends.
+//! * `uring` and `blocking`: the two backends.
+
+mod blocking;
+pub(crate) mod core;
+pub(crate) mod reassembly;
+mod uring;
 
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use vfio_migration::{transition, MigState, MigrationDevice};
 
+use self::reassembly::Reassembly;
 use crate::abort::AbortHandle;
+use crate::backend::TICK;
+use crate::blocking::{recv_exact, Bounds, Fail};
 use crate::config::ReceiverConfig;
-use crate::error::{Error, Result};
-use crate::reassembly::Reassembly;
-use crate::source::choose_backend;
+use crate::error::{Error, ProtocolViolation, Result, Stage};
+use crate::ids::{ChannelId, DeviceIndex};
 use crate::stats::{BackendKind, ChannelCounters, Progress, ReceiverDeviceReport, ReceiverReport};
+use crate::sys::{self, Kernel};
 use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
-use crate::{recv_blocking, recv_uring};
 
 pub(crate) enum TargetKind<'a> {
     Device { dev: &'a mut dyn MigrationDevice, final_state: MigState, fd: Option<OwnedFd> },
@@ -32,11 +47,11 @@ pub(crate) struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// The fd the stream is written to.
-    pub(crate) fn data_fd(&self) -> RawFd {
+    /// The fd the stream is written to (`None` for a device before RESUMING or after its walk).
+    pub(crate) fn data_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.kind {
-            TargetKind::Device { fd, .. } => fd.as_ref().map_or(-1, |f| f.as_raw_fd()),
-            TargetKind::Fd { fd, .. } => fd.as_raw_fd(),
+            TargetKind::Device { fd, .. } => fd.as_ref().map(|f| f.as_fd()),
+            TargetKind::Fd { fd, .. } => Some(*fd),
         }
     }
 
@@ -44,7 +59,7 @@ impl Target<'_> {
     /// when the device leaves RESUMING).
     pub(crate) fn apply_config(&mut self, blob: &[u8]) -> Result<()> {
         self.config_bytes = blob.len() as u64;
-        let name = self.id.idstr().into_owned();
+        let derr = |e| Error::Device { device: self.id.clone(), source: e };
         match &mut self.kind {
             TargetKind::Fd { config, .. } => {
                 config.clear();
@@ -53,11 +68,11 @@ impl Target<'_> {
                 Ok(())
             }
             TargetKind::Device { dev, final_state, fd } => {
-                dev.load_config(blob).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+                dev.load_config(blob).map_err(derr)?;
                 // The resume session ends with the walk; the fd is closed after it.
                 let r = transition(&mut **dev, *final_state);
                 *fd = None;
-                r.map_err(|e| Error::Device { device: name, source: e })?;
+                r.map_err(derr)?;
                 self.final_state = Some(*final_state);
                 self.loaded_at = Some(Instant::now());
                 Ok(())
@@ -99,7 +114,8 @@ impl std::fmt::Debug for Receiver<'_> {
 /// Shared context of one receive.
 pub(crate) struct RecvShared<'c> {
     pub(crate) cfg: &'c ReceiverConfig,
-    pub(crate) channels: Vec<RawFd>,
+    /// Channel sockets by channel id.
+    pub(crate) channels: Vec<BorrowedFd<'c>>,
     pub(crate) counters: Vec<ChannelCounters>,
     pub(crate) abort: AbortHandle,
     pub(crate) progress: Progress,
@@ -185,11 +201,8 @@ impl<'a> Receiver<'a> {
                     after: self.cfg.accept_timeout,
                 });
             }
-            let ready = crate::source_blocking::poll_in(
-                &[listener.as_raw_fd(), self.abort.as_fd().as_raw_fd()],
-                left.min(crate::source::TICK),
-            )
-            .map_err(|e| Error::sys("poll listener", e))?;
+            let ready = sys::wait_readable(&[listener.as_fd(), self.abort.as_fd()], left.min(TICK))
+                .map_err(|e| Error::sys("poll listener", e))?;
             if !ready || self.abort.is_aborted() {
                 continue;
             }
@@ -214,14 +227,14 @@ impl<'a> Receiver<'a> {
                 return Err(Error::Config(format!("device {} expected twice", a.id)));
             }
         }
-        let (backend, fallback_reason) = choose_backend(self.cfg.backend)?;
+        let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
         for t in &mut self.targets {
             if let TargetKind::Device { dev, fd, .. } = &mut t.kind {
                 let tr = transition(&mut **dev, MigState::Resuming)
-                    .map_err(|e| Error::Device { device: t.id.idstr().into_owned(), source: e })?;
+                    .map_err(|e| Error::Device { device: t.id.clone(), source: e })?;
                 let Some(f) = tr.data_fd else {
                     return Err(Error::Device {
-                        device: t.id.idstr().into_owned(),
+                        device: t.id.clone(),
                         source: vfio_migration::Error::Protocol {
                             device: dev.name().to_owned(),
                             what: "device was already RESUMING: its resume session belongs to someone else".into(),
@@ -235,7 +248,7 @@ impl<'a> Receiver<'a> {
         let ordered = read_inits(socks, &self.cfg, &self.abort)?;
         let shared = RecvShared {
             cfg: &self.cfg,
-            channels: ordered.iter().map(|s| s.as_raw_fd()).collect(),
+            channels: ordered.iter().map(|s| s.as_fd()).collect(),
             counters: (0..n).map(|_| ChannelCounters::default()).collect(),
             abort: self.abort.clone(),
             progress: self.progress.clone(),
@@ -244,16 +257,15 @@ impl<'a> Receiver<'a> {
         let mut re =
             Reassembly::new(self.targets.iter().map(|t| t.id.clone()).collect(), budget, self.cfg.slot_bytes());
         let res = match backend {
-            BackendKind::Uring => recv_uring::run(&shared, &mut re, &mut self.targets),
-            BackendKind::Blocking => recv_blocking::run(&shared, &mut re, &mut self.targets),
+            BackendKind::Uring => uring::run(&shared, &mut re, &mut self.targets),
+            BackendKind::Blocking => blocking::run(&shared, &mut re, &mut self.targets),
         };
-        drop(ordered);
         res?;
         let devices = self
             .targets
             .iter()
-            .enumerate()
-            .map(|(d, t)| {
+            .zip(DeviceIndex::all(self.targets.len()))
+            .map(|(t, d)| {
                 let c = re.counters(d);
                 ReceiverDeviceReport {
                     id: t.id.clone(),
@@ -272,7 +284,7 @@ impl<'a> Receiver<'a> {
             fallback_reason,
             elapsed: started.elapsed(),
             devices,
-            channels: shared.counters.iter().enumerate().map(|(i, c)| c.report(i)).collect(),
+            channels: ChannelId::all(n).map(|c| shared.counters[c.index()].report(c)).collect(),
             peak_held_bytes: re.peak_held(),
             reserved_bytes: (re.slot_count() * self.cfg.slot_bytes()) as u64,
         })
@@ -282,79 +294,29 @@ impl<'a> Receiver<'a> {
 /// Reads and validates every channel's init packet; returns the sockets ordered by channel id.
 fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) -> Result<Vec<OwnedFd>> {
     let n = socks.len();
-    let deadline = Instant::now() + cfg.accept_timeout;
     let mut slots: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
-    for (order, s) in socks.into_iter().enumerate() {
+    let bounds = Bounds { abort, stall: cfg.accept_timeout };
+    for (connection, s) in socks.into_iter().enumerate() {
         let mut b = [0u8; INIT_PACKET_LEN];
-        recv_exact(s.as_raw_fd(), &mut b, deadline, abort).map_err(|e| match e {
-            RecvExactError::Eof(got) => Error::ChannelClosed {
-                channel: order,
-                during: format!("during its init packet ({got} of {INIT_PACKET_LEN} bytes)"),
+        recv_exact(&Kernel, s.as_fd(), &mut b, bounds).map_err(|f| match f {
+            Fail::Eof { got } => Error::ConnectionClosed { connection, during: Stage::InitPacket { got } },
+            Fail::Os(e) => Error::Connection { connection, op: "receive init packet", source: e },
+            Fail::Stalled => Error::Timeout {
+                what: format!("init packet of connection {connection} (accept order)"),
+                after: cfg.accept_timeout,
             },
-            RecvExactError::Io(e) => Error::Channel { channel: order, op: "receive init packet".into(), source: e },
-            RecvExactError::Timeout => {
-                Error::Timeout { what: format!("init packet of connection {order}"), after: cfg.accept_timeout }
-            }
-            RecvExactError::Aborted => Error::Aborted,
+            Fail::Aborted => Error::Aborted,
         })?;
-        let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::Wire {
-            channel: order,
-            what: "init packet",
-            source: e,
-        })?;
-        let id = usize::from(p.id);
-        if slots[id].is_some() {
+        let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::InitPacket { connection, source: e })?;
+        let channel = ChannelId::new(p.id);
+        if slots[channel.index()].is_some() {
             return Err(Error::Protocol {
-                channel: id,
-                device: "-".into(),
-                what: format!("channel id {id} announced twice (second time on connection {order})"),
+                channel,
+                device: None,
+                violation: ProtocolViolation::DuplicateChannelId { channel, connection },
             });
         }
-        slots[id] = Some(s);
+        slots[channel.index()] = Some(s);
     }
     Ok(slots.into_iter().map(|s| s.expect("n distinct ids below n cover every slot")).collect())
-}
-
-pub(crate) enum RecvExactError {
-    Eof(usize),
-    Io(std::io::Error),
-    Timeout,
-    Aborted,
-}
-
-/// Receives exactly `buf.len()` bytes, waking every tick for abort and the deadline.
-pub(crate) fn recv_exact(
-    fd: RawFd,
-    buf: &mut [u8],
-    deadline: Instant,
-    abort: &AbortHandle,
-) -> Result<(), RecvExactError> {
-    let mut got = 0;
-    while got < buf.len() {
-        if abort.is_aborted() {
-            return Err(RecvExactError::Aborted);
-        }
-        if Instant::now() > deadline {
-            return Err(RecvExactError::Timeout);
-        }
-        let ready = crate::source_blocking::poll_in(&[fd, abort.as_fd().as_raw_fd()], Duration::from_millis(250))
-            .map_err(RecvExactError::Io)?;
-        if !ready {
-            continue;
-        }
-        // SAFETY: the destination range is inside the live, exclusively borrowed `buf`.
-        let r = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, libc::MSG_DONTWAIT) };
-        if r == 0 {
-            return Err(RecvExactError::Eof(got));
-        }
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-                continue;
-            }
-            return Err(RecvExactError::Io(e));
-        }
-        got += r as usize;
-    }
-    Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! * Setup asks for `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN | SUBMIT_ALL` and steps down
 //!   to plainer flag sets on kernels that refuse them (`EINVAL`).
-//! * Completions are copied into a vector sized once at setup, so reaping never allocates.
+//! * Completions are copied into the caller's fixed array, so reaping never allocates.
 //! * Waits always carry a timeout (`IORING_ENTER_EXT_ARG`), so a stalled peer can never hang
 //!   the thread; `EINTR` and `ETIME` are not errors.
 //!
@@ -17,58 +17,38 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use crate::pool::BufferPool;
 
 /// `IORING_SEND_ZC_REPORT_USAGE`: ask the notification to say whether the data was copied.
-pub const ZC_REPORT_USAGE: u16 = 8;
+pub(crate) const ZC_REPORT_USAGE: u16 = 8;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a notification's `res` when the kernel copied.
-pub const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+pub(crate) const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 /// One completion, copied out of the CQ ring.
-#[derive(Debug, Clone, Copy)]
-pub struct Completion {
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Completion {
     /// The SQE's user_data.
-    pub user_data: u64,
+    pub(crate) user_data: u64,
     /// Result: bytes, or a negative errno.
-    pub res: i32,
+    pub(crate) res: i32,
     /// `IORING_CQE_F_*` flags.
-    pub flags: u32,
+    pub(crate) flags: u32,
 }
 
 impl Completion {
     /// `IORING_CQE_F_MORE`: another CQE (a SEND_ZC notification) will follow.
-    pub fn more(&self) -> bool {
+    pub(crate) fn more(&self) -> bool {
         cqueue::more(self.flags)
     }
 
     /// `IORING_CQE_F_NOTIF`: this is a SEND_ZC buffer-release notification.
-    pub fn notif(&self) -> bool {
+    pub(crate) fn notif(&self) -> bool {
         cqueue::notif(self.flags)
     }
 }
 
-/// The io_uring operations the engine uses, as the running kernel reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UringOps {
-    /// `IORING_OP_READ_FIXED`.
-    pub read_fixed: bool,
-    /// `IORING_OP_WRITE_FIXED`.
-    pub write_fixed: bool,
-    /// `IORING_OP_SEND`.
-    pub send: bool,
-    /// `IORING_OP_SEND_ZC`.
-    pub send_zc: bool,
-    /// `IORING_OP_RECV`.
-    pub recv: bool,
-    /// `IORING_OP_READ`.
-    pub read: bool,
-    /// `IORING_OP_ASYNC_CANCEL`.
-    pub async_cancel: bool,
-}
-
-/// A ring plus its completion scratch space.
-pub struct Ring {
+/// One ring, owned by one thread.
+pub(crate) struct Ring {
     ring: IoUring,
-    done: Vec<Completion>,
     /// Setup flags that the kernel accepted, in words (for reports).
-    pub setup: &'static str,
+    pub(crate) setup: &'static str,
 }
 
 impl std::fmt::Debug for Ring {
@@ -83,7 +63,7 @@ impl Ring {
     /// # Errors
     /// The setup errno of the plainest flag set (`EPERM` when io_uring is disabled by sysctl
     /// or seccomp, `ENOSYS` without io_uring, `ENOMEM` without locked memory for the rings).
-    pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
+    pub(crate) fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
         type Apply = fn(&mut io_uring::Builder);
         let attempts: [(&'static str, Apply); 3] = [
             ("SINGLE_ISSUER|DEFER_TASKRUN|COOP_TASKRUN|SUBMIT_ALL", |b| {
@@ -100,10 +80,7 @@ impl Ring {
             b.setup_cqsize(cq_entries.max(sq_entries * 2));
             apply(&mut b);
             match b.build(sq_entries) {
-                Ok(ring) => {
-                    let cap = ring.params().cq_entries() as usize;
-                    return Ok(Ring { ring, done: Vec::with_capacity(cap), setup: name });
-                }
+                Ok(ring) => return Ok(Ring { ring, setup: name }),
                 // EINVAL: an older kernel that lacks a flag; try a plainer set.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = e,
                 Err(e) => return Err(e),
@@ -117,8 +94,9 @@ impl Ring {
     /// # Safety
     /// `pool` must stay mapped until this ring is dropped, and the caller must not unmap it
     /// while any operation that uses it may still be in flight.
-    pub unsafe fn register_pool(&self, pool: &BufferPool) -> io::Result<()> {
-        let iov = [pool.iovec()];
+    pub(crate) unsafe fn register_pool(&self, pool: &BufferPool) -> io::Result<()> {
+        let (base, len) = pool.region();
+        let iov = [libc::iovec { iov_base: base.cast(), iov_len: len }];
         // SAFETY: the iovec describes a live anonymous mapping that, by this function's
         // contract, outlives the registration.
         unsafe { self.ring.submitter().register_buffers(&iov) }
@@ -128,7 +106,7 @@ impl Ring {
     ///
     /// # Errors
     /// The kernel's errno (`EBADF` for a closed fd, `EMFILE` above `RLIMIT_NOFILE`).
-    pub fn register_files(&self, fds: &[RawFd]) -> io::Result<()> {
+    pub(crate) fn register_files(&self, fds: &[RawFd]) -> io::Result<()> {
         self.ring.submitter().register_files(fds)
     }
 
@@ -136,7 +114,7 @@ impl Ring {
     ///
     /// # Errors
     /// The kernel's errno.
-    pub fn limit_workers(&self, bounded: u32, unbounded: u32) -> io::Result<()> {
+    pub(crate) fn limit_workers(&self, bounded: u32, unbounded: u32) -> io::Result<()> {
         let mut v = [bounded, unbounded];
         self.ring.submitter().register_iowq_max_workers(&mut v)
     }
@@ -148,7 +126,7 @@ impl Ring {
     /// Every buffer and fd an entry refers to must stay valid until the operation's last CQE
     /// (for SEND_ZC: until its notification), and `user_data` must let the caller find and
     /// retire the operation.
-    pub unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+    pub(crate) unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
         for _ in 0..2 {
             // SAFETY: forwarded from this function's contract.
             if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
@@ -163,7 +141,7 @@ impl Ring {
     ///
     /// # Errors
     /// Any errno but `EINTR` and `EBUSY` (CQ overflow backlog; retried on the next wait).
-    pub fn submit(&mut self) -> io::Result<()> {
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
         match self.ring.submit() {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
@@ -175,7 +153,7 @@ impl Ring {
     ///
     /// # Errors
     /// Any errno but `EINTR`, `ETIME` and `EBUSY`.
-    pub fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
+    pub(crate) fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
@@ -187,48 +165,30 @@ impl Ring {
         }
     }
 
-    /// Copies every available completion into the scratch vector and returns it.
-    pub fn reap(&mut self) -> &[Completion] {
-        self.done.clear();
-        let cap = self.done.capacity();
+    /// Copies up to `out.len()` available completions into `out` and returns how many.
+    pub(crate) fn reap_into(&mut self, out: &mut [Completion]) -> usize {
         let mut cq = self.ring.completion();
         cq.sync();
-        for cqe in &mut cq {
-            // The scratch vector is sized to the CQ ring, so one drain never reallocates.
-            debug_assert!(self.done.len() < cap || cap == 0);
-            self.done.push(Completion { user_data: cqe.user_data(), res: cqe.result(), flags: cqe.flags() });
+        let mut n = 0;
+        for slot in out.iter_mut() {
+            let Some(cqe) = cq.next() else { break };
+            *slot = Completion { user_data: cqe.user_data(), res: cqe.result(), flags: cqe.flags() };
+            n += 1;
         }
-        &self.done
+        n
     }
 
-    /// The `i`-th completion of the last [`Ring::reap`].
-    pub fn reap_cached(&self, i: usize) -> Completion {
-        self.done[i]
-    }
-
-    /// Asks the kernel which of the engine's operations it supports.
-    ///
-    /// # Errors
-    /// `IORING_REGISTER_PROBE` failures.
-    pub fn probe_ops(&self) -> io::Result<UringOps> {
+    /// Whether the kernel supports `op` (`IORING_REGISTER_PROBE`).
+    pub(crate) fn supports(&self, op: u8) -> bool {
         let mut p = Probe::new();
-        self.ring.submitter().register_probe(&mut p)?;
-        Ok(UringOps {
-            read_fixed: p.is_supported(opcode::ReadFixed::CODE),
-            write_fixed: p.is_supported(opcode::WriteFixed::CODE),
-            send: p.is_supported(opcode::Send::CODE),
-            send_zc: p.is_supported(opcode::SendZc::CODE),
-            recv: p.is_supported(opcode::Recv::CODE),
-            read: p.is_supported(opcode::Read::CODE),
-            async_cancel: p.is_supported(opcode::AsyncCancel::CODE),
-        })
+        self.ring.submitter().register_probe(&mut p).is_ok() && p.is_supported(op)
     }
 
     /// Queues a cancel of every in-flight request (`IORING_ASYNC_CANCEL_ANY`).
     ///
     /// # Errors
     /// Submission failures.
-    pub fn cancel_all(&mut self, user_data: u64) -> io::Result<()> {
+    pub(crate) fn cancel_all(&mut self, user_data: u64) -> io::Result<()> {
         let e = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(user_data);
         // SAFETY: a cancel request refers to no buffer or fd.
         unsafe { self.push(&[e]) }?;
@@ -236,40 +196,11 @@ impl Ring {
     }
 }
 
-/// An event loop that owns a ring and knows which of its operations are still in flight.
-pub(crate) trait Drain {
-    /// The loop's ring.
-    fn ring(&mut self) -> &mut Ring;
-    /// Retires one completion without acting on it (bookkeeping only).
-    fn retire(&mut self, c: Completion);
-    /// Whether operations are still in flight.
-    fn pending(&self) -> bool;
-}
-
-/// Cancels everything `d` has in flight and reaps until nothing is pending or `limit` passes.
-/// Returns whether everything was reaped; if not, the caller must not free any memory an
-/// operation may still use.
-pub(crate) fn cancel_and_drain(d: &mut impl Drain, cancel_user_data: u64, limit: Duration) -> bool {
-    let _ = d.ring().cancel_all(cancel_user_data);
-    let deadline = std::time::Instant::now() + limit;
-    while d.pending() && std::time::Instant::now() < deadline {
-        if d.ring().submit_and_wait(Duration::from_millis(100)).is_err() {
-            break;
-        }
-        let n = d.ring().reap().len();
-        for i in 0..n {
-            let c = d.ring().reap_cached(i);
-            d.retire(c);
-        }
-    }
-    !d.pending()
-}
-
 /// Why io_uring cannot be used here, in words an operator can act on, or `None` if a ring
 /// can be created and the kernel has every operation and feature the engine needs
 /// (`IORING_FEAT_EXT_ARG` for bounded waits, 5.11; READ_FIXED, WRITE_FIXED, READ, WRITE, SEND,
 /// RECV, POLL_ADD, ASYNC_CANCEL).
-pub fn uring_unavailable_reason() -> Option<String> {
+pub(crate) fn uring_unavailable_reason() -> Option<String> {
     let ring = match Ring::new(4, 8) {
         Ok(r) => r,
         Err(e) => return Some(describe_setup_error(&e)),
@@ -300,7 +231,7 @@ pub fn uring_unavailable_reason() -> Option<String> {
 }
 
 /// Explains an `io_uring_setup` failure.
-pub fn describe_setup_error(e: &io::Error) -> String {
+pub(crate) fn describe_setup_error(e: &io::Error) -> String {
     let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
     let sysctl = sysctl.as_deref().map(str::trim);
     match e.raw_os_error() {
@@ -317,6 +248,6 @@ pub fn describe_setup_error(e: &io::Error) -> String {
 }
 
 /// Meaning of a negative CQE result for an operation, for error messages.
-pub fn cqe_error(res: i32) -> io::Error {
+pub(crate) fn cqe_error(res: i32) -> io::Error {
     io::Error::from_raw_os_error(-res)
 }

@@ -11,14 +11,15 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Mutex;
 
-use crate::event::EventFd;
+use crate::ids::{ChannelId, DeviceIndex};
+use crate::sys::EventFd;
 
 #[derive(Debug)]
 struct Inner {
-    idle: VecDeque<usize>,
-    waiters: VecDeque<usize>,
+    idle: VecDeque<ChannelId>,
+    waiters: VecDeque<DeviceIndex>,
     waiting: Vec<bool>,
-    granted: Vec<VecDeque<usize>>,
+    granted: Vec<VecDeque<ChannelId>>,
 }
 
 /// The lease table shared by all device threads of one source.
@@ -34,7 +35,7 @@ impl ChannelLeases {
     pub(crate) fn new(channels: usize, devices: usize) -> io::Result<ChannelLeases> {
         let wakers = (0..devices).map(|_| EventFd::new()).collect::<io::Result<Vec<_>>>()?;
         let mut idle = VecDeque::with_capacity(channels);
-        idle.extend(0..channels);
+        idle.extend(ChannelId::all(channels));
         Ok(ChannelLeases {
             inner: Mutex::new(Inner {
                 idle,
@@ -55,9 +56,9 @@ impl ChannelLeases {
     /// Takes an idle channel if no other device is waiting. With `enqueue`, a device that gets
     /// nothing joins the waiter queue (once) and is woken through its waker when a channel is
     /// granted to it.
-    pub(crate) fn try_lease(&self, dev: usize, enqueue: bool) -> Option<usize> {
+    pub(crate) fn try_lease(&self, dev: DeviceIndex, enqueue: bool) -> Option<ChannelId> {
         let mut g = self.lock();
-        if let Some(ch) = g.granted[dev].pop_front() {
+        if let Some(ch) = g.granted[dev.index()].pop_front() {
             return Some(ch);
         }
         if g.waiters.is_empty() {
@@ -65,26 +66,26 @@ impl ChannelLeases {
                 return Some(ch);
             }
         }
-        if enqueue && !g.waiting[dev] {
-            g.waiting[dev] = true;
+        if enqueue && !g.waiting[dev.index()] {
+            g.waiting[dev.index()] = true;
             g.waiters.push_back(dev);
         }
         None
     }
 
     /// Takes a channel granted to `dev` by a release, if any (never an idle one).
-    pub(crate) fn take_granted(&self, dev: usize) -> Option<usize> {
-        self.lock().granted[dev].pop_front()
+    pub(crate) fn take_granted(&self, dev: DeviceIndex) -> Option<ChannelId> {
+        self.lock().granted[dev.index()].pop_front()
     }
 
     /// Returns a channel: to the longest waiter if there is one, else to the idle set.
-    pub(crate) fn release(&self, ch: usize) {
+    pub(crate) fn release(&self, ch: ChannelId) {
         let mut g = self.lock();
         if let Some(dev) = g.waiters.pop_front() {
-            g.waiting[dev] = false;
-            g.granted[dev].push_back(ch);
+            g.waiting[dev.index()] = false;
+            g.granted[dev.index()].push_back(ch);
             drop(g);
-            self.wakers[dev].signal();
+            self.wakers[dev.index()].signal();
         } else {
             g.idle.push_back(ch);
         }
@@ -92,15 +93,15 @@ impl ChannelLeases {
 
     /// Leaves the waiter queue and returns every channel granted but not taken. Called when a
     /// device thread ends, successfully or not.
-    pub(crate) fn withdraw(&self, dev: usize) {
+    pub(crate) fn withdraw(&self, dev: DeviceIndex) {
         let mut give_back = Vec::new();
         {
             let mut g = self.lock();
-            if g.waiting[dev] {
-                g.waiting[dev] = false;
+            if g.waiting[dev.index()] {
+                g.waiting[dev.index()] = false;
                 g.waiters.retain(|&d| d != dev);
             }
-            give_back.extend(g.granted[dev].drain(..));
+            give_back.extend(g.granted[dev.index()].drain(..));
         }
         for ch in give_back {
             self.release(ch);
@@ -108,8 +109,8 @@ impl ChannelLeases {
     }
 
     /// The eventfd that becomes readable when a channel is granted to `dev`.
-    pub(crate) fn waker(&self, dev: usize) -> &EventFd {
-        &self.wakers[dev]
+    pub(crate) fn waker(&self, dev: DeviceIndex) -> &EventFd {
+        &self.wakers[dev.index()]
     }
 
     /// Number of idle channels (for tests and reports).
@@ -123,34 +124,38 @@ impl ChannelLeases {
 mod tests {
     use super::*;
 
+    fn d(i: usize) -> DeviceIndex {
+        DeviceIndex::new(i)
+    }
+
     #[test]
     fn fifo_grants_and_no_queue_jumping() {
         let l = ChannelLeases::new(2, 3).unwrap();
-        let a = l.try_lease(0, true).unwrap();
-        let b = l.try_lease(1, true).unwrap();
-        assert_eq!(l.try_lease(2, true), None);
-        assert_eq!(l.try_lease(0, true), None);
+        let a = l.try_lease(d(0), true).unwrap();
+        let b = l.try_lease(d(1), true).unwrap();
+        assert_eq!(l.try_lease(d(2), true), None);
+        assert_eq!(l.try_lease(d(0), true), None);
         // Device 2 waits first, then device 0: releases go in that order.
         l.release(a);
-        assert_eq!(l.try_lease(1, true), None, "device 1 must not jump the queue");
-        assert_eq!(l.try_lease(2, false), Some(a));
+        assert_eq!(l.try_lease(d(1), true), None, "device 1 must not jump the queue");
+        assert_eq!(l.try_lease(d(2), false), Some(a));
         l.release(b);
-        assert_eq!(l.try_lease(0, false), Some(b));
+        assert_eq!(l.try_lease(d(0), false), Some(b));
         l.release(a);
         l.release(b);
         // Device 1 was enqueued by its failed attempt above, so it receives the first release.
-        assert_eq!(l.try_lease(1, false), Some(a));
+        assert_eq!(l.try_lease(d(1), false), Some(a));
         assert_eq!(l.idle(), 1);
     }
 
     #[test]
     fn withdraw_returns_grants() {
         let l = ChannelLeases::new(1, 2).unwrap();
-        let c = l.try_lease(0, true).unwrap();
-        assert_eq!(l.try_lease(1, true), None);
-        l.release(c);
-        l.withdraw(1);
+        let ch = l.try_lease(d(0), true).unwrap();
+        assert_eq!(l.try_lease(d(1), true), None);
+        l.release(ch);
+        l.withdraw(d(1));
         assert_eq!(l.idle(), 1);
-        assert_eq!(l.try_lease(0, false), Some(c));
+        assert_eq!(l.try_lease(d(0), false), Some(ch));
     }
 }

@@ -17,7 +17,8 @@
 //! from a sender that breaks the ordering rules: the receiver reports it as an error instead
 //! of waiting forever.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Missing, ProtocolViolation, Result};
+use crate::ids::{ChannelId, DeviceIndex, PacketIndex};
 use crate::wire::{DeviceId, DeviceStateHeader, VfioPacketHeader, VFIO_HEADER_LEN};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +31,10 @@ enum Entry {
 /// Where an admitted packet's payload goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Admitted {
-    pub(crate) dev: usize,
+    pub(crate) dev: DeviceIndex,
     pub(crate) slot: u32,
     pub(crate) len: usize,
-    pub(crate) idx: u32,
+    pub(crate) idx: PacketIndex,
 }
 
 /// The outcome of offering a packet header.
@@ -49,7 +50,7 @@ pub(crate) enum Admit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NextWrite {
     /// Write `len` bytes of `slot` (packet `idx`) to the resume fd.
-    Data { slot: u32, len: usize, idx: u32 },
+    Data { slot: u32, len: usize, idx: PacketIndex },
     /// Every data packet is written: apply the config in `slot`.
     Config { slot: u32, len: usize },
 }
@@ -139,12 +140,8 @@ impl Reassembly {
     }
 
     /// The identity of device `d`.
-    pub(crate) fn id(&self, d: usize) -> &DeviceId {
-        &self.devs[d].id
-    }
-
-    fn name(&self, d: usize) -> String {
-        self.devs[d].id.to_string()
+    pub(crate) fn id(&self, d: DeviceIndex) -> &DeviceId {
+        &self.devs[d.index()].id
     }
 
     /// Offers a decoded packet header that arrived on `channel`.
@@ -152,37 +149,47 @@ impl Reassembly {
     /// # Errors
     /// Unknown device, duplicate index, a data index after the config packet, a second config
     /// packet, a packet after the device completed, a payload above the slot size.
-    pub(crate) fn admit(&mut self, channel: usize, hdr: &DeviceStateHeader, vfio: VfioPacketHeader) -> Result<Admit> {
+    pub(crate) fn admit(
+        &mut self,
+        channel: ChannelId,
+        hdr: &DeviceStateHeader,
+        vfio: VfioPacketHeader,
+    ) -> Result<Admit> {
         let Some(d) = self.devs.iter().position(|x| x.id.matches(hdr)) else {
             return Err(Error::UnknownDevice { channel, idstr: hdr.idstr_lossy(), instance_id: hdr.instance_id });
         };
         let len = hdr.next_packet_size as usize - VFIO_HEADER_LEN;
+        let Some(pidx) = PacketIndex::new(vfio.idx) else {
+            // The decoder refuses u32::MAX before a header gets here.
+            return Err(Error::internal("a packet index of u32::MAX passed the decoder"));
+        };
         let idx = vfio.idx;
-        let proto = |what: String| Error::Protocol { channel, device: self.name(d), what };
+        let at = |i: u32| PacketIndex::new(i).unwrap_or(PacketIndex::MAX);
+        let proto = |violation| Error::Protocol { channel, device: Some(self.devs[d].id.clone()), violation };
         if len > self.slot_bytes {
-            return Err(proto(format!("packet {idx} carries {len} bytes, above the {}-byte limit", self.slot_bytes)));
+            return Err(proto(ProtocolViolation::TooLarge { idx: pidx, len, limit: self.slot_bytes }));
         }
         let dev = &self.devs[d];
         if dev.finished {
-            return Err(proto(format!("packet {idx} arrived after the device completed")));
+            return Err(proto(ProtocolViolation::AfterCompletion { idx: pidx }));
         }
         if idx < dev.next_write
             || (idx - dev.next_write < self.window && dev.ring[(idx % self.window) as usize] != Entry::Empty)
         {
-            return Err(proto(format!("duplicate packet index {idx}")));
+            return Err(proto(ProtocolViolation::DuplicateIndex { idx: pidx }));
         }
         if vfio.is_config() {
             if let Some(c) = dev.config_idx {
-                return Err(proto(format!("second config packet (index {idx}; the first had index {c})")));
+                return Err(proto(ProtocolViolation::SecondConfig { idx: pidx, first: at(c) }));
             }
             if let Some(m) = dev.max_data_idx {
                 if idx <= m {
-                    return Err(proto(format!("config packet index {idx} is not after data packet index {m}")));
+                    return Err(proto(ProtocolViolation::ConfigNotLast { idx: pidx, data_idx: at(m) }));
                 }
             }
         } else if let Some(c) = dev.config_idx {
             if idx >= c {
-                return Err(proto(format!("data packet index {idx} at or after the config packet's index {c}")));
+                return Err(proto(ProtocolViolation::DataAfterConfig { idx: pidx, config_idx: at(c) }));
             }
         }
         if idx - dev.next_write >= self.window {
@@ -217,23 +224,23 @@ impl Reassembly {
         {
             dev.lowest_missing += 1;
         }
-        Ok(Admit::Accept(Admitted { dev: d, slot, len, idx }))
+        Ok(Admit::Accept(Admitted { dev: DeviceIndex::new(d), slot, len, idx: pidx }))
     }
 
     /// The payload of an admitted packet is fully in its slot.
     pub(crate) fn received(&mut self, a: Admitted) {
         let w = self.window;
-        let dev = &mut self.devs[a.dev];
-        let e = &mut dev.ring[(a.idx % w) as usize];
+        let dev = &mut self.devs[a.dev.index()];
+        let e = &mut dev.ring[(a.idx.get() % w) as usize];
         debug_assert_eq!(*e, Entry::Receiving(a.slot));
         *e = Entry::Ready(a.slot);
     }
 
     /// What device `d` writes next, if anything is ready and no write is in flight. Marks the
     /// device as writing.
-    pub(crate) fn next_write(&mut self, d: usize) -> Option<NextWrite> {
+    pub(crate) fn next_write(&mut self, d: DeviceIndex) -> Option<NextWrite> {
         let w = self.window;
-        let dev = &mut self.devs[d];
+        let dev = &mut self.devs[d.index()];
         if dev.writing || dev.finished {
             return None;
         }
@@ -243,15 +250,15 @@ impl Reassembly {
         if dev.config_idx == Some(dev.next_write) {
             Some(NextWrite::Config { slot, len })
         } else {
-            Some(NextWrite::Data { slot, len, idx: dev.next_write })
+            Some(NextWrite::Data { slot, len, idx: PacketIndex::new(dev.next_write)? })
         }
     }
 
     /// Device `d` finished writing its next packet (data, or the config was applied): frees
     /// the slot and moves on. Returns whether the device is now complete.
-    pub(crate) fn written(&mut self, d: usize) -> bool {
+    pub(crate) fn written(&mut self, d: DeviceIndex) -> bool {
         let w = self.window;
-        let dev = &mut self.devs[d];
+        let dev = &mut self.devs[d.index()];
         let i = (dev.next_write % w) as usize;
         let Entry::Ready(slot) = dev.ring[i] else { unreachable!("written() without a ready packet") };
         dev.ring[i] = Entry::Empty;
@@ -276,8 +283,8 @@ impl Reassembly {
     }
 
     /// Whether device `d` has applied its config.
-    pub(crate) fn finished(&self, d: usize) -> bool {
-        self.devs[d].finished
+    pub(crate) fn finished(&self, d: DeviceIndex) -> bool {
+        self.devs[d.index()].finished
     }
 
     /// Whether every device has completed.
@@ -295,8 +302,8 @@ impl Reassembly {
     }
 
     /// Counters of device `d`.
-    pub(crate) fn counters(&self, d: usize) -> DevCounters {
-        let x = &self.devs[d];
+    pub(crate) fn counters(&self, d: DeviceIndex) -> DevCounters {
+        let x = &self.devs[d.index()];
         DevCounters { data_bytes: x.data_bytes, packets: x.packets, out_of_order: x.ooo }
     }
 
@@ -308,24 +315,19 @@ impl Reassembly {
     /// The first incomplete device, as an error.
     pub(crate) fn incomplete_error(&self) -> Option<Error> {
         self.devs.iter().find(|d| !d.finished).map(|d| Error::Incomplete {
-            device: d.id.to_string(),
-            what: match d.config_idx {
-                None if d.next_write == 0 && d.lowest_missing == 0 => {
-                    "no packet of this device arrived before every channel closed".to_string()
-                }
-                None => format!(
-                    "all channels closed before its config packet; {} data packets written, next expected index {}",
-                    d.next_write, d.lowest_missing
-                ),
-                Some(c) => format!(
-                    "all channels closed with packet {} missing (config packet index {c}, {} data packets written)",
-                    d.lowest_missing, d.next_write
-                ),
+            device: d.id.clone(),
+            missing: match d.config_idx {
+                None if d.next_write == 0 && d.lowest_missing == 0 => Missing::Everything,
+                None => Missing::Config { written: d.next_write, next: d.lowest_missing },
+                Some(c) => Missing::Packet {
+                    idx: d.lowest_missing,
+                    config_idx: PacketIndex::new(c).unwrap_or(PacketIndex::MAX),
+                    written: d.next_write,
+                },
             },
         })
     }
 
-    /// Describes who waits for what, for a budget error.
     pub(crate) fn stuck_report(&self) -> String {
         let mut parts = Vec::new();
         for d in &self.devs {
@@ -366,14 +368,15 @@ mod tests {
 
     fn offer(r: &mut Reassembly, dev: &DeviceId, idx: u32, config: bool) -> Result<Admit> {
         let (h, v) = hdr(dev, idx, config, 10);
-        r.admit(0, &h, v)
+        r.admit(ChannelId::new(0), &h, v)
     }
 
     fn drain(r: &mut Reassembly, d: usize) -> Vec<u32> {
+        let d = DeviceIndex::new(d);
         let mut out = Vec::new();
         while let Some(w) = r.next_write(d) {
             if let NextWrite::Data { idx, .. } = w {
-                out.push(idx);
+                out.push(idx.get());
             }
             r.written(d);
         }
@@ -391,7 +394,7 @@ mod tests {
             Admit::Wait => panic!(),
         };
         r.received(a2);
-        assert_eq!(r.next_write(0), None, "index 0 missing");
+        assert_eq!(r.next_write(DeviceIndex::new(0)), None, "index 0 missing");
         let Admit::Accept(a0) = offer(&mut r, &id[0], 0, false).unwrap() else { panic!() };
         r.received(a0);
         let Admit::Accept(a1) = offer(&mut r, &id[0], 1, false).unwrap() else { panic!() };
@@ -399,33 +402,45 @@ mod tests {
         let Admit::Accept(c) = offer(&mut r, &id[0], 3, true).unwrap() else { panic!() };
         r.received(c);
         assert_eq!(drain(&mut r, 0), vec![0, 1, 2]);
-        assert!(r.finished(0));
-        assert_eq!(r.counters(0).out_of_order, 1);
+        assert!(r.finished(DeviceIndex::new(0)));
+        assert_eq!(r.counters(DeviceIndex::new(0)).out_of_order, 1);
         assert!(r.all_finished());
+    }
+
+    fn violation(r: Result<Admit>) -> ProtocolViolation {
+        match r {
+            Err(Error::Protocol { violation, .. }) => violation,
+            other => panic!("expected a protocol violation, got {other:?}"),
+        }
+    }
+
+    fn pi(i: u32) -> PacketIndex {
+        PacketIndex::new(i).unwrap()
     }
 
     #[test]
     fn protocol_errors() {
+        use ProtocolViolation::*;
         let id = ids(1);
         let mut r = Reassembly::new(id.clone(), 4, 4096);
         let Admit::Accept(a) = offer(&mut r, &id[0], 0, false).unwrap() else { panic!() };
-        assert!(offer(&mut r, &id[0], 0, false).unwrap_err().to_string().contains("duplicate packet index 0"));
+        assert_eq!(violation(offer(&mut r, &id[0], 0, false)), DuplicateIndex { idx: pi(0) });
         r.received(a);
         drain(&mut r, 0);
-        assert!(offer(&mut r, &id[0], 0, false).unwrap_err().to_string().contains("duplicate"));
+        assert_eq!(violation(offer(&mut r, &id[0], 0, false)), DuplicateIndex { idx: pi(0) });
         let Admit::Accept(_) = offer(&mut r, &id[0], 3, true).unwrap() else { panic!() };
-        assert!(offer(&mut r, &id[0], 4, true).unwrap_err().to_string().contains("second config"));
-        assert!(offer(&mut r, &id[0], 3, false).unwrap_err().to_string().contains("duplicate"));
-        assert!(offer(&mut r, &id[0], 5, false).unwrap_err().to_string().contains("after the config"));
+        assert_eq!(violation(offer(&mut r, &id[0], 4, true)), SecondConfig { idx: pi(4), first: pi(3) });
+        assert_eq!(violation(offer(&mut r, &id[0], 3, false)), DuplicateIndex { idx: pi(3) });
+        assert_eq!(violation(offer(&mut r, &id[0], 5, false)), DataAfterConfig { idx: pi(5), config_idx: pi(3) });
         let other = DeviceId::new("nope", 0).unwrap();
         assert!(matches!(offer(&mut r, &other, 0, false), Err(Error::UnknownDevice { .. })));
         let (h, v) = hdr(&id[0], 1, false, 5000);
-        assert!(r.admit(0, &h, v).unwrap_err().to_string().contains("above the 4096-byte limit"));
+        assert_eq!(violation(r.admit(ChannelId::new(0), &h, v)), TooLarge { idx: pi(1), len: 5000, limit: 4096 });
         // Config index not after the highest data index.
         let mut r = Reassembly::new(id.clone(), 4, 4096);
         let _ = offer(&mut r, &id[0], 2, false).unwrap();
-        assert!(offer(&mut r, &id[0], 2, true).unwrap_err().to_string().contains("duplicate"));
-        assert!(offer(&mut r, &id[0], 1, true).unwrap_err().to_string().contains("not after data packet index 2"));
+        assert_eq!(violation(offer(&mut r, &id[0], 2, true)), DuplicateIndex { idx: pi(2) });
+        assert_eq!(violation(offer(&mut r, &id[0], 1, true)), ConfigNotLast { idx: pi(1), data_idx: pi(2) });
     }
 
     /// The budget fills with out-of-order packets; the in-order packet still gets in through
@@ -497,8 +512,8 @@ mod tests {
                 }
                 if rnd(3) == 0 || !moved {
                     for d in 0..ndev {
-                        if let Some(_w) = r.next_write(d) {
-                            r.written(d);
+                        if let Some(_w) = r.next_write(DeviceIndex::new(d)) {
+                            r.written(DeviceIndex::new(d));
                         }
                     }
                 }

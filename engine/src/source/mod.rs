@@ -1,20 +1,33 @@
 //! The source side: devices in, multifd packets out.
+//!
+//! * `mod.rs` (this file): the public [`Source`], the per-device thread (state walks, PRE_COPY,
+//!   recovery) and the run's epilogue.
+//! * `core`: the rules both backends obey (packet indexes, stream accounting and cap, the
+//!   config packet, post-send tallies), without I/O.
+//! * `lease`: fair leasing of channels to device threads.
+//! * `uring` and `blocking`: the two backends' device loops.
+
+mod blocking;
+pub(crate) mod core;
+mod lease;
+mod uring;
 
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use vfio_migration::{recover, transition, MigState, MigrationDevice, ReadOutcome};
 
+use self::core::Tallies;
+use self::lease::ChannelLeases;
 use crate::abort::AbortHandle;
-use crate::config::{Backend, SourceConfig, ZeroCopy};
+use crate::config::{SourceConfig, ZeroCopy};
 use crate::error::{Error, Result};
-use crate::lease::ChannelLeases;
-use crate::ring;
-use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceDeviceReport, SourceReport};
+use crate::ids::{ChannelId, DeviceIndex};
+use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceReport};
+use crate::sys;
 use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
-use crate::{source_blocking, source_uring};
 
 /// Per-device options for [`Source::add_device_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +93,7 @@ impl std::fmt::Debug for Source<'_> {
 /// Shared, read-only context of one source run.
 pub(crate) struct SourceShared<'c> {
     pub(crate) cfg: &'c SourceConfig,
-    pub(crate) channels: Vec<RawFd>,
+    pub(crate) channels: Vec<BorrowedFd<'c>>,
     pub(crate) leases: ChannelLeases,
     pub(crate) counters: Vec<ChannelCounters>,
     pub(crate) abort: AbortHandle,
@@ -91,11 +104,11 @@ pub(crate) struct SourceShared<'c> {
 /// What a backend's device loop reads from and reports to.
 pub(crate) struct DeviceCtx<'a, 'd> {
     pub(crate) id: &'a DeviceId,
-    pub(crate) dev_no: usize,
+    pub(crate) dev_no: DeviceIndex,
     dev: Option<&'a mut (dyn MigrationDevice + 'd)>,
     raw_config: &'a [u8],
     owned_fd: Option<OwnedFd>,
-    raw_fd: RawFd,
+    raw_fd: Option<BorrowedFd<'a>>,
     pub(crate) in_precopy: bool,
     pub(crate) precopy_bytes: u64,
     pub(crate) stop_copy_start: Instant,
@@ -111,23 +124,22 @@ pub(crate) enum PrecopyStep {
 
 impl DeviceCtx<'_, '_> {
     /// The fd to read in STOP_COPY.
-    pub(crate) fn data_fd(&self) -> RawFd {
-        self.raw_fd
-    }
-
-    /// The device name for messages.
-    pub(crate) fn name(&self) -> String {
-        self.id.idstr().into_owned()
+    pub(crate) fn data_fd(&self) -> BorrowedFd<'_> {
+        match (&self.owned_fd, self.raw_fd) {
+            (Some(fd), _) => fd.as_fd(),
+            (None, Some(fd)) => fd,
+            (None, None) => unreachable!("a device context always holds a data fd"),
+        }
     }
 
     /// Reads at most `buf.len()` bytes of pre-copy data, bounded by what the device reports as
     /// available; at the temporary end (ENOMSG, or 0 as mtty does) or past the pre-copy byte
     /// cap, walks the device to STOP_COPY and reports [`PrecopyStep::Switched`].
     pub(crate) fn precopy_read(&mut self, buf: &mut [u8], cap: u64) -> Result<PrecopyStep> {
-        let name = self.name();
+        let id = self.id;
         let dev = self.dev.as_deref_mut().expect("pre-copy only runs on devices");
         let fd = self.owned_fd.as_ref().expect("pre-copy holds a data fd").as_fd();
-        let info = dev.precopy_info(fd).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+        let info = dev.precopy_info(fd).map_err(|e| Error::Device { device: id.clone(), source: e })?;
         let avail = info.initial_bytes.saturating_add(info.dirty_bytes);
         // Stream only the initial data: dirty data would be re-sent in STOP_COPY anyway, and a
         // device that keeps dirtying must not keep the source in PRE_COPY forever.
@@ -139,7 +151,7 @@ impl DeviceCtx<'_, '_> {
                     return Ok(PrecopyStep::Data(n));
                 }
                 Ok(ReadOutcome::Eof) | Ok(ReadOutcome::NoMsg) => {}
-                Err(e) => return Err(Error::Device { device: name, source: e }),
+                Err(e) => return Err(Error::Device { device: id.clone(), source: e }),
             }
         }
         self.enter_stop_copy()?;
@@ -147,22 +159,21 @@ impl DeviceCtx<'_, '_> {
     }
 
     fn enter_stop_copy(&mut self) -> Result<()> {
-        let name = self.name();
+        let id = self.id;
         let dev = self.dev.as_deref_mut().expect("devices only");
-        let t = transition(dev, MigState::StopCopy).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+        let t = transition(dev, MigState::StopCopy).map_err(|e| Error::Device { device: id.clone(), source: e })?;
         if let Some(fd) = t.data_fd {
             // Only a walk that passed through STOP makes a new fd; the pre-copy stream would
             // be lost, so that is a protocol error for a device that was in PRE_COPY.
             if self.in_precopy {
                 return Err(Error::Device {
-                    device: name,
+                    device: id.clone(),
                     source: vfio_migration::Error::Protocol {
                         device: dev.name().to_owned(),
                         what: "PRE_COPY -> STOP_COPY created a new data fd".into(),
                     },
                 });
             }
-            self.raw_fd = fd.as_raw_fd();
             self.owned_fd = Some(fd);
         }
         self.in_precopy = false;
@@ -173,9 +184,7 @@ impl DeviceCtx<'_, '_> {
     /// The config packet's payload, read after the data stream ended.
     pub(crate) fn config(&mut self) -> Result<Vec<u8>> {
         match self.dev.as_deref_mut() {
-            Some(dev) => {
-                dev.save_config().map_err(|e| Error::Device { device: self.id.idstr().into_owned(), source: e })
-            }
+            Some(dev) => dev.save_config().map_err(|e| Error::Device { device: self.id.clone(), source: e }),
             None => Ok(self.raw_config.to_vec()),
         }
     }
@@ -263,35 +272,18 @@ impl<'a> Source<'a> {
         self.cfg.validate(self.channels.len(), self.devices.len()).map_err(Error::Config)?;
         check_unique_ids(&self.devices)?;
         let started = Instant::now();
-        let (backend, fallback_reason) = choose_backend(self.cfg.backend)?;
-        let zerocopy = match (backend, self.cfg.zerocopy) {
-            (BackendKind::Blocking, ZeroCopy::On) => {
-                return Err(Error::Config("zero-copy needs the io_uring backend".into()))
-            }
-            (BackendKind::Blocking, _) | (_, ZeroCopy::Off) => false,
-            (BackendKind::Uring, z) => {
-                let all_tcp = self.channels.iter().all(|c| is_inet_stream(c.as_raw_fd()));
-                let supported = source_uring::send_zc_supported();
-                if z == ZeroCopy::On && !(all_tcp && supported) {
-                    return Err(Error::Config(format!(
-                        "zero-copy requested but unavailable ({})",
-                        if supported { "a channel is not a TCP socket" } else { "the kernel lacks IORING_OP_SEND_ZC" }
-                    )));
-                }
-                let remote = self.channels.iter().all(|c| !peer_is_loopback(c.as_raw_fd()));
-                all_tcp && supported && (z == ZeroCopy::On || remote)
-            }
-        };
-        for (i, ch) in self.channels.iter().enumerate() {
-            send_init(ch.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: i as u8 }).map_err(|e| Error::Channel {
-                channel: i,
+        let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
+        let zerocopy = zerocopy_decision(backend, self.cfg.zerocopy, &self.channels)?;
+        for (ch, fd) in ChannelId::all(self.channels.len()).zip(&self.channels) {
+            send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get() }).map_err(|e| Error::Channel {
+                channel: ch,
                 op: "send init packet".into(),
                 source: e,
             })?;
         }
         let shared = SourceShared {
             cfg: &self.cfg,
-            channels: self.channels.iter().map(|c| c.as_raw_fd()).collect(),
+            channels: self.channels.iter().map(|c| c.as_fd()).collect(),
             leases: ChannelLeases::new(self.channels.len(), self.devices.len())
                 .map_err(|e| Error::sys("eventfd", e))?,
             counters: (0..self.channels.len()).map(|_| ChannelCounters::default()).collect(),
@@ -300,7 +292,7 @@ impl<'a> Source<'a> {
             progress: self.progress.clone(),
         };
         let devices = std::mem::take(&mut self.devices);
-        let results: Vec<Result<(SourceDeviceReport, Latency, u64, u64)>> = std::thread::scope(|s| {
+        let results: Vec<Result<Tallies>> = std::thread::scope(|s| {
             let handles: Vec<_> = devices
                 .into_iter()
                 .enumerate()
@@ -308,7 +300,7 @@ impl<'a> Source<'a> {
                     let shared = &shared;
                     std::thread::Builder::new()
                         .name(format!("vfmfd-src-{no}"))
-                        .spawn_scoped(s, move || run_device(shared, backend, no, d))
+                        .spawn_scoped(s, move || run_device(shared, backend, DeviceIndex::new(no), d))
                 })
                 .collect();
             handles
@@ -324,10 +316,11 @@ impl<'a> Source<'a> {
                 })
                 .collect()
         });
-        // Closing our write side tells the receiver the stream ended at a packet boundary.
-        for ch in &self.channels {
-            // SAFETY: shutdown on a socket fd we own; no memory arguments.
-            unsafe { libc::shutdown(ch.as_raw_fd(), libc::SHUT_WR) };
+        // Closing our write side tells the receiver the stream ended at a packet boundary. A
+        // failure here (the peer already reset the connection) changes nothing the devices'
+        // results do not already say.
+        for ch in &shared.channels {
+            let _ = sys::shutdown_write(*ch);
         }
         let mut reports = Vec::new();
         let mut latency = Latency::new();
@@ -335,16 +328,14 @@ impl<'a> Source<'a> {
         let mut first_err: Option<Error> = None;
         for r in results {
             match r {
-                Ok((rep, lat, z, c)) => {
-                    latency.merge(&lat);
-                    zc += z;
-                    copied += c;
-                    reports.push(rep);
+                Ok(t) => {
+                    latency.merge(&t.latency);
+                    zc += t.zerocopy_bytes;
+                    copied += t.copied_bytes;
+                    reports.push(t.report);
                 }
-                Err(e) => {
-                    // Keep the root cause, not the "aborted" echoes it caused in other threads.
-                    Error::keep_root_cause(&mut first_err, e);
-                }
+                // Keep the root cause, not the "aborted" echoes it caused in other threads.
+                Err(e) => Error::keep_root_cause(&mut first_err, e),
             }
         }
         if let Some(e) = first_err {
@@ -358,60 +349,41 @@ impl<'a> Source<'a> {
             copied_bytes: copied,
             elapsed: started.elapsed(),
             devices: reports,
-            channels: shared.counters.iter().enumerate().map(|(i, c)| c.report(i)).collect(),
+            channels: ChannelId::all(shared.counters.len()).map(|c| shared.counters[c.index()].report(c)).collect(),
             latency: latency.summary(),
         })
     }
 }
 
-/// Picks the backend; `Auto` falls back to blocking when a ring cannot be created.
-pub(crate) fn choose_backend(want: Backend) -> Result<(BackendKind, Option<String>)> {
-    match want {
-        Backend::Blocking => Ok((BackendKind::Blocking, None)),
-        Backend::Uring => match ring::uring_unavailable_reason() {
-            None => Ok((BackendKind::Uring, None)),
-            Some(reason) => Err(Error::UringUnavailable { reason }),
-        },
-        Backend::Auto => match ring::uring_unavailable_reason() {
-            None => Ok((BackendKind::Uring, None)),
-            Some(reason) => Ok((BackendKind::Blocking, Some(format!("{reason}; using the blocking backend")))),
-        },
+/// Whether this run sends with SEND_ZC: `On` always (an error where impossible); `Auto` only
+/// where it can avoid the copy: the kernel has the op, every channel is TCP, and no peer is on
+/// the loopback network (where the kernel always copies and only holds buffers longer).
+fn zerocopy_decision(backend: BackendKind, want: ZeroCopy, channels: &[OwnedFd]) -> Result<bool> {
+    match (backend, want) {
+        (BackendKind::Blocking, ZeroCopy::On) => Err(Error::Config("zero-copy needs the io_uring backend".into())),
+        (BackendKind::Blocking, _) | (_, ZeroCopy::Off) => Ok(false),
+        (BackendKind::Uring, z) => {
+            let all_tcp = channels.iter().all(|c| sys::is_inet_stream(c.as_fd()));
+            let supported = crate::uring::send_zc_supported();
+            if z == ZeroCopy::On && !(all_tcp && supported) {
+                return Err(Error::Config(format!(
+                    "zero-copy requested but unavailable ({})",
+                    if supported { "a channel is not a TCP socket" } else { "the kernel lacks IORING_OP_SEND_ZC" }
+                )));
+            }
+            let remote = channels.iter().all(|c| !peer_is_loopback(c.as_fd()));
+            Ok(all_tcp && supported && (z == ZeroCopy::On || remote))
+        }
     }
-}
-
-fn is_inet_stream(fd: RawFd) -> bool {
-    let mut dom: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `dom`, a live c_int.
-    let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut dom as *mut libc::c_int).cast(), &mut len)
-    };
-    r == 0 && (dom == libc::AF_INET || dom == libc::AF_INET6)
 }
 
 /// Whether a TCP socket's peer is on the loopback network (127.0.0.0/8, ::1, or a v4-mapped
 /// 127.x address), where SEND_ZC always falls back to copying.
-fn peer_is_loopback(fd: RawFd) -> bool {
-    // SAFETY: a zeroed sockaddr_storage is a valid out buffer for getpeername.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getpeername writes at most `len` bytes into `ss`, a live sockaddr_storage.
-    if unsafe { libc::getpeername(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-        return false;
-    }
-    match i32::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).is_loopback()
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-        _ => false,
+fn peer_is_loopback(fd: BorrowedFd<'_>) -> bool {
+    match sys::peer_ip(fd) {
+        Some(std::net::IpAddr::V6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        Some(ip) => ip.is_loopback(),
+        None => false,
     }
 }
 
@@ -419,90 +391,107 @@ fn send_init(fd: BorrowedFd<'_>, p: &InitPacket) -> std::io::Result<()> {
     let mut b = [0u8; INIT_PACKET_LEN];
     p.encode(&mut b).map_err(std::io::Error::other)?;
     // A cloned std stream over the same fd: write_all handles partial writes and EINTR.
-    let dup = fd.try_clone_to_owned()?;
-    let mut s = std::fs::File::from(dup);
+    let mut s = std::fs::File::from(sys::dup(fd)?);
     s.write_all(&b)
+}
+
+/// What a device thread starts from: the device (or raw fd) and the data fd to read.
+struct Started<'a, 'd> {
+    dev: Option<&'a mut (dyn MigrationDevice + 'd)>,
+    raw_config: &'a [u8],
+    opts: DeviceOptions,
+    raw_fd: Option<BorrowedFd<'a>>,
+    owned_fd: Option<OwnedFd>,
+    in_precopy: bool,
+}
+
+/// Walks a device to PRE_COPY or STOP_COPY and takes its data fd; on failure the device is
+/// recovered to RUNNING (the VM keeps running).
+fn start_device<'a, 'd>(id: &DeviceId, kind: SourceKind<'a>) -> Result<Started<'a, 'd>>
+where
+    'a: 'd,
+{
+    let (dev, opts) = match kind {
+        SourceKind::Fd { fd, config } => {
+            return Ok(Started {
+                dev: None,
+                raw_config: config,
+                opts: DeviceOptions::default(),
+                raw_fd: Some(fd),
+                owned_fd: None,
+                in_precopy: false,
+            })
+        }
+        SourceKind::Device { dev, opts } => (dev, opts),
+    };
+    let derr = |e| Error::Device { device: id.clone(), source: e };
+    let walk = |dev: &mut dyn MigrationDevice| -> Result<(OwnedFd, bool)> {
+        let flags = dev.migration_flags().map_err(derr)?;
+        let precopy = opts.precopy && flags.contains(vfio_migration::MigFlags::PRE_COPY);
+        let target = if precopy { MigState::PreCopy } else { MigState::StopCopy };
+        let t = transition(dev, target).map_err(derr)?;
+        let fd = t.data_fd.ok_or_else(|| {
+            derr(vfio_migration::Error::Protocol {
+                device: dev.name().to_owned(),
+                what: format!("device was already in {target}: its data stream was started by someone else"),
+            })
+        })?;
+        Ok((fd, precopy))
+    };
+    match walk(&mut *dev) {
+        Ok((fd, in_precopy)) => {
+            Ok(Started { dev: Some(dev), raw_config: &[], opts, raw_fd: None, owned_fd: Some(fd), in_precopy })
+        }
+        Err(e) => Err(match recover(dev, MigState::Running) {
+            Ok(_) => e,
+            Err(r) => Error::Unrecovered { device: id.clone(), cause: Box::new(e), source: r },
+        }),
+    }
 }
 
 /// Runs one device on its own thread: state transitions, the backend's loop, recovery.
 fn run_device(
     shared: &SourceShared<'_>,
     backend: BackendKind,
-    dev_no: usize,
+    dev_no: DeviceIndex,
     d: SourceDevice<'_>,
-) -> Result<(SourceDeviceReport, Latency, u64, u64)> {
+) -> Result<Tallies> {
     let started = Instant::now();
     let SourceDevice { id, kind } = d;
-    let name = id.idstr().into_owned();
-    let (dev, raw_config, opts, raw_fd, owned_fd, in_precopy) = match kind {
-        SourceKind::Fd { fd, config } => (None, config, DeviceOptions::default(), fd.as_raw_fd(), None, false),
-        SourceKind::Device { dev, opts } => {
-            let flags = dev.migration_flags().map_err(|e| Error::Device { device: name.clone(), source: e })?;
-            let precopy = opts.precopy && flags.contains(vfio_migration::MigFlags::PRE_COPY);
-            let target = if precopy { MigState::PreCopy } else { MigState::StopCopy };
-            let started_fd = transition(dev, target).map_err(|e| Error::Device { device: name.clone(), source: e });
-            let started_fd = started_fd.and_then(|t| {
-                t.data_fd.ok_or_else(|| Error::Device {
-                    device: name.clone(),
-                    source: vfio_migration::Error::Protocol {
-                        device: dev.name().to_owned(),
-                        what: format!("device was already in {target}: its data stream was started by someone else"),
-                    },
-                })
-            });
-            let fd = match started_fd {
-                Ok(fd) => fd,
-                Err(e) => {
-                    shared.abort.abort();
-                    return Err(match recover(dev, MigState::Running) {
-                        Ok(_) => e,
-                        Err(r) => Error::Unrecovered { device: name, cause: Box::new(e), source: r },
-                    });
-                }
-            };
-            let raw = fd.as_raw_fd();
-            (Some(dev), &[][..], opts, raw, Some(fd), precopy)
-        }
-    };
+    let st = start_device(&id, kind).inspect_err(|_| shared.abort.abort())?;
+    let final_state = st.opts.final_state;
     let mut ctx = DeviceCtx {
         id: &id,
         dev_no,
-        dev,
-        raw_config,
-        owned_fd,
-        raw_fd,
-        in_precopy,
+        dev: st.dev,
+        raw_config: st.raw_config,
+        owned_fd: st.owned_fd,
+        raw_fd: st.raw_fd,
+        in_precopy: st.in_precopy,
         precopy_bytes: 0,
         stop_copy_start: Instant::now(),
     };
     let res = match backend {
-        BackendKind::Uring => source_uring::run(shared, &mut ctx),
-        BackendKind::Blocking => source_blocking::run(shared, &mut ctx),
+        BackendKind::Uring => uring::run(shared, &mut ctx),
+        BackendKind::Blocking => blocking::run(shared, &mut ctx),
     };
     shared.leases.withdraw(dev_no);
     // The save session ends with the walk below (or the recovery); the fd goes first.
     ctx.owned_fd = None;
     let res = res.and_then(|mut out| {
         if let Some(dev) = ctx.dev.as_deref_mut() {
-            transition(dev, opts.final_state).map_err(|e| Error::Device { device: name.clone(), source: e })?;
+            transition(dev, final_state).map_err(|e| Error::Device { device: id.clone(), source: e })?;
         }
-        out.0.id = id.clone();
-        out.0.precopy_bytes = ctx.precopy_bytes;
-        out.0.elapsed = started.elapsed();
+        out.report.precopy_bytes = ctx.precopy_bytes;
+        out.report.elapsed = started.elapsed();
         Ok(out)
     });
-    match res {
-        Ok(out) => Ok(out),
-        Err(e) => {
-            shared.abort.abort();
-            // Keep the VM running: the migration failed, the source carries on.
-            match ctx.dev.as_deref_mut().map(|dev| recover(dev, MigState::Running)) {
-                Some(Err(r)) => Err(Error::Unrecovered { device: name, cause: Box::new(e), source: r }),
-                _ => Err(e),
-            }
+    res.or_else(|e| {
+        shared.abort.abort();
+        // Keep the VM running: the migration failed, the source carries on.
+        match ctx.dev.as_deref_mut().map(|dev| recover(dev, MigState::Running)) {
+            Some(Err(r)) => Err(Error::Unrecovered { device: id.clone(), cause: Box::new(e), source: r }),
+            _ => Err(e),
         }
-    }
+    })
 }
-
-/// Default stall tick: how often a waiting thread re-checks abort and timeouts.
-pub(crate) const TICK: Duration = Duration::from_millis(250);

@@ -1,0 +1,544 @@
+//! The io_uring destination: `W` worker threads, each with its own ring running the shared loop
+//! skeleton (`crate::uring`), sharing one registered pool and one [`RecvState`].
+//!
+//! Channel `c` belongs to worker `c % W`. A worker has one `RECV` in flight per channel: first
+//! the 288 bytes of a packet header (into a small per-channel buffer), then the payload straight
+//! into a registered slot. Device writes (`WRITE_FIXED`, one in flight per device) are issued by
+//! whichever worker made the next packet writable (by receiving it, or by finishing the write
+//! before it), and complete on that worker's ring; a short write continues where it stopped,
+//! and an `EAGAIN` from an `O_NONBLOCK` resume fd waits for `POLLOUT` (a linked `POLL_ADD`)
+//! instead of spinning. A channel whose packet has no memory yet parks with its decoded header;
+//! a worker that frees memory kicks the others through their eventfds (see `reassembly` for why
+//! that cannot deadlock).
+
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use io_uring::{opcode, squeue, types};
+
+use crate::device_io::{classify, classify_write, from_cqe, IoStep, Retries};
+use crate::error::{Error, Result, Stage};
+use crate::ids::{ChannelId, DeviceIndex, PacketIndex};
+use crate::pool::BufferPool;
+use crate::receiver::core::RecvState;
+use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly};
+use crate::receiver::{RecvShared, Target};
+use crate::sys::EventFd;
+use crate::uring::{
+    self, describe_setup_error, Completion, Driver, Ring, StallClock, Token, Uring, CQ_ENTRIES, SQ_ENTRIES,
+};
+use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD, VFIO_HEADER_LEN};
+
+/// `RECV` on a channel (index: the worker's local channel).
+const K_RECV: u8 = Token::FIRST_DRIVER_KIND;
+/// `WRITE`/`WRITE_FIXED` to a device's resume fd (index: the device).
+const K_WRITE: u8 = Token::FIRST_DRIVER_KIND + 1;
+/// `POLL_ADD(POLLOUT)` linked before a write after `EAGAIN` (index: the device).
+const K_WPOLL: u8 = Token::FIRST_DRIVER_KIND + 2;
+/// `READ` of this worker's kick eventfd.
+const K_KICK: u8 = Token::FIRST_DRIVER_KIND + 3;
+
+struct Shared<'r, 's, 'c, 'a, 'x> {
+    st: Mutex<RecvState<'r>>,
+    targets: Vec<Mutex<&'x mut Target<'a>>>,
+    /// Unmapped only if no worker had to leak its ring (`leaked`).
+    pool: ManuallyDrop<BufferPool>,
+    leaked: AtomicBool,
+    sh: &'s RecvShared<'c>,
+    kicks: Vec<EventFd>,
+    workers: usize,
+    clock: StallClock,
+}
+
+impl<'r, 'a, 'x> Shared<'r, '_, '_, 'a, 'x> {
+    fn lock(&self) -> MutexGuard<'_, RecvState<'r>> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn target(&self, d: DeviceIndex) -> MutexGuard<'_, &'x mut Target<'a>> {
+        self.targets[d.index()].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, e: Error) {
+        self.lock().fail(e);
+        self.sh.abort.abort();
+    }
+
+    /// Wakes every other worker that has a parked channel: memory was freed.
+    fn kick_others(&self, me: usize, g: &RecvState<'_>) {
+        for w in (0..self.workers).filter(|&w| w != me) {
+            let parked = ChannelId::all(self.sh.channels.len()).skip(w).step_by(self.workers).any(|c| g.parked(c));
+            if parked {
+                self.kicks[w].signal();
+            }
+        }
+    }
+}
+
+pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
+    let n = sh.channels.len();
+    let workers = sh.cfg.workers_for(n);
+    let pool =
+        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let kicks = (0..workers)
+        .map(|_| EventFd::new())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::sys("eventfd", e))?;
+    let mut x = Shared {
+        st: Mutex::new(RecvState::new(re, n)),
+        targets: targets.iter_mut().map(Mutex::new).collect(),
+        pool: ManuallyDrop::new(pool),
+        leaked: AtomicBool::new(false),
+        sh,
+        kicks,
+        workers,
+        clock: StallClock::new(),
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let x = &x;
+                std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
+                    if let Err(e) = worker(x, w) {
+                        x.fail(e);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            match h {
+                Ok(h) => {
+                    if h.join().is_err() {
+                        x.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
+                    }
+                }
+                Err(e) => x.fail(Error::sys("spawn receive worker", e)),
+            }
+        }
+    });
+    if !x.leaked.load(Ordering::SeqCst) {
+        // SAFETY: every worker has returned and reaped all its operations (none leaked), so
+        // nothing refers to the pool any more; it is dropped once, here.
+        unsafe { ManuallyDrop::drop(&mut x.pool) };
+    }
+    x.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
+}
+
+/// A channel's receive state; each variant carries what that state needs.
+#[derive(Debug, Clone, Copy)]
+enum Chan {
+    /// Receiving a header into the channel's header buffer.
+    Header { got: usize },
+    /// Receiving a payload into an admitted slot.
+    Payload { a: Admitted, got: usize },
+    /// The header (still in the channel's header buffer, which no receive touches now) waits
+    /// for memory.
+    Parked,
+    /// The peer closed the channel at a packet boundary.
+    Closed,
+}
+
+/// A device write this worker has in flight.
+#[derive(Debug, Clone, Copy)]
+struct Write {
+    slot: u32,
+    len: usize,
+    off: usize,
+    idx: PacketIndex,
+    /// Stream offset of the packet's first byte.
+    base: u64,
+}
+
+struct Worker<'w, 'r, 's, 'c, 'a, 'x> {
+    /// Leaked together with `hdrs` and `kick_buf` when the kernel did not give every
+    /// operation back.
+    uring: ManuallyDrop<Uring>,
+    x: &'w Shared<'r, 's, 'c, 'a, 'x>,
+    me: usize,
+    /// Global ids of this worker's channels; local index `i` is fixed file `i`.
+    chans: Vec<ChannelId>,
+    hdrs: ManuallyDrop<Box<[[u8; PACKET_OVERHEAD]]>>,
+    ch: Vec<Chan>,
+    /// Writes this worker has in flight, per device.
+    wr: Vec<Option<Write>>,
+    kick_buf: ManuallyDrop<Box<u64>>,
+    need_unpark: bool,
+    max_size: u32,
+    registered: bool,
+    retries: Retries,
+}
+
+impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
+    fn drop(&mut self) {
+        if self.uring.leaked() {
+            // The kernel may still write into these: leak them rather than free them.
+            return;
+        }
+        // SAFETY: dropped exactly once, here, after `finish` reaped every operation; the ring
+        // goes first.
+        unsafe {
+            ManuallyDrop::drop(&mut self.uring);
+            ManuallyDrop::drop(&mut self.hdrs);
+            ManuallyDrop::drop(&mut self.kick_buf);
+        }
+    }
+}
+
+fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
+    let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| Error::sys(describe_setup_error(&e), e))?;
+    // SAFETY: the pool lives in `Shared`, which outlives every worker (scoped threads), and it
+    // is unmapped only if every worker reaped all its operations.
+    let registered = match unsafe { ring.register_pool(&x.pool) } {
+        Ok(()) => true,
+        // ENOMEM: RLIMIT_MEMLOCK cannot pin the pool (once per worker ring, without
+        // CAP_IPC_LOCK). Plain WRITE from the same memory needs no pinning.
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => false,
+        Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS for the receive budget", e)),
+    };
+    let chans: Vec<ChannelId> = ChannelId::all(x.sh.channels.len()).skip(me).step_by(x.workers).collect();
+    let ndev = x.targets.len();
+    // Fixed files: channels 0..C, devices C..C+D, abort, kick.
+    let mut files: Vec<i32> = chans.iter().map(|c| x.sh.channels[c.index()].as_raw_fd()).collect();
+    for d in DeviceIndex::all(ndev) {
+        files.push(x.target(d).data_fd().map_or(-1, |f| f.as_raw_fd()));
+    }
+    files.push(x.sh.abort.as_fd().as_raw_fd());
+    files.push(x.kicks[me].as_fd().as_raw_fd());
+    ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
+    let _ = ring.limit_workers(2, 2);
+    let nloc = chans.len();
+    let abort_fixed = (nloc + ndev) as u32;
+    let mut w = Worker {
+        uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
+        x,
+        me,
+        hdrs: ManuallyDrop::new(vec![[0u8; PACKET_OVERHEAD]; nloc].into_boxed_slice()),
+        ch: vec![Chan::Header { got: 0 }; nloc],
+        chans,
+        wr: vec![None; ndev],
+        kick_buf: ManuallyDrop::new(Box::new(0)),
+        need_unpark: false,
+        max_size: u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
+        registered,
+        retries: Retries::default(),
+    };
+    let r = w.prepare().and_then(|()| uring::run(&mut w, &x.sh.abort, &x.clock, x.sh.cfg.stall_timeout));
+    let f = uring::finish(&mut w, &format_args!("receive worker {me}"));
+    if w.uring.leaked() {
+        x.leaked.store(true, Ordering::SeqCst);
+    }
+    r.and(f)
+}
+
+impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
+    fn uring(&mut self) -> &mut Uring {
+        &mut self.uring
+    }
+
+    fn pump(&mut self) -> Result<bool> {
+        if std::mem::take(&mut self.need_unpark) {
+            self.unpark()?;
+        }
+        let own_writes = self.wr.iter().any(Option::is_some);
+        if self.ch.iter().all(|c| matches!(c, Chan::Closed)) && !own_writes {
+            return Ok(true);
+        }
+        let g = self.x.lock();
+        if g.stuck() {
+            return Err(g.stuck_error());
+        }
+        Ok(false)
+    }
+
+    fn complete(&mut self, tok: Token, c: Completion) -> Result<()> {
+        match tok.kind {
+            K_KICK => {
+                if c.res == -libc::ECANCELED {
+                    return Ok(());
+                }
+                self.arm_kick()?;
+                self.unpark()
+            }
+            K_RECV => self.on_recv(tok.at(), c.res),
+            K_WRITE => self.on_write(DeviceIndex::new(tok.at()), c.res),
+            // The poll's outcome shows in the write linked after it.
+            K_WPOLL => Ok(()),
+            k => Err(Error::internal(format!("receive completion of unknown kind {k}"))),
+        }
+    }
+
+    fn retire(&mut self, _tok: Token, _c: Completion) {
+        // The skeleton's in-flight accounting is all a failed worker needs.
+    }
+
+    fn stall_report(&self) -> String {
+        let g = self.x.lock();
+        let open: Vec<String> = self
+            .ch
+            .iter()
+            .zip(&self.chans)
+            .filter(|(c, _)| !matches!(c, Chan::Closed))
+            .map(|(c, gc)| match c {
+                Chan::Payload { a, got } => {
+                    format!("channel {gc} in packet {} of {} ({got} of {} bytes)", a.idx, g.re.id(a.dev), a.len)
+                }
+                Chan::Parked => format!("channel {gc} waiting for memory"),
+                _ => format!("channel {gc} waiting for a packet header"),
+            })
+            .collect();
+        match g.re.incomplete_error() {
+            Some(e) => format!("{e}; {}", open.join(", ")),
+            None => format!("all devices complete; waiting for channels to close: {}", open.join(", ")),
+        }
+    }
+}
+
+impl Worker<'_, '_, '_, '_, '_, '_> {
+    fn device_file(&self, d: DeviceIndex) -> types::Fixed {
+        types::Fixed((self.chans.len() + d.index()) as u32)
+    }
+
+    fn kick_file(&self) -> types::Fixed {
+        types::Fixed((self.chans.len() + self.wr.len() + 1) as u32)
+    }
+
+    fn prepare(&mut self) -> Result<()> {
+        self.arm_kick()?;
+        for i in 0..self.chans.len() {
+            self.recv_next(i)?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, entries: &[squeue::Entry]) -> Result<()> {
+        // SAFETY: every entry built in this file points into the shared pool (alive for the
+        // whole receive and unmapped only if every worker drained), a boxed header or kick
+        // buffer owned by this worker until `finish` (leaked with the ring otherwise), or
+        // nothing; fixed files stay registered for the ring's life.
+        unsafe { self.uring.push(entries) }
+    }
+
+    fn arm_kick(&mut self) -> Result<()> {
+        let buf: *mut u64 = &mut **self.kick_buf;
+        let e = opcode::Read::new(self.kick_file(), buf.cast(), 8).build().user_data(Token::new(K_KICK, 0, 0).encode());
+        self.push(&[e])
+    }
+
+    fn recv_next(&mut self, i: usize) -> Result<()> {
+        let (ptr, len) = match self.ch[i] {
+            Chan::Header { got } => (self.hdrs[i][got..].as_mut_ptr(), PACKET_OVERHEAD - got),
+            // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
+            Chan::Payload { a, got } => (unsafe { self.x.pool.payload_ptr(a.slot as usize).add(got) }, a.len - got),
+            Chan::Parked | Chan::Closed => return Ok(()),
+        };
+        let e = opcode::Recv::new(types::Fixed(i as u32), ptr, len as u32)
+            .flags(libc::MSG_WAITALL)
+            .build()
+            .user_data(Token::new(K_RECV, i, 0).encode());
+        self.push(&[e])
+    }
+
+    fn on_recv(&mut self, i: usize, res: i32) -> Result<()> {
+        let gc = self.chans[i];
+        let n = match classify(from_cqe(res)) {
+            IoStep::Moved(n) => n,
+            IoStep::End => return self.on_eof(i),
+            // Nothing happened; receive again.
+            IoStep::Retry | IoStep::WaitReady => return self.recv_next(i),
+            IoStep::Fatal(e) => {
+                let op = match &self.ch[i] {
+                    Chan::Payload { a, .. } => format!("receive packet {} of {}", a.idx, self.x.lock().re.id(a.dev)),
+                    _ => "receive packet header".to_string(),
+                };
+                return Err(Error::Channel { channel: gc, op, source: e });
+            }
+        };
+        match self.ch[i] {
+            Chan::Header { got } if got + n < PACKET_OVERHEAD => {
+                self.ch[i] = Chan::Header { got: got + n };
+                self.recv_next(i)
+            }
+            Chan::Header { .. } => {
+                let (h, v) = self.decode(i)?;
+                self.x.sh.counters[gc.index()].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
+                self.offer(i, &h, v)
+            }
+            Chan::Payload { a, got } if got + n < a.len => {
+                self.ch[i] = Chan::Payload { a, got: got + n };
+                self.recv_next(i)
+            }
+            Chan::Payload { a, .. } => self.payload_done(i, a),
+            Chan::Parked | Chan::Closed => {
+                Err(Error::internal(format!("a receive completed on channel {gc} with no receive in flight")))
+            }
+        }
+    }
+
+    fn on_eof(&mut self, i: usize) -> Result<()> {
+        let gc = self.chans[i];
+        let during = match &self.ch[i] {
+            Chan::Header { got: 0 } => {
+                self.ch[i] = Chan::Closed;
+                self.x.lock().close(gc);
+                return Ok(());
+            }
+            Chan::Header { got } => Stage::Header { got: *got },
+            Chan::Payload { a, got } => {
+                Stage::Payload { device: self.x.lock().re.id(a.dev).clone(), idx: a.idx, got: *got, len: a.len }
+            }
+            Chan::Parked | Chan::Closed => return Err(Error::internal("end of stream with no receive in flight")),
+        };
+        Err(Error::ChannelClosed { channel: gc, during })
+    }
+
+    fn decode(&self, i: usize) -> Result<(DeviceStateHeader, VfioPacketHeader)> {
+        let gc = self.chans[i];
+        let h = DeviceStateHeader::decode(&self.hdrs[i], self.max_size).map_err(|e| Error::Wire {
+            channel: gc,
+            what: "device state packet header",
+            source: e,
+        })?;
+        let v = VfioPacketHeader::decode(&self.hdrs[i][DEVICE_STATE_HEADER_LEN..]).map_err(|e| Error::Wire {
+            channel: gc,
+            what: "VFIO device state packet header",
+            source: e,
+        })?;
+        Ok((h, v))
+    }
+
+    fn offer(&mut self, i: usize, h: &DeviceStateHeader, v: VfioPacketHeader) -> Result<()> {
+        let gc = self.chans[i];
+        let admit = {
+            let mut g = self.x.lock();
+            let r = g.re.admit(gc, h, v)?;
+            match r {
+                Admit::Wait => g.park(gc),
+                Admit::Accept(_) => g.unpark(gc),
+            }
+            r
+        };
+        match admit {
+            Admit::Accept(a) if a.len == 0 => self.payload_done(i, a),
+            Admit::Accept(a) => {
+                self.ch[i] = Chan::Payload { a, got: 0 };
+                self.recv_next(i)
+            }
+            Admit::Wait => {
+                self.ch[i] = Chan::Parked;
+                Ok(())
+            }
+        }
+    }
+
+    fn payload_done(&mut self, i: usize, a: Admitted) -> Result<()> {
+        self.x.lock().re.received(a);
+        self.ch[i] = Chan::Header { got: 0 };
+        self.recv_next(i)?;
+        self.try_write(a.dev)
+    }
+
+    fn try_write(&mut self, d: DeviceIndex) -> Result<()> {
+        loop {
+            let (next, base) = {
+                let mut g = self.x.lock();
+                (g.re.next_write(d), g.re.counters(d).data_bytes)
+            };
+            match next {
+                None => return Ok(()),
+                Some(NextWrite::Data { slot, len, idx }) if len > 0 => {
+                    self.wr[d.index()] = Some(Write { slot, len, off: 0, idx, base });
+                    return self.submit_write(d, false);
+                }
+                // An empty data packet: nothing to write.
+                Some(NextWrite::Data { .. }) => self.written(d),
+                Some(NextWrite::Config { slot, len }) => {
+                    // SAFETY: the config slot is Ready: its RECV completed and nothing else
+                    // refers to it until `written` frees it below.
+                    let blob = unsafe { self.x.pool.slot_bytes(slot as usize, 0, len) };
+                    self.x.target(d).apply_config(blob)?;
+                    self.written(d);
+                }
+            }
+            // A slot was freed: this worker's parked channels retry after this batch.
+            self.need_unpark = true;
+        }
+    }
+
+    fn written(&mut self, d: DeviceIndex) {
+        let mut g = self.x.lock();
+        g.re.written(d);
+        g.freed();
+        self.x.kick_others(self.me, &g);
+    }
+
+    fn submit_write(&mut self, d: DeviceIndex, poll_first: bool) -> Result<()> {
+        let w = self.wr[d.index()].ok_or_else(|| Error::internal("a write without its packet"))?;
+        // SAFETY: `off < len <= payload_bytes`: inside the slot.
+        let ptr = unsafe { self.x.pool.payload_ptr(w.slot as usize).add(w.off) };
+        let fd = self.device_file(d);
+        let len = (w.len - w.off) as u32;
+        // IOSQE_ASYNC: the copy into the device runs on an io-wq worker, in parallel with this
+        // ring's receives (a VFIO resume fd, having no FMODE_NOWAIT, goes there anyway).
+        let e = if self.registered {
+            opcode::WriteFixed::new(fd, ptr, len, 0).offset(u64::MAX).build()
+        } else {
+            opcode::Write::new(fd, ptr, len).offset(u64::MAX).build()
+        }
+        .flags(squeue::Flags::ASYNC)
+        .user_data(Token::new(K_WRITE, d.index(), 0).encode());
+        if !poll_first {
+            return self.push(&[e]);
+        }
+        let poll = opcode::PollAdd::new(fd, libc::POLLOUT as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(Token::new(K_WPOLL, d.index(), 0).encode());
+        self.push(&[poll, e])
+    }
+
+    fn on_write(&mut self, d: DeviceIndex, res: i32) -> Result<()> {
+        let w = self.wr[d.index()].ok_or_else(|| Error::internal("a write completed that was not issued"))?;
+        let fail = |source| Error::DeviceWrite {
+            device: self.x.lock().re.id(d).clone(),
+            idx: w.idx,
+            offset: w.base + w.off as u64,
+            source,
+        };
+        let n = match classify_write(from_cqe(res)) {
+            IoStep::Moved(n) => n,
+            IoStep::Retry => {
+                self.retries.again().map_err(fail)?;
+                return self.submit_write(d, false);
+            }
+            // An O_NONBLOCK resume fd that is full: wait for POLLOUT, never spin.
+            IoStep::WaitReady => return self.submit_write(d, true),
+            IoStep::Fatal(e) => return Err(fail(e)),
+            IoStep::End => return Err(Error::internal("classify_write returned End")),
+        };
+        self.retries.reset();
+        let off = w.off + n;
+        if off < w.len {
+            self.x.target(d).short_writes += 1;
+            self.wr[d.index()] = Some(Write { off, ..w });
+            return self.submit_write(d, false);
+        }
+        self.wr[d.index()] = None;
+        self.x.sh.progress.add(w.len as u64);
+        self.written(d);
+        self.try_write(d)?;
+        self.unpark()
+    }
+
+    /// Memory was freed: this worker's parked channels try again.
+    fn unpark(&mut self) -> Result<()> {
+        for i in 0..self.ch.len() {
+            if matches!(self.ch[i], Chan::Parked) {
+                let (h, v) = self.decode(i)?;
+                self.offer(i, &h, v)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! The blocking device loop of the source: the same packets, rules (`core`) and channel
+//! leasing as the io_uring loop, with plain `read(2)` and `send(2)` through
+//! [`crate::blocking`]. Used where io_uring is unavailable (seccomp, `kernel.io_uring_disabled`)
+//! or when forced.
+//!
+//! One slot per device: read a chunk into the payload, patch the header in front of it, lease a
+//! channel, send header + payload, release the channel.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use crate::backend::TICK;
+use crate::blocking::{read_once, send_all, Bounds, Fail};
+use crate::error::{Error, Result};
+use crate::ids::{ChannelId, PacketIndex};
+use crate::pool::BufferPool;
+use crate::source::core::{check_config_len, Stream, Tallies};
+use crate::source::{DeviceCtx, PrecopyStep, SourceShared};
+use crate::sys::{self, Kernel};
+use crate::wire::{
+    encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE,
+};
+
+/// What the next packet carries.
+enum Next {
+    Data(usize),
+    Config(usize),
+}
+
+pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
+    let chunk = sh.cfg.chunk_bytes;
+    let pool = BufferPool::new(1, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;
+    let mut tallies = Tallies::new(ctx.id.clone());
+    let mut stream = Stream::new(sh.cfg.max_stream_bytes);
+    let bounds = Bounds { abort: &sh.abort, stall: sh.cfg.stall_timeout };
+    {
+        // SAFETY: the single slot is used only by this thread, synchronously.
+        let hdr = unsafe { pool.slot_bytes_mut(0, PACKET_OVERHEAD, 0) };
+        encode_packet_header(ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, hdr)
+            .map_err(|e| Error::Config(e.to_string()))?;
+    }
+    loop {
+        if sh.abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
+        let t0 = Instant::now();
+        // SAFETY: the single slot is used only by this thread, synchronously.
+        let buf = unsafe { pool.slot_bytes_mut(0, PACKET_OVERHEAD, chunk) };
+        let (hdr, payload) = buf.split_at_mut(PACKET_OVERHEAD);
+        let idx = stream.reserve().map_err(|limit| Error::StreamLimit { device: ctx.id.clone(), limit })?;
+        let next = if ctx.in_precopy {
+            match ctx.precopy_read(payload, sh.cfg.precopy_max_bytes)? {
+                PrecopyStep::Data(n) => Next::Data(n),
+                PrecopyStep::Switched => {
+                    stream.give_back(idx);
+                    continue;
+                }
+            }
+        } else {
+            match read_once(&Kernel, ctx.data_fd(), payload, bounds) {
+                Ok(0) => {
+                    stream.give_back(idx);
+                    stream.end();
+                    let blob = ctx.config()?;
+                    check_config_len(ctx.id, blob.len(), chunk).map_err(Error::Config)?;
+                    payload[..blob.len()].copy_from_slice(&blob);
+                    tallies.report.config_bytes = blob.len() as u64;
+                    Next::Config(blob.len())
+                }
+                Ok(n) => Next::Data(n),
+                Err(f) => return Err(read_error(ctx, &stream, f, sh)),
+            }
+        };
+        let (idx, len, flags) = match next {
+            Next::Data(n) => {
+                stream.account(n).map_err(|limit| Error::StreamLimit { device: ctx.id.clone(), limit })?;
+                tallies.read(n, chunk);
+                (idx, n, 0)
+            }
+            Next::Config(n) => {
+                let Some(cidx) = stream.config_due(false) else {
+                    return Err(Error::internal("config packet not due after the end of stream"));
+                };
+                (cidx, n, VFIO_FLAG_CONFIG_STATE)
+            }
+        };
+        patch_packet_header(hdr, VfioPacketHeader { idx: idx.get(), flags }, len)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let ch = lease(sh, ctx)?;
+        send_packet(sh, ctx, ch, idx, &buf[..PACKET_OVERHEAD + len], bounds)?;
+        tallies.sent(sh, ch, len, t0, true);
+        if flags == VFIO_FLAG_CONFIG_STATE {
+            tallies.report.stop_copy_time = ctx.stop_copy_start.elapsed();
+            return Ok(tallies);
+        }
+    }
+}
+
+fn read_error(ctx: &DeviceCtx<'_, '_>, stream: &Stream, f: Fail, sh: &SourceShared<'_>) -> Error {
+    let source = match f {
+        Fail::Aborted => return Error::Aborted,
+        Fail::Stalled => {
+            return Error::Timeout {
+                what: format!("device {}: its data fd gave nothing to read", ctx.id),
+                after: sh.cfg.stall_timeout,
+            }
+        }
+        Fail::Os(e) => e,
+        Fail::Eof { .. } => return Error::internal("a read reported a partial end"),
+    };
+    Error::DeviceRead { device: ctx.id.clone(), offset: stream.bytes(), source }
+}
+
+/// Sends one packet on `ch` and releases the channel, or fails without releasing it: a channel
+/// whose framing may be broken mid-packet is never handed to anyone else.
+fn send_packet(
+    sh: &SourceShared<'_>,
+    ctx: &DeviceCtx<'_, '_>,
+    ch: ChannelId,
+    idx: PacketIndex,
+    bytes: &[u8],
+    bounds: Bounds<'_>,
+) -> Result<()> {
+    match send_all(&Kernel, sh.channels[ch.index()], bytes, bounds) {
+        Ok(()) => {
+            sh.leases.release(ch);
+            Ok(())
+        }
+        Err(Fail::Aborted) => Err(Error::Aborted),
+        Err(Fail::Stalled) => Err(Error::Timeout {
+            what: format!("channel {ch}: the peer stopped reading during packet {idx} of device {}", ctx.id),
+            after: sh.cfg.stall_timeout,
+        }),
+        Err(Fail::Os(e)) => {
+            Err(Error::Channel { channel: ch, op: format!("send packet {idx} of device {}", ctx.id), source: e })
+        }
+        Err(Fail::Eof { .. }) => Err(Error::internal("a send reported an end of stream")),
+    }
+}
+
+/// Leases a channel, waiting (bounded) for a grant.
+fn lease(sh: &SourceShared<'_>, ctx: &DeviceCtx<'_, '_>) -> Result<ChannelId> {
+    let start = Instant::now();
+    let waker = sh.leases.waker(ctx.dev_no);
+    loop {
+        if let Some(ch) = sh.leases.try_lease(ctx.dev_no, true) {
+            return Ok(ch);
+        }
+        if sh.abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
+        if start.elapsed() > sh.cfg.stall_timeout {
+            return Err(Error::Timeout {
+                what: format!("device {}: waiting for an idle channel", ctx.id),
+                after: sh.cfg.stall_timeout,
+            });
+        }
+        let fds: [BorrowedFd<'_>; 2] = [waker.as_fd(), sh.abort.as_fd()];
+        sys::wait_readable(&fds, TICK).map_err(|e| Error::sys("poll", e))?;
+        waker.drain();
+    }
+}

@@ -1,0 +1,638 @@
+//! The io_uring device loop of the source.
+//!
+//! One thread, one ring, one registered pool of `buffers_per_device + 1` slots (the extra one
+//! is kept for the config packet). Each chunk is `READ_FIXED` into a slot's payload, linked to
+//! `SEND`/`SEND_ZC` of header + payload when a channel is idle at that moment; otherwise the
+//! read runs alone and the send follows when a channel is granted. One read is in flight at a
+//! time (stream fds share one position); the next one is submitted as soon as the previous
+//! completes, so reading chunk n+1 overlaps sending chunk n. The rules (indexes, accounting,
+//! the config packet) come from `core`; the loop itself is the shared skeleton in `uring`.
+//!
+//! A slot's state is a [`Slot`] whose variants carry their data:
+//!
+//! ```text
+//!            submit_read (+ linked send)           full read, linked: the kernel sends
+//!   Free ─────────────────────────────▶ Reading ───────────────────────────────▶ Sending
+//!    ▲                                   │  │                                      │
+//!    │ EOF / EINTR / EAGAIN (index given │  │ short or unlinked read                │ send CQE
+//!    │ back; chain settled)              │  ▼                                      │ (+ SEND_ZC
+//!    ├───────────────────────────────────┘ Ready ──── channel granted ───────────▶ │  notification)
+//!    └─────────────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! [`DeviceLoop::settle`] decides a `Reading` slot once every CQE of its chain is in: a linked
+//! read that came back short breaks the link and its send completes `-ECANCELED` without
+//! being issued; only when both CQEs are in does the packet (re)enter the `Ready` queue, so the
+//! next read never overtakes it and each device's packets go out in index order. A slot is
+//! `Free` again only after its send CQE and, for SEND_ZC, its notification: the kernel never
+//! reads a buffer that was reused. Every SQE carries the slot's generation in its token, and a
+//! completion whose generation is not the slot's current one is a bug.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Instant;
+
+use io_uring::{opcode, squeue, types};
+
+use crate::device_io::{classify, from_cqe, IoStep, Retries};
+use crate::error::{Error, Result};
+use crate::ids::{ChannelId, PacketIndex};
+use crate::pool::BufferPool;
+use crate::source::core::{check_config_len, Stream, Tallies};
+use crate::source::{DeviceCtx, PrecopyStep, SourceShared};
+use crate::sys::{self, FdKind};
+use crate::uring::{
+    self, cqe_error, describe_setup_error, Completion, Driver, Ring, StallClock, Token, Uring, CQ_ENTRIES,
+    NOTIF_USAGE_ZC_COPIED, SQ_ENTRIES, ZC_REPORT_USAGE,
+};
+use crate::wire::{
+    encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE,
+};
+
+/// `READ`/`READ_FIXED` of a slot's payload.
+const K_READ: u8 = Token::FIRST_DRIVER_KIND;
+/// `POLL_ADD(POLLIN)` on the data fd, linked before a read after `EAGAIN`.
+const K_POLL: u8 = Token::FIRST_DRIVER_KIND + 1;
+/// `SEND`/`SEND_ZC` of a slot's header + payload.
+const K_SEND: u8 = Token::FIRST_DRIVER_KIND + 2;
+/// `READ` of the channel-grant eventfd.
+const K_WAKE: u8 = Token::FIRST_DRIVER_KIND + 3;
+
+/// A packet held by a slot.
+#[derive(Debug, Clone, Copy)]
+struct Packet {
+    idx: PacketIndex,
+    /// Payload bytes (a full chunk while its read is in flight).
+    len: usize,
+    config: bool,
+    /// When its read was issued (for the latency histogram).
+    t0: Instant,
+}
+
+/// The send half of a linked chain, as its CQE reported it.
+#[derive(Debug, Clone, Copy)]
+struct SendCqe {
+    res: i32,
+    more: bool,
+}
+
+/// A slot's state; each variant carries what that state needs.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Free,
+    /// A read (after a `POLL_ADD`, or linked to a send on `link`) is in flight; `read` and
+    /// `send` hold the chain's CQEs as they arrive.
+    Reading {
+        pkt: Packet,
+        link: Option<ChannelId>,
+        read: Option<i32>,
+        send: Option<SendCqe>,
+    },
+    /// Read, header final, waiting for a channel.
+    Ready {
+        pkt: Packet,
+    },
+    /// A send on `ch` is in flight (`sent == false`), or its CQE is in and a SEND_ZC
+    /// notification is still due (`notif_due`).
+    Sending {
+        pkt: Packet,
+        ch: ChannelId,
+        sent: bool,
+        notif_due: bool,
+    },
+}
+
+/// The slots, their generations, and the queues over them.
+#[derive(Debug)]
+struct SlotTable {
+    slots: Vec<Slot>,
+    gens: Vec<u32>,
+    /// Free data slots (the config slot, the last one, never enters it).
+    free: Vec<usize>,
+    /// Slots in `Ready`, oldest first.
+    ready: VecDeque<usize>,
+}
+
+impl SlotTable {
+    fn new(n: usize) -> SlotTable {
+        SlotTable {
+            slots: vec![Slot::Free; n],
+            gens: vec![0; n],
+            free: (0..n - 1).rev().collect(),
+            ready: VecDeque::with_capacity(n),
+        }
+    }
+
+    fn config_slot(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// A new generation for slot `s`'s next submission.
+    fn bump(&mut self, s: usize) -> u32 {
+        self.gens[s] = self.gens[s].wrapping_add(1);
+        self.gens[s]
+    }
+
+    /// Whether a data packet is being read, waits for a channel, or is being sent: the config
+    /// packet must wait for all of them.
+    fn data_unsettled(&self) -> bool {
+        self.slots.iter().any(|s| match s {
+            Slot::Free => false,
+            Slot::Sending { sent, .. } => !sent,
+            Slot::Reading { .. } | Slot::Ready { .. } => true,
+        })
+    }
+
+    fn all_free(&self) -> bool {
+        self.slots.iter().all(|s| matches!(s, Slot::Free))
+    }
+
+    fn count(&self, f: impl Fn(&Slot) -> bool) -> usize {
+        self.slots.iter().filter(|s| f(s)).count()
+    }
+}
+
+struct DeviceLoop<'s, 'c, 'a, 'd> {
+    /// Dropped by hand in `Drop`: the ring before the pool it registered, and neither if the
+    /// kernel did not give every operation back.
+    uring: ManuallyDrop<Uring>,
+    pool: ManuallyDrop<BufferPool>,
+    /// The channel-grant eventfd's read target (stable address; leaked with the ring).
+    wake_buf: ManuallyDrop<Box<u64>>,
+    sh: &'s SourceShared<'c>,
+    ctx: &'s mut DeviceCtx<'a, 'd>,
+    table: SlotTable,
+    stream: Stream,
+    tallies: Tallies,
+    /// Channels granted to this device and not in use.
+    held: Vec<ChannelId>,
+    /// The slot whose read chain is open (one read per data fd).
+    reading: Option<usize>,
+    /// The last read said `EAGAIN`: the next one waits for `POLLIN` first.
+    poll_first: bool,
+    retries: Retries,
+    config_done: bool,
+    /// Reads go to io-wq at once (a data fd without `FMODE_NOWAIT`).
+    read_async: bool,
+    /// The pool is registered (READ_FIXED, SEND_ZC); else plain READ and SEND.
+    registered: bool,
+    chunk: usize,
+}
+
+impl Drop for DeviceLoop<'_, '_, '_, '_> {
+    fn drop(&mut self) {
+        if self.uring.leaked() {
+            // The kernel may still write into these: leak them rather than free them.
+            return;
+        }
+        // SAFETY: dropped exactly once, here, and never used again; every operation was reaped
+        // (not leaked), and the ring goes first so the pool it registered is unmapped last.
+        unsafe {
+            ManuallyDrop::drop(&mut self.uring);
+            ManuallyDrop::drop(&mut self.pool);
+            ManuallyDrop::drop(&mut self.wake_buf);
+        }
+    }
+}
+
+/// Fixed files: 0 = the data fd, 1..=N = the channels, N+1 = the grant eventfd, N+2 = abort.
+fn channel_file(ch: ChannelId) -> types::Fixed {
+    types::Fixed(ch.get() as u32 + 1)
+}
+
+/// Runs one device's transfer on io_uring.
+pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
+    let cfg = sh.cfg;
+    let nslots = cfg.buffers_for(sh.zerocopy) + 1;
+    let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| Error::sys(describe_setup_error(&e), e))?;
+    let pool =
+        BufferPool::new(nslots, PACKET_OVERHEAD, cfg.chunk_bytes).map_err(|e| Error::sys("mmap buffer pool", e))?;
+    // SAFETY: the pool moves into the same `DeviceLoop` as the ring, whose `Drop` unmaps it only
+    // after the ring, and only if `finish` reaped every operation.
+    let registered = match unsafe { ring.register_pool(&pool) } {
+        Ok(()) => true,
+        // ENOMEM: RLIMIT_MEMLOCK too low to pin the pool. Plain READ + copying SEND need no
+        // pinned memory.
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !sh.zerocopy => false,
+        Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS (raise RLIMIT_MEMLOCK or use --zerocopy off)", e)),
+    };
+    let mut files = vec![ctx.data_fd().as_raw_fd()];
+    files.extend(sh.channels.iter().map(|c| c.as_raw_fd()));
+    files.push(sh.leases.waker(ctx.dev_no).as_fd().as_raw_fd());
+    files.push(sh.abort.as_fd().as_raw_fd());
+    ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
+    // Bound the kernel's helper threads for blocking device reads.
+    let _ = ring.limit_workers(2, 2);
+    // Pipes, sockets and regular files complete reads inline; anything else (a VFIO data fd is
+    // an anon inode without FMODE_NOWAIT) would first fail a non-blocking attempt, so it goes
+    // straight to io-wq.
+    let read_async = sys::fd_kind(ctx.data_fd()) == FdKind::Other;
+    let id = ctx.id.clone();
+    let abort_fixed = files.len() as u32 - 1;
+    let mut lp = DeviceLoop {
+        uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
+        pool: ManuallyDrop::new(pool),
+        wake_buf: ManuallyDrop::new(Box::new(0)),
+        sh,
+        ctx,
+        table: SlotTable::new(nslots),
+        stream: Stream::new(cfg.max_stream_bytes),
+        tallies: Tallies::new(id.clone()),
+        held: Vec::with_capacity(sh.channels.len()),
+        reading: None,
+        poll_first: false,
+        retries: Retries::default(),
+        config_done: false,
+        read_async,
+        registered,
+        chunk: cfg.chunk_bytes,
+    };
+    let clock = StallClock::new();
+    let r = lp.prepare().and_then(|()| uring::run(&mut lp, &sh.abort, &clock, cfg.stall_timeout));
+    let drained = lp.finish(r.is_err());
+    r.and(drained)?;
+    let mut t = std::mem::replace(&mut lp.tallies, Tallies::new(id));
+    t.report.stop_copy_time = lp.ctx.stop_copy_start.elapsed();
+    Ok(t)
+}
+
+impl Driver for DeviceLoop<'_, '_, '_, '_> {
+    fn uring(&mut self) -> &mut Uring {
+        &mut self.uring
+    }
+
+    fn pump(&mut self) -> Result<bool> {
+        self.schedule()?;
+        Ok(self.config_done && self.table.all_free())
+    }
+
+    fn complete(&mut self, tok: Token, c: Completion) -> Result<()> {
+        let s = tok.at();
+        if tok.kind != K_WAKE && self.table.gens.get(s) != Some(&tok.gen) {
+            return Err(Error::internal(format!("completion {tok:?} does not match its slot's generation")));
+        }
+        match tok.kind {
+            K_WAKE => self.on_wake(c.res),
+            // The poll's outcome shows in the read linked after it.
+            K_POLL => Ok(()),
+            K_READ => match &mut self.table.slots[s] {
+                Slot::Reading { read, .. } if read.is_none() => {
+                    *read = Some(c.res);
+                    self.settle(s)
+                }
+                other => Err(Error::internal(format!("read completion for a slot in {other:?}"))),
+            },
+            K_SEND if c.notif() => self.on_notif(s, c.res),
+            K_SEND => match &mut self.table.slots[s] {
+                Slot::Reading { send, .. } if send.is_none() => {
+                    *send = Some(SendCqe { res: c.res, more: c.more() });
+                    self.settle(s)
+                }
+                Slot::Sending { sent: false, .. } => self.on_sent(s, SendCqe { res: c.res, more: c.more() }),
+                other => Err(Error::internal(format!("send completion for a slot in {other:?}"))),
+            },
+            k => Err(Error::internal(format!("completion of unknown kind {k}"))),
+        }
+    }
+
+    fn retire(&mut self, _tok: Token, _c: Completion) {
+        // The skeleton's accounting (in-flight count, due notifications) is all a failed loop
+        // needs: no slot is reused after a failure.
+    }
+
+    fn stall_report(&self) -> String {
+        format!(
+            "device {}: {} sends and {} reads in flight, {} packets ready without a channel",
+            self.ctx.id,
+            self.table.count(|s| matches!(s, Slot::Sending { sent: false, .. })),
+            usize::from(self.reading.is_some()),
+            self.table.ready.len()
+        )
+    }
+}
+
+impl DeviceLoop<'_, '_, '_, '_> {
+    /// Encodes every slot's header once (the device identity; each packet patches its index,
+    /// flags and size) and arms the grant eventfd's read.
+    fn prepare(&mut self) -> Result<()> {
+        for s in 0..self.table.slots.len() {
+            // SAFETY: no operation is in flight yet; we own every slot.
+            let hdr = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, 0) };
+            encode_packet_header(self.ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, hdr)
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
+        self.arm_wake()
+    }
+
+    fn arm_wake(&mut self) -> Result<()> {
+        let wake_fd = types::Fixed((self.sh.channels.len() + 1) as u32);
+        let buf: *mut u64 = &mut **self.wake_buf;
+        let e = opcode::Read::new(wake_fd, buf.cast(), 8).build().user_data(Token::new(K_WAKE, 0, 0).encode());
+        // SAFETY: `wake_buf` is boxed (stable address) and is freed only after every operation
+        // was reaped (or never, if the ring is leaked); the fixed file stays registered.
+        unsafe { self.uring.push(&[e]) }
+    }
+
+    fn on_wake(&mut self, res: i32) -> Result<()> {
+        match res {
+            // Cancelled at teardown.
+            r if r == -libc::ECANCELED => return Ok(()),
+            // EAGAIN: another reader drained the counter first; EINTR: nothing happened.
+            r if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => {}
+            r => return Err(Error::sys("read channel-grant eventfd", cqe_error(r))),
+        }
+        while let Some(ch) = self.sh.leases.take_granted(self.ctx.dev_no) {
+            self.held.push(ch);
+        }
+        self.arm_wake()
+    }
+
+    fn take_channel(&mut self, enqueue: bool) -> Option<ChannelId> {
+        self.held.pop().or_else(|| self.sh.leases.try_lease(self.ctx.dev_no, enqueue))
+    }
+
+    /// Schedules whatever can run now.
+    fn schedule(&mut self) -> Result<()> {
+        // 1. The config packet, strictly after every data packet was sent; it joins the queue
+        //    of packets waiting for a channel, served just below.
+        let unsettled = self.table.data_unsettled();
+        if let Some(idx) = self.stream.config_due(unsettled) {
+            self.queue_config(idx)?;
+        }
+        // 2. Packets waiting for a channel, oldest first.
+        while let Some(&s) = self.table.ready.front() {
+            let Some(ch) = self.take_channel(true) else { break };
+            self.table.ready.pop_front();
+            self.submit_send(s, ch)?;
+        }
+        // 3. The next read (one in flight per data fd).
+        if !self.stream.ended() && self.reading.is_none() {
+            if let Some(s) = self.table.free.pop() {
+                if self.ctx.in_precopy {
+                    self.precopy_read(s)?;
+                    // A pre-copy read completes synchronously: queue its send right away.
+                    return self.schedule();
+                }
+                let ch = if self.table.ready.is_empty() { self.take_channel(false) } else { None };
+                self.submit_read(s, ch)?;
+            }
+        }
+        // 4. Channels we hold but cannot use right now go back to other devices.
+        if self.table.ready.is_empty() && (self.reading.is_some() || self.stream.ended()) {
+            while let Some(ch) = self.held.pop() {
+                self.sh.leases.release(ch);
+            }
+        }
+        Ok(())
+    }
+
+    fn limit_err(&self, limit: crate::error::StreamLimit) -> Error {
+        Error::StreamLimit { device: self.ctx.id.clone(), limit }
+    }
+
+    /// Patches slot `s`'s header and queues it for a channel.
+    fn make_ready(&mut self, s: usize, pkt: Packet) -> Result<()> {
+        // SAFETY: slot `s` has no operation in flight (its chain settled, or it was never
+        // submitted).
+        let hdr = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, 0) };
+        let flags = if pkt.config { VFIO_FLAG_CONFIG_STATE } else { 0 };
+        patch_packet_header(hdr, VfioPacketHeader { idx: pkt.idx.get(), flags }, pkt.len)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        self.table.slots[s] = Slot::Ready { pkt };
+        self.table.ready.push_back(s);
+        Ok(())
+    }
+
+    fn precopy_read(&mut self, s: usize) -> Result<()> {
+        let cap = self.sh.cfg.precopy_max_bytes;
+        let t0 = Instant::now();
+        // SAFETY: slot `s` was just taken from the free list: no operation refers to it.
+        let buf = unsafe { self.pool.slot_bytes_mut(s, 0, self.chunk) };
+        match self.ctx.precopy_read(buf, cap)? {
+            PrecopyStep::Data(n) => {
+                let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
+                self.stream.account(n).map_err(|l| self.limit_err(l))?;
+                self.tallies.read(n, self.chunk);
+                self.make_ready(s, Packet { idx, len: n, config: false, t0 })
+            }
+            PrecopyStep::Switched => {
+                self.table.free.push(s);
+                Ok(())
+            }
+        }
+    }
+
+    fn submit_read(&mut self, s: usize, link: Option<ChannelId>) -> Result<()> {
+        let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
+        let pkt = Packet { idx, len: self.chunk, config: false, t0: Instant::now() };
+        // Pre-fill the header for a full chunk: a linked send carries it as is; a short read
+        // patches it before the packet is queued.
+        // SAFETY: slot `s` came from the free list: nothing in flight touches it.
+        let hdr = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, 0) };
+        patch_packet_header(hdr, VfioPacketHeader { idx: idx.get(), flags: 0 }, self.chunk)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let gen = self.table.bump(s);
+        let ptr = self.pool.payload_ptr(s);
+        let mut rd = if self.registered {
+            opcode::ReadFixed::new(types::Fixed(0), ptr, self.chunk as u32, 0).offset(u64::MAX).build()
+        } else {
+            opcode::Read::new(types::Fixed(0), ptr, self.chunk as u32).offset(u64::MAX).build()
+        }
+        .user_data(Token::new(K_READ, s, gen).encode());
+        if self.read_async {
+            rd = rd.flags(squeue::Flags::ASYNC);
+        }
+        self.reading = Some(s);
+        if std::mem::take(&mut self.poll_first) {
+            // The fd said EAGAIN last time: wait until it is readable, then read. No send is
+            // linked: the channel would sit idle for as long as the device takes.
+            if let Some(ch) = link {
+                self.held.push(ch);
+            }
+            self.table.slots[s] = Slot::Reading { pkt, link: None, read: None, send: None };
+            let poll = opcode::PollAdd::new(types::Fixed(0), libc::POLLIN as u32)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(Token::new(K_POLL, s, gen).encode());
+            // SAFETY: the poll refers to no memory; the read's payload range belongs to slot `s`
+            // until the chain settles; the fixed files stay registered.
+            return unsafe { self.uring.push(&[poll, rd]) };
+        }
+        self.table.slots[s] = Slot::Reading { pkt, link, read: None, send: None };
+        match link {
+            Some(ch) => {
+                let tx = self.send_entry(s, ch, gen, self.chunk);
+                // SAFETY: the slot's header and payload stay mapped and owned by this chain until
+                // both CQEs (and a SEND_ZC notification) are reaped; the fixed files stay
+                // registered.
+                unsafe { self.uring.push(&[rd.flags(squeue::Flags::IO_LINK), tx]) }
+            }
+            // SAFETY: as above, for the read alone.
+            None => unsafe { self.uring.push(&[rd]) },
+        }
+    }
+
+    fn send_entry(&self, s: usize, ch: ChannelId, gen: u32, len: usize) -> squeue::Entry {
+        let total = (PACKET_OVERHEAD + len) as u32;
+        let ptr = self.pool.header_ptr(s, PACKET_OVERHEAD);
+        // MSG_WAITALL: a short send must fail the request (and any link), never pass silently.
+        // MSG_NOSIGNAL: a closed peer is an error code, not a SIGPIPE.
+        let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+        let e = if self.sh.zerocopy {
+            opcode::SendZc::new(channel_file(ch), ptr, total)
+                .buf_index(Some(0))
+                .flags(flags)
+                .zc_flags(ZC_REPORT_USAGE)
+                .build()
+        } else {
+            opcode::Send::new(channel_file(ch), ptr, total).flags(flags).build()
+        };
+        e.user_data(Token::new(K_SEND, s, gen).encode())
+    }
+
+    fn submit_send(&mut self, s: usize, ch: ChannelId) -> Result<()> {
+        let Slot::Ready { pkt } = self.table.slots[s] else {
+            return Err(Error::internal(format!("send of a slot in {:?}", self.table.slots[s])));
+        };
+        let gen = self.table.bump(s);
+        self.table.slots[s] = Slot::Sending { pkt, ch, sent: false, notif_due: false };
+        let tx = self.send_entry(s, ch, gen, pkt.len);
+        // SAFETY: the slot is owned by this send until its CQE and notification are reaped.
+        unsafe { self.uring.push(&[tx]) }
+    }
+
+    fn queue_config(&mut self, idx: PacketIndex) -> Result<()> {
+        let s = self.table.config_slot();
+        let blob = self.ctx.config()?;
+        check_config_len(self.ctx.id, blob.len(), self.chunk).map_err(Error::Config)?;
+        // SAFETY: the config slot is never used for data, and this runs once.
+        let buf = unsafe { self.pool.slot_bytes_mut(s, 0, blob.len()) };
+        buf.copy_from_slice(&blob);
+        self.tallies.report.config_bytes = blob.len() as u64;
+        self.make_ready(s, Packet { idx, len: blob.len(), config: true, t0: Instant::now() })
+    }
+
+    /// Decides a `Reading` slot once the CQEs its chain needs are in.
+    fn settle(&mut self, s: usize) -> Result<()> {
+        let Slot::Reading { pkt, link, read, send } = self.table.slots[s] else {
+            return Err(Error::internal("settle of a slot that is not reading"));
+        };
+        let Some(res) = read else { return Ok(()) };
+        match link {
+            Some(ch) if res == self.chunk as i32 => {
+                // A full read: the kernel issued the linked send; the slot is now sending.
+                self.reading = None;
+                self.retries.reset();
+                self.stream.account(self.chunk).map_err(|l| self.limit_err(l))?;
+                self.tallies.read(self.chunk, self.chunk);
+                self.table.slots[s] = Slot::Sending { pkt, ch, sent: false, notif_due: false };
+                match send {
+                    Some(cqe) => self.on_sent(s, cqe),
+                    None => Ok(()),
+                }
+            }
+            Some(ch) => {
+                // A short, empty or failed read broke the link: its send completes -ECANCELED
+                // without being issued. Until that CQE is in, the chain stays open (and the
+                // next read waits), so packet n+1 can never go out before packet n.
+                let Some(cqe) = send else { return Ok(()) };
+                if cqe.res != -libc::ECANCELED {
+                    return Err(Error::internal(format!("linked send completed {} after a short read", cqe.res)));
+                }
+                self.held.push(ch);
+                self.reading = None;
+                self.after_read(s, pkt, res)
+            }
+            None => {
+                self.reading = None;
+                self.after_read(s, pkt, res)
+            }
+        }
+    }
+
+    /// A read whose packet goes nowhere yet: queue its data, or give its index back.
+    fn after_read(&mut self, s: usize, pkt: Packet, res: i32) -> Result<()> {
+        match classify(from_cqe(res)) {
+            IoStep::Moved(n) => {
+                self.retries.reset();
+                self.stream.account(n).map_err(|l| self.limit_err(l))?;
+                self.tallies.read(n, self.chunk);
+                return self.make_ready(s, Packet { len: n, ..pkt });
+            }
+            IoStep::End => self.stream.end(),
+            IoStep::Retry => self.retries.again().map_err(|e| self.read_err(e))?,
+            IoStep::WaitReady => self.poll_first = true,
+            IoStep::Fatal(e) => return Err(self.read_err(e)),
+        }
+        // Nothing was read: the index reserved for it stays unused.
+        self.stream.give_back(pkt.idx);
+        self.table.slots[s] = Slot::Free;
+        self.table.free.push(s);
+        Ok(())
+    }
+
+    fn read_err(&self, source: io::Error) -> Error {
+        Error::DeviceRead { device: self.ctx.id.clone(), offset: self.stream.bytes(), source }
+    }
+
+    fn on_sent(&mut self, s: usize, cqe: SendCqe) -> Result<()> {
+        let Slot::Sending { pkt, ch, sent: false, .. } = self.table.slots[s] else {
+            return Err(Error::internal("send result for a slot that is not sending"));
+        };
+        let total = PACKET_OVERHEAD + pkt.len;
+        if cqe.res != total as i32 {
+            let source = if cqe.res < 0 {
+                cqe_error(cqe.res)
+            } else {
+                io::Error::new(io::ErrorKind::WriteZero, format!("short send: {} of {total} bytes", cqe.res))
+            };
+            let op = format!("send packet {} of device {}", pkt.idx, self.ctx.id);
+            return Err(Error::Channel { channel: ch, op, source });
+        }
+        self.tallies.sent(self.sh, ch, pkt.len, pkt.t0, !self.sh.zerocopy);
+        self.sh.leases.release(ch);
+        self.table.slots[s] = Slot::Sending { pkt, ch, sent: true, notif_due: cqe.more };
+        self.release_if_done(s);
+        Ok(())
+    }
+
+    fn on_notif(&mut self, s: usize, res: i32) -> Result<()> {
+        let Slot::Sending { pkt, ch, sent, notif_due: true } = self.table.slots[s] else {
+            return Err(Error::internal(format!("SEND_ZC notification for a slot in {:?}", self.table.slots[s])));
+        };
+        self.tallies.zerocopy_done(pkt.len, (res as u32) & NOTIF_USAGE_ZC_COPIED != 0);
+        self.table.slots[s] = Slot::Sending { pkt, ch, sent, notif_due: false };
+        self.release_if_done(s);
+        Ok(())
+    }
+
+    /// A slot is free only when its send CQE and any SEND_ZC notification are in.
+    fn release_if_done(&mut self, s: usize) {
+        if let Slot::Sending { pkt, sent: true, notif_due: false, .. } = self.table.slots[s] {
+            self.table.slots[s] = Slot::Free;
+            if pkt.config {
+                self.config_done = true;
+            } else {
+                self.table.free.push(s);
+            }
+        }
+    }
+
+    /// Gives back the channels held between packets, raises the abort on failure (so every
+    /// other device stops), then cancels and drains what is in flight (or leaks the ring and
+    /// pool on purpose). Channels held by slots are never released on failure: a linked or
+    /// in-flight send may still be issued on them, and a second sender on the same socket would
+    /// interleave partial writes.
+    fn finish(&mut self, failed: bool) -> Result<()> {
+        while let Some(ch) = self.held.pop() {
+            self.sh.leases.release(ch);
+        }
+        if failed {
+            self.sh.abort.abort();
+        }
+        let who = format!("device {}", self.ctx.id);
+        uring::finish(self, &who)
+    }
+}
