@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::config::SimConfig;
 use super::content::verify;
-use crate::sys;
+use crate::sys::{self, EventFd, PollFd, PollFlags};
 
 /// What the consumer has seen of a resume stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,7 +39,7 @@ struct ResumeCtl {
 struct ResumeShared {
     ctl: Mutex<ResumeCtl>,
     cv: Condvar,
-    wake: OwnedFd,
+    wake: EventFd,
 }
 
 impl ResumeShared {
@@ -100,7 +100,7 @@ impl ResumeSession {
             c.drain_req += 1;
             c.drain_req
         };
-        sys::eventfd_signal(self.shared.wake.as_fd());
+        sys::eventfd_signal(&self.shared.wake);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut c = self.shared.lock();
         while c.drained < req {
@@ -119,7 +119,7 @@ impl ResumeSession {
 
     pub(super) fn stop(&mut self) {
         self.shared.lock().stop = true;
-        sys::eventfd_signal(self.shared.wake.as_fd());
+        sys::eventfd_signal(&self.shared.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -206,22 +206,19 @@ fn consume(sh: &ResumeShared, r: OwnedFd, seed: u64, size: u64, fail_at: Option<
             sh.cv.notify_all();
             continue;
         }
-        let mut fds = [
-            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&sh.wake), events: libc::POLLIN, revents: 0 },
-            libc::pollfd {
-                fd: match (&rfd, eof) {
-                    (Some(fd), false) => std::os::fd::AsRawFd::as_raw_fd(fd),
-                    _ => -1, // poll ignores negative fds
-                },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let _ = sys::poll(&mut fds, -1);
-        if fds[0].revents != 0 {
-            sys::eventfd_drain(sh.wake.as_fd());
+        let (woken, readable) = {
+            let wake = PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN);
+            // The pipe is polled only while it is open and not at EOF.
+            let data = rfd.as_ref().filter(|_| !eof).map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            let n = if data.is_some() { 2 } else { 1 };
+            let mut fds = [wake.clone(), data.unwrap_or(wake)];
+            let _ = sys::poll(&mut fds[..n], None);
+            (sys::ready(&fds[0]), n == 2 && sys::ready(&fds[1]))
+        };
+        if woken {
+            sys::eventfd_drain(&sh.wake);
         }
-        if fds[1].revents != 0 {
+        if readable {
             read_some(&mut rfd, &mut eof, false);
         }
     }

@@ -1,7 +1,7 @@
 //! Save session: a producer thread filling a pipe (or, in read-error mode, a socket).
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::config::SimConfig;
 use super::content::fill;
-use crate::sys;
+use crate::sys::{self, EventFd, PollFd, PollFlags};
 
 /// Control shared between the device and its producer thread.
 #[derive(Debug)]
@@ -28,7 +28,7 @@ struct SaveShared {
     /// The producer has exited (EOF or error delivered, or stopped).
     done: AtomicBool,
     /// Wakes the producer (control changed).
-    wake: OwnedFd,
+    wake: EventFd,
 }
 
 /// Parameters the producer thread needs.
@@ -107,7 +107,7 @@ impl SaveSession {
     /// PRE_COPY(_P2P) → STOP_COPY: the same stream continues to the end.
     pub(super) fn enter_stop_copy(&self) {
         self.shared.finale.store(true, Ordering::Release);
-        sys::eventfd_signal(self.shared.wake.as_fd());
+        sys::eventfd_signal(&self.shared.wake);
     }
 
     /// Bytes the reader has consumed so far: produced minus what is still queued, taken
@@ -133,7 +133,7 @@ impl SaveSession {
     /// what is still queued so the caller's raw fd sees EOF. Returns the bytes consumed.
     pub(super) fn end(mut self) -> u64 {
         self.shared.stop.store(true, Ordering::Release);
-        sys::eventfd_signal(self.shared.wake.as_fd());
+        sys::eventfd_signal(&self.shared.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -156,7 +156,7 @@ impl SaveSession {
 impl Drop for SaveSession {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        sys::eventfd_signal(self.shared.wake.as_fd());
+        sys::eventfd_signal(&self.shared.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -164,17 +164,8 @@ impl Drop for SaveSession {
 }
 
 /// Waits until the wake eventfd fires or `timeout` passes (`None`: forever); resets it.
-fn wait_wake(wake: BorrowedFd<'_>, timeout: Option<Duration>) {
-    let ms = timeout.map_or(-1, |d| {
-        let ms = d.as_millis().min(i32::MAX as u128) as i32;
-        if ms == 0 && !d.is_zero() {
-            1
-        } else {
-            ms
-        }
-    });
-    let mut p = [libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&wake), events: libc::POLLIN, revents: 0 }];
-    let _ = sys::poll(&mut p, ms);
+fn wait_wake(wake: &EventFd, timeout: Option<Duration>) {
+    let _ = sys::poll(&mut [PollFd::new(wake.as_fd(), PollFlags::POLLIN)], timeout);
     sys::eventfd_drain(wake);
 }
 
@@ -189,7 +180,7 @@ fn paced_sleep(sh: &SaveShared, d: Duration) -> bool {
         if now >= until {
             return true;
         }
-        wait_wake(sh.wake.as_fd(), Some(until - now));
+        wait_wake(&sh.wake, Some(until - now));
     }
 }
 
@@ -220,7 +211,7 @@ fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<
         }
         let limit = if finale { end } else { p.precopy_len.min(end) };
         if produced >= limit {
-            wait_wake(sh.wake.as_fd(), None);
+            wait_wake(&sh.wake, None);
             continue;
         }
         if let Some(lat) = p.latency {
@@ -251,17 +242,11 @@ fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<
             match r {
                 Ok(k) => off += k,
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    let mut fds = [
-                        libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&out), events: libc::POLLOUT, revents: 0 },
-                        libc::pollfd {
-                            fd: std::os::fd::AsRawFd::as_raw_fd(&sh.wake),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        },
-                    ];
-                    let _ = sys::poll(&mut fds, -1);
-                    if fds[1].revents != 0 {
-                        sys::eventfd_drain(sh.wake.as_fd());
+                    let mut fds =
+                        [PollFd::new(out.as_fd(), PollFlags::POLLOUT), PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN)];
+                    let _ = sys::poll(&mut fds, None);
+                    if sys::ready(&fds[1]) {
+                        sys::eventfd_drain(&sh.wake);
                     }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
