@@ -50,9 +50,10 @@ pub struct SimConfig {
     pub flags: MigFlags,
     /// Upper bound on the bytes one read returns. Implemented as the save pipe's capacity
     /// (`F_SETPIPE_SZ`, rounded up by the kernel to a power-of-two number of pages, at least
-    /// one page), and as a cap in [`SimDevice::read_data`](crate::MigrationDevice::read_data), which is therefore exact. Raw
-    /// reads are bounded by the pipe capacity (`max_read` rounded up). In read-error mode (a
-    /// socket, see [`SimConfig::read_error_at`]) only the `read_data` cap applies.
+    /// one page), and as a cap in [`SimDevice::read_data`](crate::MigrationDevice::read_data),
+    /// which is therefore exact. Raw reads are bounded by the pipe capacity (`max_read` rounded
+    /// up). In read-error mode (a socket, see [`SimConfig::read_error_at`]) only the
+    /// `read_data` cap applies.
     pub max_read: usize,
     /// Bytes of initial data available in PRE_COPY (clamped to the stream length).
     pub precopy_bytes: u64,
@@ -77,12 +78,45 @@ pub struct SimConfig {
     pub fail_arc: Option<ArcFault>,
     /// The save stream ends early with EOF after this many bytes (a truncated stream).
     pub truncate_at: Option<u64>,
+    /// The save data fd handed out by the SET that creates it is `O_NONBLOCK`, as when a VMM
+    /// (or its migration helper) sets `O_NONBLOCK` on it to read it from an event loop or
+    /// inline in io_uring. Of the in-tree drivers only **mlx5** honours it: a `read(2)` with
+    /// no STOP_COPY data ready gives `EAGAIN` instead of waiting (mtty, xe, hisi_acc, virtio
+    /// and pds ignore the flag and block). Here a raw `read(2)` of an empty pipe gives
+    /// `EAGAIN`; with a paced producer ([`SimConfig::throughput_bytes_per_sec`],
+    /// [`SimConfig::read_latency`]) that happens between chunks, and at the PRE_COPY temporary
+    /// end a raw read gives `EAGAIN` rather than blocking (mlx5 gives `ENOMSG` there).
+    /// [`SimDevice::read_data`](crate::MigrationDevice::read_data) is the driver-facing
+    /// blocking path and never reports `EAGAIN`: it waits with `poll(POLLIN)` and reads
+    /// again, so its outcomes are the same as on a blocking fd.
+    pub nonblocking_save: bool,
+    /// The resume data fd handed out by STOP→RESUMING is `O_NONBLOCK`. No in-tree driver's
+    /// resume fd returns `EAGAIN` (mlx5 loads each image synchronously inside `write()`; mtty
+    /// copies into a buffer), but the engine also writes caller-supplied fds (`add_data_fd`),
+    /// which may be a non-blocking pipe or socket to a helper process, and those do. With a
+    /// slow consumer ([`SimConfig::resume_throughput_bytes_per_sec`]) and a small pipe
+    /// ([`SimConfig::resume_pipe_bytes`]), a raw `write(2)` then gives short counts and
+    /// `EAGAIN`. [`SimDevice::write_data`](crate::MigrationDevice::write_data) never reports
+    /// `EAGAIN`: it waits with `poll(POLLOUT)` and writes again (it may still return a short
+    /// count, as a `write(2)` may).
+    pub nonblocking_resume: bool,
+    /// Average rate at which the destination device consumes its resume stream (a slow
+    /// device, like mlx5 loading each image synchronously inside `write()`); `None` is
+    /// unpaced. The clock starts at the first byte consumed. With a pipe smaller than the
+    /// writer's chunks, the writer then sees a full pipe: blocked (or, with `EINTR`, short)
+    /// writes on a blocking fd, short writes and `EAGAIN` with
+    /// [`SimConfig::nonblocking_resume`]. Every byte is still verified.
+    pub resume_throughput_bytes_per_sec: Option<u64>,
+    /// Capacity requested for the resume pipe (`F_SETPIPE_SZ`; the kernel rounds it up to a
+    /// power-of-two number of pages, at least one page). Default 1 MiB. Best effort: above
+    /// `/proc/sys/fs/pipe-max-size` an unprivileged process keeps the default 64 KiB.
+    pub resume_pipe_bytes: usize,
 }
 
 impl SimConfig {
     /// A device of `size` stream bytes with content `seed`: every flag, 1 MiB reads,
     /// `min(size, 64 KiB)` of pre-copy data ending in `ENOMSG`, unpaced, a 64-byte config
-    /// blob, no faults.
+    /// blob, no faults, blocking data fds, an unpaced consumer behind a 1 MiB resume pipe.
     pub fn new(name: impl Into<String>, size: u64, seed: u64) -> SimConfig {
         SimConfig {
             name: name.into(),
@@ -99,6 +133,10 @@ impl SimConfig {
             write_error_at: None,
             fail_arc: None,
             truncate_at: None,
+            nonblocking_save: false,
+            nonblocking_resume: false,
+            resume_throughput_bytes_per_sec: None,
+            resume_pipe_bytes: 1 << 20,
         }
     }
 
@@ -165,6 +203,30 @@ impl SimConfig {
     /// Sets [`SimConfig::truncate_at`].
     pub fn with_truncate_at(mut self, at: u64) -> SimConfig {
         self.truncate_at = Some(at);
+        self
+    }
+
+    /// Sets [`SimConfig::nonblocking_save`].
+    pub fn with_nonblocking_save(mut self, on: bool) -> SimConfig {
+        self.nonblocking_save = on;
+        self
+    }
+
+    /// Sets [`SimConfig::nonblocking_resume`].
+    pub fn with_nonblocking_resume(mut self, on: bool) -> SimConfig {
+        self.nonblocking_resume = on;
+        self
+    }
+
+    /// Sets [`SimConfig::resume_throughput_bytes_per_sec`].
+    pub fn with_resume_throughput(mut self, bytes_per_sec: u64) -> SimConfig {
+        self.resume_throughput_bytes_per_sec = Some(bytes_per_sec);
+        self
+    }
+
+    /// Sets [`SimConfig::resume_pipe_bytes`].
+    pub fn with_resume_pipe_bytes(mut self, bytes: usize) -> SimConfig {
+        self.resume_pipe_bytes = bytes;
         self
     }
 

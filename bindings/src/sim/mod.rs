@@ -7,14 +7,17 @@
 //!   ([`crate::state::next_step`]) exactly like a driver's `set_state` loop: one SET may take
 //!   several direct arcs, a data fd is returned only when the *final* arc is one of the four
 //!   that create one, and a failing arc leaves the device where [`ArcFault::leave`] says.
-//! * **Save fd.** The read end of a real pipe (`O_CLOEXEC`, blocking), filled by a producer
+//! * **Save fd.** The read end of a real pipe (`O_CLOEXEC`, blocking unless
+//!   [`SimConfig::nonblocking_save`], as mlx5 honours `O_NONBLOCK`), filled by a producer
 //!   thread; io_uring and plain `read(2)` see it like a VFIO data fd (a stream: `pread` gives
 //!   `ESPIPE`). PRE_COPY, PRE_COPY_P2P and STOP_COPY share one stream: PRE_COPY streams the
 //!   first [`SimConfig::precopy_bytes`], and after →STOP_COPY the same fd continues with the
 //!   rest, so the concatenation is byte-identical to a plain STOP_COPY stream. STOP_COPY ends
 //!   with `read() == 0`.
-//! * **Resume fd.** The write end of a pipe drained by a consumer thread that verifies every
-//!   byte against the expected content (seed, size) without keeping a copy.
+//! * **Resume fd.** The write end of a pipe ([`SimConfig::resume_pipe_bytes`], blocking unless
+//!   [`SimConfig::nonblocking_resume`]) drained by a consumer thread that verifies every byte
+//!   against the expected content (seed, size) without keeping a copy. The consumer can be
+//!   slow ([`SimConfig::resume_throughput_bytes_per_sec`]), so writers meet a full pipe.
 //! * **Content.** The byte at stream offset `o` is a pure function of `(seed, o)`: see
 //!   [`fill`] and [`verify`].
 //!
@@ -26,7 +29,16 @@
 //!   exactly as a driver would ([`ReadOutcome::NoMsg`] or [`ReadOutcome::Eof`] per
 //!   [`SimConfig::precopy_end`]). An engine issuing raw reads must stop at the temporary end
 //!   using [`MigrationDevice::precopy_info`] (`initial_bytes == 0 && dirty_bytes == 0`), as the
-//!   uAPI recommends anyway.
+//!   uAPI recommends anyway. With [`SimConfig::nonblocking_save`] the raw read there gives
+//!   `EAGAIN` instead of blocking.
+//! * **`EAGAIN` in `read_data` / `write_data`.** On an `O_NONBLOCK` fd
+//!   ([`SimConfig::nonblocking_save`], [`SimConfig::nonblocking_resume`]) a raw `read(2)` /
+//!   `write(2)` gives `EAGAIN` when the pipe is empty / full, as mlx5's save fd does. The
+//!   [`MigrationDevice`] calls have no such outcome ([`ReadOutcome`] has none, and a caller of
+//!   `write_data` expects progress), so [`SimDevice::read_data`] and
+//!   [`SimDevice::write_data`] wait with `poll(2)` for `POLLIN` / `POLLOUT` and try again,
+//!   like a driver's blocking path. `EINTR` is retried a bounded number of times, as
+//!   [`crate::vfio::VfioDevice`] does.
 //! * **Disabled files.** When a session ends (leaving the saving group, leaving RESUMING,
 //!   reset, drop), [`SimDevice::read_data`] / [`SimDevice::write_data`] on its fd give
 //!   `ENODEV` like the kernel. The raw fd itself then sees EOF (save: the producer's end is
@@ -46,7 +58,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use crate::device::{MigrationDevice, PrecopyInfo, ReadOutcome};
 use crate::error::{Error, Result};
 use crate::state::{next_step, MigFlags, MigState};
-use crate::sys;
+use crate::sys::{self, PollFd, PollFlags};
 
 mod config;
 mod content;
@@ -378,6 +390,15 @@ impl MigrationDevice for SimDevice {
                 Ok(0) => return Ok(ReadOutcome::Eof),
                 Ok(n) => return Ok(ReadOutcome::Data(n)),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
+                // O_NONBLOCK save fd (SimConfig::nonblocking_save) with nothing queued yet:
+                // this is the blocking driver path, so wait for data (or EOF) and read again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    sys::poll(&mut [PollFd::new(data_fd, PollFlags::POLLIN)], None).map_err(|e| Error::Sys {
+                        device: self.cfg.name.clone(),
+                        op: op.into(),
+                        source: e,
+                    })?;
+                }
                 Err(e) => return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e }),
             }
         }
@@ -409,6 +430,15 @@ impl MigrationDevice for SimDevice {
                     return Ok(n);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
+                // O_NONBLOCK resume fd (SimConfig::nonblocking_resume) and a full pipe: wait
+                // until the consumer makes room (or goes away: then EPIPE) and write again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    sys::poll(&mut [PollFd::new(data_fd, PollFlags::POLLOUT)], None).map_err(|e| Error::Sys {
+                        device: self.cfg.name.clone(),
+                        op: op.into(),
+                        source: e,
+                    })?;
+                }
                 Err(e) => return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e }),
             }
         }

@@ -54,7 +54,8 @@ pub(super) struct ResumeSession {
     shared: Arc<ResumeShared>,
     pub(super) id: (u64, u64),
     pub(super) size: u64,
-    /// Bytes accepted by [`SimDevice::write_data`](crate::MigrationDevice::write_data) (raw writes are not counted here).
+    /// Bytes accepted by [`SimDevice::write_data`](crate::MigrationDevice::write_data) (raw
+    /// writes are not counted here).
     accepted: AtomicU64,
     thread: Option<JoinHandle<()>>,
 }
@@ -62,16 +63,24 @@ pub(super) struct ResumeSession {
 impl ResumeSession {
     pub(super) fn start(cfg: &SimConfig) -> io::Result<(ResumeSession, OwnedFd)> {
         let (r, w) = sys::pipe()?;
-        let _ = sys::set_pipe_size(r.as_fd(), 1 << 20);
+        // Best effort, as for the save pipe: the kernel's default capacity stays otherwise.
+        let _ = sys::set_pipe_size(r.as_fd(), cfg.resume_pipe_bytes.max(1));
         sys::set_nonblocking(r.as_fd())?;
+        if cfg.nonblocking_resume {
+            sys::set_nonblocking(w.as_fd())?;
+        }
         let id = sys::file_id(w.as_fd())?;
         let shared =
             Arc::new(ResumeShared { ctl: Mutex::new(ResumeCtl::default()), cv: Condvar::new(), wake: sys::eventfd()? });
         let sh = Arc::clone(&shared);
-        let (seed, size, fail_at) = (cfg.seed, cfg.size, cfg.write_error_at);
-        let thread = std::thread::Builder::new()
-            .name(format!("sim-resume-{}", cfg.name))
-            .spawn(move || consume(&sh, r, seed, size, fail_at))?;
+        let p = ConsumerParams {
+            seed: cfg.seed,
+            size: cfg.size,
+            fail_at: cfg.write_error_at,
+            throughput: cfg.resume_throughput_bytes_per_sec.filter(|&r| r > 0),
+        };
+        let thread =
+            std::thread::Builder::new().name(format!("sim-resume-{}", cfg.name)).spawn(move || consume(&sh, r, &p))?;
         Ok((ResumeSession { shared, id, size: cfg.size, accepted: AtomicU64::new(0), thread: Some(thread) }, w))
     }
 
@@ -156,8 +165,29 @@ fn take_chunk(sh: &ResumeShared, seed: u64, size: u64, fail_at: Option<u64>, dat
     true
 }
 
-/// The consumer thread's body: drain the pipe, verify, count; answer drain requests.
-fn consume(sh: &ResumeShared, r: OwnedFd, seed: u64, size: u64, fail_at: Option<u64>) {
+/// Parameters the consumer thread needs.
+#[derive(Debug, Clone, Copy)]
+struct ConsumerParams {
+    seed: u64,
+    size: u64,
+    fail_at: Option<u64>,
+    /// Average consumption rate (a slow device); `None` is unpaced.
+    throughput: Option<u64>,
+}
+
+/// How long a paced consumer that took `bytes` since `since` must wait before it takes more.
+fn pace_wait(rate: Option<u64>, since: Option<Instant>, bytes: u64) -> Option<Duration> {
+    let (rate, since) = (rate?, since?);
+    let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+    due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
+}
+
+/// The consumer thread's body: drain the pipe, verify, count; answer drain requests. A paced
+/// consumer takes at most one pipe's worth per step and then waits for its rate; a drain
+/// request (RESUMING→STOP) takes what is queued at once.
+fn consume(sh: &ResumeShared, r: OwnedFd, p: &ConsumerParams) {
+    let ConsumerParams { seed, size, fail_at, throughput } = *p;
+    let mut paced_since: Option<Instant> = None;
     let mut buf = vec![0u8; 1 << 20];
     let mut rfd = Some(r);
     if fail_at == Some(0) {
@@ -204,6 +234,16 @@ fn consume(sh: &ResumeShared, r: OwnedFd, seed: u64, size: u64, fail_at: Option<
             c.drained = want;
             drop(c);
             sh.cv.notify_all();
+            continue;
+        }
+        if paced_since.is_none() && throughput.is_some() && sh.lock().bytes > 0 {
+            paced_since = Some(Instant::now());
+        }
+        if let Some(wait) = pace_wait(throughput, paced_since, sh.lock().bytes) {
+            // A slow device: nothing more is taken from the pipe until it is due, so the
+            // writer sees the pipe fill up. Control requests still wake it.
+            let _ = sys::poll(&mut [PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN)], Some(wait));
+            sys::eventfd_drain(&sh.wake);
             continue;
         }
         let (woken, readable) = {

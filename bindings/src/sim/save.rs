@@ -76,6 +76,11 @@ impl SaveSession {
             chunk = sys::pipe_size(producer_end.as_fd()).unwrap_or(chunk).clamp(1, 8 << 20);
         }
         sys::set_nonblocking(producer_end.as_fd())?;
+        if cfg.nonblocking_save {
+            // On the open file description, so our dup below shares it; its drain in `end`
+            // runs when no writer is left and never sees EAGAIN.
+            sys::set_nonblocking(caller_end.as_fd())?;
+        }
         let reader = caller_end.try_clone()?;
         let trick_end = if socket { Some(caller_end.try_clone()?) } else { None };
         let id = sys::file_id(caller_end.as_fd())?;
