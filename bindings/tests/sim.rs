@@ -9,24 +9,14 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vfio_migration::sim::{self, PrecopyEnd, SimConfig, SimDevice};
 use vfio_migration::{recover, transition, Error, MigState, MigrationDevice, ReadOutcome, Recovery};
 
+/// One `read(2)`, bypassing the device.
 fn raw_read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length; the fd is borrowed for the call.
-    let r = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    Ok(nix::unistd::read(fd, buf)?)
 }
 
+/// One `write(2)`, bypassing the device.
 fn raw_write(fd: BorrowedFd<'_>, buf: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of its length; the fd is borrowed for the call.
-    let r = unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_ptr().cast(), buf.len()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    Ok(nix::unistd::write(fd, buf)?)
 }
 
 /// Reads with `read_data` until EOF (or NoMsg when `stop_at_nomsg`); returns the bytes and
@@ -143,10 +133,7 @@ fn raw_reads_are_bounded_by_the_pipe_capacity() {
     assert_eq!(got.len(), 200_000);
     assert_eq!(sim::verify(9, 0, &got), Ok(()));
     // A stream fd: no positioned reads.
-    // SAFETY: `b` is a live buffer of 4 bytes.
-    let r = unsafe { libc::pread(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_mut_ptr().cast(), 4, 0) };
-    assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ESPIPE));
+    assert_eq!(nix::sys::uio::pread(&fd, &mut buf[..4], 0), Err(nix::errno::Errno::ESPIPE));
 }
 
 fn precopy_then_stop_copy(end: PrecopyEnd) {
