@@ -41,6 +41,11 @@ test-unit: lint
 
 test: test-unit doc vm-test
 
+# The same cases on both engine backends against real-fd quirks (EAGAIN, EINTR, short I/O).
+.PHONY: conformance
+conformance: check-tools
+	$(CARGO) test -p vfio-multifd-tests --test conformance
+
 bench: check-tools
 	$(CARGO) run --release -p vfio-multifd-cli --bin vfio-multifd -- bench
 

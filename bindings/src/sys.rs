@@ -6,9 +6,12 @@
 //! implementation. Opening a group and container (which needs the real `/dev/vfio`) uses the
 //! free functions at the bottom.
 //!
+//! Plain syscalls (`read`/`write`/`pread`/`pwrite`, pipes, socketpairs, eventfds, `fcntl`,
+//! `fstat`, `poll`, `send`) go through nix's safe wrappers. Raw `libc` is left only where nix
+//! has no call: the VFIO ioctls (whose numbers are pinned by the tests below) and `FIONREAD`.
+//!
 //! Safety rationale shared by every `unsafe` block here (the rust-vmm convention):
-//! - the kernel is trusted to only read and write within the `argsz` we pass, and within the
-//!   buffer lengths we pass to `read`/`write`/`pread`/`pwrite`;
+//! - the kernel is trusted to only read and write within the `argsz` we pass;
 //! - every pointer we pass points to a live, properly aligned object of at least the size we
 //!   announce, borrowed for the duration of the call;
 //! - an invalid fd, parameter or buffer makes the kernel return an error, never corrupt memory.
@@ -17,6 +20,13 @@ use std::ffi::CStr;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::PollTimeout;
+use nix::sys::eventfd::EfdFlags;
+use nix::sys::socket;
 
 use vfio_bindings::bindings::vfio::{
     vfio_device_feature, vfio_device_feature_mig_state, vfio_device_info, vfio_group_status, vfio_precopy_info,
@@ -145,16 +155,6 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Maps a `ssize_t` return value to `io::Result<usize>`.
-fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // Non-negative ssize_t always fits usize.
-        Ok(ret as usize)
-    }
-}
-
 /// Converts a file offset to `off_t`, rejecting values the kernel cannot take.
 fn to_off(off: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
@@ -211,25 +211,19 @@ impl SysOps for Kernel {
     }
 
     fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        check_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+        Ok(nix::unistd::read(fd, buf)?)
     }
 
     fn write(&self, fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
-        check_size(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+        Ok(nix::unistd::write(fd, buf)?)
     }
 
     fn pread(&self, fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        let off = to_off(off)?;
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        check_size(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) })
+        Ok(nix::sys::uio::pread(fd, buf, to_off(off)?)?)
     }
 
     fn pwrite(&self, fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
-        let off = to_off(off)?;
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
-        check_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off) })
+        Ok(nix::sys::uio::pwrite(fd, buf, to_off(off)?)?)
     }
 }
 
@@ -274,84 +268,66 @@ pub(crate) fn group_get_device_fd(group: BorrowedFd<'_>, name: &CStr) -> io::Res
 }
 
 // ---------------------------------------------------------------------------------------------
-// Plain-fd helpers for the simulated device (pipes, socketpairs, eventfds, poll, FIONREAD).
+// Plain-fd helpers for the simulated device (pipes, socketpairs, eventfds, poll, FIONREAD),
+// through nix's safe wrappers wherever nix has the call.
 // ---------------------------------------------------------------------------------------------
 
-/// Wraps two fresh fds from `pipe2`/`socketpair`.
-///
-/// # Safety
-/// Both fds must be new, open, and owned by nothing else.
-unsafe fn own_pair(fds: [libc::c_int; 2]) -> (OwnedFd, OwnedFd) {
-    // SAFETY: the caller guarantees both fds are fresh and unowned.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
+pub(crate) use nix::poll::{PollFd, PollFlags};
+pub(crate) use nix::sys::eventfd::EventFd;
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`, both blocking.
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: `fds` is a live array of two c_ints for pipe2 to fill.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 succeeded, so both fds are new and unowned.
-    Ok(unsafe { own_pair(fds) })
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
 }
 
 /// `socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)`.
 pub(crate) fn socketpair_stream() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: `fds` is a live array of two c_ints for socketpair to fill.
-    check(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
-    // SAFETY: socketpair succeeded, so both fds are new and unowned.
-    Ok(unsafe { own_pair(fds) })
+    Ok(socket::socketpair(socket::AddressFamily::Unix, socket::SockType::Stream, None, socket::SockFlag::SOCK_CLOEXEC)?)
 }
 
 /// A non-blocking, close-on-exec eventfd used as a wake-up/stop signal.
-pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers.
-    let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-    // SAFETY: eventfd succeeded, so the fd is new and unowned.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+pub(crate) fn eventfd() -> io::Result<EventFd> {
+    Ok(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?)
 }
 
 /// Adds 1 to an eventfd (wakes a poller). Errors (a saturated counter) are harmless: the
 /// eventfd is then readable anyway.
-pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
-    let one: u64 = 1;
-    // SAFETY: `one` is a live u64, valid for reads of 8 bytes.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+pub(crate) fn eventfd_signal(ev: &EventFd) {
+    let _ = ev.write(1);
 }
 
 /// Resets an eventfd's counter (non-blocking; nothing to read is fine).
-pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
-    let mut v: u64 = 0;
-    // SAFETY: `v` is a live u64, valid for writes of 8 bytes.
-    let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+pub(crate) fn eventfd_drain(ev: &EventFd) {
+    let _ = ev.read();
+}
+
+/// The fd's open file description flags (`F_GETFL`).
+fn status_flags(fd: BorrowedFd<'_>) -> io::Result<OFlag> {
+    Ok(OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?))
 }
 
 /// Sets `O_NONBLOCK` on the fd's open file description.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL takes no pointer argument.
-    let fl = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: F_SETFL takes an integer argument.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
+    let fl = status_flags(fd)?;
+    fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
 /// `F_SETPIPE_SZ`: asks for a pipe capacity; returns the capacity the kernel set.
 pub(crate) fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
     let arg = libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: F_SETPIPE_SZ takes an integer argument.
-    let r = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, arg) })?;
-    Ok(r as usize)
+    let r = fcntl(fd, FcntlArg::F_SETPIPE_SZ(arg))?;
+    Ok(usize::try_from(r).unwrap_or(0))
 }
 
 /// `F_GETPIPE_SZ`: the pipe's capacity in bytes.
 pub(crate) fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    // SAFETY: F_GETPIPE_SZ takes no pointer argument.
-    let r = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) })?;
-    Ok(r as usize)
+    let r = fcntl(fd, FcntlArg::F_GETPIPE_SZ)?;
+    Ok(usize::try_from(r).unwrap_or(0))
 }
 
-/// `FIONREAD`: bytes queued for reading on a pipe or socket.
+/// `FIONREAD`: bytes queued for reading on a pipe or socket. nix has no wrapper for it (only
+/// the `ioctl_*!` macros, which generate `unsafe fn`s), so it goes through [`ioctl_ptr`].
 pub(crate) fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // FIONREAD's type differs between libcs (c_ulong on glibc, c_int on musl).
@@ -364,40 +340,43 @@ pub(crate) fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
 
 /// `(st_dev, st_ino)` of an open file: the identity of a pipe (both ends share it) or socket.
 pub(crate) fn file_id(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat fills the whole `struct stat` on success; `st` is large enough for it.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
-    Ok((st.st_dev, st.st_ino))
+    let st = nix::sys::stat::fstat(fd)?;
+    // st_dev/st_ino are u64 on Linux; the casts are for libcs where they are narrower.
+    #[allow(clippy::unnecessary_cast)]
+    Ok((st.st_dev as u64, st.st_ino as u64))
 }
 
-/// `poll(2)`; `EINTR` is reported as "nothing ready" (the callers loop anyway).
-pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
-    let n = libc::nfds_t::try_from(fds.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `fds` is a live, writable slice of `n` pollfd structs.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            return Ok(0);
+/// `poll(2)` with a timeout (`None`: forever, rounded up to whole milliseconds); `EINTR` is
+/// reported as "nothing ready" (the callers loop anyway).
+pub(crate) fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(d) => {
+            let ms = d.as_millis().saturating_add(u128::from(d.subsec_nanos() % 1_000_000 != 0));
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
         }
-        return Err(e);
+    };
+    match nix::poll::poll(fds, timeout) {
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
+        Err(Errno::EINTR) => Ok(0),
+        Err(e) => Err(e.into()),
     }
-    Ok(r as usize)
+}
+
+/// Whether a [`PollFd`] reported any event (readiness, error or hang-up) in the last poll.
+pub(crate) fn ready(p: &PollFd<'_>) -> bool {
+    p.revents().is_some_and(|r| !r.is_empty())
 }
 
 /// `send(MSG_NOSIGNAL)` on a stream socket (no SIGPIPE when the peer is gone).
 pub(crate) fn send_nosignal(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
-    check_size(unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) })
+    Ok(socket::send(fd.as_raw_fd(), buf, socket::MsgFlags::MSG_NOSIGNAL)?)
 }
 
 /// The system page size (4096 where sysconf has no answer).
 pub(crate) fn page_size() -> usize {
-    // SAFETY: sysconf takes no pointers.
-    let r = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(r).ok().filter(|&p| p.is_power_of_two()).unwrap_or(4096)
+    let r = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten();
+    r.and_then(|p| usize::try_from(p).ok()).filter(|p| p.is_power_of_two()).unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -463,11 +442,7 @@ mod tests {
 
     #[test]
     fn kernel_ops_on_a_pipe() {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` is a live array of two c_ints for pipe2 to fill.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: pipe2 succeeded, so both fds are new and owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (r, w) = pipe().unwrap();
         let k = Kernel;
         assert_eq!(k.write(w.as_fd(), b"abc").unwrap(), 3);
         let mut b = [0u8; 8];

@@ -3,27 +3,20 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
 use vfio_migration::sim::{self, PrecopyEnd, SimConfig, SimDevice};
 use vfio_migration::{recover, transition, Error, MigState, MigrationDevice, ReadOutcome, Recovery};
 
+/// One `read(2)`, bypassing the device.
 fn raw_read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length; the fd is borrowed for the call.
-    let r = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    Ok(nix::unistd::read(fd, buf)?)
 }
 
+/// One `write(2)`, bypassing the device.
 fn raw_write(fd: BorrowedFd<'_>, buf: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of its length; the fd is borrowed for the call.
-    let r = unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_ptr().cast(), buf.len()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    Ok(nix::unistd::write(fd, buf)?)
 }
 
 /// Reads with `read_data` until EOF (or NoMsg when `stop_at_nomsg`); returns the bytes and
@@ -140,10 +133,7 @@ fn raw_reads_are_bounded_by_the_pipe_capacity() {
     assert_eq!(got.len(), 200_000);
     assert_eq!(sim::verify(9, 0, &got), Ok(()));
     // A stream fd: no positioned reads.
-    // SAFETY: `b` is a live buffer of 4 bytes.
-    let r = unsafe { libc::pread(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_mut_ptr().cast(), 4, 0) };
-    assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ESPIPE));
+    assert_eq!(nix::sys::uio::pread(&fd, &mut buf[..4], 0), Err(nix::errno::Errno::ESPIPE));
 }
 
 fn precopy_then_stop_copy(end: PrecopyEnd) {
@@ -472,4 +462,157 @@ fn raw_reader_thread_across_precopy_and_stop_copy() {
     assert_eq!(got.len() as u64, size);
     assert_eq!(sim::verify(31, 0, &got), Ok(()));
     assert_eq!(d.bytes_read(), size);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quirks of real data fds: O_NONBLOCK save and resume fds, a slow consumer, a small resume pipe.
+// ---------------------------------------------------------------------------------------------
+
+fn fd_flags(fd: BorrowedFd<'_>) -> OFlag {
+    OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL).unwrap())
+}
+
+fn wait_for(fd: BorrowedFd<'_>, ev: PollFlags) {
+    let _ = poll(&mut [PollFd::new(fd, ev)], PollTimeout::from(100u16));
+}
+
+/// mlx5 with `O_NONBLOCK`: a raw read of a slow device's save fd gives `EAGAIN` while no data
+/// is ready; the stream is still complete and in order, and ends with EOF.
+#[test]
+fn nonblocking_save_fd_gives_eagain_on_a_slow_device() {
+    let size = 256 * 1024;
+    let cfg =
+        SimConfig::new("nb", size, 17).with_max_read(16 * 1024).with_throughput(4 << 20).with_nonblocking_save(true);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::StopCopy).unwrap().data_fd.unwrap();
+    assert!(fd_flags(fd.as_fd()).contains(OFlag::O_NONBLOCK), "the SET hands out an O_NONBLOCK fd");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut got, mut eagain) = (Vec::new(), 0u32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "stream did not end");
+        match raw_read(fd.as_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                eagain += 1;
+                wait_for(fd.as_fd(), PollFlags::POLLIN);
+            }
+            Err(e) => panic!("raw read: {e}"),
+        }
+    }
+    assert!(eagain > 0, "a paced producer behind an O_NONBLOCK fd never gave EAGAIN");
+    assert_eq!(got.len() as u64, size);
+    assert_eq!(sim::verify(17, 0, &got), Ok(()));
+    // EOF is permanent, never EAGAIN.
+    assert_eq!(raw_read(fd.as_fd(), &mut buf).unwrap(), 0);
+
+    // The device's own read path hides EAGAIN: it waits like a blocking driver read.
+    let cfg =
+        SimConfig::new("nb2", size, 18).with_max_read(16 * 1024).with_throughput(4 << 20).with_nonblocking_save(true);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::StopCopy).unwrap().data_fd.unwrap();
+    let (data, max, end) = read_all(&d, &fd, false);
+    assert_eq!((data.len() as u64, end), (size, ReadOutcome::Eof));
+    assert!(max <= 16 * 1024);
+    assert_eq!(sim::verify(18, 0, &data), Ok(()));
+
+    // Without the quirk the fd stays blocking.
+    let mut d = SimDevice::new(SimConfig::new("b", 1, 1));
+    let fd = transition(&mut d, MigState::StopCopy).unwrap().data_fd.unwrap();
+    assert!(!fd_flags(fd.as_fd()).contains(OFlag::O_NONBLOCK));
+}
+
+/// At the PRE_COPY temporary end a raw read of an O_NONBLOCK save fd gives EAGAIN (a blocking
+/// one would block), while `read_data` still reports the driver's outcome.
+#[test]
+fn nonblocking_save_fd_at_the_precopy_temporary_end() {
+    let cfg = SimConfig::new("pe", 200_000, 5).with_precopy_bytes(50_000).with_nonblocking_save(true);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::PreCopy).unwrap().data_fd.unwrap();
+    let (data, _, end) = read_all(&d, &fd, true);
+    assert_eq!((data.len(), end), (50_000, ReadOutcome::NoMsg));
+    let mut b = [0u8; 16];
+    assert_eq!(raw_read(fd.as_fd(), &mut b).unwrap_err().raw_os_error(), Some(libc::EAGAIN));
+    transition(&mut d, MigState::StopCopy).unwrap();
+    let (rest, _, end) = read_all(&d, &fd, false);
+    assert_eq!((rest.len(), end), (150_000, ReadOutcome::Eof));
+    assert_eq!(sim::verify(5, 50_000, &rest), Ok(()));
+}
+
+/// A slow consumer behind a small O_NONBLOCK resume pipe: raw writes larger than the pipe come
+/// back short, and a full pipe gives EAGAIN. Every byte is still verified.
+#[test]
+fn nonblocking_resume_fd_gives_short_writes_and_eagain_with_a_slow_consumer() {
+    let size = 1 << 20;
+    let cfg = SimConfig::new("nr", size, 23)
+        .with_nonblocking_resume(true)
+        .with_resume_pipe_bytes(16 * 1024)
+        .with_resume_throughput(16 << 20);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::Resuming).unwrap().data_fd.unwrap();
+    assert!(fd_flags(fd.as_fd()).contains(OFlag::O_NONBLOCK));
+    assert_eq!(fcntl(fd.as_fd(), FcntlArg::F_GETPIPE_SZ).unwrap(), 16 * 1024, "resume pipe capacity");
+    let data = stream(23, 0, size as usize);
+    let (mut off, mut eagain, mut short) = (0usize, 0u32, 0u32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while off < data.len() {
+        assert!(Instant::now() < deadline, "consumer stalled at {off}");
+        let want = (data.len() - off).min(64 * 1024);
+        match raw_write(fd.as_fd(), &data[off..off + want]) {
+            Ok(n) => {
+                assert!(n > 0);
+                if n < want {
+                    short += 1;
+                }
+                off += n;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                eagain += 1;
+                wait_for(fd.as_fd(), PollFlags::POLLOUT);
+            }
+            Err(e) => panic!("raw write: {e}"),
+        }
+    }
+    assert!(eagain > 0, "a slow consumer behind an O_NONBLOCK fd never gave EAGAIN");
+    assert!(short > 0, "64 KiB writes into a 16 KiB pipe were never short");
+    transition(&mut d, MigState::Stop).unwrap();
+    let rep = d.resume_report().unwrap();
+    assert!(rep.verified_ok, "{rep:?}");
+    assert_eq!(rep.bytes_written, size);
+
+    // write_data hides EAGAIN: every call makes progress.
+    let cfg = SimConfig::new("nr2", 256 * 1024, 24)
+        .with_nonblocking_resume(true)
+        .with_resume_pipe_bytes(4096)
+        .with_resume_throughput(8 << 20);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::Resuming).unwrap().data_fd.unwrap();
+    write_all(&d, &fd, &stream(24, 0, 256 * 1024));
+    transition(&mut d, MigState::Running).unwrap();
+    assert!(d.resume_report().unwrap().verified_ok);
+}
+
+/// A slow consumer behind a small blocking resume pipe: a raw write larger than the pipe
+/// blocks until the consumer has taken (almost) all of it.
+#[test]
+fn slow_consumer_blocks_a_blocking_writer() {
+    let size = 512 * 1024;
+    let rate = 4u64 << 20;
+    let cfg = SimConfig::new("sb", size, 29).with_resume_pipe_bytes(8 * 1024).with_resume_throughput(rate);
+    let mut d = SimDevice::new(cfg);
+    let fd = transition(&mut d, MigState::Resuming).unwrap().data_fd.unwrap();
+    assert!(!fd_flags(fd.as_fd()).contains(OFlag::O_NONBLOCK));
+    let data = stream(29, 0, size as usize);
+    let t0 = Instant::now();
+    let mut off = 0;
+    while off < data.len() {
+        off += raw_write(fd.as_fd(), &data[off..]).unwrap();
+    }
+    // The pipe holds 8 KiB; the rest went through the consumer at `rate` (0.125 s at 4 MiB/s).
+    let el = t0.elapsed();
+    assert!(el >= Duration::from_millis(80), "512 KiB through a 4 MiB/s consumer took only {el:?}");
+    transition(&mut d, MigState::Stop).unwrap();
+    let rep = d.resume_report().unwrap();
+    assert!(rep.verified_ok && rep.bytes_written == size, "{rep:?}");
 }

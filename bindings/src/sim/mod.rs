@@ -1,0 +1,477 @@
+//! A simulated migratable device that follows the kernel's VFIO migration semantics.
+//!
+//! The host kernels this project runs on have no VFIO, so tests and benchmarks drive a
+//! [`SimDevice`] instead. It behaves like a VFIO variant driver as seen from user space:
+//!
+//! * **States and arcs.** [`MigrationDevice::set_state_raw`] walks the kernel's next-step table
+//!   ([`crate::state::next_step`]) exactly like a driver's `set_state` loop: one SET may take
+//!   several direct arcs, a data fd is returned only when the *final* arc is one of the four
+//!   that create one, and a failing arc leaves the device where [`ArcFault::leave`] says.
+//! * **Save fd.** The read end of a real pipe (`O_CLOEXEC`, blocking unless
+//!   [`SimConfig::nonblocking_save`], as mlx5 honours `O_NONBLOCK`), filled by a producer
+//!   thread; io_uring and plain `read(2)` see it like a VFIO data fd (a stream: `pread` gives
+//!   `ESPIPE`). PRE_COPY, PRE_COPY_P2P and STOP_COPY share one stream: PRE_COPY streams the
+//!   first [`SimConfig::precopy_bytes`], and after →STOP_COPY the same fd continues with the
+//!   rest, so the concatenation is byte-identical to a plain STOP_COPY stream. STOP_COPY ends
+//!   with `read() == 0`.
+//! * **Resume fd.** The write end of a pipe ([`SimConfig::resume_pipe_bytes`], blocking unless
+//!   [`SimConfig::nonblocking_resume`]) drained by a consumer thread that verifies every byte
+//!   against the expected content (seed, size) without keeping a copy. The consumer can be
+//!   slow ([`SimConfig::resume_throughput_bytes_per_sec`]), so writers meet a full pipe.
+//! * **Content.** The byte at stream offset `o` is a pure function of `(seed, o)`: see
+//!   [`fill`] and [`verify`].
+//!
+//! # Where a pipe differs from a VFIO fd, and what the sim does about it
+//!
+//! * **PRE_COPY temporary end.** A VFIO driver answers `ENOMSG` (mlx5) or `0` (mtty) at once.
+//!   A pipe cannot: a raw `read(2)` at the temporary end **blocks** until the device moves to
+//!   STOP_COPY (more data) or the session ends (EOF). [`SimDevice::read_data`] decodes it
+//!   exactly as a driver would ([`ReadOutcome::NoMsg`] or [`ReadOutcome::Eof`] per
+//!   [`SimConfig::precopy_end`]). An engine issuing raw reads must stop at the temporary end
+//!   using [`MigrationDevice::precopy_info`] (`initial_bytes == 0 && dirty_bytes == 0`), as the
+//!   uAPI recommends anyway. With [`SimConfig::nonblocking_save`] the raw read there gives
+//!   `EAGAIN` instead of blocking.
+//! * **`EAGAIN` in `read_data` / `write_data`.** On an `O_NONBLOCK` fd
+//!   ([`SimConfig::nonblocking_save`], [`SimConfig::nonblocking_resume`]) a raw `read(2)` /
+//!   `write(2)` gives `EAGAIN` when the pipe is empty / full, as mlx5's save fd does. The
+//!   [`MigrationDevice`] calls have no such outcome ([`ReadOutcome`] has none, and a caller of
+//!   `write_data` expects progress), so [`SimDevice::read_data`] and
+//!   [`SimDevice::write_data`] wait with `poll(2)` for `POLLIN` / `POLLOUT` and try again,
+//!   like a driver's blocking path. `EINTR` is retried a bounded number of times, as
+//!   [`crate::vfio::VfioDevice`] does.
+//! * **Disabled files.** When a session ends (leaving the saving group, leaving RESUMING,
+//!   reset, drop), [`SimDevice::read_data`] / [`SimDevice::write_data`] on its fd give
+//!   `ENODEV` like the kernel. The raw fd itself then sees EOF (save: the producer's end is
+//!   closed and the pipe drained) or `EPIPE` (resume: the consumer's end is closed).
+//! * **Write past the end.** [`SimDevice::write_data`] refuses a write that would exceed the
+//!   expected length with `ENOMEM` (mtty). Raw writes cannot be refused; the consumer then
+//!   marks the stream over-long, closes its end (further writes get `EPIPE`) and the
+//!   RESUMING→STOP SET fails with `EINVAL`.
+//! * **Faults.** [`SimConfig::read_error_at`] turns the save fd into an `AF_UNIX` stream
+//!   socket: after N bytes the reader gets `ECONNRESET` (a real kernel error; see
+//!   [`SimConfig::read_error_at`]). [`SimConfig::write_error_at`]: the consumer closes its end
+//!   after N bytes, so the writer gets `EPIPE` (within one pipe capacity after byte N).
+
+use std::fmt;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use crate::device::{MigrationDevice, PrecopyInfo, ReadOutcome};
+use crate::error::{Error, Result};
+use crate::state::{next_step, MigFlags, MigState};
+use crate::sys::{self, PollFd, PollFlags};
+
+mod config;
+mod content;
+mod resume;
+mod save;
+
+pub use config::{ArcFault, FaultLeave, PrecopyEnd, SimConfig};
+pub use content::{expected_config, fill, stream_byte, stream_word, verify, SIM_CONFIG_HEADER, SIM_CONFIG_MAGIC};
+pub use resume::ResumeReport;
+use resume::ResumeSession;
+use save::SaveSession;
+
+/// A simulated VFIO migratable device. See the [module documentation](self).
+///
+/// `Send`, so the engine can move it into a per-device thread. Dropping it ends every session
+/// and joins every thread it started; fds it handed out stay the caller's to close.
+pub struct SimDevice {
+    cfg: SimConfig,
+    state: MigState,
+    save: Option<SaveSession>,
+    resume: Option<ResumeSession>,
+    arcs: Vec<(MigState, MigState)>,
+    last_resume: Option<ResumeReport>,
+    last_bytes_read: u64,
+    applied_config: Option<Vec<u8>>,
+    precopy_v2: bool,
+    resets: u32,
+}
+
+impl fmt::Debug for SimDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimDevice")
+            .field("name", &self.cfg.name)
+            .field("state", &self.state)
+            .field("size", &self.cfg.size)
+            .field("seed", &self.cfg.seed)
+            .field("save_session", &self.save.is_some())
+            .field("resume_session", &self.resume.is_some())
+            .finish()
+    }
+}
+
+impl SimDevice {
+    /// A device in RUNNING with the given parameters. No thread or fd exists until a session
+    /// starts.
+    pub fn new(cfg: SimConfig) -> SimDevice {
+        SimDevice {
+            cfg,
+            state: MigState::Running,
+            save: None,
+            resume: None,
+            arcs: Vec::new(),
+            last_resume: None,
+            last_bytes_read: 0,
+            applied_config: None,
+            precopy_v2: false,
+            resets: 0,
+        }
+    }
+
+    /// The parameters the device was made with.
+    pub fn sim_config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    /// Every direct arc taken so far, in order, including each arc inside a multi-arc SET.
+    /// A failed arc is not listed; a reset is not an arc (see [`SimDevice::reset_count`]).
+    pub fn transitions(&self) -> Vec<(MigState, MigState)> {
+        self.arcs.clone()
+    }
+
+    /// How many times [`MigrationDevice::reset`] was called.
+    pub fn reset_count(&self) -> u32 {
+        self.resets
+    }
+
+    /// The resume stream's report: live while RESUMING (bytes consumed so far), else the last
+    /// session's (as of its last RESUMING→STOP attempt or its end). `None` before any resume.
+    pub fn resume_report(&self) -> Option<ResumeReport> {
+        match &self.resume {
+            Some(s) => Some(s.report().0),
+            None => self.last_resume,
+        }
+    }
+
+    /// Bytes the reader has consumed from the current save stream, or from the last one once
+    /// it ended (raw `read(2)`s and io_uring reads included).
+    pub fn bytes_read(&self) -> u64 {
+        match &self.save {
+            Some(s) => s.consumed(),
+            None => self.last_bytes_read,
+        }
+    }
+
+    /// The config blob applied by [`MigrationDevice::load_config`], if any.
+    pub fn config(&self) -> Option<Vec<u8>> {
+        self.applied_config.clone()
+    }
+
+    /// The config blob a device with `cfg` saves (and a destination with `cfg` expects).
+    pub fn expected_config(cfg: &SimConfig) -> Vec<u8> {
+        expected_config(cfg)
+    }
+
+    fn err(&self, op: impl Into<String>, errno: i32) -> Error {
+        Error::sys(&self.cfg.name, op, errno)
+    }
+
+    fn end_save(&mut self) {
+        if let Some(s) = self.save.take() {
+            self.last_bytes_read = s.end();
+        }
+    }
+
+    fn end_resume(&mut self) {
+        if let Some(mut s) = self.resume.take() {
+            s.stop();
+            self.last_resume = Some(s.report().0);
+        }
+    }
+
+    fn end_all(&mut self) {
+        self.end_save();
+        self.end_resume();
+    }
+
+    /// One direct arc, as a driver's `step_state` does it.
+    fn step(&mut self, from: MigState, to: MigState) -> Result<Option<OwnedFd>> {
+        use MigState::{PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};
+        let op = || format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE arc {from} -> {to}");
+        if let Some(f) = self.cfg.fail_arc.filter(|f| f.from == from && f.to == to) {
+            if f.leave == FaultLeave::Error {
+                self.end_all();
+                self.state = MigState::Error;
+            }
+            return Err(self.err(format!("{} (injected fault)", op()), f.errno));
+        }
+        let mut fd = None;
+        match (from, to) {
+            (Running, PreCopy) | (RunningP2p, PreCopyP2p) | (Stop, StopCopy) => {
+                self.end_save();
+                let (s, f) = SaveSession::start(&self.cfg, to == StopCopy).map_err(|e| Error::Sys {
+                    device: self.cfg.name.clone(),
+                    op: op(),
+                    source: e,
+                })?;
+                self.save = Some(s);
+                fd = Some(f);
+            }
+            (PreCopy, StopCopy) | (PreCopyP2p, StopCopy) => {
+                if let Some(s) = &self.save {
+                    s.enter_stop_copy();
+                }
+            }
+            (StopCopy, Stop) | (PreCopy, Running) | (PreCopyP2p, RunningP2p) => self.end_save(),
+            (Stop, Resuming) => {
+                self.end_resume();
+                let (s, f) = ResumeSession::start(&self.cfg).map_err(|e| Error::Sys {
+                    device: self.cfg.name.clone(),
+                    op: op(),
+                    source: e,
+                })?;
+                self.resume = Some(s);
+                fd = Some(f);
+            }
+            (Resuming, Stop) => {
+                let Some(s) = &self.resume else {
+                    return Err(self.err(op(), libc::EINVAL));
+                };
+                let (rep, overflow) = s.drain_and_report().map_err(|e| Error::Sys {
+                    device: self.cfg.name.clone(),
+                    op: op(),
+                    source: e,
+                })?;
+                self.last_resume = Some(rep);
+                if !rep.verified_ok {
+                    let why = if let Some(b) = rep.first_bad_offset {
+                        format!("resume stream content differs from the expected at offset {b}")
+                    } else if overflow {
+                        format!(
+                            "resume stream is longer than the expected {} bytes ({} written)",
+                            self.cfg.size, rep.bytes_written
+                        )
+                    } else {
+                        format!("resume stream is short: {} of {} bytes", rep.bytes_written, self.cfg.size)
+                    };
+                    // Like mtty: EINVAL, the device stays in RESUMING with its file open.
+                    return Err(self.err(format!("{} ({why})", op()), libc::EINVAL));
+                }
+                self.end_resume();
+            }
+            _ => {}
+        }
+        self.arcs.push((from, to));
+        self.state = to;
+        Ok(fd)
+    }
+
+    /// Which session `fd` belongs to.
+    fn classify(&self, fd: BorrowedFd<'_>) -> FdKind {
+        let Ok(id) = sys::file_id(fd) else {
+            return FdKind::Other;
+        };
+        if self.save.as_ref().is_some_and(|s| s.id == id) {
+            FdKind::Save
+        } else if self.resume.as_ref().is_some_and(|s| s.id == id) {
+            FdKind::Resume
+        } else {
+            FdKind::Other
+        }
+    }
+}
+
+/// Which live session an fd belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FdKind {
+    Save,
+    Resume,
+    /// An ended session's fd, or a foreign one: the kernel's "disabled file".
+    Other,
+}
+
+/// Bounded retries of a syscall interrupted by a signal.
+const EINTR_RETRIES: u32 = 16;
+
+impl MigrationDevice for SimDevice {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn migration_flags(&self) -> Result<MigFlags> {
+        if !self.cfg.flags.contains(MigFlags::STOP_COPY) {
+            return Err(Error::NotMigratable {
+                device: self.cfg.name.clone(),
+                reason: format!("migration flags {} lack STOP_COPY", self.cfg.flags),
+            });
+        }
+        Ok(self.cfg.flags)
+    }
+
+    fn state(&self) -> Result<MigState> {
+        if !self.cfg.flags.contains(MigFlags::STOP_COPY) {
+            return Err(self.err("VFIO_DEVICE_FEATURE GET MIG_DEVICE_STATE", libc::ENOTTY));
+        }
+        Ok(self.state)
+    }
+
+    fn set_state_raw(&mut self, target: MigState) -> Result<Option<OwnedFd>> {
+        let flags = self.cfg.flags;
+        if !flags.contains(MigFlags::STOP_COPY) {
+            return Err(self.err("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE", libc::ENOTTY));
+        }
+        let mut fd: Option<OwnedFd> = None;
+        while self.state != target {
+            let Some(next) = next_step(flags, self.state, target) else {
+                return Err(self.err(
+                    format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE={target} from {}", self.state),
+                    libc::EINVAL,
+                ));
+            };
+            let from = self.state;
+            fd = self.step(from, next)?;
+            if fd.is_some() && self.state != target {
+                // The kernel WARNs and fails: an fd can only be made on the final arc.
+                return Err(self.err(
+                    format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE={target}: fd on a non-final arc"),
+                    libc::EINVAL,
+                ));
+            }
+        }
+        Ok(fd)
+    }
+
+    fn stop_copy_size(&self) -> Result<u64> {
+        Ok(self.cfg.size)
+    }
+
+    fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo> {
+        let op = "VFIO_MIG_GET_PRECOPY_INFO";
+        let kind = self.classify(data_fd);
+        if kind == FdKind::Resume {
+            return Err(self.err(op, libc::ENOTTY));
+        }
+        if !matches!(self.state, MigState::PreCopy | MigState::PreCopyP2p) {
+            return Err(self.err(op, libc::EINVAL));
+        }
+        let Some(s) = self.save.as_ref().filter(|_| kind == FdKind::Save) else {
+            return Err(self.err(op, libc::ENODEV));
+        };
+        Ok(PrecopyInfo { initial_bytes: s.precopy_len.saturating_sub(s.consumed()), dirty_bytes: 0, reinit: false })
+    }
+
+    fn enable_precopy_info_v2(&mut self) -> Result<bool> {
+        // The kernel answers EINVAL without PRE_COPY, which the real device maps to false.
+        self.precopy_v2 = self.cfg.flags.contains(MigFlags::PRE_COPY);
+        Ok(self.precopy_v2)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.end_all();
+        self.state = MigState::Running;
+        self.resets = self.resets.saturating_add(1);
+        Ok(())
+    }
+
+    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<ReadOutcome> {
+        let op = "read(save data fd)";
+        match self.classify(data_fd) {
+            FdKind::Save => {}
+            FdKind::Resume => return Err(self.err(op, libc::EINVAL)),
+            FdKind::Other => return Err(self.err(op, libc::ENODEV)),
+        }
+        let Some(s) = &self.save else {
+            return Err(self.err(op, libc::ENODEV));
+        };
+        if buf.is_empty() {
+            return Ok(ReadOutcome::Eof);
+        }
+        if matches!(self.state, MigState::PreCopy | MigState::PreCopyP2p) && s.at_precopy_end() {
+            return match self.cfg.precopy_end {
+                PrecopyEnd::NoMsg => Ok(ReadOutcome::NoMsg),
+                PrecopyEnd::Zero => Ok(ReadOutcome::Eof),
+            };
+        }
+        let cap = buf.len().min(self.cfg.max_read.max(1));
+        let mut tries = 0;
+        loop {
+            match sys::SysOps::read(&sys::Kernel, data_fd, &mut buf[..cap]) {
+                Ok(0) => return Ok(ReadOutcome::Eof),
+                Ok(n) => return Ok(ReadOutcome::Data(n)),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
+                // O_NONBLOCK save fd (SimConfig::nonblocking_save) with nothing queued yet:
+                // this is the blocking driver path, so wait for data (or EOF) and read again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    sys::poll(&mut [PollFd::new(data_fd, PollFlags::POLLIN)], None).map_err(|e| Error::Sys {
+                        device: self.cfg.name.clone(),
+                        op: op.into(),
+                        source: e,
+                    })?;
+                }
+                Err(e) => return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e }),
+            }
+        }
+    }
+
+    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize> {
+        let op = "write(resume data fd)";
+        match self.classify(data_fd) {
+            FdKind::Resume => {}
+            FdKind::Save => return Err(self.err(op, libc::EINVAL)),
+            FdKind::Other => return Err(self.err(op, libc::ENODEV)),
+        }
+        let Some(s) = &self.resume else {
+            return Err(self.err(op, libc::ENODEV));
+        };
+        let have = s.stream_len();
+        let fits = have.checked_add(buf.len() as u64).is_some_and(|end| end <= s.size);
+        if !fits {
+            return Err(self.err(op, libc::ENOMEM));
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut tries = 0;
+        loop {
+            match sys::SysOps::write(&sys::Kernel, data_fd, buf) {
+                Ok(n) => {
+                    s.accept(n);
+                    return Ok(n);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < EINTR_RETRIES => tries += 1,
+                // O_NONBLOCK resume fd (SimConfig::nonblocking_resume) and a full pipe: wait
+                // until the consumer makes room (or goes away: then EPIPE) and write again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    sys::poll(&mut [PollFd::new(data_fd, PollFlags::POLLOUT)], None).map_err(|e| Error::Sys {
+                        device: self.cfg.name.clone(),
+                        op: op.into(),
+                        source: e,
+                    })?;
+                }
+                Err(e) => return Err(Error::Sys { device: self.cfg.name.clone(), op: op.into(), source: e }),
+            }
+        }
+    }
+
+    fn save_config(&mut self) -> Result<Vec<u8>> {
+        Ok(expected_config(&self.cfg))
+    }
+
+    fn load_config(&mut self, blob: &[u8]) -> Result<()> {
+        let bad = |reason: String| Error::BadConfig { device: self.cfg.name.clone(), reason };
+        if blob.len() < SIM_CONFIG_HEADER {
+            return Err(bad(format!("blob of {} bytes is shorter than its 16-byte header", blob.len())));
+        }
+        if blob[..8] != SIM_CONFIG_MAGIC {
+            return Err(bad(format!("bad magic {:02x?}", &blob[..8])));
+        }
+        let stated = u32::from_le_bytes([blob[8], blob[9], blob[10], blob[11]]) as usize;
+        if stated != blob.len() {
+            return Err(bad(format!("header says {stated} bytes, blob has {}", blob.len())));
+        }
+        let want = self.cfg.config_len.clamp(SIM_CONFIG_HEADER, u32::MAX as usize);
+        if blob.len() != want {
+            return Err(bad(format!("blob has {} bytes, this device expects {want}", blob.len())));
+        }
+        self.applied_config = Some(blob.to_vec());
+        Ok(())
+    }
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        // Session drops stop and join their threads; this also drains the save pipe.
+        self.end_all();
+    }
+}

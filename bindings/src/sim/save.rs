@@ -1,0 +1,270 @@
+//! Save session: a producer thread filling a pipe (or, in read-error mode, a socket).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::config::SimConfig;
+use super::content::fill;
+use crate::sys::{self, EventFd, PollFd, PollFlags};
+
+/// Control shared between the device and its producer thread.
+#[derive(Debug)]
+struct SaveShared {
+    /// End the session now.
+    stop: AtomicBool,
+    /// The device is in STOP_COPY: produce up to the end and close.
+    finale: AtomicBool,
+    /// Bytes written into the fd so far. Updated under `io_lock` together with the write
+    /// itself, so `produced - FIONREAD` taken under the same lock is the exact number of bytes
+    /// the reader has consumed (a reader can't drain bytes the count doesn't yet include).
+    produced: AtomicU64,
+    /// Held by the producer across one `write` + `produced` update, and by the device while it
+    /// snapshots `produced` and FIONREAD.
+    io_lock: Mutex<()>,
+    /// The producer has exited (EOF or error delivered, or stopped).
+    done: AtomicBool,
+    /// Wakes the producer (control changed).
+    wake: EventFd,
+}
+
+/// Parameters the producer thread needs.
+#[derive(Debug, Clone)]
+struct ProducerParams {
+    seed: u64,
+    precopy_len: u64,
+    eof_len: u64,
+    error_at: Option<u64>,
+    chunk: usize,
+    throughput: Option<u64>,
+    latency: Option<Duration>,
+}
+
+/// One save session (PRE_COPY..STOP_COPY), alive until the device leaves the saving group.
+#[derive(Debug)]
+pub(super) struct SaveSession {
+    shared: Arc<SaveShared>,
+    /// Our dup of the reader's end: for FIONREAD, and to drain the stream when it ends.
+    reader: OwnedFd,
+    /// Identity of the session's fd.
+    pub(super) id: (u64, u64),
+    pub(super) precopy_len: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Rounds a requested read cap to a pipe capacity: a power-of-two number of pages.
+fn pipe_capacity_for(max_read: usize) -> usize {
+    let page = sys::page_size();
+    let pages = max_read.max(1).div_ceil(page);
+    pages.checked_next_power_of_two().and_then(|p| p.checked_mul(page)).unwrap_or(1 << 20)
+}
+
+impl SaveSession {
+    /// Creates the fd and starts the producer. `finale` is true for STOP→STOP_COPY.
+    pub(super) fn start(cfg: &SimConfig, finale: bool) -> io::Result<(SaveSession, OwnedFd)> {
+        let socket = cfg.read_error_mode();
+        let (caller_end, producer_end) = if socket { sys::socketpair_stream()? } else { sys::pipe()? };
+        let mut chunk = cfg.max_read.clamp(1, 8 << 20);
+        if !socket {
+            let want = pipe_capacity_for(cfg.max_read);
+            // Best effort: above /proc/sys/fs/pipe-max-size an unprivileged process gets
+            // EPERM; the cap in read_data still holds then.
+            let _ = sys::set_pipe_size(producer_end.as_fd(), want);
+            chunk = sys::pipe_size(producer_end.as_fd()).unwrap_or(chunk).clamp(1, 8 << 20);
+        }
+        sys::set_nonblocking(producer_end.as_fd())?;
+        if cfg.nonblocking_save {
+            // On the open file description, so our dup below shares it; its drain in `end`
+            // runs when no writer is left and never sees EAGAIN.
+            sys::set_nonblocking(caller_end.as_fd())?;
+        }
+        let reader = caller_end.try_clone()?;
+        let trick_end = if socket { Some(caller_end.try_clone()?) } else { None };
+        let id = sys::file_id(caller_end.as_fd())?;
+        let shared = Arc::new(SaveShared {
+            stop: AtomicBool::new(false),
+            finale: AtomicBool::new(finale),
+            produced: AtomicU64::new(0),
+            io_lock: Mutex::new(()),
+            done: AtomicBool::new(false),
+            wake: sys::eventfd()?,
+        });
+        let params = ProducerParams {
+            seed: cfg.seed,
+            precopy_len: cfg.precopy_len(),
+            eof_len: cfg.eof_len(),
+            error_at: if socket { cfg.read_error_at } else { None },
+            chunk,
+            throughput: cfg.throughput_bytes_per_sec.filter(|&r| r > 0),
+            latency: cfg.read_latency,
+        };
+        let sh = Arc::clone(&shared);
+        let thread = std::thread::Builder::new().name(format!("sim-save-{}", cfg.name)).spawn(move || {
+            produce(&sh, &params, producer_end, trick_end, socket);
+            sh.done.store(true, Ordering::Release);
+        })?;
+        Ok((SaveSession { shared, reader, id, precopy_len: cfg.precopy_len(), thread: Some(thread) }, caller_end))
+    }
+
+    /// PRE_COPY(_P2P) → STOP_COPY: the same stream continues to the end.
+    pub(super) fn enter_stop_copy(&self) {
+        self.shared.finale.store(true, Ordering::Release);
+        sys::eventfd_signal(&self.shared.wake);
+    }
+
+    /// Bytes the reader has consumed so far: produced minus what is still queued, taken
+    /// atomically with respect to the producer's writes (exact, never a stale count).
+    pub(super) fn consumed(&self) -> u64 {
+        let _g = self.shared.io_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.shared.produced.load(Ordering::Acquire);
+        p.saturating_sub(sys::fionread(self.reader.as_fd()).unwrap_or(0) as u64)
+    }
+
+    /// Whether a read now would be at the PRE_COPY temporary end: every pre-copy byte is
+    /// produced and the reader has taken them all. Exact: in PRE_COPY the producer writes
+    /// nothing past `precopy_len`, and the check is atomic with its writes.
+    pub(super) fn at_precopy_end(&self) -> bool {
+        let _g = self.shared.io_lock.lock().unwrap_or_else(|p| p.into_inner());
+        !self.shared.done.load(Ordering::Acquire)
+            && !self.shared.finale.load(Ordering::Acquire)
+            && self.shared.produced.load(Ordering::Acquire) >= self.precopy_len
+            && sys::fionread(self.reader.as_fd()).unwrap_or(1) == 0
+    }
+
+    /// Ends the session: stops and joins the producer (which closes its end), then drains
+    /// what is still queued so the caller's raw fd sees EOF. Returns the bytes consumed.
+    pub(super) fn end(mut self) -> u64 {
+        self.shared.stop.store(true, Ordering::Release);
+        sys::eventfd_signal(&self.shared.wake);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let consumed = self.consumed();
+        let mut scratch = vec![0u8; 64 * 1024];
+        // No writer remains, so these reads never block; bound the loop anyway.
+        for _ in 0..1_000_000 {
+            match sys::SysOps::read(&sys::Kernel, self.reader.as_fd(), &mut scratch) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
+                Err(_) => break,
+            }
+        }
+        consumed
+    }
+}
+
+impl Drop for SaveSession {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        sys::eventfd_signal(&self.shared.wake);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until the wake eventfd fires or `timeout` passes (`None`: forever); resets it.
+fn wait_wake(wake: &EventFd, timeout: Option<Duration>) {
+    let _ = sys::poll(&mut [PollFd::new(wake.as_fd(), PollFlags::POLLIN)], timeout);
+    sys::eventfd_drain(wake);
+}
+
+/// Sleeps for `d` unless the session is stopped first; returns false if stopped.
+fn paced_sleep(sh: &SaveShared, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return true;
+        }
+        wait_wake(&sh.wake, Some(until - now));
+    }
+}
+
+/// The producer thread's body.
+fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<OwnedFd>, socket: bool) {
+    let mut buf = vec![0u8; p.chunk];
+    let start = Instant::now();
+    let mut produced = 0u64;
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let finale = sh.finale.load(Ordering::Acquire);
+        if p.error_at == Some(produced) {
+            // Real kernel error for the reader: put a byte in our own receive queue and
+            // close our end with it unread, so the kernel sets ECONNRESET on the peer.
+            if let Some(t) = &trick_end {
+                let _ = sys::send_nosignal(t.as_fd(), &[0xEE]);
+            }
+            drop(trick_end);
+            drop(out);
+            return;
+        }
+        let end = p.error_at.map_or(p.eof_len, |e| e.min(p.eof_len));
+        if finale && produced >= end {
+            drop(out); // EOF for the reader once it has drained the pipe.
+            return;
+        }
+        let limit = if finale { end } else { p.precopy_len.min(end) };
+        if produced >= limit {
+            wait_wake(&sh.wake, None);
+            continue;
+        }
+        if let Some(lat) = p.latency {
+            if !paced_sleep(sh, lat) {
+                return;
+            }
+        }
+        let n = (limit - produced).min(p.chunk as u64) as usize;
+        let data = &mut buf[..n];
+        fill(p.seed, produced, data);
+        let mut off = 0usize;
+        while off < n {
+            if sh.stop.load(Ordering::Acquire) {
+                return;
+            }
+            // The fd is non-blocking, so the lock is held for one short copy only.
+            let guard = sh.io_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let r = if socket {
+                sys::send_nosignal(out.as_fd(), &data[off..])
+            } else {
+                sys::SysOps::write(&sys::Kernel, out.as_fd(), &data[off..])
+            };
+            if let Ok(k) = r {
+                produced += k as u64;
+                sh.produced.store(produced, Ordering::Release);
+            }
+            drop(guard);
+            match r {
+                Ok(k) => off += k,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    let mut fds =
+                        [PollFd::new(out.as_fd(), PollFlags::POLLOUT), PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN)];
+                    let _ = sys::poll(&mut fds, None);
+                    if sys::ready(&fds[1]) {
+                        sys::eventfd_drain(&sh.wake);
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // EPIPE / ECONNRESET: the reader closed its fd; nothing more to do.
+                Err(_) => return,
+            }
+        }
+        if let Some(rate) = p.throughput {
+            let due = Duration::from_secs_f64(produced as f64 / rate as f64);
+            let el = start.elapsed();
+            if due > el && !paced_sleep(sh, due - el) {
+                return;
+            }
+        }
+    }
+}
