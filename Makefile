@@ -34,7 +34,11 @@ lint: check-tools
 clippy: lint
 
 doc: check-tools
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+	@# rustdoc's own warnings fail through -D warnings; cargo's (e.g. an output filename
+	@# collision) only print, so they are caught from the log.
+	@mkdir -p target
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps >target/doc.log 2>&1 || { cat target/doc.log; exit 1; }
+	@cat target/doc.log; ! grep -n '^warning' target/doc.log
 
 test-unit: lint
 	$(CARGO) test --workspace

@@ -1,6 +1,10 @@
 //! `vfio-multifd`: migrate VFIO device state over parallel QEMU-compatible multifd channels
 //! (`send`, `recv`, `loopback`), inspect the host (`probe`) and devices (`dev`), and run the
 //! benchmark suite (`bench`).
+// The command's report printers and benchmark drivers are long lists of fields and scenarios;
+// the shape lints hold for the libraries (engine, bindings) and the tests. The benchmark
+// rework (the performance issue) splits these.
+#![allow(clippy::too_many_lines)]
 
 mod cli;
 mod dev;

@@ -141,7 +141,7 @@ fn expect_err(b: Backend, channels: usize, drive: impl FnOnce(&mut RawSender), c
 }
 
 #[test]
-fn bad_input_gives_clear_errors() {
+fn bad_init_packets_give_clear_errors() {
     for b in [Backend::Uring, Backend::Blocking] {
         // Init packet: wrong magic, wrong channel id, duplicate id.
         expect_err(b, 1, |s| s.raw(0, &[0u8; 64]), |e| e.to_string().contains("bad magic"));
@@ -160,6 +160,12 @@ fn bad_input_gives_clear_errors() {
                 )
             },
         );
+    }
+}
+
+#[test]
+fn bad_packets_give_clear_errors() {
+    for b in [Backend::Uring, Backend::Blocking] {
         // Unknown device, bad flags, duplicate index, data after config, mid-packet EOF.
         expect_err(
             b,
@@ -226,6 +232,12 @@ fn bad_input_gives_clear_errors() {
             },
             |e| e.to_string().contains("next_packet_size 4109 out of bounds"),
         );
+    }
+}
+
+#[test]
+fn incomplete_or_rejected_streams_give_clear_errors() {
+    for b in [Backend::Uring, Backend::Blocking] {
         // Missing packet: every channel closes without packet 1.
         expect_err(
             b,

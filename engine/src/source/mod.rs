@@ -292,30 +292,7 @@ impl<'a> Source<'a> {
             progress: self.progress.clone(),
         };
         let devices = std::mem::take(&mut self.devices);
-        let results: Vec<Result<Tallies>> = std::thread::scope(|s| {
-            let handles: Vec<_> = devices
-                .into_iter()
-                .enumerate()
-                .map(|(no, d)| {
-                    let shared = &shared;
-                    std::thread::Builder::new()
-                        .name(format!("vfmfd-src-{no}"))
-                        .spawn_scoped(s, move || run_device(shared, backend, DeviceIndex::new(no), d))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h {
-                    Ok(h) => {
-                        h.join().unwrap_or_else(|_| Err(Error::sys("device thread", std::io::Error::other("panicked"))))
-                    }
-                    Err(e) => {
-                        shared.abort.abort();
-                        Err(Error::sys("spawn device thread", e))
-                    }
-                })
-                .collect()
-        });
+        let results = run_devices(&shared, backend, devices);
         // Closing our write side tells the receiver the stream ended at a packet boundary. A
         // failure here (the peer already reset the connection) changes nothing the devices'
         // results do not already say.
@@ -353,6 +330,37 @@ impl<'a> Source<'a> {
             latency: latency.summary(),
         })
     }
+}
+
+/// Runs every device on its own scoped thread and collects each one's outcome.
+fn run_devices(
+    shared: &SourceShared<'_>,
+    backend: BackendKind,
+    devices: Vec<SourceDevice<'_>>,
+) -> Vec<Result<Tallies>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = devices
+            .into_iter()
+            .enumerate()
+            .map(|(no, d)| {
+                std::thread::Builder::new()
+                    .name(format!("vfmfd-src-{no}"))
+                    .spawn_scoped(s, move || run_device(shared, backend, DeviceIndex::new(no), d))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => {
+                    h.join().unwrap_or_else(|_| Err(Error::sys("device thread", std::io::Error::other("panicked"))))
+                }
+                Err(e) => {
+                    shared.abort.abort();
+                    Err(Error::sys("spawn device thread", e))
+                }
+            })
+            .collect()
+    })
 }
 
 /// Whether this run sends with SEND_ZC: `On` always (an error where impossible); `Auto` only
@@ -486,12 +494,12 @@ fn run_device(
         out.report.elapsed = started.elapsed();
         Ok(out)
     });
-    res.or_else(|e| {
+    res.map_err(|e| {
         shared.abort.abort();
         // Keep the VM running: the migration failed, the source carries on.
         match ctx.dev.as_deref_mut().map(|dev| recover(dev, MigState::Running)) {
-            Some(Err(r)) => Err(Error::Unrecovered { device: id.clone(), cause: Box::new(e), source: r }),
-            _ => Err(e),
+            Some(Err(r)) => Error::Unrecovered { device: id.clone(), cause: Box::new(e), source: r },
+            _ => e,
         }
     })
 }

@@ -176,8 +176,8 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     config_done: bool,
     /// Reads go to io-wq at once (a data fd without `FMODE_NOWAIT`).
     read_async: bool,
-    /// The pool is registered (READ_FIXED, SEND_ZC); else plain READ and SEND.
-    registered: bool,
+    /// Whether the pool could be registered with the ring.
+    buffers: Buffers,
     chunk: usize,
 }
 
@@ -197,6 +197,15 @@ impl Drop for DeviceLoop<'_, '_, '_, '_> {
     }
 }
 
+/// Whether the pool is registered with the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buffers {
+    /// Registered: READ_FIXED, and SEND_ZC where chosen.
+    Registered,
+    /// RLIMIT_MEMLOCK could not pin it: plain READ and copying SEND.
+    Unregistered,
+}
+
 /// Fixed files: 0 = the data fd, 1..=N = the channels, N+1 = the grant eventfd, N+2 = abort.
 fn channel_file(ch: ChannelId) -> types::Fixed {
     types::Fixed(ch.get() as u32 + 1)
@@ -211,11 +220,11 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
         BufferPool::new(nslots, PACKET_OVERHEAD, cfg.chunk_bytes).map_err(|e| Error::sys("mmap buffer pool", e))?;
     // SAFETY: the pool moves into the same `DeviceLoop` as the ring, whose `Drop` unmaps it only
     // after the ring, and only if `finish` reaped every operation.
-    let registered = match unsafe { ring.register_pool(&pool) } {
-        Ok(()) => true,
+    let buffers = match unsafe { ring.register_pool(&pool) } {
+        Ok(()) => Buffers::Registered,
         // ENOMEM: RLIMIT_MEMLOCK too low to pin the pool. Plain READ + copying SEND need no
         // pinned memory.
-        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !sh.zerocopy => false,
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !sh.zerocopy => Buffers::Unregistered,
         Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS (raise RLIMIT_MEMLOCK or use --zerocopy off)", e)),
     };
     let mut files = vec![ctx.data_fd().as_raw_fd()];
@@ -246,7 +255,7 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
         retries: Retries::default(),
         config_done: false,
         read_async,
-        registered,
+        buffers,
         chunk: cfg.chunk_bytes,
     };
     let clock = StallClock::new();
@@ -435,7 +444,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
             .map_err(|e| Error::Config(e.to_string()))?;
         let gen = self.table.bump(s);
         let ptr = self.pool.payload_ptr(s);
-        let mut rd = if self.registered {
+        let mut rd = if self.buffers == Buffers::Registered {
             opcode::ReadFixed::new(types::Fixed(0), ptr, self.chunk as u32, 0).offset(u64::MAX).build()
         } else {
             opcode::Read::new(types::Fixed(0), ptr, self.chunk as u32).offset(u64::MAX).build()
