@@ -9,7 +9,6 @@ use crate::backend::{StallClock, TICK};
 use crate::blocking::{recv_exact, write_all, Bounds, Fail};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
-use crate::pool::BufferPool;
 use crate::receiver::core::RecvState;
 use crate::receiver::reassembly::{Admit, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
@@ -19,7 +18,10 @@ use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, 
 struct Shared<'r, 's, 'c> {
     st: Mutex<RecvState<'r>>,
     cv: Condvar,
-    pool: BufferPool,
+    /// The packet slots. `reassembly` gives each slot to one owner at a time (a channel while
+    /// it receives, then the device's writer), so each lock is uncontended; it only makes that
+    /// hand-over safe without raw pointers.
+    slots: Vec<Mutex<Box<[u8]>>>,
     sh: &'s RecvShared<'c>,
     clock: StallClock,
 }
@@ -27,6 +29,10 @@ struct Shared<'r, 's, 'c> {
 impl<'r> Shared<'r, '_, '_> {
     fn lock(&self) -> MutexGuard<'_, RecvState<'r>> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, s: u32) -> MutexGuard<'_, Box<[u8]>> {
+        self.slots[s as usize].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fail(&self, e: Error) {
@@ -49,12 +55,11 @@ impl<'r> Shared<'r, '_, '_> {
 }
 
 pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let pool =
-        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let slots = (0..re.slot_count()).map(|_| Mutex::new(vec![0u8; sh.cfg.slot_bytes()].into_boxed_slice())).collect();
     let shared = Shared {
         st: Mutex::new(RecvState::new(re, sh.channels.len())),
         cv: Condvar::new(),
-        pool,
+        slots,
         sh,
         clock: StallClock::new(),
     };
@@ -162,10 +167,9 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
         };
         x.lock().unpark(c);
         if a.len > 0 {
-            // SAFETY: the slot was admitted to this channel alone; no other thread touches it
-            // until `received` hands it to the device's writer.
-            let buf = unsafe { x.pool.slot_bytes_mut(a.slot as usize, 0, a.len) };
-            recv_exact(&Kernel, fd, buf, x.bounds()).map_err(|f| {
+            // The slot was admitted to this channel alone until `received` hands it on.
+            let mut slot = x.slot(a.slot);
+            recv_exact(&Kernel, fd, &mut slot[..a.len], x.bounds()).map_err(|f| {
                 let device = x.lock().re.id(a.dev).clone();
                 recv_error(x, c, Stage::Payload { device, idx: a.idx, got: 0, len: a.len }, f)
             })?;
@@ -200,9 +204,9 @@ fn writer_thread(x: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>) -> 
         };
         match next {
             NextWrite::Data { slot, len, idx } => {
-                // SAFETY: the slot is Ready (its payload fully received) and belongs to this
-                // device's writer until `written` below.
-                let buf = unsafe { x.pool.slot_bytes(slot as usize, 0, len) };
+                // The slot is Ready and belongs to this device's writer until `written` below.
+                let slot = x.slot(slot);
+                let buf = &slot[..len];
                 let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
                 let mut short = 0;
                 let r = write_all(&Kernel, fd, buf, x.bounds(), &mut short);
@@ -219,9 +223,8 @@ fn writer_thread(x: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>) -> 
                 x.sh.progress.add(len as u64);
             }
             NextWrite::Config { slot, len } => {
-                // SAFETY: as above.
-                let blob = unsafe { x.pool.slot_bytes(slot as usize, 0, len) };
-                t.apply_config(blob)?;
+                let slot = x.slot(slot);
+                t.apply_config(&slot[..len])?;
             }
         }
         {

@@ -3,8 +3,8 @@
 //! [`crate::blocking`]. Used where io_uring is unavailable (seccomp, `kernel.io_uring_disabled`)
 //! or when forced.
 //!
-//! One slot per device: read a chunk into the payload, patch the header in front of it, lease a
-//! channel, send header + payload, release the channel.
+//! One buffer per device: read a chunk into the payload, patch the header in front of it, lease
+//! a channel, send header + payload, release the channel.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
@@ -13,7 +13,6 @@ use crate::backend::TICK;
 use crate::blocking::{read_once, send_all, Bounds, Fail};
 use crate::error::{Error, Result};
 use crate::ids::{ChannelId, PacketIndex};
-use crate::pool::BufferPool;
 use crate::source::core::{check_config_len, Stream, Tallies};
 use crate::source::{DeviceCtx, PrecopyStep, SourceShared};
 use crate::sys::{self, Kernel};
@@ -29,23 +28,18 @@ enum Next {
 
 pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
     let chunk = sh.cfg.chunk_bytes;
-    let pool = BufferPool::new(1, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;
+    // One packet: the header, then the payload right behind it, so that one send covers both.
+    let mut buf = vec![0u8; PACKET_OVERHEAD + chunk];
     let mut tallies = Tallies::new(ctx.id.clone());
     let mut stream = Stream::new(sh.cfg.max_stream_bytes);
     let bounds = Bounds { abort: &sh.abort, stall: sh.cfg.stall_timeout };
-    {
-        // SAFETY: the single slot is used only by this thread, synchronously.
-        let hdr = unsafe { pool.slot_bytes_mut(0, PACKET_OVERHEAD, 0) };
-        encode_packet_header(ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, hdr)
-            .map_err(|e| Error::Config(e.to_string()))?;
-    }
+    encode_packet_header(ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, &mut buf[..PACKET_OVERHEAD])
+        .map_err(|e| Error::Config(e.to_string()))?;
     loop {
         if sh.abort.is_aborted() {
             return Err(Error::Aborted);
         }
         let t0 = Instant::now();
-        // SAFETY: the single slot is used only by this thread, synchronously.
-        let buf = unsafe { pool.slot_bytes_mut(0, PACKET_OVERHEAD, chunk) };
         let (hdr, payload) = buf.split_at_mut(PACKET_OVERHEAD);
         let idx = stream.reserve().map_err(|limit| Error::StreamLimit { device: ctx.id.clone(), limit })?;
         let next = if ctx.in_precopy {
