@@ -116,6 +116,18 @@ impl BufferPool {
         (self.map.as_ptr() as *mut u8, self.map.len())
     }
 
+    /// Every slot as its own exclusive slice `[header space | payload]`, for code that owns
+    /// the whole pool and hands slots to threads itself (the blocking backends: no kernel
+    /// operation ever refers to this memory, so plain borrows are enough).
+    pub(crate) fn slots_mut(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        self.map.chunks_exact_mut(self.slot_bytes).take(self.slots)
+    }
+
+    /// Bytes of header space in front of each payload.
+    pub(crate) fn header_space(&self) -> usize {
+        self.header_bytes
+    }
+
     /// Pointer to the first payload byte of `slot`.
     ///
     /// # Panics

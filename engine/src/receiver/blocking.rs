@@ -9,6 +9,7 @@ use crate::backend::{StallClock, TICK};
 use crate::blocking::{recv_exact, write_all, Bounds, Fail};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
+use crate::pool::BufferPool;
 use crate::receiver::core::RecvState;
 use crate::receiver::reassembly::{Admit, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
@@ -18,10 +19,10 @@ use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, 
 struct Shared<'r, 's, 'c> {
     st: Mutex<RecvState<'r>>,
     cv: Condvar,
-    /// The packet slots. `reassembly` gives each slot to one owner at a time (a channel while
-    /// it receives, then the device's writer), so each lock is uncontended; it only makes that
-    /// hand-over safe without raw pointers.
-    slots: Vec<Mutex<Box<[u8]>>>,
+    /// The packet slots (disjoint slices of one pool). `reassembly` gives each slot to one
+    /// owner at a time (a channel while it receives, then the device's writer), so each lock is
+    /// uncontended; it only makes that hand-over safe without raw pointers.
+    slots: Vec<Mutex<&'r mut [u8]>>,
     sh: &'s RecvShared<'c>,
     clock: StallClock,
 }
@@ -31,7 +32,7 @@ impl<'r> Shared<'r, '_, '_> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn slot(&self, s: u32) -> MutexGuard<'_, Box<[u8]>> {
+    fn slot(&self, s: u32) -> MutexGuard<'_, &'r mut [u8]> {
         self.slots[s as usize].lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -55,7 +56,9 @@ impl<'r> Shared<'r, '_, '_> {
 }
 
 pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let slots = (0..re.slot_count()).map(|_| Mutex::new(vec![0u8; sh.cfg.slot_bytes()].into_boxed_slice())).collect();
+    let mut pool =
+        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+    let slots = pool.slots_mut().map(Mutex::new).collect();
     let shared = Shared {
         st: Mutex::new(RecvState::new(re, sh.channels.len())),
         cv: Condvar::new(),

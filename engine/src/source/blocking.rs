@@ -13,6 +13,7 @@ use crate::backend::TICK;
 use crate::blocking::{read_once, send_all, Bounds, Fail};
 use crate::error::{Error, Result};
 use crate::ids::{ChannelId, PacketIndex};
+use crate::pool::BufferPool;
 use crate::source::core::{check_config_len, Stream, Tallies};
 use crate::source::{DeviceCtx, PrecopyStep, SourceShared};
 use crate::sys::{self, Kernel};
@@ -29,7 +30,11 @@ enum Next {
 pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
     let chunk = sh.cfg.chunk_bytes;
     // One packet: the header, then the payload right behind it, so that one send covers both.
-    let mut buf = vec![0u8; PACKET_OVERHEAD + chunk];
+    // The pool gives page-aligned (huge) pages, as the io_uring backend reads into.
+    let mut pool = BufferPool::new(1, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;
+    let skip = pool.header_space() - PACKET_OVERHEAD;
+    let Some(slot) = pool.slots_mut().next() else { return Err(Error::internal("a one-slot pool has no slot")) };
+    let buf = &mut slot[skip..skip + PACKET_OVERHEAD + chunk];
     let mut tallies = Tallies::new(ctx.id.clone());
     let mut stream = Stream::new(sh.cfg.max_stream_bytes);
     let bounds = Bounds { abort: &sh.abort, stall: sh.cfg.stall_timeout };
