@@ -261,7 +261,7 @@ pub fn report_json(
             "devices": r.devices.iter().map(|d| json!({
                 "idstr": d.id.idstr(), "instance_id": d.id.instance_id, "data_bytes": d.data_bytes, "packets": d.packets,
                 "out_of_order_packets": d.out_of_order_packets, "config_bytes": d.config_bytes,
-                "short_writes": d.short_writes, "final_state": d.final_state.map(|s| s.name()),
+                "short_writes": d.short_writes, "final_state": d.reached_state.map(|s| s.name()),
                 "loaded_after_seconds": d.loaded_after.map(|t| t.as_secs_f64()),
             })).collect::<Vec<_>>(),
         });
@@ -360,7 +360,7 @@ pub fn print_text(s: Option<&SourceReport>, r: Option<&ReceiverReport>, wall: Du
                 fmt_bytes(d.data_bytes),
                 d.packets,
                 d.config_bytes,
-                d.final_state.map_or("(file)", |s| s.name())
+                d.reached_state.map_or("(file)", |s| s.name())
             );
         }
     }

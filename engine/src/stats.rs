@@ -245,7 +245,7 @@ pub struct ReceiverDeviceReport {
     /// Short writes to the resume fd that were continued.
     pub short_writes: u64,
     /// The state the device was moved to (None for a raw fd).
-    pub final_state: Option<vfio_migration::MigState>,
+    pub reached_state: Option<vfio_migration::MigState>,
     /// From the first init packet read to this device's config applied and the device moved on:
     /// the destination's share of the downtime.
     pub loaded_after: Option<Duration>,

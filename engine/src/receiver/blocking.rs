@@ -23,7 +23,7 @@ struct Shared<'r, 's, 'c> {
     /// owner at a time (a channel while it receives, then the device's writer), so each lock is
     /// uncontended; it only makes that hand-over safe without raw pointers.
     slots: Vec<Mutex<&'r mut [u8]>>,
-    sh: &'s RecvShared<'c>,
+    run: &'s RecvShared<'c>,
     clock: StallClock,
 }
 
@@ -38,7 +38,7 @@ impl<'r> Shared<'r, '_, '_> {
 
     fn fail(&self, e: Error) {
         self.lock().fail(e);
-        self.sh.abort.abort();
+        self.run.abort.abort();
         self.cv.notify_all();
     }
 
@@ -47,27 +47,27 @@ impl<'r> Shared<'r, '_, '_> {
     }
 
     fn bounds(&self) -> Bounds<'_> {
-        Bounds { abort: &self.sh.abort, stall: self.sh.cfg.stall_timeout }
+        Bounds { abort: &self.run.abort, stall: self.run.cfg.stall_timeout }
     }
 
     fn stalled(&self, what: String) -> Error {
-        Error::Timeout { what, after: self.sh.cfg.stall_timeout }
+        Error::Timeout { what, after: self.run.cfg.stall_timeout }
     }
 }
 
-pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let mut pool =
-        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
+    let mut pool = BufferPool::new(reassembly.slot_count(), 0, run.cfg.slot_bytes())
+        .map_err(|e| Error::sys("mmap receive pool", e))?;
     let slots = pool.slots_mut().map(Mutex::new).collect();
     let shared = Shared {
-        st: Mutex::new(RecvState::new(re, sh.channels.len())),
+        st: Mutex::new(RecvState::new(reassembly, run.channels.len())),
         cv: Condvar::new(),
         slots,
-        sh,
+        run,
         clock: StallClock::new(),
     };
     std::thread::scope(|s| {
-        for c in ChannelId::all(sh.channels.len()) {
+        for c in ChannelId::all(run.channels.len()) {
             let shared = &shared;
             s.spawn(move || {
                 if let Err(e) = channel_thread(shared, c) {
@@ -88,7 +88,7 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
 }
 
 /// Maps a receive failure on channel `c` inside `stage`.
-fn recv_error(x: &Shared<'_, '_, '_>, c: ChannelId, stage: Stage, f: Fail) -> Error {
+fn recv_error(shared: &Shared<'_, '_, '_>, c: ChannelId, stage: Stage, f: Fail) -> Error {
     match f {
         Fail::Eof { got } => Error::ChannelClosed {
             channel: c,
@@ -99,7 +99,7 @@ fn recv_error(x: &Shared<'_, '_, '_>, c: ChannelId, stage: Stage, f: Fail) -> Er
             },
         },
         Fail::Os(e) => Error::Channel { channel: c, op: format!("receive {}", stage_name(&stage)), source: e },
-        Fail::Stalled => x.stalled(format!("channel {c}: {}", stage_name(&stage))),
+        Fail::Stalled => shared.stalled(format!("channel {c}: {}", stage_name(&stage))),
         Fail::Aborted => Error::Aborted,
     }
 }
@@ -114,31 +114,31 @@ fn stage_name(s: &Stage) -> String {
 
 /// Receives the first byte of a header: `Ok(false)` at a clean end of stream. A channel may
 /// stay quiet for long while the others carry the data: only a receive-wide stall is an error.
-fn first_byte(x: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, hdr: &mut [u8]) -> Result<bool> {
+fn first_byte(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, hdr: &mut [u8]) -> Result<bool> {
     loop {
-        let tick = Bounds { abort: &x.sh.abort, stall: TICK * 4 };
+        let tick = Bounds { abort: &shared.run.abort, stall: TICK * 4 };
         match recv_exact(&Kernel, fd, &mut hdr[..1], tick) {
             Ok(()) => return Ok(true),
             Err(Fail::Eof { got: 0 }) => return Ok(false),
-            Err(Fail::Stalled) if x.clock.idle_for() <= x.sh.cfg.stall_timeout => {}
-            Err(f) => return Err(recv_error(x, c, Stage::Header { got: 0 }, f)),
+            Err(Fail::Stalled) if shared.clock.idle_for() <= shared.run.cfg.stall_timeout => {}
+            Err(f) => return Err(recv_error(shared, c, Stage::Header { got: 0 }, f)),
         }
     }
 }
 
-fn channel_thread(x: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
-    let fd = x.sh.channels[c.index()];
-    let max = u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX);
+fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
+    let fd = shared.run.channels[c.index()];
+    let max = u32::try_from(shared.run.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX);
     let mut hdr = [0u8; PACKET_OVERHEAD];
     loop {
         // A clean end of stream is a 0-byte read exactly at a packet boundary.
-        if !first_byte(x, fd, c, &mut hdr)? {
-            x.lock().close(c);
-            x.cv.notify_all();
+        if !first_byte(shared, fd, c, &mut hdr)? {
+            shared.lock().close(c);
+            shared.cv.notify_all();
             return Ok(());
         }
-        recv_exact(&Kernel, fd, &mut hdr[1..], x.bounds())
-            .map_err(|f| recv_error(x, c, Stage::Header { got: 1 }, f))?;
+        recv_exact(&Kernel, fd, &mut hdr[1..], shared.bounds())
+            .map_err(|f| recv_error(shared, c, Stage::Header { got: 1 }, f))?;
         let h = DeviceStateHeader::decode(&hdr, max).map_err(|e| Error::Wire {
             channel: c,
             what: "device state packet header",
@@ -149,93 +149,93 @@ fn channel_thread(x: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
             what: "VFIO device state packet header",
             source: e,
         })?;
-        x.sh.counters[c.index()].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
+        shared.run.counters[c.index()].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
         let a = {
-            let mut g = x.lock();
+            let mut g = shared.lock();
             loop {
                 if g.failed() {
                     return Err(Error::Aborted);
                 }
-                match g.re.admit(c, &h, v)? {
+                match g.reassembly.admit(c, &h, v)? {
                     Admit::Accept(a) => break a,
                     Admit::Wait => {
                         g.park(c);
                         if g.stuck() {
                             return Err(g.stuck_error());
                         }
-                        g = x.wait(g);
+                        g = shared.wait(g);
                     }
                 }
             }
         };
-        x.lock().unpark(c);
+        shared.lock().unpark(c);
         if a.len > 0 {
             // The slot was admitted to this channel alone until `received` hands it on.
-            let mut slot = x.slot(a.slot);
-            recv_exact(&Kernel, fd, &mut slot[..a.len], x.bounds()).map_err(|f| {
-                let device = x.lock().re.id(a.dev).clone();
-                recv_error(x, c, Stage::Payload { device, idx: a.idx, got: 0, len: a.len }, f)
+            let mut slot = shared.slot(a.slot);
+            recv_exact(&Kernel, fd, &mut slot[..a.len], shared.bounds()).map_err(|f| {
+                let device = shared.lock().reassembly.id(a.dev).clone();
+                recv_error(shared, c, Stage::Payload { device, idx: a.idx, got: 0, len: a.len }, f)
             })?;
         }
-        x.lock().re.received(a);
-        x.clock.touch();
-        x.cv.notify_all();
+        shared.lock().reassembly.received(a);
+        shared.clock.touch();
+        shared.cv.notify_all();
     }
 }
 
-fn writer_thread(x: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>) -> Result<()> {
+fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>) -> Result<()> {
     let mut stream_off = 0u64;
     loop {
         let next = {
-            let mut g = x.lock();
+            let mut g = shared.lock();
             loop {
-                if g.failed() || x.sh.abort.is_aborted() || g.re.finished(d) {
+                if g.failed() || shared.run.abort.is_aborted() || g.reassembly.finished(d) {
                     return Ok(());
                 }
-                if let Some(w) = g.re.next_write(d) {
+                if let Some(w) = g.reassembly.next_write(d) {
                     break w;
                 }
                 // Every channel closed and nothing more can come for this device.
                 if g.all_closed() {
                     return Ok(());
                 }
-                if x.clock.idle_for() > x.sh.cfg.stall_timeout {
-                    return Err(x.stalled(format!("device {}: no packet to write", t.id)));
+                if shared.clock.idle_for() > shared.run.cfg.stall_timeout {
+                    return Err(shared.stalled(format!("device {}: no packet to write", t.id)));
                 }
-                g = x.wait(g);
+                g = shared.wait(g);
             }
         };
         match next {
             NextWrite::Data { slot, len, idx } => {
                 // The slot is Ready and belongs to this device's writer until `written` below.
-                let slot = x.slot(slot);
+                let slot = shared.slot(slot);
                 let buf = &slot[..len];
                 let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
                 let mut short = 0;
-                let r = write_all(&Kernel, fd, buf, x.bounds(), &mut short);
+                let r = write_all(&Kernel, fd, buf, shared.bounds(), &mut short);
                 t.short_writes += short;
                 r.map_err(|(off, f)| match f {
                     Fail::Aborted => Error::Aborted,
-                    Fail::Stalled => x.stalled(format!("device {}: its resume data fd accepts nothing", t.id)),
+                    Fail::Stalled => shared.stalled(format!("device {}: its resume data fd accepts nothing", t.id)),
                     Fail::Os(source) => {
                         Error::DeviceWrite { device: t.id.clone(), idx, offset: stream_off + off as u64, source }
                     }
                     Fail::Eof { .. } => Error::internal("a write reported an end of stream"),
                 })?;
                 stream_off += len as u64;
-                x.sh.progress.add(len as u64);
+                shared.run.progress.add(len as u64);
             }
             NextWrite::Config { slot, len } => {
-                let slot = x.slot(slot);
+                let slot = shared.slot(slot);
                 t.apply_config(&slot[..len])?;
             }
         }
         {
-            let mut g = x.lock();
-            g.re.written(d);
+            let mut g = shared.lock();
+            g.reassembly.written(d);
             g.freed();
         }
-        x.clock.touch();
-        x.cv.notify_all();
+        shared.clock.touch();
+        shared.cv.notify_all();
     }
 }

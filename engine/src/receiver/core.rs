@@ -11,7 +11,7 @@ use crate::receiver::reassembly::Reassembly;
 #[derive(Debug)]
 pub(crate) struct RecvState<'r> {
     /// The per-packet bookkeeping.
-    pub(crate) re: &'r mut Reassembly,
+    pub(crate) reassembly: &'r mut Reassembly,
     /// Bumped whenever a write frees memory: a parked channel must retry.
     epoch: u64,
     /// Per channel: the epoch at which its packet was last refused, while it is parked.
@@ -23,8 +23,8 @@ pub(crate) struct RecvState<'r> {
 
 impl<'r> RecvState<'r> {
     /// The state of a receive over `channels` channels.
-    pub(crate) fn new(re: &'r mut Reassembly, channels: usize) -> RecvState<'r> {
-        RecvState { re, epoch: 0, parked_at: vec![None; channels], closed: vec![false; channels], err: None }
+    pub(crate) fn new(reassembly: &'r mut Reassembly, channels: usize) -> RecvState<'r> {
+        RecvState { reassembly, epoch: 0, parked_at: vec![None; channels], closed: vec![false; channels], err: None }
     }
 
     /// `ch`'s packet was refused for lack of memory: it waits for the next write.
@@ -62,12 +62,12 @@ impl<'r> RecvState<'r> {
     /// only happens with a sender that breaks the ordering rules).
     pub(crate) fn stuck(&self) -> bool {
         let mut open = self.parked_at.iter().zip(&self.closed).filter(|(_, &c)| !c).peekable();
-        open.peek().is_some() && open.all(|(p, _)| *p == Some(self.epoch)) && !self.re.write_pending()
+        open.peek().is_some() && open.all(|(p, _)| *p == Some(self.epoch)) && !self.reassembly.write_pending()
     }
 
     /// The error to report when [`RecvState::stuck`].
     pub(crate) fn stuck_error(&self) -> Error {
-        Error::BudgetExceeded { what: self.re.stuck_report() }
+        Error::BudgetExceeded { what: self.reassembly.stuck_report() }
     }
 
     /// Records a failure; the first root cause wins (an `Aborted` echo never replaces it).
@@ -88,7 +88,7 @@ impl<'r> RecvState<'r> {
         if let Some(e) = self.err {
             return Err(e);
         }
-        self.re.incomplete_error().map_or(Ok(()), Err)
+        self.reassembly.incomplete_error().map_or(Ok(()), Err)
     }
 }
 
@@ -99,8 +99,8 @@ mod tests {
 
     #[test]
     fn stuck_needs_every_open_channel_parked_at_this_epoch() {
-        let mut re = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 1, 4096);
-        let mut st = RecvState::new(&mut re, 2);
+        let mut reassembly = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 1, 4096);
+        let mut st = RecvState::new(&mut reassembly, 2);
         let (c0, c1) = (ChannelId::new(0), ChannelId::new(1));
         assert!(!st.stuck());
         st.park(c0);

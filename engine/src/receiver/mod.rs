@@ -31,7 +31,7 @@ use crate::sys::{self, Kernel};
 use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
 
 pub(crate) enum TargetKind<'a> {
-    Device { dev: &'a mut dyn MigrationDevice, final_state: MigState, fd: Option<OwnedFd> },
+    Device { dev: &'a mut dyn MigrationDevice, wanted_state: MigState, fd: Option<OwnedFd> },
     Fd { fd: BorrowedFd<'a>, config: &'a mut Vec<u8> },
 }
 
@@ -41,7 +41,8 @@ pub(crate) struct Target<'a> {
     pub(crate) kind: TargetKind<'a>,
     pub(crate) config_bytes: u64,
     pub(crate) short_writes: u64,
-    pub(crate) final_state: Option<MigState>,
+    /// The state the device reached after its config was applied.
+    pub(crate) reached_state: Option<MigState>,
     /// When the device finished loading (config applied, device moved on).
     pub(crate) loaded_at: Option<Instant>,
 }
@@ -67,13 +68,13 @@ impl Target<'_> {
                 self.loaded_at = Some(Instant::now());
                 Ok(())
             }
-            TargetKind::Device { dev, final_state, fd } => {
+            TargetKind::Device { dev, wanted_state, fd } => {
                 dev.load_config(blob).map_err(derr)?;
                 // The resume session ends with the walk; the fd is closed after it.
-                let r = transition(&mut **dev, *final_state);
+                let r = transition(&mut **dev, *wanted_state);
                 *fd = None;
                 r.map_err(derr)?;
-                self.final_state = Some(*final_state);
+                self.reached_state = Some(*wanted_state);
                 self.loaded_at = Some(Instant::now());
                 Ok(())
             }
@@ -147,10 +148,10 @@ impl<'a> Receiver<'a> {
     ) -> &mut Self {
         self.targets.push(Target {
             id,
-            kind: TargetKind::Device { dev, final_state, fd: None },
+            kind: TargetKind::Device { dev, wanted_state: final_state, fd: None },
             config_bytes: 0,
             short_writes: 0,
-            final_state: None,
+            reached_state: None,
             loaded_at: None,
         });
         self
@@ -164,7 +165,7 @@ impl<'a> Receiver<'a> {
             kind: TargetKind::Fd { fd, config },
             config_bytes: 0,
             short_writes: 0,
-            final_state: None,
+            reached_state: None,
             loaded_at: None,
         });
         self
@@ -254,11 +255,11 @@ impl<'a> Receiver<'a> {
             progress: self.progress.clone(),
         };
         let budget = self.cfg.budget_slots(n);
-        let mut re =
+        let mut reassembly =
             Reassembly::new(self.targets.iter().map(|t| t.id.clone()).collect(), budget, self.cfg.slot_bytes());
         let res = match backend {
-            BackendKind::Uring => uring::run(&shared, &mut re, &mut self.targets),
-            BackendKind::Blocking => blocking::run(&shared, &mut re, &mut self.targets),
+            BackendKind::Uring => uring::run(&shared, &mut reassembly, &mut self.targets),
+            BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
         };
         res?;
         let devices = self
@@ -266,7 +267,7 @@ impl<'a> Receiver<'a> {
             .iter()
             .zip(DeviceIndex::all(self.targets.len()))
             .map(|(t, d)| {
-                let c = re.counters(d);
+                let c = reassembly.counters(d);
                 ReceiverDeviceReport {
                     id: t.id.clone(),
                     data_bytes: c.data_bytes,
@@ -274,7 +275,7 @@ impl<'a> Receiver<'a> {
                     out_of_order_packets: c.out_of_order,
                     config_bytes: t.config_bytes,
                     short_writes: t.short_writes,
-                    final_state: t.final_state,
+                    reached_state: t.reached_state,
                     loaded_after: t.loaded_at.map(|t| t.saturating_duration_since(started)),
                 }
             })
@@ -285,8 +286,8 @@ impl<'a> Receiver<'a> {
             elapsed: started.elapsed(),
             devices,
             channels: ChannelId::all(n).map(|c| shared.counters[c.index()].report(c)).collect(),
-            peak_held_bytes: re.peak_held(),
-            reserved_bytes: (re.slot_count() * self.cfg.slot_bytes()) as u64,
+            peak_held_bytes: reassembly.peak_held(),
+            reserved_bytes: (reassembly.slot_count() * self.cfg.slot_bytes()) as u64,
         })
     }
 }

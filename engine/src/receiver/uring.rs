@@ -40,36 +40,36 @@ const K_WPOLL: u8 = Token::FIRST_DRIVER_KIND + 2;
 /// `READ` of this worker's kick eventfd.
 const K_KICK: u8 = Token::FIRST_DRIVER_KIND + 3;
 
-struct Shared<'r, 's, 'c, 'a, 'x> {
+struct Shared<'r, 's, 'c, 'a, 'shared> {
     st: Mutex<RecvState<'r>>,
-    targets: Vec<Mutex<&'x mut Target<'a>>>,
+    targets: Vec<Mutex<&'shared mut Target<'a>>>,
     /// Unmapped only if no worker had to leak its ring (`leaked`).
     pool: ManuallyDrop<BufferPool>,
     leaked: AtomicBool,
-    sh: &'s RecvShared<'c>,
+    run: &'s RecvShared<'c>,
     kicks: Vec<EventFd>,
     workers: usize,
     clock: StallClock,
 }
 
-impl<'r, 'a, 'x> Shared<'r, '_, '_, 'a, 'x> {
+impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     fn lock(&self) -> MutexGuard<'_, RecvState<'r>> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn target(&self, d: DeviceIndex) -> MutexGuard<'_, &'x mut Target<'a>> {
+    fn target(&self, d: DeviceIndex) -> MutexGuard<'_, &'shared mut Target<'a>> {
         self.targets[d.index()].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fail(&self, e: Error) {
         self.lock().fail(e);
-        self.sh.abort.abort();
+        self.run.abort.abort();
     }
 
     /// Wakes every other worker that has a parked channel: memory was freed.
     fn kick_others(&self, me: usize, g: &RecvState<'_>) {
         for w in (0..self.workers).filter(|&w| w != me) {
-            let parked = ChannelId::all(self.sh.channels.len()).skip(w).step_by(self.workers).any(|c| g.parked(c));
+            let parked = ChannelId::all(self.run.channels.len()).skip(w).step_by(self.workers).any(|c| g.parked(c));
             if parked {
                 self.kicks[w].signal();
             }
@@ -77,21 +77,21 @@ impl<'r, 'a, 'x> Shared<'r, '_, '_, 'a, 'x> {
     }
 }
 
-pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let n = sh.channels.len();
-    let workers = sh.cfg.workers_for(n);
-    let pool =
-        BufferPool::new(re.slot_count(), 0, sh.cfg.slot_bytes()).map_err(|e| Error::sys("mmap receive pool", e))?;
+pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
+    let n = run.channels.len();
+    let workers = run.cfg.workers_for(n);
+    let pool = BufferPool::new(reassembly.slot_count(), 0, run.cfg.slot_bytes())
+        .map_err(|e| Error::sys("mmap receive pool", e))?;
     let kicks = (0..workers)
         .map(|_| EventFd::new())
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| Error::sys("eventfd", e))?;
-    let mut x = Shared {
-        st: Mutex::new(RecvState::new(re, n)),
+    let mut shared = Shared {
+        st: Mutex::new(RecvState::new(reassembly, n)),
         targets: targets.iter_mut().map(Mutex::new).collect(),
         pool: ManuallyDrop::new(pool),
         leaked: AtomicBool::new(false),
-        sh,
+        run,
         kicks,
         workers,
         clock: StallClock::new(),
@@ -99,10 +99,10 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                let x = &x;
+                let shared = &shared;
                 std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
-                    if let Err(e) = worker(x, w) {
-                        x.fail(e);
+                    if let Err(e) = worker(shared, w) {
+                        shared.fail(e);
                     }
                 })
             })
@@ -111,19 +111,19 @@ pub(crate) fn run(sh: &RecvShared<'_>, re: &mut Reassembly, targets: &mut [Targe
             match h {
                 Ok(h) => {
                     if h.join().is_err() {
-                        x.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
+                        shared.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
                     }
                 }
-                Err(e) => x.fail(Error::sys("spawn receive worker", e)),
+                Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
             }
         }
     });
-    if !x.leaked.load(Ordering::SeqCst) {
+    if !shared.leaked.load(Ordering::SeqCst) {
         // SAFETY: every worker has returned and reaped all its operations (none leaked), so
         // nothing refers to the pool any more; it is dropped once, here.
-        unsafe { ManuallyDrop::drop(&mut x.pool) };
+        unsafe { ManuallyDrop::drop(&mut shared.pool) };
     }
-    x.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
+    shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
 }
 
 /// A channel's receive state; each variant carries what that state needs.
@@ -151,11 +151,11 @@ struct Write {
     base: u64,
 }
 
-struct Worker<'w, 'r, 's, 'c, 'a, 'x> {
+struct Worker<'w, 'r, 's, 'c, 'a, 'shared> {
     /// Leaked together with `hdrs` and `kick_buf` when the kernel did not give every
     /// operation back.
     uring: ManuallyDrop<Uring>,
-    x: &'w Shared<'r, 's, 'c, 'a, 'x>,
+    shared: &'w Shared<'r, 's, 'c, 'a, 'shared>,
     me: usize,
     /// Global ids of this worker's channels; local index `i` is fixed file `i`.
     chans: Vec<ChannelId>,
@@ -186,33 +186,33 @@ impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
     }
 }
 
-fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
+fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| Error::sys(describe_setup_error(&e), e))?;
     // SAFETY: the pool lives in `Shared`, which outlives every worker (scoped threads), and it
     // is unmapped only if every worker reaped all its operations.
-    let registered = match unsafe { ring.register_pool(&x.pool) } {
+    let registered = match unsafe { ring.register_pool(&shared.pool) } {
         Ok(()) => true,
         // ENOMEM: RLIMIT_MEMLOCK cannot pin the pool (once per worker ring, without
         // CAP_IPC_LOCK). Plain WRITE from the same memory needs no pinning.
         Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => false,
         Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS for the receive budget", e)),
     };
-    let chans: Vec<ChannelId> = ChannelId::all(x.sh.channels.len()).skip(me).step_by(x.workers).collect();
-    let ndev = x.targets.len();
+    let chans: Vec<ChannelId> = ChannelId::all(shared.run.channels.len()).skip(me).step_by(shared.workers).collect();
+    let ndev = shared.targets.len();
     // Fixed files: channels 0..C, devices C..C+D, abort, kick.
-    let mut files: Vec<i32> = chans.iter().map(|c| x.sh.channels[c.index()].as_raw_fd()).collect();
+    let mut files: Vec<i32> = chans.iter().map(|c| shared.run.channels[c.index()].as_raw_fd()).collect();
     for d in DeviceIndex::all(ndev) {
-        files.push(x.target(d).data_fd().map_or(-1, |f| f.as_raw_fd()));
+        files.push(shared.target(d).data_fd().map_or(-1, |f| f.as_raw_fd()));
     }
-    files.push(x.sh.abort.as_fd().as_raw_fd());
-    files.push(x.kicks[me].as_fd().as_raw_fd());
+    files.push(shared.run.abort.as_fd().as_raw_fd());
+    files.push(shared.kicks[me].as_fd().as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     let _ = ring.limit_workers(2, 2);
     let nloc = chans.len();
     let abort_fixed = (nloc + ndev) as u32;
     let mut w = Worker {
         uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
-        x,
+        shared,
         me,
         hdrs: ManuallyDrop::new(vec![[0u8; PACKET_OVERHEAD]; nloc].into_boxed_slice()),
         ch: vec![Chan::Header { got: 0 }; nloc],
@@ -220,14 +220,15 @@ fn worker(x: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         wr: vec![None; ndev],
         kick_buf: ManuallyDrop::new(Box::new(0)),
         need_unpark: false,
-        max_size: u32::try_from(x.sh.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
+        max_size: u32::try_from(shared.run.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
         registered,
         retries: Retries::default(),
     };
-    let r = w.prepare().and_then(|()| uring::run(&mut w, &x.sh.abort, &x.clock, x.sh.cfg.stall_timeout));
+    let r =
+        w.prepare().and_then(|()| uring::run(&mut w, &shared.run.abort, &shared.clock, shared.run.cfg.stall_timeout));
     let f = uring::finish(&mut w, &format_args!("receive worker {me}"));
     if w.uring.leaked() {
-        x.leaked.store(true, Ordering::SeqCst);
+        shared.leaked.store(true, Ordering::SeqCst);
     }
     r.and(f)
 }
@@ -245,7 +246,7 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
         if self.ch.iter().all(|c| matches!(c, Chan::Closed)) && !own_writes {
             return Ok(true);
         }
-        let g = self.x.lock();
+        let g = self.shared.lock();
         if g.stuck() {
             return Err(g.stuck_error());
         }
@@ -274,7 +275,7 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn stall_report(&self) -> String {
-        let g = self.x.lock();
+        let g = self.shared.lock();
         let open: Vec<String> = self
             .ch
             .iter()
@@ -282,13 +283,13 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
             .filter(|(c, _)| !matches!(c, Chan::Closed))
             .map(|(c, gc)| match c {
                 Chan::Payload { a, got } => {
-                    format!("channel {gc} in packet {} of {} ({got} of {} bytes)", a.idx, g.re.id(a.dev), a.len)
+                    format!("channel {gc} in packet {} of {} ({got} of {} bytes)", a.idx, g.reassembly.id(a.dev), a.len)
                 }
                 Chan::Parked => format!("channel {gc} waiting for memory"),
                 _ => format!("channel {gc} waiting for a packet header"),
             })
             .collect();
-        match g.re.incomplete_error() {
+        match g.reassembly.incomplete_error() {
             Some(e) => format!("{e}; {}", open.join(", ")),
             None => format!("all devices complete; waiting for channels to close: {}", open.join(", ")),
         }
@@ -330,7 +331,9 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         let (ptr, len) = match self.ch[i] {
             Chan::Header { got } => (self.hdrs[i][got..].as_mut_ptr(), PACKET_OVERHEAD - got),
             // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
-            Chan::Payload { a, got } => (unsafe { self.x.pool.payload_ptr(a.slot as usize).add(got) }, a.len - got),
+            Chan::Payload { a, got } => {
+                (unsafe { self.shared.pool.payload_ptr(a.slot as usize).add(got) }, a.len - got)
+            }
             Chan::Parked | Chan::Closed => return Ok(()),
         };
         let e = opcode::Recv::new(types::Fixed(i as u32), ptr, len as u32)
@@ -349,7 +352,9 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
             IoStep::Retry | IoStep::WaitReady => return self.recv_next(i),
             IoStep::Fatal(e) => {
                 let op = match &self.ch[i] {
-                    Chan::Payload { a, .. } => format!("receive packet {} of {}", a.idx, self.x.lock().re.id(a.dev)),
+                    Chan::Payload { a, .. } => {
+                        format!("receive packet {} of {}", a.idx, self.shared.lock().reassembly.id(a.dev))
+                    }
                     _ => "receive packet header".to_string(),
                 };
                 return Err(Error::Channel { channel: gc, op, source: e });
@@ -362,7 +367,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
             }
             Chan::Header { .. } => {
                 let (h, v) = self.decode(i)?;
-                self.x.sh.counters[gc.index()].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
+                self.shared.run.counters[gc.index()]
+                    .add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
                 self.offer(i, &h, v)
             }
             Chan::Payload { a, got } if got + n < a.len => {
@@ -381,13 +387,16 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         let during = match &self.ch[i] {
             Chan::Header { got: 0 } => {
                 self.ch[i] = Chan::Closed;
-                self.x.lock().close(gc);
+                self.shared.lock().close(gc);
                 return Ok(());
             }
             Chan::Header { got } => Stage::Header { got: *got },
-            Chan::Payload { a, got } => {
-                Stage::Payload { device: self.x.lock().re.id(a.dev).clone(), idx: a.idx, got: *got, len: a.len }
-            }
+            Chan::Payload { a, got } => Stage::Payload {
+                device: self.shared.lock().reassembly.id(a.dev).clone(),
+                idx: a.idx,
+                got: *got,
+                len: a.len,
+            },
             Chan::Parked | Chan::Closed => return Err(Error::internal("end of stream with no receive in flight")),
         };
         Err(Error::ChannelClosed { channel: gc, during })
@@ -411,8 +420,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     fn offer(&mut self, i: usize, h: &DeviceStateHeader, v: VfioPacketHeader) -> Result<()> {
         let gc = self.chans[i];
         let admit = {
-            let mut g = self.x.lock();
-            let r = g.re.admit(gc, h, v)?;
+            let mut g = self.shared.lock();
+            let r = g.reassembly.admit(gc, h, v)?;
             match r {
                 Admit::Wait => g.park(gc),
                 Admit::Accept(_) => g.unpark(gc),
@@ -433,7 +442,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn payload_done(&mut self, i: usize, a: Admitted) -> Result<()> {
-        self.x.lock().re.received(a);
+        self.shared.lock().reassembly.received(a);
         self.ch[i] = Chan::Header { got: 0 };
         self.recv_next(i)?;
         self.try_write(a.dev)
@@ -442,8 +451,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     fn try_write(&mut self, d: DeviceIndex) -> Result<()> {
         loop {
             let (next, base) = {
-                let mut g = self.x.lock();
-                (g.re.next_write(d), g.re.counters(d).data_bytes)
+                let mut g = self.shared.lock();
+                (g.reassembly.next_write(d), g.reassembly.counters(d).data_bytes)
             };
             match next {
                 None => return Ok(()),
@@ -456,8 +465,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 Some(NextWrite::Config { slot, len }) => {
                     // SAFETY: the config slot is Ready: its RECV completed and nothing else
                     // refers to it until `written` frees it below.
-                    let blob = unsafe { self.x.pool.slot_bytes(slot as usize, 0, len) };
-                    self.x.target(d).apply_config(blob)?;
+                    let blob = unsafe { self.shared.pool.slot_bytes(slot as usize, 0, len) };
+                    self.shared.target(d).apply_config(blob)?;
                     self.written(d);
                 }
             }
@@ -467,16 +476,16 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn written(&mut self, d: DeviceIndex) {
-        let mut g = self.x.lock();
-        g.re.written(d);
+        let mut g = self.shared.lock();
+        g.reassembly.written(d);
         g.freed();
-        self.x.kick_others(self.me, &g);
+        self.shared.kick_others(self.me, &g);
     }
 
     fn submit_write(&mut self, d: DeviceIndex, poll_first: bool) -> Result<()> {
         let w = self.wr[d.index()].ok_or_else(|| Error::internal("a write without its packet"))?;
         // SAFETY: `off < len <= payload_bytes`: inside the slot.
-        let ptr = unsafe { self.x.pool.payload_ptr(w.slot as usize).add(w.off) };
+        let ptr = unsafe { self.shared.pool.payload_ptr(w.slot as usize).add(w.off) };
         let fd = self.device_file(d);
         let len = (w.len - w.off) as u32;
         // IOSQE_ASYNC: the copy into the device runs on an io-wq worker, in parallel with this
@@ -501,7 +510,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     fn on_write(&mut self, d: DeviceIndex, res: i32) -> Result<()> {
         let w = self.wr[d.index()].ok_or_else(|| Error::internal("a write completed that was not issued"))?;
         let fail = |source| Error::DeviceWrite {
-            device: self.x.lock().re.id(d).clone(),
+            device: self.shared.lock().reassembly.id(d).clone(),
             idx: w.idx,
             offset: w.base + w.off as u64,
             source,
@@ -520,12 +529,12 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         self.retries.reset();
         let off = w.off + n;
         if off < w.len {
-            self.x.target(d).short_writes += 1;
+            self.shared.target(d).short_writes += 1;
             self.wr[d.index()] = Some(Write { off, ..w });
             return self.submit_write(d, false);
         }
         self.wr[d.index()] = None;
-        self.x.sh.progress.add(w.len as u64);
+        self.shared.run.progress.add(w.len as u64);
         self.written(d);
         self.try_write(d)?;
         self.unpark()

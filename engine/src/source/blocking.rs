@@ -27,8 +27,8 @@ enum Next {
     Config(usize),
 }
 
-pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
-    let chunk = sh.cfg.chunk_bytes;
+pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
+    let chunk = run.cfg.chunk_bytes;
     // One packet: the header, then the payload right behind it, so that one send covers both.
     // The pool gives page-aligned (huge) pages, as the io_uring backend reads into.
     let mut pool = BufferPool::new(1, PACKET_OVERHEAD, chunk).map_err(|e| Error::sys("mmap buffer pool", e))?;
@@ -36,19 +36,19 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
     let Some(slot) = pool.slots_mut().next() else { return Err(Error::internal("a one-slot pool has no slot")) };
     let buf = &mut slot[skip..skip + PACKET_OVERHEAD + chunk];
     let mut tallies = Tallies::new(ctx.id.clone());
-    let mut stream = Stream::new(sh.cfg.max_stream_bytes);
-    let bounds = Bounds { abort: &sh.abort, stall: sh.cfg.stall_timeout };
+    let mut stream = Stream::new(run.cfg.max_stream_bytes);
+    let bounds = Bounds { abort: &run.abort, stall: run.cfg.stall_timeout };
     encode_packet_header(ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, &mut buf[..PACKET_OVERHEAD])
         .map_err(|e| Error::Config(e.to_string()))?;
     loop {
-        if sh.abort.is_aborted() {
+        if run.abort.is_aborted() {
             return Err(Error::Aborted);
         }
         let t0 = Instant::now();
         let (hdr, payload) = buf.split_at_mut(PACKET_OVERHEAD);
         let idx = stream.reserve().map_err(|limit| Error::StreamLimit { device: ctx.id.clone(), limit })?;
         let next = if ctx.in_precopy {
-            match ctx.precopy_read(payload, sh.cfg.precopy_max_bytes)? {
+            match ctx.precopy_read(payload, run.cfg.precopy_max_bytes)? {
                 PrecopyStep::Data(n) => Next::Data(n),
                 PrecopyStep::Switched => {
                     stream.give_back(idx);
@@ -67,7 +67,7 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
                     Next::Config(blob.len())
                 }
                 Ok(n) => Next::Data(n),
-                Err(f) => return Err(read_error(ctx, &stream, f, sh)),
+                Err(f) => return Err(read_error(ctx, &stream, f, run)),
             }
         };
         let (idx, len, flags) = match next {
@@ -85,9 +85,9 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
         };
         patch_packet_header(hdr, VfioPacketHeader { idx: idx.get(), flags }, len)
             .map_err(|e| Error::Config(e.to_string()))?;
-        let ch = lease(sh, ctx)?;
-        send_packet(sh, ctx, ch, idx, &buf[..PACKET_OVERHEAD + len], bounds)?;
-        tallies.sent(sh, ch, len, t0, true);
+        let ch = lease(run, ctx)?;
+        send_packet(run, ctx, ch, idx, &buf[..PACKET_OVERHEAD + len], bounds)?;
+        tallies.sent(run, ch, len, t0, true);
         if flags == VFIO_FLAG_CONFIG_STATE {
             tallies.report.stop_copy_time = ctx.stop_copy_start.elapsed();
             return Ok(tallies);
@@ -95,13 +95,13 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
     }
 }
 
-fn read_error(ctx: &DeviceCtx<'_, '_>, stream: &Stream, f: Fail, sh: &SourceShared<'_>) -> Error {
+fn read_error(ctx: &DeviceCtx<'_, '_>, stream: &Stream, f: Fail, run: &SourceShared<'_>) -> Error {
     let source = match f {
         Fail::Aborted => return Error::Aborted,
         Fail::Stalled => {
             return Error::Timeout {
                 what: format!("device {}: its data fd gave nothing to read", ctx.id),
-                after: sh.cfg.stall_timeout,
+                after: run.cfg.stall_timeout,
             }
         }
         Fail::Os(e) => e,
@@ -113,22 +113,22 @@ fn read_error(ctx: &DeviceCtx<'_, '_>, stream: &Stream, f: Fail, sh: &SourceShar
 /// Sends one packet on `ch` and releases the channel, or fails without releasing it: a channel
 /// whose framing may be broken mid-packet is never handed to anyone else.
 fn send_packet(
-    sh: &SourceShared<'_>,
+    run: &SourceShared<'_>,
     ctx: &DeviceCtx<'_, '_>,
     ch: ChannelId,
     idx: PacketIndex,
     bytes: &[u8],
     bounds: Bounds<'_>,
 ) -> Result<()> {
-    match send_all(&Kernel, sh.channels[ch.index()], bytes, bounds) {
+    match send_all(&Kernel, run.channels[ch.index()], bytes, bounds) {
         Ok(()) => {
-            sh.leases.release(ch);
+            run.leases.release(ch);
             Ok(())
         }
         Err(Fail::Aborted) => Err(Error::Aborted),
         Err(Fail::Stalled) => Err(Error::Timeout {
             what: format!("channel {ch}: the peer stopped reading during packet {idx} of device {}", ctx.id),
-            after: sh.cfg.stall_timeout,
+            after: run.cfg.stall_timeout,
         }),
         Err(Fail::Os(e)) => {
             Err(Error::Channel { channel: ch, op: format!("send packet {idx} of device {}", ctx.id), source: e })
@@ -138,23 +138,23 @@ fn send_packet(
 }
 
 /// Leases a channel, waiting (bounded) for a grant.
-fn lease(sh: &SourceShared<'_>, ctx: &DeviceCtx<'_, '_>) -> Result<ChannelId> {
+fn lease(run: &SourceShared<'_>, ctx: &DeviceCtx<'_, '_>) -> Result<ChannelId> {
     let start = Instant::now();
-    let waker = sh.leases.waker(ctx.dev_no);
+    let waker = run.leases.waker(ctx.dev_no);
     loop {
-        if let Some(ch) = sh.leases.try_lease(ctx.dev_no, true) {
+        if let Some(ch) = run.leases.try_lease(ctx.dev_no, true) {
             return Ok(ch);
         }
-        if sh.abort.is_aborted() {
+        if run.abort.is_aborted() {
             return Err(Error::Aborted);
         }
-        if start.elapsed() > sh.cfg.stall_timeout {
+        if start.elapsed() > run.cfg.stall_timeout {
             return Err(Error::Timeout {
                 what: format!("device {}: waiting for an idle channel", ctx.id),
-                after: sh.cfg.stall_timeout,
+                after: run.cfg.stall_timeout,
             });
         }
-        let fds: [BorrowedFd<'_>; 2] = [waker.as_fd(), sh.abort.as_fd()];
+        let fds: [BorrowedFd<'_>; 2] = [waker.as_fd(), run.abort.as_fd()];
         sys::wait_readable(&fds, TICK).map_err(|e| Error::sys("poll", e))?;
         waker.drain();
     }

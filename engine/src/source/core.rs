@@ -125,10 +125,10 @@ impl Tallies {
     /// A packet with `len` payload bytes went out on `ch` (its send completed in full), `t0`
     /// being when its read was issued. `copied`: sent with a copying send (a SEND_ZC's bytes
     /// are counted when its notification says how they went).
-    pub(crate) fn sent(&mut self, sh: &SourceShared<'_>, ch: ChannelId, len: usize, t0: Instant, copied: bool) {
+    pub(crate) fn sent(&mut self, run: &SourceShared<'_>, ch: ChannelId, len: usize, t0: Instant, copied: bool) {
         let wire = (PACKET_OVERHEAD + len) as u64;
-        sh.counters[ch.index()].add(wire);
-        sh.progress.add(len as u64);
+        run.counters[ch.index()].add(wire);
+        run.progress.add(len as u64);
         if copied {
             self.copied_bytes += wire;
         }

@@ -161,7 +161,7 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     pool: ManuallyDrop<BufferPool>,
     /// The channel-grant eventfd's read target (stable address; leaked with the ring).
     wake_buf: ManuallyDrop<Box<u64>>,
-    sh: &'s SourceShared<'c>,
+    run: &'s SourceShared<'c>,
     ctx: &'s mut DeviceCtx<'a, 'd>,
     table: SlotTable,
     stream: Stream,
@@ -212,9 +212,9 @@ fn channel_file(ch: ChannelId) -> types::Fixed {
 }
 
 /// Runs one device's transfer on io_uring.
-pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
-    let cfg = sh.cfg;
-    let nslots = cfg.buffers_for(sh.zerocopy) + 1;
+pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
+    let cfg = run.cfg;
+    let nslots = cfg.buffers_for(run.zerocopy) + 1;
     let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| Error::sys(describe_setup_error(&e), e))?;
     let pool =
         BufferPool::new(nslots, PACKET_OVERHEAD, cfg.chunk_bytes).map_err(|e| Error::sys("mmap buffer pool", e))?;
@@ -224,13 +224,13 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
         Ok(()) => Buffers::Registered,
         // ENOMEM: RLIMIT_MEMLOCK too low to pin the pool. Plain READ + copying SEND need no
         // pinned memory.
-        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !sh.zerocopy => Buffers::Unregistered,
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !run.zerocopy => Buffers::Unregistered,
         Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS (raise RLIMIT_MEMLOCK or use --zerocopy off)", e)),
     };
     let mut files = vec![ctx.data_fd().as_raw_fd()];
-    files.extend(sh.channels.iter().map(|c| c.as_raw_fd()));
-    files.push(sh.leases.waker(ctx.dev_no).as_fd().as_raw_fd());
-    files.push(sh.abort.as_fd().as_raw_fd());
+    files.extend(run.channels.iter().map(|c| c.as_raw_fd()));
+    files.push(run.leases.waker(ctx.dev_no).as_fd().as_raw_fd());
+    files.push(run.abort.as_fd().as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     // Bound the kernel's helper threads for blocking device reads.
     let _ = ring.limit_workers(2, 2);
@@ -244,12 +244,12 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
         uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
         pool: ManuallyDrop::new(pool),
         wake_buf: ManuallyDrop::new(Box::new(0)),
-        sh,
+        run,
         ctx,
         table: SlotTable::new(nslots),
         stream: Stream::new(cfg.max_stream_bytes),
         tallies: Tallies::new(id.clone()),
-        held: Vec::with_capacity(sh.channels.len()),
+        held: Vec::with_capacity(run.channels.len()),
         reading: None,
         poll_first: false,
         retries: Retries::default(),
@@ -259,7 +259,7 @@ pub(crate) fn run(sh: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<
         chunk: cfg.chunk_bytes,
     };
     let clock = StallClock::new();
-    let r = lp.prepare().and_then(|()| uring::run(&mut lp, &sh.abort, &clock, cfg.stall_timeout));
+    let r = lp.prepare().and_then(|()| uring::run(&mut lp, &run.abort, &clock, cfg.stall_timeout));
     let drained = lp.finish(r.is_err());
     r.and(drained)?;
     let mut t = std::mem::replace(&mut lp.tallies, Tallies::new(id));
@@ -336,7 +336,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
     }
 
     fn arm_wake(&mut self) -> Result<()> {
-        let wake_fd = types::Fixed((self.sh.channels.len() + 1) as u32);
+        let wake_fd = types::Fixed((self.run.channels.len() + 1) as u32);
         let buf: *mut u64 = &mut **self.wake_buf;
         let e = opcode::Read::new(wake_fd, buf.cast(), 8).build().user_data(Token::new(K_WAKE, 0, 0).encode());
         // SAFETY: `wake_buf` is boxed (stable address) and is freed only after every operation
@@ -352,14 +352,14 @@ impl DeviceLoop<'_, '_, '_, '_> {
             r if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => {}
             r => return Err(Error::sys("read channel-grant eventfd", cqe_error(r))),
         }
-        while let Some(ch) = self.sh.leases.take_granted(self.ctx.dev_no) {
+        while let Some(ch) = self.run.leases.take_granted(self.ctx.dev_no) {
             self.held.push(ch);
         }
         self.arm_wake()
     }
 
     fn take_channel(&mut self, enqueue: bool) -> Option<ChannelId> {
-        self.held.pop().or_else(|| self.sh.leases.try_lease(self.ctx.dev_no, enqueue))
+        self.held.pop().or_else(|| self.run.leases.try_lease(self.ctx.dev_no, enqueue))
     }
 
     /// Schedules whatever can run now.
@@ -391,7 +391,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
         // 4. Channels we hold but cannot use right now go back to other devices.
         if self.table.ready.is_empty() && (self.reading.is_some() || self.stream.ended()) {
             while let Some(ch) = self.held.pop() {
-                self.sh.leases.release(ch);
+                self.run.leases.release(ch);
             }
         }
         Ok(())
@@ -415,7 +415,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
     }
 
     fn precopy_read(&mut self, s: usize) -> Result<()> {
-        let cap = self.sh.cfg.precopy_max_bytes;
+        let cap = self.run.cfg.precopy_max_bytes;
         let t0 = Instant::now();
         // SAFETY: slot `s` was just taken from the free list: no operation refers to it.
         let buf = unsafe { self.pool.slot_bytes_mut(s, 0, self.chunk) };
@@ -489,7 +489,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
         // MSG_WAITALL: a short send must fail the request (and any link), never pass silently.
         // MSG_NOSIGNAL: a closed peer is an error code, not a SIGPIPE.
         let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
-        let e = if self.sh.zerocopy {
+        let e = if self.run.zerocopy {
             opcode::SendZc::new(channel_file(ch), ptr, total)
                 .buf_index(Some(0))
                 .flags(flags)
@@ -600,8 +600,8 @@ impl DeviceLoop<'_, '_, '_, '_> {
             let op = format!("send packet {} of device {}", pkt.idx, self.ctx.id);
             return Err(Error::Channel { channel: ch, op, source });
         }
-        self.tallies.sent(self.sh, ch, pkt.len, pkt.t0, !self.sh.zerocopy);
-        self.sh.leases.release(ch);
+        self.tallies.sent(self.run, ch, pkt.len, pkt.t0, !self.run.zerocopy);
+        self.run.leases.release(ch);
         self.table.slots[s] = Slot::Sending { pkt, ch, sent: true, notif_due: cqe.more };
         self.release_if_done(s);
         Ok(())
@@ -636,10 +636,10 @@ impl DeviceLoop<'_, '_, '_, '_> {
     /// interleave partial writes.
     fn finish(&mut self, failed: bool) -> Result<()> {
         while let Some(ch) = self.held.pop() {
-            self.sh.leases.release(ch);
+            self.run.leases.release(ch);
         }
         if failed {
-            self.sh.abort.abort();
+            self.run.abort.abort();
         }
         let who = format!("device {}", self.ctx.id);
         uring::finish(self, &who)
