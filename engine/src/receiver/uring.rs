@@ -330,9 +330,10 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     fn recv_next(&mut self, i: usize) -> Result<()> {
         let (ptr, len) = match self.ch[i] {
             Chan::Header { got } => (self.hdrs[i][got..].as_mut_ptr(), PACKET_OVERHEAD - got),
-            // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
             Chan::Payload { a, got } => {
-                (unsafe { self.shared.pool.payload_ptr(a.slot as usize).add(got) }, a.len - got)
+                // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
+                let p = unsafe { self.shared.pool.payload_ptr(a.slot as usize).add(got) };
+                (p, a.len - got)
             }
             Chan::Parked | Chan::Closed => return Ok(()),
         };
