@@ -39,7 +39,8 @@ pub use config::{
 pub use error::{Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
 pub use ids::{ChannelId, DeviceIndex, PacketIndex};
 pub use receiver::Receiver;
-pub use source::{DeviceOptions, Source};
+pub use source::control::{DeviceStatus, SessionEvent, SourcePhase};
+pub use source::{DeviceOptions, SessionControl, SessionStatus, Source, SourceSession};
 pub use stats::{
     BackendKind, ChannelReport, Latency, LatencySummary, Progress, ReceiverDeviceReport, ReceiverReport,
     SourceDeviceReport, SourceReport,

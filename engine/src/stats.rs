@@ -227,6 +227,11 @@ impl SourceReport {
     pub fn data_bytes(&self) -> u64 {
         self.devices.iter().map(|d| d.data_bytes).sum()
     }
+
+    /// Of those, the bytes read in PRE_COPY (while the VM ran), all devices.
+    pub fn precopy_bytes(&self) -> u64 {
+        self.devices.iter().map(|d| d.precopy_bytes).sum()
+    }
 }
 
 /// What the destination received for one device.

@@ -14,8 +14,10 @@ use crate::blocking::{read_once, send_all, Bounds, Fail};
 use crate::error::{Error, Result};
 use crate::ids::{ChannelId, PacketIndex};
 use crate::pool::BufferPool;
+use crate::source::control::Command;
 use crate::source::core::{check_config_len, Stream, Tallies};
-use crate::source::{DeviceCtx, PrecopyStep, SourceShared};
+use crate::source::device::{DeviceCtx, PrecopyStep, ReadMode};
+use crate::source::{SourceShared, PRECOPY_POLL};
 use crate::sys::{self, Kernel};
 use crate::wire::{
     encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE,
@@ -23,6 +25,8 @@ use crate::wire::{
 
 /// What the next packet carries.
 enum Next {
+    /// Nothing now: wait for a command or the next pre-copy poll.
+    Wait(std::time::Duration),
     Data(usize),
     Config(usize),
 }
@@ -37,46 +41,32 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
     let buf = &mut slot[skip..skip + PACKET_OVERHEAD + chunk];
     let mut tallies = Tallies::new(ctx.id.clone());
     let mut stream = Stream::new(run.cfg.max_stream_bytes);
-    let bounds = Bounds { abort: &run.abort, stall: run.cfg.stall_timeout };
     encode_packet_header(ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, &mut buf[..PACKET_OVERHEAD])
         .map_err(|e| Error::Config(e.to_string()))?;
+    ctx.control.ack(Command::Prepare);
     loop {
         if run.abort.is_aborted() {
             return Err(Error::Aborted);
         }
+        ctx.apply_commands()?;
         let t0 = Instant::now();
         let (hdr, payload) = buf.split_at_mut(PACKET_OVERHEAD);
         let idx = stream.reserve().map_err(|limit| Error::StreamLimit { device: ctx.id.clone(), limit })?;
-        let next = if ctx.in_precopy {
-            match ctx.precopy_read(payload, run.cfg.precopy_max_bytes)? {
-                PrecopyStep::Data(n) => Next::Data(n),
-                PrecopyStep::Switched => {
-                    stream.give_back(idx);
-                    continue;
-                }
-            }
-        } else {
-            match read_once(&Kernel, ctx.data_fd(), payload, bounds) {
-                Ok(0) => {
-                    stream.give_back(idx);
-                    stream.end();
-                    let blob = ctx.config()?;
-                    check_config_len(ctx.id, blob.len(), chunk).map_err(Error::Config)?;
-                    payload[..blob.len()].copy_from_slice(&blob);
-                    tallies.report.config_bytes = blob.len() as u64;
-                    Next::Config(blob.len())
-                }
-                Ok(n) => Next::Data(n),
-                Err(f) => return Err(read_error(ctx, &stream, f, run)),
-            }
-        };
+        let next = next_packet(run, ctx, &mut stream, payload, &mut tallies)?;
         let (idx, len, flags) = match next {
+            Next::Wait(d) => {
+                stream.give_back(idx);
+                wait_command(run, ctx, d)?;
+                continue;
+            }
             Next::Data(n) => {
                 stream.account(n).map_err(|limit| Error::StreamLimit { device: ctx.id.clone(), limit })?;
                 tallies.read(n, chunk);
                 (idx, n, 0)
             }
             Next::Config(n) => {
+                stream.give_back(idx);
+                stream.end();
                 let Some(cidx) = stream.config_due(false) else {
                     return Err(Error::internal("config packet not due after the end of stream"));
                 };
@@ -86,13 +76,59 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         patch_packet_header(hdr, VfioPacketHeader { idx: idx.get(), flags }, len)
             .map_err(|e| Error::Config(e.to_string()))?;
         let ch = lease(run, ctx)?;
+        let bounds = Bounds { abort: &run.abort, stall: run.cfg.stall_timeout };
         send_packet(run, ctx, ch, idx, &buf[..PACKET_OVERHEAD + len], bounds)?;
         tallies.sent(run, ch, len, t0, true);
         if flags == VFIO_FLAG_CONFIG_STATE {
             tallies.report.stop_copy_time = ctx.stop_copy_start.elapsed();
+            ctx.done();
             return Ok(tallies);
         }
     }
+}
+
+/// Reads what the device's phase allows into `payload`: pre-copy data, stream data, or (at
+/// the end of the stream) the config blob.
+fn next_packet(
+    run: &SourceShared<'_>,
+    ctx: &mut DeviceCtx<'_, '_>,
+    stream: &mut Stream,
+    payload: &mut [u8],
+    tallies: &mut Tallies,
+) -> Result<Next> {
+    match ctx.read_mode() {
+        ReadMode::Nothing => Ok(Next::Wait(TICK)),
+        ReadMode::PreCopy => match ctx.precopy_read(payload)? {
+            PrecopyStep::Data(n) => Ok(Next::Data(n)),
+            PrecopyStep::Idle => Ok(Next::Wait(PRECOPY_POLL)),
+        },
+        ReadMode::Stream => {
+            let fd = ctx.data_fd().ok_or_else(|| Error::internal("STOP_COPY without a data fd"))?;
+            let bounds = Bounds { abort: &run.abort, stall: run.cfg.stall_timeout };
+            match read_once(&Kernel, fd, payload, bounds) {
+                Ok(0) => {
+                    let blob = ctx.config()?;
+                    check_config_len(ctx.id, blob.len(), run.cfg.chunk_bytes).map_err(Error::Config)?;
+                    payload[..blob.len()].copy_from_slice(&blob);
+                    tallies.report.config_bytes = blob.len() as u64;
+                    Ok(Next::Config(blob.len()))
+                }
+                Ok(n) => {
+                    ctx.stop_copy_read(n);
+                    Ok(Next::Data(n))
+                }
+                Err(f) => Err(read_error(ctx, stream, f, run)),
+            }
+        }
+    }
+}
+
+/// Waits up to `d` for a command (or abort); an idle device never counts as stalled.
+fn wait_command(run: &SourceShared<'_>, ctx: &DeviceCtx<'_, '_>, d: std::time::Duration) -> Result<()> {
+    let fds: [BorrowedFd<'_>; 2] = [ctx.control.waker.as_fd(), run.abort.as_fd()];
+    sys::wait_readable(&fds, d).map_err(|e| Error::sys("poll", e))?;
+    ctx.control.waker.drain();
+    Ok(())
 }
 
 fn read_error(ctx: &DeviceCtx<'_, '_>, stream: &Stream, f: Fail, run: &SourceShared<'_>) -> Error {

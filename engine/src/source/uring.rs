@@ -40,8 +40,10 @@ use crate::device_io::{classify, from_cqe, IoStep, Retries};
 use crate::error::{Error, Result};
 use crate::ids::{ChannelId, PacketIndex};
 use crate::pool::BufferPool;
+use crate::source::control::Command;
 use crate::source::core::{check_config_len, Stream, Tallies};
-use crate::source::{DeviceCtx, PrecopyStep, SourceShared};
+use crate::source::device::{DeviceCtx, PrecopyStep, ReadMode};
+use crate::source::{SourceShared, PRECOPY_POLL};
 use crate::sys::{self, FdKind};
 use crate::uring::{
     self, cqe_error, describe_setup_error, Completion, Driver, Ring, StallClock, Token, Uring, CQ_ENTRIES,
@@ -59,6 +61,8 @@ const K_POLL: u8 = Token::FIRST_DRIVER_KIND + 1;
 const K_SEND: u8 = Token::FIRST_DRIVER_KIND + 2;
 /// `READ` of the channel-grant eventfd.
 const K_WAKE: u8 = Token::FIRST_DRIVER_KIND + 3;
+/// `READ` of the controller's command eventfd.
+const K_CONTROL: u8 = Token::FIRST_DRIVER_KIND + 4;
 
 /// A packet held by a slot.
 #[derive(Debug, Clone, Copy)]
@@ -159,8 +163,9 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     /// kernel did not give every operation back.
     uring: ManuallyDrop<Uring>,
     pool: ManuallyDrop<BufferPool>,
-    /// The channel-grant eventfd's read target (stable address; leaked with the ring).
-    wake_buf: ManuallyDrop<Box<u64>>,
+    /// Read targets of the grant (0) and command (1) eventfds (stable addresses; leaked with
+    /// the ring).
+    wake_bufs: ManuallyDrop<Box<[u64; 2]>>,
     run: &'s SourceShared<'c>,
     ctx: &'s mut DeviceCtx<'a, 'd>,
     table: SlotTable,
@@ -174,8 +179,11 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     poll_first: bool,
     retries: Retries,
     config_done: bool,
-    /// Reads go to io-wq at once (a data fd without `FMODE_NOWAIT`).
-    read_async: bool,
+    /// Whether reads of the data fd (by number) go to io-wq at once (an fd without
+    /// `FMODE_NOWAIT`); learnt at the first read of each data fd.
+    read_async: Option<(i32, bool)>,
+    /// An idle pre-copy asks the device again at this time.
+    next_poll: Option<Instant>,
     /// Whether the pool could be registered with the ring.
     buffers: Buffers,
     chunk: usize,
@@ -192,7 +200,7 @@ impl Drop for DeviceLoop<'_, '_, '_, '_> {
         unsafe {
             ManuallyDrop::drop(&mut self.uring);
             ManuallyDrop::drop(&mut self.pool);
-            ManuallyDrop::drop(&mut self.wake_buf);
+            ManuallyDrop::drop(&mut self.wake_bufs);
         }
     }
 }
@@ -206,9 +214,10 @@ enum Buffers {
     Unregistered,
 }
 
-/// Fixed files: 0 = the data fd, 1..=N = the channels, N+1 = the grant eventfd, N+2 = abort.
+/// Fixed files: 0..N = the channels, N = the grant eventfd, N+1 = abort, N+2 = commands. The
+/// data fd is not registered: it appears only when the device enters PRE_COPY or STOP_COPY.
 fn channel_file(ch: ChannelId) -> types::Fixed {
-    types::Fixed(ch.get() as u32 + 1)
+    types::Fixed(u32::from(ch.get()))
 }
 
 /// Runs one device's transfer on io_uring.
@@ -227,23 +236,19 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !run.zerocopy => Buffers::Unregistered,
         Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS (raise RLIMIT_MEMLOCK or use --zerocopy off)", e)),
     };
-    let mut files = vec![ctx.data_fd().as_raw_fd()];
-    files.extend(run.channels.iter().map(|c| c.as_raw_fd()));
+    let mut files: Vec<i32> = run.channels.iter().map(|c| c.as_raw_fd()).collect();
     files.push(run.leases.waker(ctx.dev_no).as_fd().as_raw_fd());
     files.push(run.abort.as_fd().as_raw_fd());
+    files.push(ctx.control.waker.as_fd().as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     // Bound the kernel's helper threads for blocking device reads.
     let _ = ring.limit_workers(2, 2);
-    // Pipes, sockets and regular files complete reads inline; anything else (a VFIO data fd is
-    // an anon inode without FMODE_NOWAIT) would first fail a non-blocking attempt, so it goes
-    // straight to io-wq.
-    let read_async = sys::fd_kind(ctx.data_fd()) == FdKind::Other;
     let id = ctx.id.clone();
-    let abort_fixed = files.len() as u32 - 1;
+    let abort_fixed = run.channels.len() as u32 + 1;
     let mut lp = DeviceLoop {
         uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
         pool: ManuallyDrop::new(pool),
-        wake_buf: ManuallyDrop::new(Box::new(0)),
+        wake_bufs: ManuallyDrop::new(Box::new([0; 2])),
         run,
         ctx,
         table: SlotTable::new(nslots),
@@ -254,7 +259,8 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         poll_first: false,
         retries: Retries::default(),
         config_done: false,
-        read_async,
+        read_async: None,
+        next_poll: None,
         buffers,
         chunk: cfg.chunk_bytes,
     };
@@ -274,16 +280,31 @@ impl Driver for DeviceLoop<'_, '_, '_, '_> {
 
     fn pump(&mut self) -> Result<bool> {
         self.schedule()?;
-        Ok(self.config_done && self.table.all_free())
+        let done = self.config_done && self.table.all_free();
+        if done {
+            self.ctx.done();
+        }
+        Ok(done)
+    }
+
+    fn idle(&self) -> bool {
+        // Set up, quiesced or in an idle pre-copy, with nothing in flight: waiting for the
+        // device or the VMM is not a stall.
+        self.ctx.read_mode() != ReadMode::Stream && !self.table.data_unsettled()
+    }
+
+    fn wait_limit(&self) -> std::time::Duration {
+        self.next_poll.map_or(uring::TICK, |t| t.saturating_duration_since(Instant::now()).min(uring::TICK))
     }
 
     fn complete(&mut self, tok: Token, c: Completion) -> Result<()> {
         let s = tok.at();
-        if tok.kind != K_WAKE && self.table.gens.get(s) != Some(&tok.gen) {
+        if tok.kind != K_WAKE && tok.kind != K_CONTROL && self.table.gens.get(s) != Some(&tok.gen) {
             return Err(Error::internal(format!("completion {tok:?} does not match its slot's generation")));
         }
         match tok.kind {
             K_WAKE => self.on_wake(c.res),
+            K_CONTROL => self.on_control(c.res),
             // The poll's outcome shows in the read linked after it.
             K_POLL => Ok(()),
             K_READ => match &mut self.table.slots[s] {
@@ -324,7 +345,8 @@ impl Driver for DeviceLoop<'_, '_, '_, '_> {
 
 impl DeviceLoop<'_, '_, '_, '_> {
     /// Encodes every slot's header once (the device identity; each packet patches its index,
-    /// flags and size) and arms the grant eventfd's read.
+    /// flags and size), arms the grant and command eventfds' reads, and tells the controller
+    /// that set-up is done.
     fn prepare(&mut self) -> Result<()> {
         for s in 0..self.table.slots.len() {
             // SAFETY: no operation is in flight yet; we own every slot.
@@ -332,16 +354,34 @@ impl DeviceLoop<'_, '_, '_, '_> {
             encode_packet_header(self.ctx.id, VfioPacketHeader { idx: 0, flags: 0 }, 0, hdr)
                 .map_err(|e| Error::Config(e.to_string()))?;
         }
-        self.arm_wake()
+        self.arm_eventfd(K_WAKE)?;
+        self.arm_eventfd(K_CONTROL)?;
+        self.ctx.control.ack(Command::Prepare);
+        Ok(())
     }
 
-    fn arm_wake(&mut self) -> Result<()> {
-        let wake_fd = types::Fixed((self.run.channels.len() + 1) as u32);
-        let buf: *mut u64 = &mut **self.wake_buf;
-        let e = opcode::Read::new(wake_fd, buf.cast(), 8).build().user_data(Token::new(K_WAKE, 0, 0).encode());
-        // SAFETY: `wake_buf` is boxed (stable address) and is freed only after every operation
-        // was reaped (or never, if the ring is leaked); the fixed file stays registered.
+    /// Arms the `READ` of the grant (`K_WAKE`) or command (`K_CONTROL`) eventfd.
+    fn arm_eventfd(&mut self, kind: u8) -> Result<()> {
+        let n = self.run.channels.len() as u32;
+        let (file, i) = if kind == K_WAKE { (n, 0) } else { (n + 2, 1) };
+        let buf: *mut u64 = &mut self.wake_bufs[i];
+        let e = opcode::Read::new(types::Fixed(file), buf.cast(), 8).build().user_data(Token::new(kind, 0, 0).encode());
+        // SAFETY: `wake_bufs` is boxed (stable address) and is freed only after every operation
+        // was reaped (or never, if the ring is leaked); each element has one read in flight at
+        // most; the fixed file stays registered.
         unsafe { self.uring.push(&[e]) }
+    }
+
+    fn on_control(&mut self, res: i32) -> Result<()> {
+        match res {
+            r if r == -libc::ECANCELED => Ok(()),
+            r if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => {
+                // The commands themselves are applied by `schedule`, between I/O steps.
+                self.next_poll = None;
+                self.arm_eventfd(K_CONTROL)
+            }
+            r => Err(Error::sys("read command eventfd", cqe_error(r))),
+        }
     }
 
     fn on_wake(&mut self, res: i32) -> Result<()> {
@@ -355,7 +395,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
         while let Some(ch) = self.run.leases.take_granted(self.ctx.dev_no) {
             self.held.push(ch);
         }
-        self.arm_wake()
+        self.arm_eventfd(K_WAKE)
     }
 
     fn take_channel(&mut self, enqueue: bool) -> Option<ChannelId> {
@@ -364,6 +404,10 @@ impl DeviceLoop<'_, '_, '_, '_> {
 
     /// Schedules whatever can run now.
     fn schedule(&mut self) -> Result<()> {
+        // 0. The controller's commands (state changes), between I/O steps: no read of this
+        //    device is in flight in the phases that take commands (pre-copy reads are
+        //    synchronous).
+        self.ctx.apply_commands()?;
         // 1. The config packet, strictly after every data packet was sent; it joins the queue
         //    of packets waiting for a channel, served just below.
         let unsettled = self.table.data_unsettled();
@@ -376,16 +420,20 @@ impl DeviceLoop<'_, '_, '_, '_> {
             self.table.ready.pop_front();
             self.submit_send(s, ch)?;
         }
-        // 3. The next read (one in flight per data fd).
-        if !self.stream.ended() && self.reading.is_none() {
+        // 3. The next read (one in flight per data fd), as the device's phase allows.
+        let mode = self.ctx.read_mode();
+        let poll_due = self.next_poll.is_none_or(|t| Instant::now() >= t);
+        if mode != ReadMode::Nothing && !self.stream.ended() && self.reading.is_none() && poll_due {
             if let Some(s) = self.table.free.pop() {
-                if self.ctx.in_precopy {
-                    self.precopy_read(s)?;
-                    // A pre-copy read completes synchronously: queue its send right away.
-                    return self.schedule();
+                if mode == ReadMode::PreCopy {
+                    if self.precopy_read(s)? {
+                        // A pre-copy read completes synchronously: queue its send right away.
+                        return self.schedule();
+                    }
+                } else {
+                    let ch = if self.table.ready.is_empty() { self.take_channel(false) } else { None };
+                    self.submit_read(s, ch)?;
                 }
-                let ch = if self.table.ready.is_empty() { self.take_channel(false) } else { None };
-                self.submit_read(s, ch)?;
             }
         }
         // 4. Channels we hold but cannot use right now go back to other devices.
@@ -414,21 +462,25 @@ impl DeviceLoop<'_, '_, '_, '_> {
         Ok(())
     }
 
-    fn precopy_read(&mut self, s: usize) -> Result<()> {
-        let cap = self.run.cfg.precopy_max_bytes;
+    /// One synchronous pre-copy read into slot `s`; returns whether it brought data (else
+    /// the next one waits for the poll interval).
+    fn precopy_read(&mut self, s: usize) -> Result<bool> {
         let t0 = Instant::now();
         // SAFETY: slot `s` was just taken from the free list: no operation refers to it.
         let buf = unsafe { self.pool.slot_bytes_mut(s, 0, self.chunk) };
-        match self.ctx.precopy_read(buf, cap)? {
+        match self.ctx.precopy_read(buf)? {
             PrecopyStep::Data(n) => {
+                self.next_poll = None;
                 let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
                 self.stream.account(n).map_err(|l| self.limit_err(l))?;
                 self.tallies.read(n, self.chunk);
-                self.make_ready(s, Packet { idx, len: n, config: false, t0 })
+                self.make_ready(s, Packet { idx, len: n, config: false, t0 })?;
+                Ok(true)
             }
-            PrecopyStep::Switched => {
+            PrecopyStep::Idle => {
                 self.table.free.push(s);
-                Ok(())
+                self.next_poll = Some(Instant::now() + PRECOPY_POLL);
+                Ok(false)
             }
         }
     }
@@ -444,13 +496,15 @@ impl DeviceLoop<'_, '_, '_, '_> {
             .map_err(|e| Error::Config(e.to_string()))?;
         let gen = self.table.bump(s);
         let ptr = self.pool.payload_ptr(s);
+        let data = self.ctx.data_fd().ok_or_else(|| Error::internal("a read without a data fd"))?.as_raw_fd();
+        let fd = types::Fd(data);
         let mut rd = if self.buffers == Buffers::Registered {
-            opcode::ReadFixed::new(types::Fixed(0), ptr, self.chunk as u32, 0).offset(u64::MAX).build()
+            opcode::ReadFixed::new(fd, ptr, self.chunk as u32, 0).offset(u64::MAX).build()
         } else {
-            opcode::Read::new(types::Fixed(0), ptr, self.chunk as u32).offset(u64::MAX).build()
+            opcode::Read::new(fd, ptr, self.chunk as u32).offset(u64::MAX).build()
         }
         .user_data(Token::new(K_READ, s, gen).encode());
-        if self.read_async {
+        if self.read_async(data) {
             rd = rd.flags(squeue::Flags::ASYNC);
         }
         self.reading = Some(s);
@@ -461,7 +515,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
                 self.held.push(ch);
             }
             self.table.slots[s] = Slot::Reading { pkt, link: None, read: None, send: None };
-            let poll = opcode::PollAdd::new(types::Fixed(0), libc::POLLIN as u32)
+            let poll = opcode::PollAdd::new(fd, libc::POLLIN as u32)
                 .build()
                 .flags(squeue::Flags::IO_LINK)
                 .user_data(Token::new(K_POLL, s, gen).encode());
@@ -480,6 +534,21 @@ impl DeviceLoop<'_, '_, '_, '_> {
             }
             // SAFETY: as above, for the read alone.
             None => unsafe { self.uring.push(&[rd]) },
+        }
+    }
+
+    /// Pipes, sockets and regular files complete reads inline; anything else (a VFIO data fd
+    /// is an anon inode without FMODE_NOWAIT) would first fail a non-blocking attempt, so its
+    /// reads go straight to io-wq. Learnt once per data fd.
+    fn read_async(&mut self, fd: i32) -> bool {
+        match self.read_async {
+            Some((f, a)) if f == fd => a,
+            _ => {
+                let kind = self.ctx.data_fd().map_or(FdKind::Other, sys::fd_kind);
+                let a = kind == FdKind::Other;
+                self.read_async = Some((fd, a));
+                a
+            }
         }
     }
 
@@ -536,6 +605,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
                 self.retries.reset();
                 self.stream.account(self.chunk).map_err(|l| self.limit_err(l))?;
                 self.tallies.read(self.chunk, self.chunk);
+                self.ctx.stop_copy_read(self.chunk);
                 self.table.slots[s] = Slot::Sending { pkt, ch, sent: false, notif_due: false };
                 match send {
                     Some(cqe) => self.on_sent(s, cqe),
@@ -568,6 +638,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
                 self.retries.reset();
                 self.stream.account(n).map_err(|l| self.limit_err(l))?;
                 self.tallies.read(n, self.chunk);
+                self.ctx.stop_copy_read(n);
                 return self.make_ready(s, Packet { len: n, ..pkt });
             }
             IoStep::End => self.stream.end(),

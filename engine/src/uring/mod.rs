@@ -102,6 +102,16 @@ pub(crate) trait Driver {
     fn retire(&mut self, tok: Token, c: Completion);
     /// Why the loop stalled, for the error (who waits for what).
     fn stall_report(&self) -> String;
+    /// Whether the loop waits for something that is not progress (a command, an idle device):
+    /// such a wait never counts as a stall.
+    fn idle(&self) -> bool {
+        false
+    }
+    /// The longest the next wait may take (at most [`TICK`]): a driver that must act at a
+    /// given time (an idle pre-copy's next poll) says so.
+    fn wait_limit(&self) -> Duration {
+        TICK
+    }
 }
 
 /// A ring plus the skeleton's accounting of what the kernel still owns.
@@ -208,7 +218,8 @@ pub(crate) fn run<D: Driver>(d: &mut D, abort: &AbortHandle, clock: &StallClock,
         if d.pump()? {
             return Ok(());
         }
-        d.uring().ring.submit_and_wait(TICK).map_err(|e| Error::sys("io_uring_enter", e))?;
+        let wait = d.wait_limit().min(TICK);
+        d.uring().ring.submit_and_wait(wait).map_err(|e| Error::sys("io_uring_enter", e))?;
         let mut moved = false;
         loop {
             let n = d.uring().ring.reap_into(&mut batch);
@@ -226,7 +237,7 @@ pub(crate) fn run<D: Driver>(d: &mut D, abort: &AbortHandle, clock: &StallClock,
                 break;
             }
         }
-        if moved {
+        if moved || d.idle() {
             clock.touch();
         } else if clock.idle_for() > stall {
             return Err(Error::Timeout { what: d.stall_report(), after: stall });

@@ -1,0 +1,598 @@
+//! The live-migration source session a VMM drives: set-up before the guest stops, pre-copy
+//! while it runs, a switchover the VMM decides, P2P-safe ordering, cancel from any thread.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vfio_migration::{recover, transition, MigFlags, MigState, MigrationDevice};
+
+use crate::abort::AbortHandle;
+use crate::config::{SourceConfig, ZeroCopy};
+use crate::error::{Error, Result};
+use crate::ids::{ChannelId, DeviceIndex};
+use crate::source::control::{Command, DeviceControl, DeviceStatus, Events, SessionEvent};
+use crate::source::core::Tallies;
+use crate::source::device::DeviceCtx;
+use crate::source::lease::ChannelLeases;
+use crate::source::{blocking, uring, DeviceOptions, SourceShared};
+use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceReport};
+use crate::sys;
+use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
+
+pub(crate) enum SourceKind<'a> {
+    Device { dev: &'a mut dyn MigrationDevice, opts: DeviceOptions },
+    Fd { fd: BorrowedFd<'a>, config: &'a [u8] },
+}
+
+pub(crate) struct SourceDevice<'a> {
+    pub(crate) id: DeviceId,
+    pub(crate) kind: SourceKind<'a>,
+}
+
+/// A live-migration source: the devices' state over N multifd channels, driven by a VMM.
+///
+/// [`SourceSession::run`] does all set-up first (init packets on every channel, one thread
+/// with its ring and registered buffers per device) while the guest still runs, then hands the
+/// VMM a [`SessionControl`] on the calling thread. The VMM starts pre-copy
+/// ([`SessionControl::start_precopy`]: devices with PRE_COPY stream their initial and dirty
+/// data), watches [`SessionControl::status`] or [`SessionControl::next_event`] for its
+/// convergence decision, stops its vCPUs, and calls [`SessionControl::switchover`]: every device
+/// reaches its P2P-quiesced state before any device stops, then each streams the rest of its
+/// state and its config. The engine never changes a device's state on its own schedule.
+///
+/// On any failure or cancel ([`SessionControl::cancel`], [`SourceSession::abort_handle`]), every
+/// device, including those that had finished, is put back to RUNNING, P2P-safely: all to
+/// RUNNING_P2P first, then all to RUNNING.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use vfio_multifd::{DeviceId, SourceConfig, SourceSession};
+/// # fn device() -> Box<dyn vfio_migration::MigrationDevice> { unimplemented!() }
+/// # fn pause_vcpus() {}
+/// let mut dev = device();
+/// let mut session = SourceSession::connect(SourceConfig::new(), "192.0.2.1:4444", 4)?;
+/// session.add_device(DeviceId::new("0000:00:02.0/vfio", 0)?, dev.as_mut());
+/// let ((), report) = session.run(|ctl| {
+///     ctl.start_precopy()?;
+///     // Converge: until the initial data is out and the rest fits the downtime budget.
+///     while !ctl.status().converged(Duration::from_millis(300)) {
+///         ctl.next_event(Duration::from_millis(50));
+///     }
+///     pause_vcpus();
+///     ctl.switchover()
+/// })?;
+/// println!("{} bytes, {} in pre-copy", report.data_bytes(), report.precopy_bytes());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct SourceSession<'a> {
+    cfg: SourceConfig,
+    channels: Vec<OwnedFd>,
+    devices: Vec<SourceDevice<'a>>,
+    abort: AbortHandle,
+    progress: Progress,
+}
+
+impl std::fmt::Debug for SourceSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceSession")
+            .field("cfg", &self.cfg)
+            .field("channels", &self.channels.len())
+            .field("devices", &self.devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A session's live status, from [`SessionControl::status`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct SessionStatus {
+    /// Per device, in the order they were added.
+    pub devices: Vec<DeviceStatus>,
+    /// Device bytes sent so far (all phases).
+    pub sent_bytes: u64,
+    /// The channels' measured rate since pre-copy started (bytes per second), once pre-copy
+    /// has moved data.
+    pub rate_bytes_per_sec: Option<f64>,
+    /// What is left to send at switchover, per the devices' own estimates: each device's
+    /// `stop_copy_size` (MIG_DATA_SIZE) where known, else its pending pre-copy bytes.
+    pub remaining_bytes: u64,
+    /// `remaining_bytes` at the measured rate: the data part of the downtime.
+    pub estimated_switchover: Option<Duration>,
+}
+
+impl SessionStatus {
+    /// Whether every device with PRE_COPY has sent its initial data and the estimated
+    /// switchover time is at most `downtime_limit` (QEMU's rule, with its default of 300 ms).
+    pub fn converged(&self, downtime_limit: Duration) -> bool {
+        let initial_done = self.devices.iter().all(|d| d.initial_data_sent || d.phase != crate::SourcePhase::PreCopy);
+        initial_done && self.estimated_switchover.is_some_and(|t| t <= downtime_limit)
+    }
+}
+
+impl<'a> SourceSession<'a> {
+    /// A session over already connected stream sockets (TCP or Unix), channel `i` being
+    /// `channels[i]`. The sockets are closed when the session ends.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for no channels or more than 256; eventfd creation failures.
+    pub fn new(cfg: SourceConfig, channels: Vec<OwnedFd>) -> Result<SourceSession<'a>> {
+        if channels.is_empty() || channels.len() > crate::wire::MAX_CHANNELS {
+            return Err(Error::Config(format!("{} channels outside 1..=256", channels.len())));
+        }
+        let abort = AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?;
+        Ok(SourceSession { cfg, channels, devices: Vec::new(), abort, progress: Progress::default() })
+    }
+
+    /// Connects `n` TCP channels to `addr` (each with `TCP_NODELAY`).
+    ///
+    /// # Errors
+    /// [`Error::Sys`] naming the address and channel when a connection fails.
+    pub fn connect(
+        cfg: SourceConfig,
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        n: usize,
+    ) -> Result<SourceSession<'a>> {
+        let mut chans = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = TcpStream::connect(&addr).map_err(|e| Error::sys(format!("connect channel {i} to {addr:?}"), e))?;
+            s.set_nodelay(true).map_err(|e| Error::sys("TCP_NODELAY", e))?;
+            chans.push(OwnedFd::from(s));
+        }
+        SourceSession::new(cfg, chans)
+    }
+
+    /// Adds a migratable device (RUNNING) with default options: it stays in STOP after a
+    /// successful switchover.
+    pub fn add_device(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice) -> &mut Self {
+        self.add_device_with(id, dev, DeviceOptions::default())
+    }
+
+    /// Adds a migratable device with explicit options (`precopy` is ignored here: the VMM
+    /// starts pre-copy with [`SessionControl::start_precopy`]).
+    pub fn add_device_with(
+        &mut self,
+        id: DeviceId,
+        dev: &'a mut dyn MigrationDevice,
+        opts: DeviceOptions,
+    ) -> &mut Self {
+        self.devices.push(SourceDevice { id, kind: SourceKind::Device { dev, opts } });
+        self
+    }
+
+    /// Adds a raw readable stream (a data fd the VMM already put in STOP_COPY, or a saved
+    /// stream file) plus the config blob to send last. It is read from the switchover on.
+    pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a [u8]) -> &mut Self {
+        self.devices.push(SourceDevice { id, kind: SourceKind::Fd { fd, config } });
+        self
+    }
+
+    /// A handle that cancels this session from any thread (also a pollable fd).
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// A handle to watch the device bytes sent so far from any thread.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// Sets the session up, then calls `drive` on this thread with the session's controls;
+    /// `drive` must end with [`SessionControl::switchover`] (or an error, which cancels the
+    /// session). Returns `drive`'s value and the report once every device sent its last packet.
+    ///
+    /// # Errors
+    /// The first failure (set-up, a state change, a device read, a channel), or `drive`'s
+    /// error. Every device is then back in RUNNING, or [`Error::Unrecovered`] names the one
+    /// that could not be put back.
+    pub fn run<R>(mut self, drive: impl FnOnce(&mut SessionControl<'_>) -> Result<R>) -> Result<(R, SourceReport)> {
+        self.cfg.validate(self.channels.len(), self.devices.len()).map_err(Error::Config)?;
+        check_unique_ids(&self.devices)?;
+        let started = Instant::now();
+        let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
+        let zerocopy = zerocopy_decision(backend, self.cfg.zerocopy, &self.channels)?;
+        for (ch, fd) in ChannelId::all(self.channels.len()).zip(&self.channels) {
+            send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get() }).map_err(|e| Error::Channel {
+                channel: ch,
+                op: "send init packet".into(),
+                source: e,
+            })?;
+        }
+        let events = Arc::new(Events::new().map_err(|e| Error::sys("eventfd", e))?);
+        let controls = self
+            .devices
+            .iter()
+            .map(|d| DeviceControl::new(d.id.clone(), events.clone()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::sys("eventfd", e))?;
+        let shared = SourceShared {
+            cfg: &self.cfg,
+            channels: self.channels.iter().map(|c| c.as_fd()).collect(),
+            leases: ChannelLeases::new(self.channels.len(), self.devices.len())
+                .map_err(|e| Error::sys("eventfd", e))?,
+            counters: (0..self.channels.len()).map(|_| ChannelCounters::default()).collect(),
+            abort: self.abort.clone(),
+            zerocopy,
+            progress: self.progress.clone(),
+        };
+        let devices = std::mem::take(&mut self.devices);
+        let mut ctl = SessionControl {
+            controls: &controls,
+            events: &events,
+            abort: &self.abort,
+            progress: &self.progress,
+            limit: self.cfg.stall_timeout,
+            precopy_started: None,
+            switched: false,
+        };
+        let (driven, outcomes) = std::thread::scope(|s| {
+            let handles = spawn_devices(s, &shared, backend, devices, &controls);
+            let driven = ctl.prepared().and_then(|()| drive(&mut ctl)).and_then(|r| {
+                if ctl.switched {
+                    Ok(r)
+                } else {
+                    Err(Error::Config("the session was driven to its end without a switchover".into()))
+                }
+            });
+            if driven.is_err() {
+                self.abort.abort();
+            }
+            (driven, join_devices(handles, &shared))
+        });
+        // Closing our write side tells the receiver the stream ended at a packet boundary. A
+        // failure here (the peer already reset the connection) changes nothing the devices'
+        // results do not already say.
+        for ch in &shared.channels {
+            let _ = sys::shutdown_write(*ch);
+        }
+        let counters = &shared.counters;
+        let channels = ChannelId::all(counters.len()).map(|c| counters[c.index()].report(c)).collect();
+        let tallies = match (epilogue(outcomes, driven.is_err()), driven) {
+            (Ok(t), Ok(r)) => (t, r),
+            // The VMM's own error is the root cause when no device failed by itself.
+            (Err(Error::Aborted), Err(d)) => return Err(d),
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+        };
+        let (tallies, r) = tallies;
+        let run = RunFacts { backend, fallback_reason, zerocopy, elapsed: started.elapsed() };
+        Ok((r, report(run, channels, tallies)))
+    }
+}
+
+/// What a run knows besides its devices' tallies.
+struct RunFacts {
+    backend: BackendKind,
+    fallback_reason: Option<String>,
+    zerocopy: bool,
+    elapsed: Duration,
+}
+
+fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Vec<Tallies>) -> SourceReport {
+    let mut latency = Latency::new();
+    for t in &tallies {
+        latency.merge(&t.latency);
+    }
+    SourceReport {
+        backend: run.backend,
+        fallback_reason: run.fallback_reason,
+        zerocopy: run.zerocopy,
+        zerocopy_bytes: tallies.iter().map(|t| t.zerocopy_bytes).sum(),
+        copied_bytes: tallies.iter().map(|t| t.copied_bytes).sum(),
+        elapsed: run.elapsed,
+        devices: tallies.into_iter().map(|t| t.report).collect(),
+        channels,
+        latency: latency.summary(),
+    }
+}
+
+/// The VMM's controls of a running [`SourceSession`], valid inside [`SourceSession::run`].
+#[derive(Debug)]
+pub struct SessionControl<'s> {
+    controls: &'s [DeviceControl],
+    events: &'s Events,
+    abort: &'s AbortHandle,
+    progress: &'s Progress,
+    limit: Duration,
+    precopy_started: Option<(Instant, u64)>,
+    switched: bool,
+}
+
+impl SessionControl<'_> {
+    /// Waits until every device thread finished its set-up.
+    fn prepared(&self) -> Result<()> {
+        self.command_all(Command::Prepare)
+    }
+
+    /// Sends `c` to every device and waits for every acknowledgement (the barrier).
+    fn command_all(&self, c: Command) -> Result<()> {
+        for d in self.controls {
+            d.command(c);
+        }
+        self.controls.iter().try_for_each(|d| d.wait_ack(c, self.abort, self.limit))
+    }
+
+    /// Starts pre-copy: every device with PRE_COPY goes RUNNING → PRE_COPY and streams its
+    /// initial data, then its dirty data as it appears, continuously, until the switchover. An
+    /// idle pre-copy (nothing to read) never counts as a stall. Returns once every device
+    /// made the change.
+    ///
+    /// # Errors
+    /// [`Error::Aborted`] (the device's own error is the session's result), or
+    /// [`Error::Timeout`] after the stall timeout.
+    pub fn start_precopy(&mut self) -> Result<()> {
+        self.command_all(Command::PreCopy)?;
+        self.precopy_started = Some((Instant::now(), self.progress.bytes()));
+        Ok(())
+    }
+
+    /// The switchover, once the VMM has stopped its vCPUs: every device to its P2P-quiesced
+    /// state (PRE_COPY_P2P or RUNNING_P2P, where it has P2P), and only when all are there,
+    /// every device to STOP_COPY. Returns when every device is in STOP_COPY; the rest of the
+    /// state and the configs are then sent, and [`SourceSession::run`] returns when all are.
+    ///
+    /// # Errors
+    /// As [`SessionControl::start_precopy`]; the session is then cancelled.
+    pub fn switchover(&mut self) -> Result<()> {
+        self.command_all(Command::Quiesce)?;
+        self.command_all(Command::StopCopy)?;
+        self.switched = true;
+        Ok(())
+    }
+
+    /// Waits until every device with PRE_COPY has sent its initial data (bounded by the
+    /// stall timeout without progress).
+    ///
+    /// # Errors
+    /// [`Error::Aborted`], or [`Error::Timeout`] when no device moves for the stall timeout.
+    pub fn wait_initial_data(&mut self) -> Result<()> {
+        let mut last = (self.progress.bytes(), Instant::now());
+        loop {
+            let st = self.status();
+            if st.devices.iter().all(|d| d.initial_data_sent || d.phase != crate::SourcePhase::PreCopy) {
+                return Ok(());
+            }
+            if self.abort.is_aborted() {
+                return Err(Error::Aborted);
+            }
+            if st.sent_bytes != last.0 {
+                last = (st.sent_bytes, Instant::now());
+            } else if last.1.elapsed() > self.limit {
+                return Err(Error::Timeout { what: "waiting for the initial pre-copy data".into(), after: self.limit });
+            }
+            let _ = self.next_event(crate::backend::TICK);
+        }
+    }
+
+    /// Cancels the session: device threads stop, and every device goes back to RUNNING
+    /// (P2P-safely) before [`SourceSession::run`] returns [`Error::Aborted`].
+    pub fn cancel(&self) {
+        self.abort.abort();
+    }
+
+    /// Each device's status and the session's rate and switchover estimate.
+    pub fn status(&self) -> SessionStatus {
+        let devices: Vec<DeviceStatus> = self.controls.iter().map(|d| d.status().clone()).collect();
+        let sent_bytes = self.progress.bytes();
+        let rate_bytes_per_sec = self.precopy_started.and_then(|(t, base)| {
+            let secs = t.elapsed().as_secs_f64();
+            let moved = sent_bytes.saturating_sub(base);
+            (moved > 0 && secs > 0.0).then(|| moved as f64 / secs)
+        });
+        let remaining_bytes = devices
+            .iter()
+            .map(|d| d.stop_copy_size.unwrap_or(d.initial_bytes.saturating_add(d.dirty_bytes)))
+            .sum::<u64>();
+        let estimated_switchover = rate_bytes_per_sec.map(|r| Duration::from_secs_f64(remaining_bytes as f64 / r));
+        SessionStatus { devices, sent_bytes, rate_bytes_per_sec, remaining_bytes, estimated_switchover }
+    }
+
+    /// The next event, waiting at most `timeout` for one.
+    pub fn next_event(&self, timeout: Duration) -> Option<SessionEvent> {
+        if let Some(e) = self.events.pop() {
+            return Some(e);
+        }
+        let _ = sys::wait_readable(&[self.events.fd.as_fd(), self.abort.as_fd()], timeout);
+        self.events.pop()
+    }
+
+    /// A descriptor that is readable while events wait (for a VMM's own poll loop).
+    pub fn event_fd(&self) -> BorrowedFd<'_> {
+        self.events.fd.as_fd()
+    }
+}
+
+/// What a device thread hands back: its outcome and the device, for the epilogue.
+struct Outcome<'a> {
+    id: DeviceId,
+    result: Result<Tallies>,
+    dev: Option<(&'a mut dyn MigrationDevice, MigState)>,
+}
+
+type Handle<'s, 'a> = std::thread::ScopedJoinHandle<'s, Outcome<'a>>;
+
+fn spawn_devices<'s, 'e, 'a: 's>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    shared: &'s SourceShared<'_>,
+    backend: BackendKind,
+    devices: Vec<SourceDevice<'a>>,
+    controls: &'s [DeviceControl],
+) -> Vec<(DeviceId, std::io::Result<Handle<'s, 'a>>)> {
+    devices
+        .into_iter()
+        .zip(controls)
+        .enumerate()
+        .map(|(no, (d, control))| {
+            let id = d.id.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vfmfd-src-{no}"))
+                .spawn_scoped(s, move || run_device(shared, backend, DeviceIndex::new(no), d, control));
+            if h.is_err() {
+                shared.abort.abort();
+                control.fail();
+            }
+            (id, h)
+        })
+        .collect()
+}
+
+fn join_devices<'a>(
+    handles: Vec<(DeviceId, std::io::Result<Handle<'_, 'a>>)>,
+    shared: &SourceShared<'_>,
+) -> Vec<Outcome<'a>> {
+    handles
+        .into_iter()
+        .map(|(id, h)| match h {
+            Ok(h) => h.join().unwrap_or_else(|_| {
+                shared.abort.abort();
+                Outcome { id, result: Err(Error::sys("device thread", std::io::Error::other("panicked"))), dev: None }
+            }),
+            Err(e) => Outcome { id, result: Err(Error::sys("spawn device thread", e)), dev: None },
+        })
+        .collect()
+}
+
+/// One device's thread: its context, the backend's loop from set-up to the last packet.
+fn run_device<'a>(
+    shared: &SourceShared<'_>,
+    backend: BackendKind,
+    dev_no: DeviceIndex,
+    d: SourceDevice<'a>,
+    control: &DeviceControl,
+) -> Outcome<'a> {
+    let SourceDevice { id, kind } = d;
+    let cap = shared.cfg.precopy_max_bytes;
+    let (ctx, final_state) = match kind {
+        SourceKind::Device { dev, opts } => {
+            (DeviceCtx::device(&id, dev_no, control, &shared.abort, dev, cap), Some(opts.final_state))
+        }
+        SourceKind::Fd { fd, config } => (Ok(DeviceCtx::raw(&id, dev_no, control, &shared.abort, fd, config)), None),
+    };
+    let (result, dev) = match ctx {
+        Ok(mut ctx) => {
+            let started = Instant::now();
+            let r = match backend {
+                BackendKind::Uring => uring::run(shared, &mut ctx),
+                BackendKind::Blocking => blocking::run(shared, &mut ctx),
+            };
+            let r = r.map(|mut t| {
+                t.report.precopy_bytes = ctx.precopy_bytes;
+                t.report.elapsed = started.elapsed();
+                t
+            });
+            (r, ctx.into_device())
+        }
+        Err(e) => (Err(e), None),
+    };
+    shared.leases.withdraw(dev_no);
+    if result.is_err() {
+        shared.abort.abort();
+        control.fail();
+    }
+    Outcome { id: id.clone(), result, dev: dev.zip(final_state) }
+}
+
+/// After every device thread ended: on success each device goes to its final state (STOP by
+/// default) and the tallies come back; on any failure, or when the VMM's `drive` failed
+/// (`drive_failed`), every device goes back to RUNNING, P2P-safely, and the root cause comes
+/// back ([`Error::Aborted`] when no device failed on its own).
+fn epilogue(outcomes: Vec<Outcome<'_>>, drive_failed: bool) -> Result<Vec<Tallies>> {
+    if drive_failed || outcomes.iter().any(|o| o.result.is_err()) {
+        let mut cause: Option<Error> = None;
+        let mut devs = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            if let Err(e) = o.result {
+                // Keep the root cause, not the "aborted" echoes it caused in other threads.
+                Error::keep_root_cause(&mut cause, e);
+            }
+            if let Some((dev, _)) = o.dev {
+                devs.push((o.id, dev));
+            }
+        }
+        let cause = cause.unwrap_or(Error::Aborted);
+        return Err(match recover_all(devs) {
+            Ok(()) => cause,
+            Err((device, source)) => Error::Unrecovered { device, cause: Box::new(cause), source },
+        });
+    }
+    let mut tallies = Vec::with_capacity(outcomes.len());
+    for o in outcomes {
+        if let Some((dev, state)) = o.dev {
+            transition(dev, state).map_err(|e| Error::Device { device: o.id.clone(), source: e })?;
+        }
+        tallies.push(o.result?);
+    }
+    Ok(tallies)
+}
+
+/// Every device back to RUNNING: those with P2P to RUNNING_P2P first, then all to RUNNING, so
+/// that no device runs (and can DMA) while a peer is still stopped. Returns the first device
+/// that could not be put back and why.
+fn recover_all(mut devs: Vec<(DeviceId, &mut dyn MigrationDevice)>) -> Result<(), (DeviceId, vfio_migration::Error)> {
+    let mut first: Option<(DeviceId, vfio_migration::Error)> = None;
+    for (id, dev) in devs.iter_mut() {
+        let p2p = dev.migration_flags().is_ok_and(|f| f.contains(MigFlags::P2P));
+        let running = dev.state().is_ok_and(|s| s == MigState::Running);
+        if p2p && !running {
+            if let Err(e) = recover(&mut **dev, MigState::RunningP2p) {
+                first.get_or_insert((id.clone(), e));
+            }
+        }
+    }
+    for (id, dev) in devs.iter_mut() {
+        if let Err(e) = recover(&mut **dev, MigState::Running) {
+            first.get_or_insert((id.clone(), e));
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+fn check_unique_ids(devs: &[SourceDevice<'_>]) -> Result<()> {
+    for (i, a) in devs.iter().enumerate() {
+        if devs[..i].iter().any(|b| b.id == a.id) {
+            return Err(Error::Config(format!("device {} added twice", a.id)));
+        }
+    }
+    Ok(())
+}
+
+/// Whether this run sends with SEND_ZC: `On` always (an error where impossible); `Auto` only
+/// where it can avoid the copy: the kernel has the op, every channel is TCP, and no peer is on
+/// the loopback network (where the kernel always copies and only holds buffers longer).
+fn zerocopy_decision(backend: BackendKind, want: ZeroCopy, channels: &[OwnedFd]) -> Result<bool> {
+    match (backend, want) {
+        (BackendKind::Blocking, ZeroCopy::On) => Err(Error::Config("zero-copy needs the io_uring backend".into())),
+        (BackendKind::Blocking, _) | (_, ZeroCopy::Off) => Ok(false),
+        (BackendKind::Uring, z) => {
+            let all_tcp = channels.iter().all(|c| sys::is_inet_stream(c.as_fd()));
+            let supported = crate::uring::send_zc_supported();
+            if z == ZeroCopy::On && !(all_tcp && supported) {
+                return Err(Error::Config(format!(
+                    "zero-copy requested but unavailable ({})",
+                    if supported { "a channel is not a TCP socket" } else { "the kernel lacks IORING_OP_SEND_ZC" }
+                )));
+            }
+            let remote = channels.iter().all(|c| !peer_is_loopback(c.as_fd()));
+            Ok(all_tcp && supported && (z == ZeroCopy::On || remote))
+        }
+    }
+}
+
+/// Whether a TCP socket's peer is on the loopback network (127.0.0.0/8, ::1, or a v4-mapped
+/// 127.x address), where SEND_ZC always falls back to copying.
+fn peer_is_loopback(fd: BorrowedFd<'_>) -> bool {
+    match sys::peer_ip(fd) {
+        Some(std::net::IpAddr::V6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        Some(ip) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn send_init(fd: BorrowedFd<'_>, p: &InitPacket) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut b = [0u8; INIT_PACKET_LEN];
+    p.encode(&mut b).map_err(std::io::Error::other)?;
+    // A std stream over a duplicate of the fd: write_all handles partial writes and EINTR.
+    let mut s = std::fs::File::from(sys::dup(fd)?);
+    s.write_all(&b)
+}
