@@ -116,7 +116,7 @@ pub fn run_engine(p: &EngineParams, bar: bool, interval: Duration) -> Result<Eng
     let ids: Vec<DeviceId> = (0..p.devices).map(|i| device_id(i, &[], &[])).collect::<Result<_>>()?;
     let mut rx = Receiver::new(rcfg).context("creating the receiver")?;
     for (i, d) in dsts.iter_mut().enumerate() {
-        rx.add_device(ids[i].clone(), d);
+        rx.add_device_with(ids[i].clone(), d, MigState::Running);
     }
     let progress = rx.progress();
     let rx_abort = rx.abort_handle();

@@ -80,7 +80,7 @@ pub fn migrate_with(
         let rx = sc.spawn(move || {
             let mut r = Receiver::new(rcfg.stall_timeout(Duration::from_secs(30))).expect("receiver");
             for (i, d) in dests.iter_mut().enumerate() {
-                r.add_device(dev_id(i), d);
+                r.add_device_with(dev_id(i), d, MigState::Running);
             }
             r.run(s)
         });
@@ -185,7 +185,7 @@ pub fn receive_from<F: FnOnce(std::net::SocketAddr)>(
         let h = sc.spawn(move || {
             let mut r = Receiver::new(rcfg).expect("receiver");
             for (i, d) in dests.iter_mut().enumerate() {
-                r.add_device(dev_id(i), d);
+                r.add_device_with(dev_id(i), d, MigState::Running);
             }
             r.run_listener(l, channels)
         });

@@ -17,7 +17,7 @@ use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
-use vfio_migration::{transition, MigState, MigrationDevice};
+use vfio_migration::{transition, MigFlags, MigState, MigrationDevice};
 
 use self::reassembly::Reassembly;
 use crate::abort::AbortHandle;
@@ -56,30 +56,72 @@ impl Target<'_> {
         }
     }
 
-    /// Applies the config blob and moves the device on (the kernel validates the whole stream
-    /// when the device leaves RESUMING).
+    /// Applies the config blob: the device's stream is complete. The device stays in RESUMING
+    /// until every device is loaded (see [`finish_targets`]).
     pub(crate) fn apply_config(&mut self, blob: &[u8]) -> Result<()> {
         self.config_bytes = blob.len() as u64;
-        let derr = |e| Error::Device { device: self.id.clone(), source: e };
         match &mut self.kind {
             TargetKind::Fd { config, .. } => {
                 config.clear();
                 config.extend_from_slice(blob);
-                self.loaded_at = Some(Instant::now());
-                Ok(())
             }
-            TargetKind::Device { dev, wanted_state, fd } => {
-                dev.load_config(blob).map_err(derr)?;
-                // The resume session ends with the walk; the fd is closed after it.
-                let r = transition(&mut **dev, *wanted_state);
-                *fd = None;
-                r.map_err(derr)?;
-                self.reached_state = Some(*wanted_state);
-                self.loaded_at = Some(Instant::now());
-                Ok(())
+            TargetKind::Device { dev, .. } => {
+                dev.load_config(blob).map_err(|e| Error::Device { device: self.id.clone(), source: e })?;
             }
         }
+        self.loaded_at = Some(Instant::now());
+        Ok(())
     }
+
+    /// One pass of [`finish_targets`]: STOP (every device), RUNNING_P2P (devices that are to
+    /// run and have P2P) or RUNNING (devices that are to run). Records where the device got;
+    /// the resume fd is closed once the device left RESUMING.
+    fn walk(&mut self, pass: MigState) -> Result<()> {
+        let TargetKind::Device { dev, wanted_state, fd } = &mut self.kind else { return Ok(()) };
+        let flags = dev.migration_flags().map_err(|e| Error::Device { device: self.id.clone(), source: e })?;
+        let to = match pass {
+            MigState::Stop => MigState::Stop,
+            // The P2P pass: devices that will run, and have P2P, stop there first.
+            MigState::RunningP2p if *wanted_state != MigState::Stop && flags.contains(MigFlags::P2P) => {
+                MigState::RunningP2p
+            }
+            MigState::Running if *wanted_state == MigState::Running => MigState::Running,
+            _ => return Ok(()),
+        };
+        let r = transition(&mut **dev, to);
+        if to == MigState::Stop {
+            *fd = None;
+        }
+        r.map_err(|e| Error::Device { device: self.id.clone(), source: e })?;
+        self.reached_state = Some(to);
+        Ok(())
+    }
+}
+
+/// After every device is loaded: all RESUMING → STOP (the kernel validates each stream there),
+/// then, P2P-safely, the devices that are to run: all to RUNNING_P2P, then all to RUNNING
+/// (uAPI §2; QEMU's `vm_start` order). Every device is validated even after another failed;
+/// the first failure is returned and the devices stay where it left them.
+///
+/// # Errors
+/// [`Error::Device`] for the first device whose walk failed (a rejected stream fails
+/// RESUMING → STOP with the driver's errno).
+fn finish_targets(targets: &mut [Target<'_>]) -> Result<()> {
+    let mut first: Option<Error> = None;
+    for t in targets.iter_mut() {
+        if let Err(e) = t.walk(MigState::Stop) {
+            first.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first {
+        return Err(e);
+    }
+    for pass in [MigState::RunningP2p, MigState::Running] {
+        for t in targets.iter_mut() {
+            t.walk(pass)?;
+        }
+    }
+    Ok(())
 }
 
 /// Receives the migration state of expected devices from N multifd channels and loads it.
@@ -132,14 +174,17 @@ impl<'a> Receiver<'a> {
         Ok(Receiver { cfg, targets: Vec::new(), abort, progress: Progress::default() })
     }
 
-    /// Expects a device: it is walked to RESUMING before the channels are read, its stream is
-    /// written in order, its config applied, and it is moved to RUNNING.
+    /// Expects a device: with every other device, it is walked to RESUMING before the channels
+    /// are read; its stream is written in order and its config loaded; once every device is
+    /// loaded, all go RESUMING → STOP (the kernel validates each stream there) and this one
+    /// stays in STOP for the VMM to start.
     pub fn add_device(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice) -> &mut Self {
-        self.add_device_with(id, dev, MigState::Running)
+        self.add_device_with(id, dev, MigState::Stop)
     }
 
-    /// As [`Receiver::add_device`], leaving the device in `final_state` (e.g. STOP, for a VMM
-    /// that starts devices itself).
+    /// As [`Receiver::add_device`], leaving the device in `final_state`: STOP, RUNNING_P2P or
+    /// RUNNING. Devices that are to run are started together after every device was validated:
+    /// all to RUNNING_P2P first (those with P2P), then all to RUNNING.
     pub fn add_device_with(
         &mut self,
         id: DeviceId,
@@ -262,6 +307,7 @@ impl<'a> Receiver<'a> {
             BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
         };
         res?;
+        finish_targets(&mut self.targets)?;
         let devices = self
             .targets
             .iter()
