@@ -236,3 +236,128 @@ pub fn each_backend(f: impl Fn(Backend)) {
     }
     assert!(failed.is_empty(), "failed on backend(s): {} (see the panic messages above)", failed.join(", "));
 }
+
+/// A globally ordered log of state changes: `(device, from, to)` per SET, across devices.
+#[derive(Debug, Clone, Default)]
+pub struct StateLog(std::sync::Arc<std::sync::Mutex<Vec<(usize, MigState, MigState)>>>);
+
+impl StateLog {
+    /// Every SET so far, in the order they happened.
+    pub fn entries(&self) -> Vec<(usize, MigState, MigState)> {
+        self.0.lock().expect("log").clone()
+    }
+
+    /// Position of the first SET of `device` to `to`, if any.
+    pub fn first(&self, device: usize, to: MigState) -> Option<usize> {
+        self.entries().iter().position(|&(d, _, t)| d == device && t == to)
+    }
+}
+
+/// A [`SimDevice`] whose every SET is written into a shared [`StateLog`] (the order checker of
+/// the live-migration tests: P2P before any stop, RUNNING_P2P before RUNNING).
+#[allow(missing_debug_implementations)]
+pub struct Logged<'a> {
+    /// The device.
+    pub dev: &'a mut SimDevice,
+    /// Its number in the log.
+    pub no: usize,
+    /// The shared log.
+    pub log: StateLog,
+}
+
+impl MigrationDevice for Logged<'_> {
+    fn name(&self) -> &str {
+        self.dev.name()
+    }
+    fn migration_flags(&self) -> vfio_migration::Result<vfio_migration::MigFlags> {
+        self.dev.migration_flags()
+    }
+    fn state(&self) -> vfio_migration::Result<MigState> {
+        self.dev.state()
+    }
+    fn set_state_raw(&mut self, target: MigState) -> vfio_migration::Result<Option<OwnedFd>> {
+        let from = self.dev.state()?;
+        let r = self.dev.set_state_raw(target);
+        self.log.0.lock().expect("log").push((self.no, from, target));
+        r
+    }
+    fn stop_copy_size(&self) -> vfio_migration::Result<u64> {
+        self.dev.stop_copy_size()
+    }
+    fn precopy_info(&self, fd: std::os::fd::BorrowedFd<'_>) -> vfio_migration::Result<vfio_migration::PrecopyInfo> {
+        self.dev.precopy_info(fd)
+    }
+    fn enable_precopy_info_v2(&mut self) -> vfio_migration::Result<bool> {
+        self.dev.enable_precopy_info_v2()
+    }
+    fn reset(&mut self) -> vfio_migration::Result<()> {
+        self.dev.reset()
+    }
+    fn read_data(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        buf: &mut [u8],
+    ) -> vfio_migration::Result<vfio_migration::ReadOutcome> {
+        self.dev.read_data(fd, buf)
+    }
+    fn write_data(&self, fd: std::os::fd::BorrowedFd<'_>, buf: &[u8]) -> vfio_migration::Result<usize> {
+        self.dev.write_data(fd, buf)
+    }
+    fn save_config(&mut self) -> vfio_migration::Result<Vec<u8>> {
+        self.dev.save_config()
+    }
+    fn load_config(&mut self, blob: &[u8]) -> vfio_migration::Result<()> {
+        self.dev.load_config(blob)
+    }
+}
+
+/// Outcome of [`live_migrate`].
+#[allow(missing_debug_implementations)]
+pub struct LiveMigration<R> {
+    /// The source session's result (the drive closure's value and the report).
+    pub source: Result<(R, SourceReport)>,
+    /// The receiver's result.
+    pub receiver: Result<ReceiverReport>,
+    /// Source devices afterwards.
+    pub sources: Vec<SimDevice>,
+    /// Destination devices afterwards.
+    pub dests: Vec<SimDevice>,
+    /// Every source SET, in order.
+    pub log: StateLog,
+}
+
+/// A live migration of simulated devices `cfgs` over `channels` loopback channels: a
+/// [`vfio_multifd::SourceSession`] driven by `drive` on this thread, a receiver that starts the
+/// destination devices (RUNNING) on another. Every source SET is logged in order.
+pub fn live_migrate<R>(
+    cfgs: &[SimConfig],
+    channels: usize,
+    scfg: SourceConfig,
+    rcfg: ReceiverConfig,
+    drive: impl FnOnce(&mut vfio_multifd::SessionControl<'_>) -> Result<R>,
+) -> LiveMigration<R> {
+    let mut sources: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let mut dests: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let log = StateLog::default();
+    let (c, s) = tcp_pairs(channels);
+    let (source, receiver) = std::thread::scope(|sc| {
+        let dests = &mut dests;
+        let rx = sc.spawn(move || {
+            let mut r = Receiver::new(rcfg).expect("receiver");
+            for (i, d) in dests.iter_mut().enumerate() {
+                r.add_device_with(dev_id(i), d, MigState::Running);
+            }
+            r.run(s)
+        });
+        let mut logged: Vec<Logged<'_>> =
+            sources.iter_mut().enumerate().map(|(no, dev)| Logged { dev, no, log: log.clone() }).collect();
+        let mut session = vfio_multifd::SourceSession::new(scfg, c).expect("session");
+        for (i, d) in logged.iter_mut().enumerate() {
+            session.add_device(dev_id(i), d);
+        }
+        let source = session.run(drive);
+        let receiver = rx.join().expect("receiver thread");
+        (source, receiver)
+    });
+    LiveMigration { source, receiver, sources, dests, log }
+}
