@@ -62,6 +62,7 @@ pub struct SourceConfig {
     pub(crate) stall_timeout: Duration,
     pub(crate) max_stream_bytes: u64,
     pub(crate) precopy_max_bytes: u64,
+    pub(crate) return_path: bool,
 }
 
 impl Default for SourceConfig {
@@ -75,6 +76,7 @@ impl Default for SourceConfig {
             stall_timeout: Duration::from_secs(60),
             max_stream_bytes: 1 << 40,
             precopy_max_bytes: 1 << 40,
+            return_path: true,
         }
     }
 }
@@ -121,8 +123,16 @@ impl SourceConfig {
         max_stream_bytes: u64
     }
     setter! {
-        /// Most bytes read in PRE_COPY before switching to STOP_COPY regardless.
+        /// Most bytes read in PRE_COPY; past them pre-copy reads nothing more until the
+        /// switchover.
         precopy_max_bytes: u64
+    }
+    setter! {
+        /// Offer the return path (default on): the init packets carry the offer in bytes QEMU
+        /// ignores; if the destination accepts, it acknowledges each device's initial data and
+        /// reports its verdict, and the source succeeds only if the destination did. Off: the
+        /// wire is byte-for-byte QEMU 10.x.
+        return_path: bool
     }
     /// The chunk size in effect.
     pub fn get_chunk_bytes(&self) -> usize {
@@ -171,6 +181,7 @@ pub struct ReceiverConfig {
     pub(crate) stall_timeout: Duration,
     pub(crate) accept_timeout: Duration,
     pub(crate) workers: Option<usize>,
+    pub(crate) return_path: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -183,6 +194,7 @@ impl Default for ReceiverConfig {
             stall_timeout: Duration::from_secs(60),
             accept_timeout: Duration::from_secs(60),
             workers: None,
+            return_path: true,
         }
     }
 }
@@ -218,6 +230,12 @@ impl ReceiverConfig {
     setter! {
         /// Longest wait for all channels to connect and send their init packet (100 ms ..= 1 h).
         accept_timeout: Duration
+    }
+    setter! {
+        /// Accept a source's return-path offer (default on): answer on channel 0, acknowledge
+        /// each device's initial data once written, and report a verdict per device. A source
+        /// that does not offer it (QEMU) is served exactly as before.
+        return_path: bool
     }
 
     /// Receive threads of the io_uring backend, each with its own ring and a share of the

@@ -60,6 +60,15 @@ pub enum ProtocolViolation {
         /// The limit (`ReceiverConfig::max_packet_bytes`, rounded up to a page).
         limit: usize,
     },
+    /// An initial-data marker (`VFIO_FLAG_INIT_DATA_SENT`) where none may be: the return path
+    /// was not agreed on, or the marker carries data.
+    #[error("packet {idx}: unexpected initial-data marker ({why})")]
+    UnexpectedMarker {
+        /// Its index.
+        idx: PacketIndex,
+        /// Why it is not allowed.
+        why: &'static str,
+    },
     /// Two connections announced the same channel id in their init packets.
     #[error("channel id {channel} announced twice (second time on connection {connection})")]
     DuplicateChannelId {
@@ -307,6 +316,22 @@ pub enum Error {
         device: Option<DeviceId>,
         /// What is wrong.
         violation: ProtocolViolation,
+    },
+    /// The return path (channel 0, destination to source) failed or carried bytes that are not a
+    /// valid message.
+    #[error("return path: {what}")]
+    ReturnPath {
+        /// What was wrong.
+        what: String,
+    },
+    /// The destination reported that a device failed there (its verdict on the return path),
+    /// or that the migration as a whole did not complete: the source must not report success.
+    #[error("destination: device {device}: {what}")]
+    Destination {
+        /// The device (the first one that failed).
+        device: DeviceId,
+        /// The destination's error, in its words.
+        what: String,
     },
     /// A packet names a device the receiver does not expect.
     #[error("channel {channel}: packet for unknown device {idstr:?} instance {instance_id}")]

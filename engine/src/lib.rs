@@ -26,6 +26,7 @@ mod error;
 mod ids;
 mod pool;
 mod receiver;
+mod rp;
 mod source;
 mod stats;
 mod sys;
@@ -39,6 +40,7 @@ pub use config::{
 pub use error::{Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
 pub use ids::{ChannelId, DeviceIndex, PacketIndex};
 pub use receiver::Receiver;
+pub use rp::Verdict;
 pub use source::control::{DeviceStatus, SessionEvent, SourcePhase};
 pub use source::{DeviceOptions, SessionControl, SessionStatus, Source, SourceSession};
 pub use stats::{

@@ -220,6 +220,10 @@ pub struct SourceReport {
     pub channels: Vec<ChannelReport>,
     /// Per-packet latency from read submission to send completion.
     pub latency: LatencySummary,
+    /// The destination's verdict per device, from the return path; `None` when the
+    /// destination did not take part in it (a QEMU-format receiver, or the return path off):
+    /// then the source only knows that every byte was sent.
+    pub verdicts: Option<Vec<(DeviceId, crate::Verdict)>>,
 }
 
 impl SourceReport {

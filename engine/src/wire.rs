@@ -24,6 +24,20 @@ pub const MULTIFD_FLAG_COMPRESSION_MASK: u32 = 0x3e;
 pub const VFIO_FLAG_CONFIG_STATE: u32 = 1;
 /// `VFIO_DEVICE_STATE_PACKET_VER_CURRENT`.
 pub const VFIO_PACKET_VERSION: u32 = 0;
+/// vfio-multifd extension, sent only after the destination accepted the offer (never to a
+/// QEMU peer): an empty packet in a device's stream marking the end of its initial pre-copy
+/// data (QEMU's `VFIO_MIG_FLAG_DEV_INIT_DATA_SENT` semantics, in-band). The destination acks
+/// it on the return path once every packet before it was written to the device.
+pub const VFIO_FLAG_INIT_DATA_SENT: u32 = 2;
+
+/// vfio-multifd extension offer in the init packet's `unused1` bytes (offsets 25..31), which
+/// QEMU 10 ignores: this magic, then [`EXT_VERSION`], then the offered feature bits.
+pub const EXT_MAGIC: [u8; 4] = *b"VFMX";
+/// Version of the extension offer.
+pub const EXT_VERSION: u8 = 1;
+/// Feature bit: a return path on channel 0 (HELLO, switchover-ack, per-device verdicts,
+/// SHUT; see DESIGN.md) and the `VFIO_FLAG_INIT_DATA_SENT` marker.
+pub const EXT_RETURN_PATH: u8 = 1;
 
 /// Size of `MultiFDInit_t`.
 pub const INIT_PACKET_LEN: usize = 64;
@@ -210,6 +224,9 @@ pub struct InitPacket {
     pub uuid: Uuid,
     /// Channel index, `0..N`.
     pub id: u8,
+    /// vfio-multifd extension features offered (`EXT_*` bits); 0 = none, and then the packet
+    /// is byte-for-byte QEMU's.
+    pub offer: u8,
 }
 
 impl InitPacket {
@@ -225,18 +242,27 @@ impl InitPacket {
         put_u32(b, 4, MULTIFD_VERSION);
         b[8..24].copy_from_slice(&self.uuid);
         b[24] = self.id;
+        if self.offer != 0 {
+            b[25..29].copy_from_slice(&EXT_MAGIC);
+            b[29] = EXT_VERSION;
+            b[30] = self.offer;
+        }
         Ok(())
     }
 
-    /// Decodes and validates magic, version, reserved bytes, the channel id (`< channels`)
-    /// and the session UUID.
+    /// Decodes and validates magic, version, reserved bytes (zero, except a well-formed
+    /// extension offer), the channel id (`< channels`) and the session UUID.
     ///
     /// # Errors
     /// The first violation found.
     pub fn decode(buf: &[u8], channels: usize, session: &Uuid) -> Result<InitPacket, WireError> {
         const W: &str = "init packet";
         check_magic_version(W, buf, INIT_PACKET_LEN)?;
-        if let Some(off) = (25..INIT_PACKET_LEN).find(|&i| buf[i] != 0) {
+        // An offer: the magic, our version, and feature bits we know (unknown bits, from a newer
+        // peer, are simply not accepted).
+        let offer = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { buf[30] & EXT_RETURN_PATH } else { 0 };
+        let reserved_from = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { 31 } else { 25 };
+        if let Some(off) = (reserved_from..INIT_PACKET_LEN).find(|&i| buf[i] != 0) {
             return Err(WireError::Reserved { what: W, offset: off, value: buf[off] });
         }
         let mut uuid = [0u8; 16];
@@ -248,7 +274,7 @@ impl InitPacket {
         if usize::from(id) >= channels {
             return Err(WireError::BadChannelId { id, channels });
         }
-        Ok(InitPacket { uuid, id })
+        Ok(InitPacket { uuid, id, offer })
     }
 }
 
@@ -416,6 +442,11 @@ impl VfioPacketHeader {
         self.flags & VFIO_FLAG_CONFIG_STATE != 0
     }
 
+    /// Whether this is the extension's initial-data marker ([`VFIO_FLAG_INIT_DATA_SENT`]).
+    pub fn is_marker(&self) -> bool {
+        self.flags & VFIO_FLAG_INIT_DATA_SENT != 0
+    }
+
     /// Encodes into `buf[..12]`.
     ///
     /// # Errors
@@ -428,7 +459,9 @@ impl VfioPacketHeader {
         Ok(())
     }
 
-    /// Decodes and validates version 0, known flags and `idx != u32::MAX`.
+    /// Decodes and validates version 0, known flags (the config flag, or the extension's
+    /// marker alone; whether a marker is allowed on this connection is the receiver's rule) and
+    /// `idx != u32::MAX`.
     ///
     /// # Errors
     /// The first violation found.
@@ -440,7 +473,9 @@ impl VfioPacketHeader {
         }
         let idx = get_u32(buf, 4);
         let flags = get_u32(buf, 8);
-        if flags & !VFIO_FLAG_CONFIG_STATE != 0 {
+        if flags & !(VFIO_FLAG_CONFIG_STATE | VFIO_FLAG_INIT_DATA_SENT) != 0
+            || flags == VFIO_FLAG_CONFIG_STATE | VFIO_FLAG_INIT_DATA_SENT
+        {
             return Err(WireError::BadVfioFlags { flags });
         }
         if idx == u32::MAX {
@@ -503,18 +538,18 @@ mod tests {
     fn init_packet_golden() {
         let uuid = parse_uuid("00112233-4455-6677-8899-aabbccddeeff").unwrap();
         let mut buf = [0xffu8; 64];
-        InitPacket { uuid, id: 3 }.encode(&mut buf).unwrap();
+        InitPacket { uuid, id: 3, offer: 0 }.encode(&mut buf).unwrap();
         let mut want = hex("11223344 00000001 00112233445566778899aabbccddeeff 03");
         want.resize(64, 0);
         assert_eq!(buf.to_vec(), want);
-        assert_eq!(InitPacket::decode(&buf, 4, &uuid).unwrap(), InitPacket { uuid, id: 3 });
+        assert_eq!(InitPacket::decode(&buf, 4, &uuid).unwrap(), InitPacket { uuid, id: 3, offer: 0 });
     }
 
     #[test]
     fn init_packet_errors() {
         let uuid = [0u8; 16];
         let mut good = [0u8; 64];
-        InitPacket { uuid, id: 1 }.encode(&mut good).unwrap();
+        InitPacket { uuid, id: 1, offer: 0 }.encode(&mut good).unwrap();
         assert!(matches!(InitPacket::decode(&good[..63], 2, &uuid), Err(WireError::Short { .. })));
         let mut b = good;
         b[0] = 0x12;
@@ -624,6 +659,25 @@ mod tests {
     }
 
     #[test]
+    fn init_packet_extension_offer() {
+        let uuid = [7u8; 16];
+        let mut b = [0u8; 64];
+        InitPacket { uuid, id: 0, offer: EXT_RETURN_PATH }.encode(&mut b).unwrap();
+        assert_eq!(&b[25..31], b"VFMX\x01\x01");
+        assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().offer, EXT_RETURN_PATH);
+        // Unknown feature bits of a newer peer are not accepted, but not an error either.
+        b[30] = 0x81;
+        assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().offer, EXT_RETURN_PATH);
+        // Anything else in the unused bytes still is.
+        b[31] = 1;
+        assert!(matches!(InitPacket::decode(&b, 1, &uuid), Err(WireError::Reserved { offset: 31, .. })));
+        // No offer: byte-for-byte QEMU's packet.
+        let mut q = [0u8; 64];
+        InitPacket { uuid, id: 0, offer: 0 }.encode(&mut q).unwrap();
+        assert!(q[25..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
     fn vfio_header_errors() {
         let mut b = [0u8; 12];
         VfioPacketHeader { idx: 1, flags: 0 }.encode(&mut b).unwrap();
@@ -631,8 +685,12 @@ mod tests {
         x[3] = 1;
         assert_eq!(VfioPacketHeader::decode(&x), Err(WireError::BadVfioVersion { got: 1 }));
         let mut x = b;
+        x[11] = 4;
+        assert_eq!(VfioPacketHeader::decode(&x), Err(WireError::BadVfioFlags { flags: 4 }));
+        x[11] = 3;
+        assert_eq!(VfioPacketHeader::decode(&x), Err(WireError::BadVfioFlags { flags: 3 }), "marker and config");
         x[11] = 2;
-        assert_eq!(VfioPacketHeader::decode(&x), Err(WireError::BadVfioFlags { flags: 2 }));
+        assert!(VfioPacketHeader::decode(&x).unwrap().is_marker());
         let mut x = b;
         x[4..8].fill(0xff);
         assert_eq!(VfioPacketHeader::decode(&x), Err(WireError::BadIndex { idx: u32::MAX }));

@@ -139,7 +139,7 @@ impl RawSender {
     /// Sends a valid init packet with id `id` and the all-zero UUID on channel `c`.
     pub fn init(&mut self, c: usize, id: u8) {
         let mut b = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
-        vfio_multifd::wire::InitPacket { uuid: [0; 16], id }.encode(&mut b).unwrap();
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id, offer: 0 }.encode(&mut b).unwrap();
         self.raw(c, &b);
     }
 

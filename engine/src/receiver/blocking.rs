@@ -229,6 +229,7 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
                 let slot = shared.slot(slot);
                 t.apply_config(&slot[..len])?;
             }
+            NextWrite::Marker { .. } => shared.run.initial_data_loaded(&t.id)?,
         }
         {
             let mut g = shared.lock();

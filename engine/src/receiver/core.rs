@@ -99,7 +99,7 @@ mod tests {
 
     #[test]
     fn stuck_needs_every_open_channel_parked_at_this_epoch() {
-        let mut reassembly = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 1, 4096);
+        let mut reassembly = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 1, 4096, false);
         let mut st = RecvState::new(&mut reassembly, 2);
         let (c0, c1) = (ChannelId::new(0), ChannelId::new(1));
         assert!(!st.stuck());

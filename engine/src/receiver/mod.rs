@@ -26,9 +26,10 @@ use crate::blocking::{recv_exact, Bounds, Fail};
 use crate::config::ReceiverConfig;
 use crate::error::{Error, ProtocolViolation, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
+use crate::rp::{Message, Verdict};
 use crate::stats::{BackendKind, ChannelCounters, Progress, ReceiverDeviceReport, ReceiverReport};
 use crate::sys::{self, Kernel};
-use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
+use crate::wire::{DeviceId, InitPacket, EXT_RETURN_PATH, INIT_PACKET_LEN};
 
 pub(crate) enum TargetKind<'a> {
     Device { dev: &'a mut dyn MigrationDevice, wanted_state: MigState, fd: Option<OwnedFd> },
@@ -159,9 +160,25 @@ pub(crate) struct RecvShared<'c> {
     pub(crate) cfg: &'c ReceiverConfig,
     /// Channel sockets by channel id.
     pub(crate) channels: Vec<BorrowedFd<'c>>,
+    /// The return path on channel 0, when the source offered it and this side accepted.
+    pub(crate) rp: Option<crate::rp::Writer<'c>>,
     pub(crate) counters: Vec<ChannelCounters>,
     pub(crate) abort: AbortHandle,
     pub(crate) progress: Progress,
+}
+
+impl RecvShared<'_> {
+    /// A device's initial-data marker was reached: every packet before it is in the device.
+    /// Tells the source (QEMU's switchover-ack, per device).
+    ///
+    /// # Errors
+    /// [`Error::ReturnPath`] when the message cannot be sent.
+    pub(crate) fn initial_data_loaded(&self, device: &DeviceId) -> Result<()> {
+        match &self.rp {
+            Some(rp) => rp.send(&Message::SwitchoverAck { device: device.clone() }),
+            None => Err(Error::internal("a marker was admitted without a return path")),
+        }
+    }
 }
 
 impl<'a> Receiver<'a> {
@@ -259,21 +276,8 @@ impl<'a> Receiver<'a> {
         self.run(socks)
     }
 
-    /// Runs on already accepted sockets (any order: each one's init packet says which channel it
-    /// is). Returns once every channel is closed and every device is loaded.
-    ///
-    /// # Errors
-    /// The first failure, naming the channel, device and packet index. Devices are left where
-    /// the failure left them (RESUMING, typically), which a reset recovers.
-    pub fn run(mut self, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
-        let n = socks.len();
-        self.cfg.validate(n, self.targets.len()).map_err(Error::Config)?;
-        for (i, a) in self.targets.iter().enumerate() {
-            if self.targets[..i].iter().any(|b| b.id == a.id) {
-                return Err(Error::Config(format!("device {} expected twice", a.id)));
-            }
-        }
-        let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
+    /// Walks every device to RESUMING (they all enter it before any channel is read).
+    fn enter_resuming(&mut self) -> Result<()> {
         for t in &mut self.targets {
             if let TargetKind::Device { dev, fd, .. } = &mut t.kind {
                 let tr = transition(&mut **dev, MigState::Resuming)
@@ -290,24 +294,52 @@ impl<'a> Receiver<'a> {
                 *fd = Some(f);
             }
         }
+        Ok(())
+    }
+
+    /// Runs on already accepted sockets (any order: each one's init packet says which channel it
+    /// is). Returns once every channel is closed and every device is loaded.
+    ///
+    /// # Errors
+    /// The first failure, naming the channel, device and packet index. Devices are left where
+    /// the failure left them (RESUMING, typically), which a reset recovers.
+    pub fn run(mut self, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
+        let n = socks.len();
+        self.cfg.validate(n, self.targets.len()).map_err(Error::Config)?;
+        for (i, a) in self.targets.iter().enumerate() {
+            if self.targets[..i].iter().any(|b| b.id == a.id) {
+                return Err(Error::Config(format!("device {} expected twice", a.id)));
+            }
+        }
+        let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
+        self.enter_resuming()?;
         let started = Instant::now();
-        let ordered = read_inits(socks, &self.cfg, &self.abort)?;
+        let (ordered, offer) = read_inits(socks, &self.cfg, &self.abort)?;
+        let rp = (offer & EXT_RETURN_PATH != 0 && self.cfg.return_path)
+            .then(|| crate::rp::Writer::new(ordered[0].as_fd(), self.abort.clone(), self.cfg.stall_timeout));
+        if let Some(rp) = &rp {
+            rp.send(&Message::Hello { features: EXT_RETURN_PATH })?;
+        }
         let shared = RecvShared {
             cfg: &self.cfg,
             channels: ordered.iter().map(|s| s.as_fd()).collect(),
+            rp,
             counters: (0..n).map(|_| ChannelCounters::default()).collect(),
             abort: self.abort.clone(),
             progress: self.progress.clone(),
         };
         let budget = self.cfg.budget_slots(n);
-        let mut reassembly =
-            Reassembly::new(self.targets.iter().map(|t| t.id.clone()).collect(), budget, self.cfg.slot_bytes());
+        let ids = self.targets.iter().map(|t| t.id.clone()).collect();
+        let mut reassembly = Reassembly::new(ids, budget, self.cfg.slot_bytes(), shared.rp.is_some());
         let res = match backend {
             BackendKind::Uring => uring::run(&shared, &mut reassembly, &mut self.targets),
             BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
         };
+        let res = res.and_then(|()| finish_targets(&mut self.targets));
+        if let Some(rp) = &shared.rp {
+            send_verdicts(rp, &self.targets, &res)?;
+        }
         res?;
-        finish_targets(&mut self.targets)?;
         let devices = self
             .targets
             .iter()
@@ -338,10 +370,33 @@ impl<'a> Receiver<'a> {
     }
 }
 
-/// Reads and validates every channel's init packet; returns the sockets ordered by channel id.
-fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) -> Result<Vec<OwnedFd>> {
+/// Tells the source, per device, whether it was loaded, validated and put in its final state
+/// (else the error), then `SHUT`. Best effort after a failure: the source may be gone.
+fn send_verdicts(rp: &crate::rp::Writer<'_>, targets: &[Target<'_>], res: &Result<()>) -> Result<()> {
+    let what = res.as_ref().err().map(ToString::to_string);
+    for t in targets {
+        let verdict = match &what {
+            None => Verdict::Loaded,
+            Some(e) => Verdict::Failed { what: e.clone() },
+        };
+        let r = rp.send(&Message::Verdict { device: t.id.clone(), verdict });
+        if res.is_ok() {
+            r?;
+        }
+    }
+    let r = rp.send(&Message::Shut { ok: res.is_ok() });
+    if res.is_ok() {
+        r?;
+    }
+    Ok(())
+}
+
+/// Reads and validates every channel's init packet; returns the sockets ordered by channel id,
+/// and the extension features channel 0 offered.
+fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) -> Result<(Vec<OwnedFd>, u8)> {
     let n = socks.len();
     let mut slots: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
+    let mut offer = 0;
     let bounds = Bounds { abort, stall: cfg.accept_timeout };
     for (connection, s) in socks.into_iter().enumerate() {
         let mut b = [0u8; INIT_PACKET_LEN];
@@ -356,6 +411,9 @@ fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) ->
         })?;
         let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::InitPacket { connection, source: e })?;
         let channel = ChannelId::new(p.id);
+        if channel.get() == 0 {
+            offer = p.offer;
+        }
         if slots[channel.index()].is_some() {
             return Err(Error::Protocol {
                 channel,
@@ -365,5 +423,5 @@ fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) ->
         }
         slots[channel.index()] = Some(s);
     }
-    Ok(slots.into_iter().map(|s| s.expect("n distinct ids below n cover every slot")).collect())
+    Ok((slots.into_iter().map(|s| s.expect("n distinct ids below n cover every slot")).collect(), offer))
 }

@@ -53,6 +53,9 @@ pub(crate) enum NextWrite {
     Data { slot: u32, len: usize, idx: PacketIndex },
     /// Every data packet is written: apply the config in `slot`.
     Config { slot: u32, len: usize },
+    /// The device's initial-data marker: every packet before it is written. Nothing to write;
+    /// the backend acknowledges it on the return path, then calls `written`.
+    Marker { idx: PacketIndex },
 }
 
 #[derive(Debug)]
@@ -76,6 +79,8 @@ struct Dev {
 struct SlotInfo {
     len: usize,
     reserve: bool,
+    /// An initial-data marker (no payload; nothing to write).
+    marker: bool,
 }
 
 /// Per-device counters for the report.
@@ -98,11 +103,13 @@ pub(crate) struct Reassembly {
     window: u32,
     held_bytes: u64,
     peak_held: u64,
+    markers: bool,
 }
 
 impl Reassembly {
     /// `budget` out-of-order slots plus one reserved slot per device, each `slot_bytes` large.
-    pub(crate) fn new(ids: Vec<DeviceId>, budget: usize, slot_bytes: usize) -> Reassembly {
+    /// `markers`: the return path was agreed on, so initial-data markers are allowed.
+    pub(crate) fn new(ids: Vec<DeviceId>, budget: usize, slot_bytes: usize, markers: bool) -> Reassembly {
         let nslots = budget + ids.len();
         let window = (nslots + 1) as u32;
         Reassembly {
@@ -131,6 +138,7 @@ impl Reassembly {
             window,
             held_bytes: 0,
             peak_held: 0,
+            markers,
         }
     }
 
@@ -142,6 +150,36 @@ impl Reassembly {
     /// The identity of device `d`.
     pub(crate) fn id(&self, d: DeviceIndex) -> &DeviceId {
         &self.devs[d.index()].id
+    }
+
+    /// The stream rules a packet of device `d` must obey (DESIGN.md §4).
+    fn check(&self, d: usize, pidx: PacketIndex, len: usize, vfio: VfioPacketHeader) -> Result<(), ProtocolViolation> {
+        let idx = pidx.get();
+        let at = |i: u32| PacketIndex::new(i).unwrap_or(PacketIndex::MAX);
+        if len > self.slot_bytes {
+            return Err(ProtocolViolation::TooLarge { idx: pidx, len, limit: self.slot_bytes });
+        }
+        if vfio.is_marker() && !self.markers {
+            return Err(ProtocolViolation::UnexpectedMarker { idx: pidx, why: "the return path was not agreed on" });
+        }
+        if vfio.is_marker() && len != 0 {
+            return Err(ProtocolViolation::UnexpectedMarker { idx: pidx, why: "it carries data" });
+        }
+        let dev = &self.devs[d];
+        if dev.finished {
+            return Err(ProtocolViolation::AfterCompletion { idx: pidx });
+        }
+        if idx < dev.next_write
+            || (idx - dev.next_write < self.window && dev.ring[(idx % self.window) as usize] != Entry::Empty)
+        {
+            return Err(ProtocolViolation::DuplicateIndex { idx: pidx });
+        }
+        match (vfio.is_config(), dev.config_idx, dev.max_data_idx) {
+            (true, Some(c), _) => Err(ProtocolViolation::SecondConfig { idx: pidx, first: at(c) }),
+            (true, None, Some(m)) if idx <= m => Err(ProtocolViolation::ConfigNotLast { idx: pidx, data_idx: at(m) }),
+            (false, Some(c), _) if idx >= c => Err(ProtocolViolation::DataAfterConfig { idx: pidx, config_idx: at(c) }),
+            _ => Ok(()),
+        }
     }
 
     /// Offers a decoded packet header that arrived on `channel`.
@@ -164,34 +202,12 @@ impl Reassembly {
             return Err(Error::internal("a packet index of u32::MAX passed the decoder"));
         };
         let idx = vfio.idx;
-        let at = |i: u32| PacketIndex::new(i).unwrap_or(PacketIndex::MAX);
-        let proto = |violation| Error::Protocol { channel, device: Some(self.devs[d].id.clone()), violation };
-        if len > self.slot_bytes {
-            return Err(proto(ProtocolViolation::TooLarge { idx: pidx, len, limit: self.slot_bytes }));
-        }
+        self.check(d, pidx, len, vfio).map_err(|violation| Error::Protocol {
+            channel,
+            device: Some(self.devs[d].id.clone()),
+            violation,
+        })?;
         let dev = &self.devs[d];
-        if dev.finished {
-            return Err(proto(ProtocolViolation::AfterCompletion { idx: pidx }));
-        }
-        if idx < dev.next_write
-            || (idx - dev.next_write < self.window && dev.ring[(idx % self.window) as usize] != Entry::Empty)
-        {
-            return Err(proto(ProtocolViolation::DuplicateIndex { idx: pidx }));
-        }
-        if vfio.is_config() {
-            if let Some(c) = dev.config_idx {
-                return Err(proto(ProtocolViolation::SecondConfig { idx: pidx, first: at(c) }));
-            }
-            if let Some(m) = dev.max_data_idx {
-                if idx <= m {
-                    return Err(proto(ProtocolViolation::ConfigNotLast { idx: pidx, data_idx: at(m) }));
-                }
-            }
-        } else if let Some(c) = dev.config_idx {
-            if idx >= c {
-                return Err(proto(ProtocolViolation::DataAfterConfig { idx: pidx, config_idx: at(c) }));
-            }
-        }
         if idx - dev.next_write >= self.window {
             return Ok(Admit::Wait);
         }
@@ -206,7 +222,7 @@ impl Reassembly {
         } else {
             self.ooo_used += 1;
         }
-        self.slots[slot as usize] = Some(SlotInfo { len, reserve });
+        self.slots[slot as usize] = Some(SlotInfo { len, reserve, marker: vfio.is_marker() });
         self.held_bytes += len as u64;
         self.peak_held = self.peak_held.max(self.held_bytes);
         let dev = &mut self.devs[d];
@@ -245,12 +261,15 @@ impl Reassembly {
             return None;
         }
         let Entry::Ready(slot) = dev.ring[(dev.next_write % w) as usize] else { return None };
-        let len = self.slots[slot as usize].expect("ready slot has info").len;
+        let info = self.slots[slot as usize].expect("ready slot has info");
         dev.writing = true;
+        let idx = PacketIndex::new(dev.next_write)?;
         if dev.config_idx == Some(dev.next_write) {
-            Some(NextWrite::Config { slot, len })
+            Some(NextWrite::Config { slot, len: info.len })
+        } else if info.marker {
+            Some(NextWrite::Marker { idx })
         } else {
-            Some(NextWrite::Data { slot, len, idx: PacketIndex::new(dev.next_write)? })
+            Some(NextWrite::Data { slot, len: info.len, idx })
         }
     }
 
@@ -267,7 +286,7 @@ impl Reassembly {
         let is_config = dev.config_idx == Some(dev.next_write);
         if is_config {
             dev.finished = true;
-        } else {
+        } else if !info.marker {
             dev.data_bytes += info.len as u64;
             dev.packets += 1;
         }
@@ -388,7 +407,7 @@ mod tests {
         let id = ids(1);
         // Budget 3: packet 2 (out of order), packet 1 (in order, but the reserve holds 0) and
         // the config packet each take a budget slot.
-        let mut r = Reassembly::new(id.clone(), 3, 4096);
+        let mut r = Reassembly::new(id.clone(), 3, 4096, false);
         let a2 = match offer(&mut r, &id[0], 2, false).unwrap() {
             Admit::Accept(a) => a,
             Admit::Wait => panic!(),
@@ -422,7 +441,7 @@ mod tests {
     fn protocol_errors() {
         use ProtocolViolation::*;
         let id = ids(1);
-        let mut r = Reassembly::new(id.clone(), 4, 4096);
+        let mut r = Reassembly::new(id.clone(), 4, 4096, false);
         let Admit::Accept(a) = offer(&mut r, &id[0], 0, false).unwrap() else { panic!() };
         assert_eq!(violation(offer(&mut r, &id[0], 0, false)), DuplicateIndex { idx: pi(0) });
         r.received(a);
@@ -437,7 +456,7 @@ mod tests {
         let (h, v) = hdr(&id[0], 1, false, 5000);
         assert_eq!(violation(r.admit(ChannelId::new(0), &h, v)), TooLarge { idx: pi(1), len: 5000, limit: 4096 });
         // Config index not after the highest data index.
-        let mut r = Reassembly::new(id.clone(), 4, 4096);
+        let mut r = Reassembly::new(id.clone(), 4, 4096, false);
         let _ = offer(&mut r, &id[0], 2, false).unwrap();
         assert_eq!(violation(offer(&mut r, &id[0], 2, true)), DuplicateIndex { idx: pi(2) });
         assert_eq!(violation(offer(&mut r, &id[0], 1, true)), ConfigNotLast { idx: pi(1), data_idx: pi(2) });
@@ -448,7 +467,7 @@ mod tests {
     #[test]
     fn reserve_slot_guarantees_progress() {
         let id = ids(2);
-        let mut r = Reassembly::new(id.clone(), 2, 4096);
+        let mut r = Reassembly::new(id.clone(), 2, 4096, false);
         for idx in [2, 3] {
             let Admit::Accept(a) = offer(&mut r, &id[0], idx, false).unwrap() else { panic!() };
             r.received(a);
@@ -481,7 +500,7 @@ mod tests {
             let nch = 1 + rnd(8);
             let budget = 1 + rnd(4);
             let id = ids(ndev);
-            let mut r = Reassembly::new(id.clone(), budget, 4096);
+            let mut r = Reassembly::new(id.clone(), budget, 4096, false);
             // Issue order: interleave devices randomly, each device in index order.
             let counts: Vec<u32> = (0..ndev).map(|_| rnd(20) as u32).collect();
             let mut next = vec![0u32; ndev];

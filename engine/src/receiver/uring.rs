@@ -463,6 +463,11 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 }
                 // An empty data packet: nothing to write.
                 Some(NextWrite::Data { .. }) => self.written(d),
+                Some(NextWrite::Marker { .. }) => {
+                    let id = self.shared.lock().reassembly.id(d).clone();
+                    self.shared.run.initial_data_loaded(&id)?;
+                    self.written(d);
+                }
                 Some(NextWrite::Config { slot, len }) => {
                     // SAFETY: the config slot is Ready: its RECV completed and nothing else
                     // refers to it until `written` frees it below.

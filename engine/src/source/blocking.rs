@@ -21,6 +21,7 @@ use crate::source::{SourceShared, PRECOPY_POLL};
 use crate::sys::{self, Kernel};
 use crate::wire::{
     encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE,
+    VFIO_FLAG_INIT_DATA_SENT,
 };
 
 /// What the next packet carries.
@@ -29,6 +30,8 @@ enum Next {
     Wait(std::time::Duration),
     Data(usize),
     Config(usize),
+    /// The initial-data marker (return path only).
+    Marker,
 }
 
 pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
@@ -64,6 +67,7 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
                 tallies.read(n, chunk);
                 (idx, n, 0)
             }
+            Next::Marker => (idx, 0, VFIO_FLAG_INIT_DATA_SENT),
             Next::Config(n) => {
                 stream.give_back(idx);
                 stream.end();
@@ -96,6 +100,9 @@ fn next_packet(
     payload: &mut [u8],
     tallies: &mut Tallies,
 ) -> Result<Next> {
+    if ctx.marker_due(run.rp.enabled()) {
+        return Ok(Next::Marker);
+    }
     match ctx.read_mode() {
         ReadMode::Nothing => Ok(Next::Wait(TICK)),
         ReadMode::PreCopy => match ctx.precopy_read(payload)? {

@@ -78,9 +78,15 @@ pub struct DeviceStatus {
     /// The device's estimate of its STOP_COPY size (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`,
     /// uAPI), queried when pre-copy starts and while pre-copy is idle; `None` if unknown.
     pub stop_copy_size: Option<u64>,
+    /// Whether the device streams pre-copy data in this session (it has PRE_COPY and pre-copy
+    /// was started).
+    pub precopy: bool,
     /// Whether its initial pre-copy data has all been read and queued (`initial_bytes`
     /// reached 0 in PRE_COPY; QEMU's `VFIO_MIG_FLAG_DEV_INIT_DATA_SENT` point).
     pub initial_data_sent: bool,
+    /// Whether the destination acknowledged that every byte of the initial data is in its
+    /// device (switchover-ack over the return path; QEMU's `MIG_RP_MSG_SWITCHOVER_ACK`).
+    pub initial_data_acked: bool,
     /// Pre-copy rounds: times the device reported nothing more to read for now and was read
     /// again later.
     pub precopy_rounds: u64,
@@ -96,7 +102,9 @@ impl DeviceStatus {
             precopy_bytes: 0,
             stop_copy_bytes: 0,
             stop_copy_size: None,
+            precopy: false,
             initial_data_sent: false,
+            initial_data_acked: false,
             precopy_rounds: 0,
         }
     }
@@ -108,6 +116,9 @@ impl DeviceStatus {
 pub enum SessionEvent {
     /// Every byte of the device's initial pre-copy data was read and queued.
     InitialDataSent(DeviceId),
+    /// The destination wrote every byte of the device's initial data into its device
+    /// (switchover-ack, over the return path).
+    InitialDataAcked(DeviceId),
     /// The device's last packet (its config) was sent.
     DeviceDone(DeviceId),
     /// The device failed (the error comes from the session's result).

@@ -58,6 +58,7 @@ pub(crate) struct DeviceCtx<'a, 'd: 'a> {
     raw_fd: Option<BorrowedFd<'a>>,
     applied: Command,
     phase: SourcePhase,
+    marker_sent: bool,
     precopy_cap: u64,
     pub(crate) precopy_bytes: u64,
     pub(crate) stop_copy_start: Instant,
@@ -116,6 +117,7 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
             raw_fd,
             applied: Command::Prepare,
             phase: SourcePhase::Prepared,
+            marker_sent: false,
             precopy_cap,
             precopy_bytes: 0,
             stop_copy_start: Instant::now(),
@@ -178,6 +180,7 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
                 if self.flags.contains(MigFlags::PRE_COPY) && self.dev.is_some() {
                     let fd = self.walk(MigState::PreCopy)?;
                     self.owned_fd = Some(fd.ok_or_else(|| self.protocol("RUNNING -> PRE_COPY gave no data fd"))?);
+                    self.control.status().precopy = true;
                     self.refresh_status()?;
                 } else {
                     // No pre-copy stream: no initial data to wait for (QEMU does not count such
@@ -302,6 +305,20 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
             drop(st);
             self.control.event(SessionEvent::InitialDataSent(id));
         }
+    }
+
+    /// Whether the initial-data marker is due now (once): the device is in PRE_COPY, its
+    /// initial data was read and queued, and the destination agreed to the return path
+    /// (`return_path`). The caller sends it as the device's next packet, after all the
+    /// initial data in index order.
+    pub(crate) fn marker_due(&mut self, return_path: bool) -> bool {
+        let due = return_path
+            && !self.marker_sent
+            && self.phase == SourcePhase::PreCopy
+            && self.owned_fd.is_some()
+            && self.control.status().initial_data_sent;
+        self.marker_sent |= due;
+        due
     }
 
     /// Counts bytes read in STOP_COPY into the status.

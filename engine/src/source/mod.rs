@@ -15,6 +15,7 @@ pub(crate) mod control;
 pub(crate) mod core;
 pub(crate) mod device;
 mod lease;
+mod rpath;
 pub(crate) mod session;
 mod uring;
 
@@ -86,6 +87,8 @@ pub(crate) struct SourceShared<'c> {
     pub(crate) abort: AbortHandle,
     pub(crate) zerocopy: bool,
     pub(crate) progress: Progress,
+    /// What the destination said on the return path (whether it accepted it, verdicts).
+    pub(crate) rp: &'c rpath::RpState,
 }
 
 impl<'a> Source<'a> {

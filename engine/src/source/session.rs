@@ -16,10 +16,12 @@ use crate::source::control::{Command, DeviceControl, DeviceStatus, Events, Sessi
 use crate::source::core::Tallies;
 use crate::source::device::DeviceCtx;
 use crate::source::lease::ChannelLeases;
+use crate::source::rpath::{self, RpState, Verdicts};
 use crate::source::{blocking, uring, DeviceOptions, SourceShared};
 use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceReport};
 use crate::sys;
-use crate::wire::{DeviceId, InitPacket, INIT_PACKET_LEN};
+use crate::wire::{DeviceId, InitPacket, EXT_RETURN_PATH, INIT_PACKET_LEN};
+use crate::Verdict;
 
 pub(crate) enum SourceKind<'a> {
     Device { dev: &'a mut dyn MigrationDevice, opts: DeviceOptions },
@@ -30,6 +32,9 @@ pub(crate) struct SourceDevice<'a> {
     pub(crate) id: DeviceId,
     pub(crate) kind: SourceKind<'a>,
 }
+
+/// How long set-up waits for the destination to accept the return path it was offered.
+const HELLO_WAIT: Duration = Duration::from_secs(1);
 
 /// A live-migration source: the devices' state over N multifd channels, driven by a VMM.
 ///
@@ -100,14 +105,28 @@ pub struct SessionStatus {
     pub remaining_bytes: u64,
     /// `remaining_bytes` at the measured rate: the data part of the downtime.
     pub estimated_switchover: Option<Duration>,
+    /// Whether the destination accepted the return path (then it acknowledges initial data
+    /// and reports a verdict per device).
+    pub return_path: bool,
 }
 
 impl SessionStatus {
     /// Whether every device with PRE_COPY has sent its initial data and the estimated
     /// switchover time is at most `downtime_limit` (QEMU's rule, with its default of 300 ms).
+    ///
+    /// With a return path, "sent" means acknowledged: the destination wrote every byte of each
+    /// device's initial data into its device (QEMU's switchover-ack). Without one (a QEMU peer),
+    /// it means read and queued.
     pub fn converged(&self, downtime_limit: Duration) -> bool {
-        let initial_done = self.devices.iter().all(|d| d.initial_data_sent || d.phase != crate::SourcePhase::PreCopy);
-        initial_done && self.estimated_switchover.is_some_and(|t| t <= downtime_limit)
+        self.initial_data_done() && self.estimated_switchover.is_some_and(|t| t <= downtime_limit)
+    }
+
+    /// Whether every device's initial data is done: acknowledged with a return path, sent
+    /// without one (devices without a pre-copy stream have none).
+    pub fn initial_data_done(&self) -> bool {
+        self.devices
+            .iter()
+            .all(|d| !d.precopy || if self.return_path { d.initial_data_acked } else { d.initial_data_sent })
     }
 }
 
@@ -192,29 +211,24 @@ impl<'a> SourceSession<'a> {
         let started = Instant::now();
         let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
         let zerocopy = zerocopy_decision(backend, self.cfg.zerocopy, &self.channels)?;
-        for (ch, fd) in ChannelId::all(self.channels.len()).zip(&self.channels) {
-            send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get() }).map_err(|e| Error::Channel {
-                channel: ch,
-                op: "send init packet".into(),
-                source: e,
-            })?;
-        }
+        self.send_inits()?;
         let events = Arc::new(Events::new().map_err(|e| Error::sys("eventfd", e))?);
-        let controls = self
-            .devices
+        let ids: Vec<DeviceId> = self.devices.iter().map(|d| d.id.clone()).collect();
+        let controls = ids
             .iter()
-            .map(|d| DeviceControl::new(d.id.clone(), events.clone()))
+            .map(|id| DeviceControl::new(id.clone(), events.clone()))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::sys("eventfd", e))?;
+        let rp = RpState::new(ids.len()).map_err(|e| Error::sys("eventfd", e))?;
         let shared = SourceShared {
             cfg: &self.cfg,
             channels: self.channels.iter().map(|c| c.as_fd()).collect(),
-            leases: ChannelLeases::new(self.channels.len(), self.devices.len())
-                .map_err(|e| Error::sys("eventfd", e))?,
+            leases: ChannelLeases::new(self.channels.len(), ids.len()).map_err(|e| Error::sys("eventfd", e))?,
             counters: (0..self.channels.len()).map(|_| ChannelCounters::default()).collect(),
             abort: self.abort.clone(),
             zerocopy,
             progress: self.progress.clone(),
+            rp: &rp,
         };
         let devices = std::mem::take(&mut self.devices);
         let mut ctl = SessionControl {
@@ -222,11 +236,17 @@ impl<'a> SourceSession<'a> {
             events: &events,
             abort: &self.abort,
             progress: &self.progress,
+            rp: &rp,
+            offered: self.cfg.return_path,
             limit: self.cfg.stall_timeout,
             precopy_started: None,
             switched: false,
         };
-        let (driven, outcomes) = std::thread::scope(|s| {
+        let (driven, outcomes, verdicts) = std::thread::scope(|s| {
+            let reader = self.cfg.return_path.then(|| {
+                let (fd, rp, ids, controls, abort) = (shared.channels[0], &rp, &ids, &controls, &self.abort);
+                s.spawn(move || rpath::read(fd, rp, ids, controls, abort))
+            });
             let handles = spawn_devices(s, &shared, backend, devices, &controls);
             let driven = ctl.prepared().and_then(|()| drive(&mut ctl)).and_then(|r| {
                 if ctl.switched {
@@ -238,25 +258,65 @@ impl<'a> SourceSession<'a> {
             if driven.is_err() {
                 self.abort.abort();
             }
-            (driven, join_devices(handles, &shared))
+            let outcomes = join_devices(handles, &shared);
+            shutdown_all(&shared.channels);
+            let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
+            // Success is reported only for what the destination says it loaded, if it says.
+            let verdicts =
+                if all_sent { rp.verdicts(&ids, self.cfg.stall_timeout, &self.abort) } else { Ok(Verdicts::None) };
+            rp.stop();
+            drop(reader);
+            (driven, outcomes, verdicts)
         });
-        // Closing our write side tells the receiver the stream ended at a packet boundary. A
-        // failure here (the peer already reset the connection) changes nothing the devices'
-        // results do not already say.
         for ch in &shared.channels {
-            let _ = sys::shutdown_write(*ch);
+            sys::discard_input(*ch);
         }
         let counters = &shared.counters;
         let channels = ChannelId::all(counters.len()).map(|c| counters[c.index()].report(c)).collect();
-        let tallies = match (epilogue(outcomes, driven.is_err()), driven) {
+        let (verdicts, destination_err) = judge(verdicts);
+        let tallies = match (epilogue(outcomes, driven.is_err(), destination_err), driven) {
             (Ok(t), Ok(r)) => (t, r),
             // The VMM's own error is the root cause when no device failed by itself.
             (Err(Error::Aborted), Err(d)) => return Err(d),
             (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
         };
         let (tallies, r) = tallies;
-        let run = RunFacts { backend, fallback_reason, zerocopy, elapsed: started.elapsed() };
+        let run = RunFacts { backend, fallback_reason, zerocopy, elapsed: started.elapsed(), verdicts };
         Ok((r, report(run, channels, tallies)))
+    }
+
+    /// Writes the init packet on every channel, with the return-path offer if configured.
+    fn send_inits(&self) -> Result<()> {
+        let offer = if self.cfg.return_path { EXT_RETURN_PATH } else { 0 };
+        for (ch, fd) in ChannelId::all(self.channels.len()).zip(&self.channels) {
+            send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get(), offer })
+                .map_err(|e| Error::Channel { channel: ch, op: "send init packet".into(), source: e })?;
+        }
+        Ok(())
+    }
+}
+
+/// Closing our write side tells the receiver the stream ended at a packet boundary (a failure
+/// here, the peer already gone, changes nothing the results do not already say).
+fn shutdown_all(channels: &[BorrowedFd<'_>]) {
+    for ch in channels {
+        let _ = sys::shutdown_write(*ch);
+    }
+}
+
+/// The destination's verdicts for the report, and the error that fails the session when the
+/// destination failed a device or its return path broke.
+fn judge(v: Result<Verdicts>) -> (Option<Vec<(DeviceId, Verdict)>>, Option<Error>) {
+    match v {
+        Ok(Verdicts::None) => (None, None),
+        Ok(Verdicts::Given(list)) => {
+            let failed = list.iter().find_map(|(d, v)| match v {
+                Verdict::Failed { what } => Some(Error::Destination { device: d.clone(), what: what.clone() }),
+                Verdict::Loaded => None,
+            });
+            (Some(list), failed)
+        }
+        Err(e) => (None, Some(e)),
     }
 }
 
@@ -266,6 +326,7 @@ struct RunFacts {
     fallback_reason: Option<String>,
     zerocopy: bool,
     elapsed: Duration,
+    verdicts: Option<Vec<(DeviceId, Verdict)>>,
 }
 
 fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Vec<Tallies>) -> SourceReport {
@@ -283,6 +344,7 @@ fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Ve
         devices: tallies.into_iter().map(|t| t.report).collect(),
         channels,
         latency: latency.summary(),
+        verdicts: run.verdicts,
     }
 }
 
@@ -293,15 +355,23 @@ pub struct SessionControl<'s> {
     events: &'s Events,
     abort: &'s AbortHandle,
     progress: &'s Progress,
+    rp: &'s RpState,
+    offered: bool,
     limit: Duration,
     precopy_started: Option<(Instant, u64)>,
     switched: bool,
 }
 
 impl SessionControl<'_> {
-    /// Waits until every device thread finished its set-up.
+    /// Waits until every device thread finished its set-up and, when the return path was
+    /// offered, for the destination's answer (at most [`HELLO_WAIT`]: a destination that
+    /// accepts answers as soon as it has read the init packets; a QEMU peer never does).
     fn prepared(&self) -> Result<()> {
-        self.command_all(Command::Prepare)
+        self.command_all(Command::Prepare)?;
+        if self.offered {
+            self.rp.wait_enabled(HELLO_WAIT.min(self.limit), self.abort);
+        }
+        Ok(())
     }
 
     /// Sends `c` to every device and waits for every acknowledgement (the barrier).
@@ -349,7 +419,7 @@ impl SessionControl<'_> {
         let mut last = (self.progress.bytes(), Instant::now());
         loop {
             let st = self.status();
-            if st.devices.iter().all(|d| d.initial_data_sent || d.phase != crate::SourcePhase::PreCopy) {
+            if st.devices.iter().all(|d| !d.precopy || d.initial_data_sent) {
                 return Ok(());
             }
             if self.abort.is_aborted() {
@@ -384,7 +454,14 @@ impl SessionControl<'_> {
             .map(|d| d.stop_copy_size.unwrap_or(d.initial_bytes.saturating_add(d.dirty_bytes)))
             .sum::<u64>();
         let estimated_switchover = rate_bytes_per_sec.map(|r| Duration::from_secs_f64(remaining_bytes as f64 / r));
-        SessionStatus { devices, sent_bytes, rate_bytes_per_sec, remaining_bytes, estimated_switchover }
+        SessionStatus {
+            devices,
+            sent_bytes,
+            rate_bytes_per_sec,
+            remaining_bytes,
+            estimated_switchover,
+            return_path: self.rp.enabled(),
+        }
     }
 
     /// The next event, waiting at most `timeout` for one.
@@ -495,10 +572,11 @@ fn run_device<'a>(
 /// After every device thread ended: on success each device goes to its final state (STOP by
 /// default) and the tallies come back; on any failure, or when the VMM's `drive` failed
 /// (`drive_failed`), every device goes back to RUNNING, P2P-safely, and the root cause comes
-/// back ([`Error::Aborted`] when no device failed on its own).
-fn epilogue(outcomes: Vec<Outcome<'_>>, drive_failed: bool) -> Result<Vec<Tallies>> {
-    if drive_failed || outcomes.iter().any(|o| o.result.is_err()) {
-        let mut cause: Option<Error> = None;
+/// back ([`Error::Aborted`] when no device failed on its own). `destination`: the destination
+/// failed a device (or its verdict could not be had), so the source must carry on too.
+fn epilogue(outcomes: Vec<Outcome<'_>>, drive_failed: bool, destination: Option<Error>) -> Result<Vec<Tallies>> {
+    if drive_failed || destination.is_some() || outcomes.iter().any(|o| o.result.is_err()) {
+        let mut cause: Option<Error> = destination;
         let mut devs = Vec::with_capacity(outcomes.len());
         for o in outcomes {
             if let Err(e) = o.result {

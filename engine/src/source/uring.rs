@@ -51,6 +51,7 @@ use crate::uring::{
 };
 use crate::wire::{
     encode_packet_header, patch_packet_header, VfioPacketHeader, PACKET_OVERHEAD, VFIO_FLAG_CONFIG_STATE,
+    VFIO_FLAG_INIT_DATA_SENT,
 };
 
 /// `READ`/`READ_FIXED` of a slot's payload.
@@ -70,7 +71,9 @@ struct Packet {
     idx: PacketIndex,
     /// Payload bytes (a full chunk while its read is in flight).
     len: usize,
-    config: bool,
+    /// VFIO packet flags: 0 (data), `VFIO_FLAG_CONFIG_STATE`, or the extension's
+    /// `VFIO_FLAG_INIT_DATA_SENT` marker.
+    flags: u32,
     /// When its read was issued (for the latency histogram).
     t0: Instant,
 }
@@ -420,6 +423,13 @@ impl DeviceLoop<'_, '_, '_, '_> {
             self.table.ready.pop_front();
             self.submit_send(s, ch)?;
         }
+        // 2b. The initial-data marker, right after the initial data (return path only).
+        if !self.table.free.is_empty() && self.ctx.marker_due(self.run.rp.enabled()) {
+            let s = self.table.free.pop().ok_or_else(|| Error::internal("no free slot for the marker"))?;
+            let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
+            self.make_ready(s, Packet { idx, len: 0, flags: VFIO_FLAG_INIT_DATA_SENT, t0: Instant::now() })?;
+            return self.schedule();
+        }
         // 3. The next read (one in flight per data fd), as the device's phase allows.
         let mode = self.ctx.read_mode();
         let poll_due = self.next_poll.is_none_or(|t| Instant::now() >= t);
@@ -454,8 +464,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
         // SAFETY: slot `s` has no operation in flight (its chain settled, or it was never
         // submitted).
         let hdr = unsafe { self.pool.slot_bytes_mut(s, PACKET_OVERHEAD, 0) };
-        let flags = if pkt.config { VFIO_FLAG_CONFIG_STATE } else { 0 };
-        patch_packet_header(hdr, VfioPacketHeader { idx: pkt.idx.get(), flags }, pkt.len)
+        patch_packet_header(hdr, VfioPacketHeader { idx: pkt.idx.get(), flags: pkt.flags }, pkt.len)
             .map_err(|e| Error::Config(e.to_string()))?;
         self.table.slots[s] = Slot::Ready { pkt };
         self.table.ready.push_back(s);
@@ -474,7 +483,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
                 let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
                 self.stream.account(n).map_err(|l| self.limit_err(l))?;
                 self.tallies.read(n, self.chunk);
-                self.make_ready(s, Packet { idx, len: n, config: false, t0 })?;
+                self.make_ready(s, Packet { idx, len: n, flags: 0, t0 })?;
                 Ok(true)
             }
             PrecopyStep::Idle => {
@@ -487,7 +496,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
 
     fn submit_read(&mut self, s: usize, link: Option<ChannelId>) -> Result<()> {
         let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
-        let pkt = Packet { idx, len: self.chunk, config: false, t0: Instant::now() };
+        let pkt = Packet { idx, len: self.chunk, flags: 0, t0: Instant::now() };
         // Pre-fill the header for a full chunk: a linked send carries it as is; a short read
         // patches it before the packet is queued.
         // SAFETY: slot `s` came from the free list: nothing in flight touches it.
@@ -589,7 +598,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
         let buf = unsafe { self.pool.slot_bytes_mut(s, 0, blob.len()) };
         buf.copy_from_slice(&blob);
         self.tallies.report.config_bytes = blob.len() as u64;
-        self.make_ready(s, Packet { idx, len: blob.len(), config: true, t0: Instant::now() })
+        self.make_ready(s, Packet { idx, len: blob.len(), flags: VFIO_FLAG_CONFIG_STATE, t0: Instant::now() })
     }
 
     /// Decides a `Reading` slot once the CQEs its chain needs are in.
@@ -692,7 +701,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
     fn release_if_done(&mut self, s: usize) {
         if let Slot::Sending { pkt, sent: true, notif_due: false, .. } = self.table.slots[s] {
             self.table.slots[s] = Slot::Free;
-            if pkt.config {
+            if pkt.flags == VFIO_FLAG_CONFIG_STATE {
                 self.config_done = true;
             } else {
                 self.table.free.push(s);

@@ -1,0 +1,195 @@
+//! The source's end of the return path (see `crate::rp`): a thread that reads channel 0 for
+//! the destination's messages while the session runs, and what they said.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::abort::AbortHandle;
+use crate::backend::TICK;
+use crate::device_io::{classify, IoStep};
+use crate::error::{Error, Result};
+use crate::rp::{Decoder, Message, Verdict};
+use crate::source::control::{DeviceControl, SessionEvent};
+use crate::sys::{self, EventFd, FdIo, Kernel};
+use crate::wire::DeviceId;
+
+#[derive(Debug, Default)]
+struct Inner {
+    verdicts: Vec<Option<Verdict>>,
+    /// `SHUT`'s status, once it came.
+    shut: Option<bool>,
+    /// Why the reader stopped early (a broken message, a read error).
+    error: Option<String>,
+    ended: bool,
+}
+
+/// What the destination said so far.
+#[derive(Debug)]
+pub(crate) struct RpState {
+    /// The destination answered `HELLO`: markers may be sent, acks and verdicts will come.
+    enabled: AtomicBool,
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    /// Tells the reader to stop.
+    stop: EventFd,
+}
+
+/// The destination's verdicts, after the session.
+#[derive(Debug)]
+pub(crate) enum Verdicts {
+    /// The destination never answered the offer (a QEMU peer, or the return path off).
+    None,
+    /// Per device, in the session's order; a device without a verdict failed to get one.
+    Given(Vec<(DeviceId, Verdict)>),
+}
+
+impl RpState {
+    pub(crate) fn new(devices: usize) -> std::io::Result<RpState> {
+        let inner = Inner { verdicts: vec![None; devices], ..Inner::default() };
+        Ok(RpState {
+            enabled: AtomicBool::new(false),
+            inner: Mutex::new(inner),
+            cv: Condvar::new(),
+            stop: EventFd::new()?,
+        })
+    }
+
+    /// Whether the destination accepted the return path.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (at most `limit`) for the destination's `HELLO`; returns whether it came.
+    pub(crate) fn wait_enabled(&self, limit: Duration, abort: &AbortHandle) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = self.lock();
+        while !self.enabled() && !g.ended && !abort.is_aborted() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self.cv.wait_timeout(g, left.min(TICK)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        self.enabled()
+    }
+
+    /// Stops the reader.
+    pub(crate) fn stop(&self) {
+        self.stop.signal();
+    }
+
+    /// Waits (at most `limit`) for the destination's `SHUT`, then returns the verdicts.
+    ///
+    /// # Errors
+    /// [`Error::ReturnPath`] when the return path broke, or gave no `SHUT` within `limit`.
+    pub(crate) fn verdicts(&self, ids: &[DeviceId], limit: Duration, abort: &AbortHandle) -> Result<Verdicts> {
+        if !self.enabled() {
+            return Ok(Verdicts::None);
+        }
+        let deadline = Instant::now() + limit;
+        let mut g = self.lock();
+        while g.shut.is_none() && !g.ended && !abort.is_aborted() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::ReturnPath { what: format!("no verdict from the destination within {limit:?}") });
+            }
+            g = self.cv.wait_timeout(g, left.min(TICK)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        if let Some(e) = &g.error {
+            return Err(Error::ReturnPath { what: e.clone() });
+        }
+        if g.shut.is_none() {
+            return Err(Error::ReturnPath { what: "the destination closed the return path before its verdict".into() });
+        }
+        let missing = || Verdict::Failed { what: "the destination gave no verdict for this device".into() };
+        Ok(Verdicts::Given(
+            ids.iter().cloned().zip(g.verdicts.iter().map(|v| v.clone().unwrap_or_else(missing))).collect(),
+        ))
+    }
+
+    fn handle(&self, m: Message, ids: &[DeviceId], controls: &[DeviceControl]) -> Result<bool> {
+        let find = |d: &DeviceId| {
+            ids.iter()
+                .position(|x| x == d)
+                .ok_or_else(|| Error::ReturnPath { what: format!("message for unknown device {d}") })
+        };
+        match m {
+            Message::Hello { .. } => {
+                self.enabled.store(true, Ordering::SeqCst);
+                self.cv.notify_all();
+            }
+            Message::SwitchoverAck { device } => {
+                let c = &controls[find(&device)?];
+                c.status().initial_data_acked = true;
+                c.event(SessionEvent::InitialDataAcked(device));
+            }
+            Message::Verdict { device, verdict } => {
+                let i = find(&device)?;
+                self.lock().verdicts[i] = Some(verdict);
+            }
+            Message::Shut { ok } => {
+                self.lock().shut = Some(ok);
+                self.cv.notify_all();
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The reader thread: channel 0's incoming bytes, until `SHUT`, the peer's EOF, an error, or
+/// [`RpState::stop`].
+pub(crate) fn read(
+    fd: BorrowedFd<'_>,
+    st: &RpState,
+    ids: &[DeviceId],
+    controls: &[DeviceControl],
+    abort: &AbortHandle,
+) {
+    let mut dec = Decoder::default();
+    let mut buf = [0u8; 2048];
+    let error = loop {
+        let fds = [fd, st.stop.as_fd(), abort.as_fd()];
+        if let Err(e) = sys::wait_readable(&fds, TICK) {
+            break Some(format!("poll: {e}"));
+        }
+        if abort.is_aborted() || sys::wait_readable(&[st.stop.as_fd()], Duration::ZERO).unwrap_or(true) {
+            break None;
+        }
+        match classify(Kernel.recv(fd, &mut buf)) {
+            IoStep::Moved(n) => {
+                dec.feed(&buf[..n]);
+                match drain(&mut dec, st, ids, controls) {
+                    Ok(true) => break None,
+                    Ok(false) => {}
+                    Err(e) => break Some(e.to_string()),
+                }
+            }
+            IoStep::End => break dec.partial().then(|| "the destination closed channel 0 inside a message".into()),
+            IoStep::Retry | IoStep::WaitReady => {}
+            IoStep::Fatal(e) => break Some(crate::rp::io_what(&e)),
+        }
+    };
+    let mut g = st.lock();
+    g.ended = true;
+    if g.error.is_none() {
+        g.error = error;
+    }
+    drop(g);
+    st.cv.notify_all();
+}
+
+fn drain(dec: &mut Decoder, st: &RpState, ids: &[DeviceId], controls: &[DeviceControl]) -> Result<bool> {
+    while let Some(m) = dec.next()? {
+        if st.handle(m, ids, controls)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
