@@ -66,7 +66,11 @@ mod resume;
 mod save;
 
 pub use config::{ArcFault, FaultLeave, PrecopyEnd, SimConfig};
-pub use content::{expected_config, fill, stream_byte, stream_word, verify, SIM_CONFIG_HEADER, SIM_CONFIG_MAGIC};
+pub use content::{
+    expected_config, fill, fill_page, page_count, page_len, state_digest, stream_byte, stream_word, verify,
+    verify_page, DirtyRecord, DIRTY_RECORD_HEADER, DIRTY_RECORD_MAGIC, SIM_CONFIG_HEADER, SIM_CONFIG_MAGIC,
+    SIM_PAGE_SIZE,
+};
 pub use resume::ResumeReport;
 use resume::ResumeSession;
 use save::SaveSession;
