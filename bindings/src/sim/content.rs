@@ -210,7 +210,10 @@ pub fn expected_config(cfg: &SimConfig) -> Vec<u8> {
 // Live device state: pages, versions, dirty records
 // =============================================================================================
 
-/// Page size of a live device's image: the unit that is dirtied, versioned and re-sent.
+/// Page size of the live device image ([`SimConfig::dirty_rate_bytes_per_sec`]): the unit
+/// that is dirtied, versioned and re-sent.
+///
+/// [`SimConfig::dirty_rate_bytes_per_sec`]: super::SimConfig::dirty_rate_bytes_per_sec
 pub const SIM_PAGE_SIZE: u64 = 4096;
 
 /// Magic at the start of every dirty record.

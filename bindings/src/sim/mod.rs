@@ -54,6 +54,7 @@
 
 use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::device::{MigrationDevice, PrecopyInfo, ReadOutcome};
 use crate::error::{Error, Result};
@@ -62,18 +63,21 @@ use crate::sys::{self, PollFd, PollFlags};
 
 mod config;
 mod content;
+mod live;
+mod records;
 mod resume;
 mod save;
 
-pub use config::{ArcFault, FaultLeave, PrecopyEnd, SimConfig};
+pub use config::{ArcFault, DirtyRelease, FaultLeave, PrecopyEnd, SimConfig};
 pub use content::{
     expected_config, fill, fill_page, page_count, page_len, state_digest, stream_byte, stream_word, verify,
     verify_page, DirtyRecord, DIRTY_RECORD_HEADER, DIRTY_RECORD_MAGIC, SIM_CONFIG_HEADER, SIM_CONFIG_MAGIC,
     SIM_PAGE_SIZE,
 };
+use live::{DevCore, SaveTrack};
 pub use resume::ResumeReport;
 use resume::ResumeSession;
-use save::SaveSession;
+use save::{IoSnapshot, SaveSession};
 
 /// A simulated VFIO migratable device. See the [module documentation](self).
 ///
@@ -81,7 +85,8 @@ use save::SaveSession;
 /// and joins every thread it started; fds it handed out stay the caller's to close.
 pub struct SimDevice {
     cfg: SimConfig,
-    state: MigState,
+    /// The migration state and the live image, shared with the save producer.
+    core: Arc<DevCore>,
     save: Option<SaveSession>,
     resume: Option<ResumeSession>,
     arcs: Vec<(MigState, MigState)>,
@@ -96,7 +101,7 @@ impl fmt::Debug for SimDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimDevice")
             .field("name", &self.cfg.name)
-            .field("state", &self.state)
+            .field("state", &self.cur_state())
             .field("size", &self.cfg.size)
             .field("seed", &self.cfg.seed)
             .field("save_session", &self.save.is_some())
@@ -110,8 +115,8 @@ impl SimDevice {
     /// starts.
     pub fn new(cfg: SimConfig) -> SimDevice {
         SimDevice {
+            core: DevCore::new(&cfg),
             cfg,
-            state: MigState::Running,
             save: None,
             resume: None,
             arcs: Vec::new(),
@@ -167,6 +172,31 @@ impl SimDevice {
         expected_config(cfg)
     }
 
+    /// The device's page versions (index = page): its state now on a source (it changes
+    /// while the device runs, and is frozen once it is stopped), the state loaded from the
+    /// stream on a destination after RESUMING→STOP. All zero for a device that is not live.
+    pub fn page_versions(&self) -> Vec<u32> {
+        self.core.page_versions()
+    }
+
+    /// [`state_digest`] of [`SimDevice::page_versions`]: a correct live migration gives the
+    /// destination (after RESUMING→STOP) the source's digest at its stop.
+    pub fn state_digest(&self) -> u64 {
+        state_digest(&self.core.page_versions())
+    }
+
+    /// The migration state.
+    fn cur_state(&self) -> MigState {
+        self.core.lock().state
+    }
+
+    /// Enters `to` (dirtying up to now counted in the old state).
+    fn set_state(&self, to: MigState) {
+        let mut g = self.core.lock();
+        g.tick();
+        g.state = to;
+    }
+
     fn err(&self, op: impl Into<String>, errno: i32) -> Error {
         Error::sys(&self.cfg.name, op, errno)
     }
@@ -192,73 +222,127 @@ impl SimDevice {
     /// One direct arc, as a driver's `step_state` does it.
     fn step(&mut self, from: MigState, to: MigState) -> Result<Option<OwnedFd>> {
         use MigState::{PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};
-        let op = || format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE arc {from} -> {to}");
+        let op = format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE arc {from} -> {to}");
         if let Some(f) = self.cfg.fail_arc.filter(|f| f.from == from && f.to == to) {
             if f.leave == FaultLeave::Error {
                 self.end_all();
-                self.state = MigState::Error;
+                self.set_state(MigState::Error);
             }
-            return Err(self.err(format!("{} (injected fault)", op()), f.errno));
+            return Err(self.err(format!("{op} (injected fault)"), f.errno));
         }
         let mut fd = None;
         match (from, to) {
             (Running, PreCopy) | (RunningP2p, PreCopyP2p) | (Stop, StopCopy) => {
                 self.end_save();
-                let (s, f) = SaveSession::start(&self.cfg, to == StopCopy).map_err(|e| Error::Sys {
-                    device: self.cfg.name.clone(),
-                    op: op(),
-                    source: e,
-                })?;
+                let core = self.cfg.is_live().then(|| Arc::clone(&self.core));
+                let (s, f) = SaveSession::start(&self.cfg, to == StopCopy, core).map_err(|e| self.sys(&op, e))?;
                 self.save = Some(s);
                 fd = Some(f);
-            }
-            (PreCopy, StopCopy) | (PreCopyP2p, StopCopy) => {
-                if let Some(s) = &self.save {
-                    s.enter_stop_copy();
-                }
             }
             (StopCopy, Stop) | (PreCopy, Running) | (PreCopyP2p, RunningP2p) => self.end_save(),
             (Stop, Resuming) => {
                 self.end_resume();
-                let (s, f) = ResumeSession::start(&self.cfg).map_err(|e| Error::Sys {
-                    device: self.cfg.name.clone(),
-                    op: op(),
-                    source: e,
-                })?;
+                // A driver may reset the device's state when it prepares to load another.
+                if let Some(l) = &mut self.core.lock().live {
+                    l.clear();
+                }
+                let (s, f) = ResumeSession::start(&self.cfg).map_err(|e| self.sys(&op, e))?;
                 self.resume = Some(s);
                 fd = Some(f);
             }
-            (Resuming, Stop) => {
-                let Some(s) = &self.resume else {
-                    return Err(self.err(op(), libc::EINVAL));
-                };
-                let (rep, overflow) = s.drain_and_report().map_err(|e| Error::Sys {
-                    device: self.cfg.name.clone(),
-                    op: op(),
-                    source: e,
-                })?;
-                self.last_resume = Some(rep);
-                if !rep.verified_ok {
-                    let why = if let Some(b) = rep.first_bad_offset {
-                        format!("resume stream content differs from the expected at offset {b}")
-                    } else if overflow {
-                        format!(
-                            "resume stream is longer than the expected {} bytes ({} written)",
-                            self.cfg.size, rep.bytes_written
-                        )
-                    } else {
-                        format!("resume stream is short: {} of {} bytes", rep.bytes_written, self.cfg.size)
-                    };
-                    // Like mtty: EINVAL, the device stays in RESUMING with its file open.
-                    return Err(self.err(format!("{} ({why})", op()), libc::EINVAL));
-                }
-                self.end_resume();
-            }
+            (Resuming, Stop) => self.finish_resume(&op)?,
             _ => {}
         }
         self.arcs.push((from, to));
-        self.state = to;
+        self.set_state(to);
+        if matches!(from, PreCopy | PreCopyP2p) && to == StopCopy {
+            // After the state change, so a live producer sees a stopped device when it
+            // decides the stream is complete.
+            if let Some(s) = &self.save {
+                s.enter_stop_copy();
+            }
+        }
         Ok(fd)
+    }
+
+    /// RESUMING→STOP: the final check of the stream; on success a live device takes the
+    /// state it carried. Like mtty, a failure is EINVAL and leaves the device in RESUMING with
+    /// its file open.
+    fn finish_resume(&mut self, op: &str) -> Result<()> {
+        let Some(s) = &self.resume else {
+            return Err(self.err(op, libc::EINVAL));
+        };
+        let (rep, why) = s.drain_and_report().map_err(|e| self.sys(op, e))?;
+        self.last_resume = Some(rep);
+        if let Some(why) = why {
+            return Err(self.err(format!("{op} ({why})"), libc::EINVAL));
+        }
+        let versions = s.take_versions();
+        self.end_resume();
+        if let (Some(v), Some(l)) = (versions, self.core.lock().live.as_mut()) {
+            l.install(v);
+        }
+        Ok(())
+    }
+
+    fn sys(&self, op: &str, source: std::io::Error) -> Error {
+        Error::Sys { device: self.cfg.name.clone(), op: op.to_owned(), source }
+    }
+
+    /// Whether a read now would be at the PRE_COPY temporary end (dirtying brought up to date).
+    fn at_precopy_end(&self, s: &SaveSession) -> bool {
+        if !self.cfg.is_live() {
+            return s.at_precopy_end();
+        }
+        let mut g = self.core.lock();
+        g.tick();
+        let track = g.live.as_ref().and_then(|l| l.track.as_ref());
+        track.is_some_and(|t| live_at_end(t, &s.io_snapshot()))
+    }
+
+    /// PRECOPY_INFO of a live device: `initial_bytes` is the unread part of the base image's
+    /// pre-copy portion, `dirty_bytes` every other unread byte the pre-copy stream owes (dirty
+    /// records in the fd, being written, queued or held). With
+    /// [`DirtyRelease::OnPrecopyInfo`] a call at the temporary end releases the held records.
+    fn live_precopy_info(&self, s: &SaveSession) -> PrecopyInfo {
+        let mut g = self.core.lock();
+        g.tick();
+        let Some(l) = &mut g.live else {
+            return PrecopyInfo::default();
+        };
+        if self.cfg.dirty_release == DirtyRelease::OnPrecopyInfo
+            && l.track.as_ref().is_some_and(|t| live_at_end(t, &s.io_snapshot()))
+        {
+            l.release();
+        }
+        let Some(t) = &l.track else {
+            return PrecopyInfo::default();
+        };
+        let io = s.io_snapshot();
+        let b = t.precopy_len;
+        let consumed = io.produced.saturating_sub(io.queued);
+        let initial = b - consumed.min(b);
+        let unread = (b - t.base_reserved.min(b)) + io.inflight + io.queued + t.pending_bytes();
+        PrecopyInfo { initial_bytes: initial, dirty_bytes: unread.saturating_sub(initial), reinit: false }
+    }
+
+    /// MIG_DATA_SIZE of a live device: what a STOP_COPY entered now would still stream (the
+    /// unread base image and every record owed).
+    fn live_stop_copy_size(&self) -> u64 {
+        let size = self.cfg.size;
+        let mut g = self.core.lock();
+        g.tick();
+        let Some(l) = &g.live else {
+            return size;
+        };
+        let owed = l.owed_uncovered_bytes();
+        match (&self.save, &l.track) {
+            (Some(s), Some(t)) => {
+                let io = s.io_snapshot();
+                (size - t.base_reserved.min(size)) + io.inflight + io.queued + t.pending_bytes() + owed
+            }
+            _ => size + owed,
+        }
     }
 
     /// Which session `fd` belongs to.
@@ -274,6 +358,18 @@ impl SimDevice {
             FdKind::Other
         }
     }
+}
+
+/// Whether a live device's pre-copy stream is at its temporary end: the pre-copy base is
+/// produced, nothing is in flight or in the fd, and no released record waits (held records
+/// do not count: they wait for PRECOPY_INFO).
+fn live_at_end(t: &SaveTrack, io: &IoSnapshot) -> bool {
+    t.base_reserved >= t.precopy_len
+        && io.inflight == 0
+        && io.queued == 0
+        && t.queue_bytes == 0
+        && !io.finale
+        && !io.done
 }
 
 /// Which live session an fd belongs to.
@@ -307,7 +403,7 @@ impl MigrationDevice for SimDevice {
         if !self.cfg.flags.contains(MigFlags::STOP_COPY) {
             return Err(self.err("VFIO_DEVICE_FEATURE GET MIG_DEVICE_STATE", libc::ENOTTY));
         }
-        Ok(self.state)
+        Ok(self.cur_state())
     }
 
     fn set_state_raw(&mut self, target: MigState) -> Result<Option<OwnedFd>> {
@@ -316,16 +412,15 @@ impl MigrationDevice for SimDevice {
             return Err(self.err("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE", libc::ENOTTY));
         }
         let mut fd: Option<OwnedFd> = None;
-        while self.state != target {
-            let Some(next) = next_step(flags, self.state, target) else {
-                return Err(self.err(
-                    format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE={target} from {}", self.state),
-                    libc::EINVAL,
-                ));
+        while self.cur_state() != target {
+            let from = self.cur_state();
+            let Some(next) = next_step(flags, from, target) else {
+                return Err(
+                    self.err(format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE={target} from {from}"), libc::EINVAL)
+                );
             };
-            let from = self.state;
             fd = self.step(from, next)?;
-            if fd.is_some() && self.state != target {
+            if fd.is_some() && self.cur_state() != target {
                 // The kernel WARNs and fails: an fd can only be made on the final arc.
                 return Err(self.err(
                     format!("VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE={target}: fd on a non-final arc"),
@@ -337,6 +432,9 @@ impl MigrationDevice for SimDevice {
     }
 
     fn stop_copy_size(&self) -> Result<u64> {
+        if self.cfg.is_live() {
+            return Ok(self.live_stop_copy_size());
+        }
         Ok(self.cfg.size)
     }
 
@@ -346,12 +444,15 @@ impl MigrationDevice for SimDevice {
         if kind == FdKind::Resume {
             return Err(self.err(op, libc::ENOTTY));
         }
-        if !matches!(self.state, MigState::PreCopy | MigState::PreCopyP2p) {
+        if !matches!(self.cur_state(), MigState::PreCopy | MigState::PreCopyP2p) {
             return Err(self.err(op, libc::EINVAL));
         }
         let Some(s) = self.save.as_ref().filter(|_| kind == FdKind::Save) else {
             return Err(self.err(op, libc::ENODEV));
         };
+        if self.cfg.is_live() {
+            return Ok(self.live_precopy_info(s));
+        }
         Ok(PrecopyInfo { initial_bytes: s.precopy_len.saturating_sub(s.consumed()), dirty_bytes: 0, reinit: false })
     }
 
@@ -363,7 +464,11 @@ impl MigrationDevice for SimDevice {
 
     fn reset(&mut self) -> Result<()> {
         self.end_all();
-        self.state = MigState::Running;
+        // A reset returns the device to its power-on state.
+        if let Some(l) = &mut self.core.lock().live {
+            l.clear();
+        }
+        self.set_state(MigState::Running);
         self.resets = self.resets.saturating_add(1);
         Ok(())
     }
@@ -381,7 +486,7 @@ impl MigrationDevice for SimDevice {
         if buf.is_empty() {
             return Ok(ReadOutcome::Eof);
         }
-        if matches!(self.state, MigState::PreCopy | MigState::PreCopyP2p) && s.at_precopy_end() {
+        if matches!(self.cur_state(), MigState::PreCopy | MigState::PreCopyP2p) && self.at_precopy_end(s) {
             return match self.cfg.precopy_end {
                 PrecopyEnd::NoMsg => Ok(ReadOutcome::NoMsg),
                 PrecopyEnd::Zero => Ok(ReadOutcome::Eof),
@@ -420,7 +525,7 @@ impl MigrationDevice for SimDevice {
         };
         let have = s.stream_len();
         let fits = have.checked_add(buf.len() as u64).is_some_and(|end| end <= s.size);
-        if !fits {
+        if s.bounded && !fits {
             return Err(self.err(op, libc::ENOMEM));
         }
         if buf.is_empty() {
