@@ -137,9 +137,10 @@ pub struct SimConfig {
     /// dirties pages at this average rate (bytes per second; each dirtying bumps one page's
     /// version). Its save stream is the base image (exactly the stream of a non-live device)
     /// followed by dirty records, and a destination with the same setting expects and checks
-    /// them; see the [module documentation](super). `Some(0)` is a live device that does not
-    /// change by itself. `None` (the default): the state never changes and the stream is
-    /// exactly `fill(seed, 0..size)`.
+    /// them; see the [module documentation](super#live-devices-dirty-pages-and-dirty-records).
+    /// `Some(0)` is a live device that changes only through
+    /// [`SimHandle`](super::SimHandle) writes. `None` (the default): the state never changes
+    /// and the stream is exactly `fill(seed, 0..size)`.
     pub dirty_rate_bytes_per_sec: Option<u64>,
     /// When dirty records become readable in PRE_COPY (live devices only).
     pub dirty_release: DirtyRelease,

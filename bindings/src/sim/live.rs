@@ -1,18 +1,25 @@
 //! The device's shared core: its migration state, the live image (page versions and their
 //! dirtying) and the save-session bookkeeping that turns dirtied pages into dirty records.
 //!
-//! The core is shared by the [`SimDevice`](super::SimDevice) and its save producer thread.
-//! Lock order: the core, then the save session's I/O lock; nothing is taken while the I/O
-//! lock is held.
+//! The core is shared by the [`SimDevice`](super::SimDevice), its save producer thread and
+//! every [`SimHandle`](super::SimHandle). Lock order: a device core, then (in
+//! [`SimHandle::dma_write_to`](super::SimHandle::dma_write_to)) a second core with a higher
+//! id, then the save session's I/O lock or the fabric's lock; nothing is taken while one of
+//! the last two is held.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::config::{DirtyRelease, SimConfig};
 use super::content::{page_count, page_len, splitmix64, DirtyRecord, DIRTY_RECORD_HEADER, SIM_PAGE_SIZE};
+use super::fabric::Fabric;
 use crate::state::MigState;
 use crate::sys::{self, EventFd};
+
+/// Source of [`DevCore::id`]s (the lock order between two cores).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Salt of the dirtying sequence (which page the n-th dirtying hits).
 const DIRTY_SALT: u64 = 0xD127_7A6E_5EED_0001;
@@ -23,14 +30,23 @@ pub(super) const fn is_running(s: MigState) -> bool {
     matches!(s, MigState::Running | MigState::PreCopy | MigState::RunningP2p | MigState::PreCopyP2p)
 }
 
+/// Whether a device in `s` may initiate new P2P DMA (the P2P states must not).
+pub(super) const fn may_initiate_p2p(s: MigState) -> bool {
+    matches!(s, MigState::Running | MigState::PreCopy)
+}
+
 /// Record bytes (header and payload) of page `page` of an image of `size` bytes.
 fn record_bytes(size: u64, page: u64) -> u64 {
     DIRTY_RECORD_HEADER as u64 + page_len(size, page)
 }
 
-/// What a device and its producer share.
+/// What a device, its producer and its handles share.
 #[derive(Debug)]
 pub(super) struct DevCore {
+    /// Unique per core: the order in which two cores are locked.
+    pub(super) id: u64,
+    /// The device's name, for the fabric's messages.
+    pub(super) name: String,
     /// Pages of the device's image (also for a device that is not live).
     pub(super) pages: u64,
     inner: Mutex<CoreState>,
@@ -42,8 +58,10 @@ impl DevCore {
     pub(super) fn new(cfg: &SimConfig) -> Arc<DevCore> {
         let live = cfg.dirty_rate_bytes_per_sec.map(|rate| LiveImage::new(cfg, rate));
         Arc::new(DevCore {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name: cfg.name.clone(),
             pages: page_count(cfg.size),
-            inner: Mutex::new(CoreState { state: MigState::Running, live }),
+            inner: Mutex::new(CoreState { state: MigState::Running, live, fabric: None }),
         })
     }
 
@@ -70,6 +88,8 @@ pub(super) struct CoreState {
     pub(super) state: MigState,
     /// The live image, for a device with a dirty rate.
     pub(super) live: Option<LiveImage>,
+    /// The fabric the device joined.
+    pub(super) fabric: Option<Fabric>,
 }
 
 impl CoreState {
@@ -78,6 +98,16 @@ impl CoreState {
         let running = is_running(self.state);
         if let Some(l) = &mut self.live {
             l.advance(Instant::now(), running);
+        }
+    }
+
+    /// One write into page `page` (taken modulo the page count) lands: its version is
+    /// bumped. A device that is not live has no versions: nothing changes.
+    pub(super) fn write_page(&mut self, page: u64) {
+        if let Some(l) = &mut self.live {
+            if l.pages > 0 {
+                l.bump(page % l.pages);
+            }
         }
     }
 }

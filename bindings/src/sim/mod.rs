@@ -63,6 +63,7 @@ use crate::sys::{self, PollFd, PollFlags};
 
 mod config;
 mod content;
+mod fabric;
 mod live;
 mod records;
 mod resume;
@@ -74,6 +75,7 @@ pub use content::{
     verify_page, DirtyRecord, DIRTY_RECORD_HEADER, DIRTY_RECORD_MAGIC, SIM_CONFIG_HEADER, SIM_CONFIG_MAGIC,
     SIM_PAGE_SIZE,
 };
+pub use fabric::{Fabric, FabricStats, SimHandle, StateChange, Violation};
 use live::{DevCore, SaveTrack};
 pub use resume::ResumeReport;
 use resume::ResumeSession;
@@ -85,7 +87,8 @@ use save::{IoSnapshot, SaveSession};
 /// and joins every thread it started; fds it handed out stay the caller's to close.
 pub struct SimDevice {
     cfg: SimConfig,
-    /// The migration state and the live image, shared with the save producer.
+    /// The migration state, the live image and the fabric, shared with the save producer and
+    /// the device's [`SimHandle`]s.
     core: Arc<DevCore>,
     save: Option<SaveSession>,
     resume: Option<ResumeSession>,
@@ -172,6 +175,34 @@ impl SimDevice {
         expected_config(cfg)
     }
 
+    /// A handle for guest writes, P2P DMA and state checks that stays usable after the device
+    /// is moved into the engine.
+    pub fn handle(&self) -> SimHandle {
+        SimHandle { core: Arc::clone(&self.core) }
+    }
+
+    /// Joins `fabric` (leaving the one it was on, if any): from now on the fabric sees every
+    /// state change of this device and checks it against its other devices.
+    pub fn join(&mut self, fabric: &Fabric) {
+        let mut g = self.core.lock();
+        if let Some(old) = g.fabric.take() {
+            old.unregister(self.core.id);
+        }
+        fabric.register(self.core.id, &self.core.name, g.state);
+        g.fabric = Some(fabric.clone());
+    }
+
+    /// [`SimDevice::join`] as a builder.
+    pub fn with_fabric(mut self, fabric: &Fabric) -> SimDevice {
+        self.join(fabric);
+        self
+    }
+
+    /// The fabric the device is on.
+    pub fn fabric(&self) -> Option<Fabric> {
+        self.core.lock().fabric.clone()
+    }
+
     /// The device's page versions (index = page): its state now on a source (it changes
     /// while the device runs, and is frozen once it is stopped), the state loaded from the
     /// stream on a destination after RESUMING→STOP. All zero for a device that is not live.
@@ -190,11 +221,15 @@ impl SimDevice {
         self.core.lock().state
     }
 
-    /// Enters `to` (dirtying up to now counted in the old state).
+    /// Enters `to` (dirtying up to now counted in the old state) and tells the fabric.
     fn set_state(&self, to: MigState) {
         let mut g = self.core.lock();
         g.tick();
+        let from = g.state;
         g.state = to;
+        if let Some(f) = &g.fabric {
+            f.note_state(self.core.id, &self.core.name, from, to);
+        }
     }
 
     fn err(&self, op: impl Into<String>, errno: i32) -> Error {
@@ -582,5 +617,8 @@ impl Drop for SimDevice {
     fn drop(&mut self) {
         // Session drops stop and join their threads; this also drains the save pipe.
         self.end_all();
+        if let Some(f) = self.core.lock().fabric.take() {
+            f.unregister(self.core.id);
+        }
     }
 }
