@@ -13,13 +13,18 @@
 //!   `ESPIPE`). PRE_COPY, PRE_COPY_P2P and STOP_COPY share one stream: PRE_COPY streams the
 //!   first [`SimConfig::precopy_bytes`], and after →STOP_COPY the same fd continues with the
 //!   rest, so the concatenation is byte-identical to a plain STOP_COPY stream. STOP_COPY ends
-//!   with `read() == 0`.
+//!   with `read() == 0`. A [live](#live-devices-dirty-pages-and-dirty-records) device adds
+//!   dirty records to that stream.
 //! * **Resume fd.** The write end of a pipe ([`SimConfig::resume_pipe_bytes`], blocking unless
 //!   [`SimConfig::nonblocking_resume`]) drained by a consumer thread that verifies every byte
 //!   against the expected content (seed, size) without keeping a copy. The consumer can be
 //!   slow ([`SimConfig::resume_throughput_bytes_per_sec`]), so writers meet a full pipe.
 //! * **Content.** The byte at stream offset `o` is a pure function of `(seed, o)`: see
-//!   [`fill`] and [`verify`].
+//!   [`fill`] and [`verify`]. A live device's pages change version; page `p` at version `v` is
+//!   a pure function of `(seed, p, v)`: see [`fill_page`] and [`verify_page`].
+//! * **The VM around it.** A [`Fabric`] shared by the devices of one VM sees their state
+//!   changes and records what would lose data in a real VM; [`SimHandle`]s play the guest
+//!   and the devices' P2P DMA ([below](#the-fabric-guest-writes-p2p-dma-and-the-ordering-rule)).
 //!
 //! # Where a pipe differs from a VFIO fd, and what the sim does about it
 //!
@@ -30,7 +35,8 @@
 //!   [`SimConfig::precopy_end`]). An engine issuing raw reads must stop at the temporary end
 //!   using [`MigrationDevice::precopy_info`] (`initial_bytes == 0 && dirty_bytes == 0`), as the
 //!   uAPI recommends anyway. With [`SimConfig::nonblocking_save`] the raw read there gives
-//!   `EAGAIN` instead of blocking.
+//!   `EAGAIN` instead of blocking. (On a live device with [`DirtyRelease::Continuous`] a
+//!   blocked raw read also returns when the device dirties a page it owes a record for.)
 //! * **`EAGAIN` in `read_data` / `write_data`.** On an `O_NONBLOCK` fd
 //!   ([`SimConfig::nonblocking_save`], [`SimConfig::nonblocking_resume`]) a raw `read(2)` /
 //!   `write(2)` gives `EAGAIN` when the pipe is empty / full, as mlx5's save fd does. The
@@ -51,6 +57,108 @@
 //!   socket: after N bytes the reader gets `ECONNRESET` (a real kernel error; see
 //!   [`SimConfig::read_error_at`]). [`SimConfig::write_error_at`]: the consumer closes its end
 //!   after N bytes, so the writer gets `EPIPE` (within one pipe capacity after byte N).
+//!
+//! # Live devices: dirty pages and dirty records
+//!
+//! With [`SimConfig::dirty_rate_bytes_per_sec`] (`with_dirty_rate`) the device's state is an
+//! image of `size` bytes in 4 KiB pages ([`SIM_PAGE_SIZE`]), each with a `u32` version. Only
+//! the versions are kept (4 bytes a page, plus 4 more during a save session for the version
+//! each page was last sent at), never the bytes: page `p` at version `v` is
+//! [`fill_page`]`(seed, p, v)`, and version 0 is exactly the non-live stream content.
+//!
+//! * **Dirtying.** While the device runs (RUNNING, PRE_COPY, RUNNING_P2P, PRE_COPY_P2P) it
+//!   dirties `rate / 4096` pages a second; in STOP, STOP_COPY, RESUMING and ERROR nothing
+//!   changes. The dirtying due is computed lazily from the time spent running, whenever the
+//!   device is looked at (a SET, PRECOPY_INFO, a read, MIG_DATA_SIZE, a [`SimHandle`] call)
+//!   and by the save producer while it waits for work. Each dirtying bumps one page's version;
+//!   the n-th hits page `splitmix64(seed ^ salt ^ n·φ) mod pages`, so the sequence of pages is
+//!   the seed's (when they are hit depends on the clock). Guest writes and P2P DMA
+//!   ([`SimHandle`]) bump versions too; `with_dirty_rate(0)` is a live device that changes
+//!   only through them. A reset brings every page back to version 0 (the power-on state), and
+//!   so does STOP→RESUMING (a driver may reset the device before loading).
+//! * **Save stream.** One stream on one fd across PRE_COPY → PRE_COPY_P2P → STOP_COPY:
+//!
+//!   ```text
+//!   base[0 .. B]        PRE_COPY: the pre-copy portion, B = SimConfig::precopy_len()
+//!   record*             PRE_COPY(_P2P): dirty records, as pages are dirtied
+//!   base[B .. size]     STOP_COPY: the rest of the base image
+//!   record*             STOP_COPY: every record still owed, then EOF (read 0)
+//!   ```
+//!
+//!   The base is always version-0 bytes, byte-identical to a non-live device's stream (a
+//!   STOP→STOP_COPY session, or one with nothing dirty, is base only); the records carry every
+//!   change, including those made before the session. A page is owed a record when its
+//!   version differs from the one the stream carries for it (0 for the base, else its last
+//!   record's) and its base bytes were produced; the record carries the version the page has
+//!   when the producer takes it, so ten writes between two reads cost one record, and the
+//!   versions of a page increase along the stream. Pages past `B` are owed nothing before
+//!   STOP_COPY: their base bytes come first. For a device dirtied as a whole in pre-copy, set
+//!   `precopy_bytes` to `size`.
+//! * **Record format** ([`DirtyRecord`]): a 24-byte header, magic `"VFSIMDR1"`
+//!   ([`DIRTY_RECORD_MAGIC`]), page (LE u64), version (LE u32, > 0), payload length (LE u32,
+//!   [`page_len`]: 4096, less for a partial last page), then the page's bytes at that
+//!   version.
+//! * **PRECOPY_INFO** is exact at the moment of the call. `initial_bytes` is the unread part
+//!   of `base[0 .. B]`: it starts at `B` and only falls. `dirty_bytes` is every other byte the
+//!   pre-copy stream owes the reader: records in the fd, being written, queued, or held (see
+//!   below). It grows as owed pages are dirtied and falls as records are read. After a
+//!   PRECOPY_INFO with `initial + dirty > 0` a read returns data; with both 0 a read is at the
+//!   temporary end (until the device dirties more).
+//! * **Temporary end.** `read_data` answers `ENOMSG` or `0` ([`SimConfig::precopy_end`]) when
+//!   nothing is readable now. When the new dirty data becomes readable is
+//!   [`SimConfig::dirty_release`]: [`DirtyRelease::Continuous`] (default) as soon as it is
+//!   dirtied; [`DirtyRelease::OnPrecopyInfo`] is **mlx5**, where data after `-ENOMSG` appears
+//!   only once `VFIO_MIG_GET_PRECOPY_INFO` is called (it starts a new SAVE), so a reader that
+//!   never calls it keeps getting `ENOMSG` and the held records go out in STOP_COPY. (QEMU
+//!   calls it only in its setup and exact-size passes.) `PrecopyEnd::Zero` gives
+//!   **mtty**'s `0` at the temporary end; mtty itself has no dirty data (its pre-copy stream is
+//!   a fixed 24-byte header), so an mtty-like device that dirties is hypothetical, but an
+//!   engine must read that `0` as "nothing now" in PRE_COPY either way.
+//! * **MIG_DATA_SIZE** ([`MigrationDevice::stop_copy_size`]) is what a STOP_COPY entered now
+//!   would still stream: the unread base image and every record owed (in the fd, in flight,
+//!   queued, held, and for pages whose base bytes are still to come). In STOP_COPY it is
+//!   exactly the bytes left to read. (A non-live device keeps reporting `size`.)
+//! * **Destination.** A live [`SimDevice`] in RESUMING expects such a stream; its config must
+//!   match the source's `size`, `seed` and `precopy_bytes`, and have a dirty rate. The consumer
+//!   verifies the base, and at `B`, where the source may have paused it, tells a record from
+//!   the base's continuation by content (the first byte that matches only the magic or only
+//!   the base decides). Every record's header is checked (magic, page in range, length,
+//!   version above the page's last) and its payload verified. RESUMING→STOP fails with
+//!   `EINVAL` (leaving RESUMING, as mtty) if anything was wrong or the stream ends inside the
+//!   base or a record; on success the device takes the loaded versions as its state. The
+//!   stream has no fixed length, so `write_data`'s `ENOMEM` bound does not apply.
+//!   [`ResumeReport::dirty_records`] counts the records applied.
+//! * **Checking a migration.** [`SimDevice::page_versions`] and [`SimDevice::state_digest`]
+//!   (also on a [`SimHandle`], usable once the device is inside the engine): on a source, its
+//!   state now (frozen once stopped); on a destination after RESUMING→STOP, the state
+//!   loaded. A correct live migration gives equal digests.
+//! * **Faults.** [`SimConfig::truncate_at`] and [`SimConfig::read_error_at`] count bytes of
+//!   the whole stream (base and records).
+//!
+//! # The fabric: guest writes, P2P DMA and the ordering rule
+//!
+//! A [`Fabric`] is the VM around its devices ([`SimDevice::join`], [`SimDevice::with_fabric`]).
+//! It sees every state change of every member (each direct arc of a SET, a failed arc into
+//! ERROR, a reset: [`Fabric::state_log`]) and records [`Violation`]s:
+//!
+//! * [`Violation::StoppedWhilePeerMayDma`]: a device went from a running state to STOP or
+//!   STOP_COPY while another member was in RUNNING or PRE_COPY, so it could still initiate
+//!   P2P DMA into it. The uAPI's P2P states exist for this ("must prevent the device from
+//!   initiating any new P2P DMA transactions"), and QEMU's rule is: every device to
+//!   RUNNING_P2P / PRE_COPY_P2P first, then STOP / STOP_COPY.
+//! * [`Violation::StartedWhilePeerStopped`]: the start order's twin: a device entered RUNNING
+//!   or PRE_COPY (it may initiate again) while a member was in STOP, STOP_COPY or RESUMING.
+//! * [`Violation::GuestWriteLost`], [`Violation::DmaLost`]: writes that could not land.
+//!
+//! [`SimHandle::guest_write`] is a vCPU's MMIO write: it lands on a running device and is lost
+//! on a stopped one. [`SimHandle::dma_write_to`] is P2P DMA: only a device in RUNNING or
+//! PRE_COPY initiates it (a quiesced initiator simply does not, which is no violation); it
+//! lands on a running target (the P2P states still accept DMA) and is lost on one in STOP,
+//! STOP_COPY or RESUMING. Both devices are locked for the write, so a DMA in flight completes
+//! before either device's next arc returns, as the uAPI requires. [`Fabric::stats`] counts
+//! landed, lost and not-initiated writes. A fabric models a running VM: a destination's
+//! devices, which are RUNNING only nominally until they enter RESUMING, should join once they
+//! are RESUMING (or use their own fabric).
 
 use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};
