@@ -14,6 +14,22 @@ pub enum PrecopyEnd {
     Zero,
 }
 
+/// When dirty records of a live device ([`SimConfig::dirty_rate_bytes_per_sec`]) become
+/// readable in PRE_COPY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyRelease {
+    /// As soon as a page is dirtied (after its base bytes were produced): a read at the
+    /// temporary end returns `ENOMSG`/`0` only while nothing is pending, and new records show
+    /// up on the fd (a blocked raw read returns them) without any ioctl.
+    #[default]
+    Continuous,
+    /// Like mlx5: once the reader has reached the temporary end, new dirty data is put into
+    /// the stream only by a `VFIO_MIG_GET_PRECOPY_INFO` call (mlx5 starts a new SAVE there).
+    /// Until then reads keep answering `ENOMSG`/`0` while PRECOPY_INFO reports the pending
+    /// `dirty_bytes`. In STOP_COPY everything pending is streamed regardless.
+    OnPrecopyInfo,
+}
+
 /// Where a failing arc leaves the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultLeave {
@@ -42,7 +58,8 @@ pub struct ArcFault {
 pub struct SimConfig {
     /// Device name for messages.
     pub name: String,
-    /// STOP_COPY stream length in bytes (also what MIG_DATA_SIZE reports).
+    /// STOP_COPY stream length in bytes (also what MIG_DATA_SIZE reports). On a live device,
+    /// the size of its image: the base image of its stream, which dirty records follow.
     pub size: u64,
     /// Content seed: the stream is [`fill`](super::fill)`(seed, 0, ..size)`.
     pub seed: u64,
@@ -55,7 +72,9 @@ pub struct SimConfig {
     /// up). In read-error mode (a socket, see [`SimConfig::read_error_at`]) only the
     /// `read_data` cap applies.
     pub max_read: usize,
-    /// Bytes of initial data available in PRE_COPY (clamped to the stream length).
+    /// Bytes of initial data available in PRE_COPY (clamped to the stream length). On a live
+    /// device, also where its base image pauses for dirty records in PRE_COPY: a live
+    /// destination must be given the same value.
     pub precopy_bytes: u64,
     /// What a read at the temporary end of PRE_COPY returns.
     pub precopy_end: PrecopyEnd,
@@ -69,14 +88,16 @@ pub struct SimConfig {
     /// `ECONNRESET` (then EOF). In this mode the save fd is an `AF_UNIX` stream socket: the
     /// producer, after sending N bytes, writes one byte into its *own* receive queue through
     /// a dup of the reader's end and closes its socket; the kernel (`unix_release_sock`)
-    /// then sets `ECONNRESET` on the reader, reported once its queue is empty.
+    /// then sets `ECONNRESET` on the reader, reported once its queue is empty. On a live
+    /// device N counts bytes of the whole stream (base image and dirty records).
     pub read_error_at: Option<u64>,
     /// The resume stream fails after this many bytes: the consumer closes its end of the
     /// pipe, so the writer gets `EPIPE`.
     pub write_error_at: Option<u64>,
     /// A direct arc that fails.
     pub fail_arc: Option<ArcFault>,
-    /// The save stream ends early with EOF after this many bytes (a truncated stream).
+    /// The save stream ends early with EOF after this many bytes (a truncated stream). On a
+    /// live device this counts bytes of the whole stream (base image and dirty records).
     pub truncate_at: Option<u64>,
     /// The save data fd handed out by the SET that creates it is `O_NONBLOCK`, as when a VMM
     /// (or its migration helper) sets `O_NONBLOCK` on it to read it from an event loop or
@@ -111,6 +132,18 @@ pub struct SimConfig {
     /// power-of-two number of pages, at least one page). Default 1 MiB. Best effort: above
     /// `/proc/sys/fs/pipe-max-size` an unprivileged process keeps the default 64 KiB.
     pub resume_pipe_bytes: usize,
+    /// Makes the device **live**: its state is an image of `size` bytes in 4 KiB pages, each
+    /// with a version, and while it runs (RUNNING, PRE_COPY, RUNNING_P2P, PRE_COPY_P2P) it
+    /// dirties pages at this average rate (bytes per second; each dirtying bumps one page's
+    /// version). Its save stream is the base image (exactly the stream of a non-live device)
+    /// followed by dirty records, and a destination with the same setting expects and checks
+    /// them; see the [module documentation](super#live-devices-dirty-pages-and-dirty-records).
+    /// `Some(0)` is a live device that changes only through
+    /// [`SimHandle`](super::SimHandle) writes. `None` (the default): the state never changes
+    /// and the stream is exactly `fill(seed, 0..size)`.
+    pub dirty_rate_bytes_per_sec: Option<u64>,
+    /// When dirty records become readable in PRE_COPY (live devices only).
+    pub dirty_release: DirtyRelease,
 }
 
 impl SimConfig {
@@ -137,6 +170,8 @@ impl SimConfig {
             nonblocking_resume: false,
             resume_throughput_bytes_per_sec: None,
             resume_pipe_bytes: 1 << 20,
+            dirty_rate_bytes_per_sec: None,
+            dirty_release: DirtyRelease::Continuous,
         }
     }
 
@@ -230,6 +265,23 @@ impl SimConfig {
         self
     }
 
+    /// Sets [`SimConfig::dirty_rate_bytes_per_sec`] (a live device).
+    pub fn with_dirty_rate(mut self, bytes_per_sec: u64) -> SimConfig {
+        self.dirty_rate_bytes_per_sec = Some(bytes_per_sec);
+        self
+    }
+
+    /// Sets [`SimConfig::dirty_release`].
+    pub fn with_dirty_release(mut self, release: DirtyRelease) -> SimConfig {
+        self.dirty_release = release;
+        self
+    }
+
+    /// Whether the device is live ([`SimConfig::dirty_rate_bytes_per_sec`] is set).
+    pub fn is_live(&self) -> bool {
+        self.dirty_rate_bytes_per_sec.is_some()
+    }
+
     /// Where the save stream ends with EOF: `min(size, truncate_at)`.
     pub fn eof_len(&self) -> u64 {
         self.truncate_at.map_or(self.size, |t| t.min(self.size))
@@ -246,8 +298,13 @@ impl SimConfig {
         self.precopy_bytes.min(self.saved_len())
     }
 
-    /// Whether the save fd is a socket that fails (see [`SimConfig::read_error_at`]).
+    /// Whether the save fd is a socket that fails (see [`SimConfig::read_error_at`]). A live
+    /// device's stream has no fixed length, so there any `read_error_at` not after
+    /// `truncate_at` counts.
     pub(super) fn read_error_mode(&self) -> bool {
+        if self.is_live() {
+            return self.read_error_at.is_some_and(|e| self.truncate_at.is_none_or(|t| e <= t));
+        }
         self.read_error_at.is_some_and(|e| e <= self.eof_len())
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::config::SimConfig;
 use super::content::verify;
+use super::records::LiveStreamParser;
 use crate::sys::{self, EventFd, PollFd, PollFlags};
 
 /// What the consumer has seen of a resume stream.
@@ -18,8 +19,11 @@ pub struct ResumeReport {
     pub bytes_written: u64,
     /// Every byte matched, no byte was missing and none was extra.
     pub verified_ok: bool,
-    /// Stream offset of the first byte that did not match, if any.
+    /// Stream offset of the first byte that did not match, if any (for a bad dirty-record
+    /// header: the record's first byte).
     pub first_bad_offset: Option<u64>,
+    /// Live device: dirty records verified and applied so far.
+    pub dirty_records: u64,
 }
 
 /// Consumer progress, guarded by `ResumeShared::ctl`.
@@ -30,8 +34,12 @@ struct ResumeCtl {
     drained: u64,
     bytes: u64,
     first_bad: Option<u64>,
+    /// Why the stream is bad, where more can be said than "content differs".
+    why: Option<String>,
     overflow: bool,
     closed: bool,
+    /// Live device: the parser of the whole stream (base image and dirty records).
+    records: Option<LiveStreamParser>,
 }
 
 /// Control shared between the device and its consumer thread.
@@ -54,6 +62,9 @@ pub(super) struct ResumeSession {
     shared: Arc<ResumeShared>,
     pub(super) id: (u64, u64),
     pub(super) size: u64,
+    /// A stream of a device that is not live has exactly `size` bytes; a live device's
+    /// stream (base image and dirty records) has no fixed length.
+    pub(super) bounded: bool,
     /// Bytes accepted by [`SimDevice::write_data`](crate::MigrationDevice::write_data) (raw
     /// writes are not counted here).
     accepted: AtomicU64,
@@ -70,8 +81,12 @@ impl ResumeSession {
             sys::set_nonblocking(w.as_fd())?;
         }
         let id = sys::file_id(w.as_fd())?;
-        let shared =
-            Arc::new(ResumeShared { ctl: Mutex::new(ResumeCtl::default()), cv: Condvar::new(), wake: sys::eventfd()? });
+        // Where a live source pauses its base image for dirty records: after its pre-copy
+        // portion (the destination's config must say the same as the source's).
+        let pause = cfg.precopy_bytes.min(cfg.size);
+        let records = cfg.is_live().then(|| LiveStreamParser::new(cfg.seed, cfg.size, pause));
+        let ctl = ResumeCtl { records, ..Default::default() };
+        let shared = Arc::new(ResumeShared { ctl: Mutex::new(ctl), cv: Condvar::new(), wake: sys::eventfd()? });
         let sh = Arc::clone(&shared);
         let p = ConsumerParams {
             seed: cfg.seed,
@@ -81,7 +96,15 @@ impl ResumeSession {
         };
         let thread =
             std::thread::Builder::new().name(format!("sim-resume-{}", cfg.name)).spawn(move || consume(&sh, r, &p))?;
-        Ok((ResumeSession { shared, id, size: cfg.size, accepted: AtomicU64::new(0), thread: Some(thread) }, w))
+        let s = ResumeSession {
+            shared,
+            id,
+            size: cfg.size,
+            bounded: !cfg.is_live(),
+            accepted: AtomicU64::new(0),
+            thread: Some(thread),
+        };
+        Ok((s, w))
     }
 
     /// Bytes of the stream so far: the larger of what [`SimDevice::write_data`](crate::MigrationDevice::write_data)
@@ -95,15 +118,41 @@ impl ResumeSession {
         self.accepted.fetch_add(n as u64, Ordering::AcqRel);
     }
 
-    /// Snapshot without draining.
-    pub(super) fn report(&self) -> (ResumeReport, bool) {
+    /// Snapshot without draining: the report, and why the stream is not (yet) acceptable.
+    pub(super) fn report(&self) -> (ResumeReport, Option<String>) {
         let c = self.shared.lock();
-        let ok = c.first_bad.is_none() && !c.overflow && c.bytes == self.size;
-        (ResumeReport { bytes_written: c.bytes, verified_ok: ok, first_bad_offset: c.first_bad }, c.overflow)
+        let size = self.size;
+        let why = if let Some(b) = c.first_bad {
+            Some(
+                c.why
+                    .clone()
+                    .unwrap_or_else(|| format!("resume stream content differs from the expected at offset {b}")),
+            )
+        } else if c.overflow {
+            Some(format!("resume stream is longer than the expected {size} bytes ({} written)", c.bytes))
+        } else if let Some(r) = &c.records {
+            r.incomplete().map(|why| format!("resume stream is short: {why}"))
+        } else if c.bytes != size {
+            Some(format!("resume stream is short: {} of {size} bytes", c.bytes))
+        } else {
+            None
+        };
+        let rep = ResumeReport {
+            bytes_written: c.bytes,
+            verified_ok: why.is_none(),
+            first_bad_offset: c.first_bad,
+            dirty_records: c.records.as_ref().map_or(0, |r| r.records),
+        };
+        (rep, why)
+    }
+
+    /// Live device: the page versions the stream loaded (call after an accepted drain).
+    pub(super) fn take_versions(&self) -> Option<Vec<u32>> {
+        self.shared.lock().records.as_mut().map(|r| std::mem::take(&mut r.versions))
     }
 
     /// Makes the consumer drain everything queued, then reports.
-    pub(super) fn drain_and_report(&self) -> io::Result<(ResumeReport, bool)> {
+    pub(super) fn drain_and_report(&self) -> io::Result<(ResumeReport, Option<String>)> {
         let req = {
             let mut c = self.shared.lock();
             c.drain_req += 1;
@@ -144,19 +193,30 @@ impl Drop for ResumeSession {
 /// Verifies and counts one chunk the consumer read; returns false to close the read end.
 fn take_chunk(sh: &ResumeShared, seed: u64, size: u64, fail_at: Option<u64>, data: &[u8]) -> bool {
     let mut c = sh.lock();
+    let c = &mut *c;
     let at = c.bytes;
     let n = data.len() as u64;
-    let in_range = size.saturating_sub(at).min(n) as usize;
-    if c.first_bad.is_none() {
-        if let Err(i) = verify(seed, at, &data[..in_range]) {
-            c.first_bad = Some(at + i as u64);
-        }
-    }
     c.bytes = at.saturating_add(n);
-    if in_range < data.len() {
-        c.overflow = true;
-        c.closed = true;
-        return false;
+    if let Some(r) = &mut c.records {
+        // A live device's stream: base image and dirty records, no fixed length.
+        if c.first_bad.is_none() {
+            if let Err((bad, why)) = r.feed(data, at) {
+                c.first_bad = Some(bad);
+                c.why = Some(why);
+            }
+        }
+    } else {
+        let in_range = size.saturating_sub(at).min(n) as usize;
+        if c.first_bad.is_none() {
+            if let Err(i) = verify(seed, at, &data[..in_range]) {
+                c.first_bad = Some(at + i as u64);
+            }
+        }
+        if in_range < data.len() {
+            c.overflow = true;
+            c.closed = true;
+            return false;
+        }
     }
     if fail_at.is_some_and(|f| c.bytes >= f) {
         c.closed = true;

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::config::SimConfig;
-use super::content::fill;
+use super::content::{fill, fill_page};
+use super::live::{is_running, DevCore, Plan};
 use crate::sys::{self, EventFd, PollFd, PollFlags};
 
 /// Control shared between the device and its producer thread.
@@ -25,10 +26,13 @@ struct SaveShared {
     /// Held by the producer across one `write` + `produced` update, and by the device while it
     /// snapshots `produced` and FIONREAD.
     io_lock: Mutex<()>,
+    /// Live device: bytes the producer has planned (taken off the device's books) but not yet
+    /// written into the fd. Updated under `io_lock`, like `produced`.
+    inflight: AtomicU64,
     /// The producer has exited (EOF or error delivered, or stopped).
     done: AtomicBool,
-    /// Wakes the producer (control changed).
-    wake: EventFd,
+    /// Wakes the producer (control changed, or new dirty records).
+    wake: Arc<EventFd>,
 }
 
 /// Parameters the producer thread needs.
@@ -37,6 +41,8 @@ struct ProducerParams {
     seed: u64,
     precopy_len: u64,
     eof_len: u64,
+    /// Live device: the stream (base and records) ends after this many bytes (`truncate_at`).
+    cap: u64,
     error_at: Option<u64>,
     chunk: usize,
     throughput: Option<u64>,
@@ -52,7 +58,24 @@ pub(super) struct SaveSession {
     /// Identity of the session's fd.
     pub(super) id: (u64, u64),
     pub(super) precopy_len: u64,
+    /// A live device's core: the producer takes base ranges and records from its books.
+    core: Option<Arc<DevCore>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The save fd's I/O counters, taken together under the I/O lock.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IoSnapshot {
+    /// Bytes written into the fd.
+    pub(super) produced: u64,
+    /// Bytes written and not yet read (FIONREAD).
+    pub(super) queued: u64,
+    /// Bytes planned and not yet written (live device).
+    pub(super) inflight: u64,
+    /// The producer has exited.
+    pub(super) done: bool,
+    /// STOP_COPY: the producer streams to the end.
+    pub(super) finale: bool,
 }
 
 /// Rounds a requested read cap to a pipe capacity: a power-of-two number of pages.
@@ -63,8 +86,14 @@ fn pipe_capacity_for(max_read: usize) -> usize {
 }
 
 impl SaveSession {
-    /// Creates the fd and starts the producer. `finale` is true for STOP→STOP_COPY.
-    pub(super) fn start(cfg: &SimConfig, finale: bool) -> io::Result<(SaveSession, OwnedFd)> {
+    /// Creates the fd and starts the producer. `finale` is true for STOP→STOP_COPY. `core` is
+    /// given for a live device: the session then streams base ranges and dirty records from
+    /// its books (and opens them here, before the producer starts).
+    pub(super) fn start(
+        cfg: &SimConfig,
+        finale: bool,
+        core: Option<Arc<DevCore>>,
+    ) -> io::Result<(SaveSession, OwnedFd)> {
         let socket = cfg.read_error_mode();
         let (caller_end, producer_end) = if socket { sys::socketpair_stream()? } else { sys::pipe()? };
         let mut chunk = cfg.max_read.clamp(1, 8 << 20);
@@ -89,24 +118,65 @@ impl SaveSession {
             finale: AtomicBool::new(finale),
             produced: AtomicU64::new(0),
             io_lock: Mutex::new(()),
+            inflight: AtomicU64::new(0),
             done: AtomicBool::new(false),
-            wake: sys::eventfd()?,
+            wake: Arc::new(sys::eventfd()?),
         });
         let params = ProducerParams {
             seed: cfg.seed,
             precopy_len: cfg.precopy_len(),
             eof_len: cfg.eof_len(),
+            cap: cfg.truncate_at.unwrap_or(u64::MAX),
             error_at: if socket { cfg.read_error_at } else { None },
             chunk,
             throughput: cfg.throughput_bytes_per_sec.filter(|&r| r > 0),
             latency: cfg.read_latency,
         };
+        if let Some(c) = &core {
+            if let Some(l) = &mut c.lock().live {
+                l.start_track(cfg.precopy_len(), Arc::clone(&shared.wake));
+            }
+        }
         let sh = Arc::clone(&shared);
-        let thread = std::thread::Builder::new().name(format!("sim-save-{}", cfg.name)).spawn(move || {
-            produce(&sh, &params, producer_end, trick_end, socket);
+        let live = core.clone();
+        let spawned = std::thread::Builder::new().name(format!("sim-save-{}", cfg.name)).spawn(move || {
+            let out = Output { fd: producer_end, trick_end, socket };
+            match live {
+                Some(c) => produce_live(&sh, &params, &c, out),
+                None => produce(&sh, &params, out),
+            }
             sh.done.store(true, Ordering::Release);
-        })?;
-        Ok((SaveSession { shared, reader, id, precopy_len: cfg.precopy_len(), thread: Some(thread) }, caller_end))
+        });
+        // Dropped without a thread if the spawn failed: that closes the books again.
+        let mut s = SaveSession { shared, reader, id, precopy_len: cfg.precopy_len(), core, thread: None };
+        s.thread = Some(spawned?);
+        Ok((s, caller_end))
+    }
+
+    /// The fd's I/O counters, consistent with each other and with the producer's writes.
+    pub(super) fn io_snapshot(&self) -> IoSnapshot {
+        let _g = self.shared.io_lock.lock().unwrap_or_else(|p| p.into_inner());
+        IoSnapshot {
+            produced: self.shared.produced.load(Ordering::Acquire),
+            queued: sys::fionread(self.reader.as_fd()).unwrap_or(0) as u64,
+            inflight: self.shared.inflight.load(Ordering::Acquire),
+            done: self.shared.done.load(Ordering::Acquire),
+            finale: self.shared.finale.load(Ordering::Acquire),
+        }
+    }
+
+    /// Stops and joins the producer; closes a live device's books for this session.
+    fn stop_producer(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        sys::eventfd_signal(&self.shared.wake);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(c) = &self.core {
+            if let Some(l) = &mut c.lock().live {
+                l.track = None;
+            }
+        }
     }
 
     /// PRE_COPY(_P2P) → STOP_COPY: the same stream continues to the end.
@@ -137,11 +207,7 @@ impl SaveSession {
     /// Ends the session: stops and joins the producer (which closes its end), then drains
     /// what is still queued so the caller's raw fd sees EOF. Returns the bytes consumed.
     pub(super) fn end(mut self) -> u64 {
-        self.shared.stop.store(true, Ordering::Release);
-        sys::eventfd_signal(&self.shared.wake);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_producer();
         let consumed = self.consumed();
         let mut scratch = vec![0u8; 64 * 1024];
         // No writer remains, so these reads never block; bound the loop anyway.
@@ -160,11 +226,7 @@ impl SaveSession {
 
 impl Drop for SaveSession {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        sys::eventfd_signal(&self.shared.wake);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_producer();
     }
 }
 
@@ -189,8 +251,91 @@ fn paced_sleep(sh: &SaveShared, d: Duration) -> bool {
     }
 }
 
-/// The producer thread's body.
-fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<OwnedFd>, socket: bool) {
+/// The producer's end of the save fd.
+#[derive(Debug)]
+struct Output {
+    /// The pipe's write end, or our socket.
+    fd: OwnedFd,
+    /// Read-error mode: a dup of the reader's socket, to leave a byte unread in (see
+    /// [`SimConfig::read_error_at`]).
+    trick_end: Option<OwnedFd>,
+    /// The fd is a socket (read-error mode).
+    socket: bool,
+}
+
+impl Output {
+    /// Delivers the read error: put a byte in our own receive queue and close our end with
+    /// it unread, so the kernel sets ECONNRESET on the peer.
+    fn fail(self) {
+        let Output { fd, trick_end, .. } = self;
+        if let Some(t) = &trick_end {
+            let _ = sys::send_nosignal(t.as_fd(), &[0xEE]);
+        }
+        drop(trick_end);
+        drop(fd);
+    }
+
+    /// Writes all of `data` (waiting for room), counting each write into `produced` (and out
+    /// of `inflight` for a live device) under the I/O lock. False if the session was stopped
+    /// or the reader is gone.
+    fn write_all(&self, sh: &SaveShared, data: &[u8], produced: &mut u64, live: bool) -> bool {
+        let mut off = 0usize;
+        while off < data.len() {
+            if sh.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            // The fd is non-blocking, so the lock is held for one short copy only.
+            let guard = sh.io_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let r = if self.socket {
+                sys::send_nosignal(self.fd.as_fd(), &data[off..])
+            } else {
+                sys::SysOps::write(&sys::Kernel, self.fd.as_fd(), &data[off..])
+            };
+            if let Ok(k) = r {
+                *produced += k as u64;
+                sh.produced.store(*produced, Ordering::Release);
+                if live {
+                    sh.inflight.fetch_sub(k as u64, Ordering::AcqRel);
+                }
+            }
+            drop(guard);
+            match r {
+                Ok(k) => off += k,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    let mut fds = [
+                        PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT),
+                        PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN),
+                    ];
+                    let _ = sys::poll(&mut fds, None);
+                    if sys::ready(&fds[1]) {
+                        sys::eventfd_drain(&sh.wake);
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // EPIPE / ECONNRESET: the reader closed its fd; nothing more to do.
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Sleeps as long as a producer paced at `rate` must after `produced` bytes since `start`;
+/// false if the session was stopped meanwhile.
+fn pace(sh: &SaveShared, rate: Option<u64>, start: Instant, produced: u64) -> bool {
+    if let Some(rate) = rate {
+        let due = Duration::from_secs_f64(produced as f64 / rate as f64);
+        let el = start.elapsed();
+        if due > el && !paced_sleep(sh, due - el) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The producer thread's body for a device that is not live: `fill(seed, 0..)`, the first
+/// `precopy_len` bytes in PRE_COPY, the rest in STOP_COPY.
+fn produce(sh: &SaveShared, p: &ProducerParams, out: Output) {
     let mut buf = vec![0u8; p.chunk];
     let start = Instant::now();
     let mut produced = 0u64;
@@ -200,14 +345,7 @@ fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<
         }
         let finale = sh.finale.load(Ordering::Acquire);
         if p.error_at == Some(produced) {
-            // Real kernel error for the reader: put a byte in our own receive queue and
-            // close our end with it unread, so the kernel sets ECONNRESET on the peer.
-            if let Some(t) = &trick_end {
-                let _ = sys::send_nosignal(t.as_fd(), &[0xEE]);
-            }
-            drop(trick_end);
-            drop(out);
-            return;
+            return out.fail();
         }
         let end = p.error_at.map_or(p.eof_len, |e| e.min(p.eof_len));
         if finale && produced >= end {
@@ -227,44 +365,81 @@ fn produce(sh: &SaveShared, p: &ProducerParams, out: OwnedFd, trick_end: Option<
         let n = (limit - produced).min(p.chunk as u64) as usize;
         let data = &mut buf[..n];
         fill(p.seed, produced, data);
-        let mut off = 0usize;
-        while off < n {
-            if sh.stop.load(Ordering::Acquire) {
-                return;
-            }
-            // The fd is non-blocking, so the lock is held for one short copy only.
-            let guard = sh.io_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let r = if socket {
-                sys::send_nosignal(out.as_fd(), &data[off..])
-            } else {
-                sys::SysOps::write(&sys::Kernel, out.as_fd(), &data[off..])
-            };
-            if let Ok(k) = r {
-                produced += k as u64;
-                sh.produced.store(produced, Ordering::Release);
-            }
-            drop(guard);
-            match r {
-                Ok(k) => off += k,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    let mut fds =
-                        [PollFd::new(out.as_fd(), PollFlags::POLLOUT), PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN)];
-                    let _ = sys::poll(&mut fds, None);
-                    if sys::ready(&fds[1]) {
-                        sys::eventfd_drain(&sh.wake);
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // EPIPE / ECONNRESET: the reader closed its fd; nothing more to do.
-                Err(_) => return,
-            }
-        }
-        if let Some(rate) = p.throughput {
-            let due = Duration::from_secs_f64(produced as f64 / rate as f64);
-            let el = start.elapsed();
-            if due > el && !paced_sleep(sh, due - el) {
-                return;
-            }
+        if !out.write_all(sh, data, &mut produced, false) || !pace(sh, p.throughput, start, produced) {
+            return;
         }
     }
+}
+
+/// The producer thread's body for a live device: it asks the device's books what comes next
+/// (base bytes, dirty records, nothing for now, or the end) and writes it.
+fn produce_live(sh: &SaveShared, p: &ProducerParams, core: &DevCore, out: Output) {
+    let mut buf = Vec::with_capacity(p.chunk);
+    let start = Instant::now();
+    let mut produced = 0u64;
+    let cap = p.error_at.map_or(p.cap, |e| e.min(p.cap));
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if p.error_at == Some(produced) {
+            return out.fail();
+        }
+        let finale = sh.finale.load(Ordering::Acquire);
+        if produced >= cap {
+            if finale {
+                return; // truncated: EOF
+            }
+            wait_wake(&sh.wake, None);
+            continue;
+        }
+        let plan = next_plan(sh, core, finale, (cap - produced).min(p.chunk as u64));
+        match plan {
+            Plan::Idle(t) => {
+                wait_wake(&sh.wake, t);
+                continue;
+            }
+            Plan::Eof => return,
+            Plan::Base { off, len } => {
+                buf.resize(len, 0);
+                fill(p.seed, off, &mut buf);
+            }
+            Plan::Records(recs) => {
+                buf.clear();
+                for r in recs {
+                    buf.extend_from_slice(&r.header());
+                    let at = buf.len();
+                    buf.resize(at + r.len as usize, 0);
+                    fill_page(p.seed, r.page, r.version, 0, &mut buf[at..]);
+                }
+            }
+        }
+        if let Some(lat) = p.latency {
+            if !paced_sleep(sh, lat) {
+                return;
+            }
+        }
+        let n = (buf.len() as u64).min(cap - produced) as usize;
+        if !out.write_all(sh, &buf[..n], &mut produced, true) || !pace(sh, p.throughput, start, produced) {
+            return;
+        }
+    }
+}
+
+/// Takes the producer's next step off a live device's books (dirtying brought up to date
+/// first) and counts its bytes as in flight, atomically with respect to PRECOPY_INFO.
+fn next_plan(sh: &SaveShared, core: &DevCore, finale: bool, room: u64) -> Plan {
+    let mut g = core.lock();
+    g.tick();
+    let running = is_running(g.state);
+    let plan = match &mut g.live {
+        Some(l) => l.plan(finale, room, running),
+        None => Plan::Eof,
+    };
+    let n = plan.bytes();
+    if n > 0 {
+        let _io = sh.io_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sh.inflight.fetch_add(n, Ordering::AcqRel);
+    }
+    plan
 }
