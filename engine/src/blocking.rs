@@ -39,9 +39,10 @@ pub(crate) struct Bounds<'a> {
 }
 
 impl Bounds<'_> {
-    /// Waits (at most one tick) until `fd` is ready for `interest`; fails on abort, or when
-    /// nothing moved since `since` for the stall timeout.
-    fn wait<I: FdIo>(&self, io: &I, fd: BorrowedFd<'_>, interest: Interest, since: Instant) -> Result<(), Fail> {
+    /// Waits (at most one tick) until `fd` is ready for `interest`; returns whether it is (a
+    /// timeout or a signal: `false`); fails on abort, or when nothing moved since `since` for
+    /// the stall timeout.
+    fn wait<I: FdIo>(&self, io: &I, fd: BorrowedFd<'_>, interest: Interest, since: Instant) -> Result<bool, Fail> {
         if self.abort.is_aborted() {
             return Err(Fail::Aborted);
         }
@@ -50,19 +51,23 @@ impl Bounds<'_> {
         }
         match io.wait(fd, interest, self.abort.as_fd(), TICK.min(self.stall)).map_err(Fail::Os)? {
             Wake::Aborted => Err(Fail::Aborted),
-            Wake::Ready | Wake::Timeout => Ok(()),
+            Wake::Ready => Ok(true),
+            Wake::Timeout => Ok(false),
         }
     }
 }
 
-/// Reads once into `buf` (`Ok(0)`: end of stream). Waits for `POLLIN` first, so that abort is
-/// honoured while the device has nothing to give (a descriptor without poll support reads as
-/// always ready: the read then blocks as the driver decides). `EINTR` retries, `EAGAIN` waits.
+/// Reads once into `buf` (`Ok(0)`: end of stream). Reads only once `poll` says `POLLIN`, so
+/// abort and the stall timeout are honoured while the device has nothing to give (a descriptor
+/// without poll support reads as always ready: the read then blocks as the driver decides).
+/// `EINTR` retries, `EAGAIN` waits.
 pub(crate) fn read_once<I: FdIo>(io: &I, fd: BorrowedFd<'_>, buf: &mut [u8], b: Bounds<'_>) -> Result<usize, Fail> {
     let since = Instant::now();
     let mut retries = Retries::default();
     loop {
-        b.wait(io, fd, Interest::Read, since)?;
+        if !b.wait(io, fd, Interest::Read, since)? {
+            continue;
+        }
         match classify(io.read(fd, buf)) {
             IoStep::Moved(n) => return Ok(n),
             IoStep::End => return Ok(0),
@@ -99,7 +104,9 @@ pub(crate) fn write_all<I: FdIo>(
                 retries.reset();
             }
             IoStep::Retry => retries.again().map_err(|e| (done, Fail::Os(e)))?,
-            IoStep::WaitReady => b.wait(io, fd, Interest::Write, since).map_err(|f| (done, f))?,
+            IoStep::WaitReady => {
+                b.wait(io, fd, Interest::Write, since).map_err(|f| (done, f))?;
+            }
             IoStep::End => unreachable!("classify_write never ends a write"),
             IoStep::Fatal(e) => return Err((done, Fail::Os(e))),
         }
@@ -124,7 +131,9 @@ pub(crate) fn send_all<I: FdIo>(io: &I, fd: BorrowedFd<'_>, buf: &[u8], b: Bound
                 retries.reset();
             }
             IoStep::Retry => retries.again().map_err(Fail::Os)?,
-            IoStep::WaitReady => b.wait(io, fd, Interest::Write, since)?,
+            IoStep::WaitReady => {
+                b.wait(io, fd, Interest::Write, since)?;
+            }
             IoStep::End => unreachable!("classify_write never ends a write"),
             IoStep::Fatal(e) => return Err(Fail::Os(e)),
         }
@@ -139,7 +148,9 @@ pub(crate) fn recv_exact<I: FdIo>(io: &I, fd: BorrowedFd<'_>, buf: &mut [u8], b:
     let mut since = Instant::now();
     let mut retries = Retries::default();
     while got < buf.len() {
-        b.wait(io, fd, Interest::Read, since)?;
+        if !b.wait(io, fd, Interest::Read, since)? {
+            continue;
+        }
         match classify(io.recv(fd, &mut buf[got..])) {
             IoStep::Moved(n) => {
                 got += n;
@@ -171,7 +182,9 @@ mod tests {
         let io = Scripted::new(&[
             Step::Wait(Wake::Ready),
             Step::Errno(libc::EAGAIN),
+            // A timeout is not readiness: no read until the fd is ready.
             Step::Wait(Wake::Timeout),
+            Step::Wait(Wake::Ready),
             Step::Errno(libc::EINTR),
             Step::Wait(Wake::Ready),
             Step::Bytes(100),

@@ -133,12 +133,12 @@ pub enum Missing {
         /// Data packets written.
         written: u32,
         /// The next index expected.
-        next: u32,
+        next: PacketIndex,
     },
     /// A packet below the config packet never came.
     Packet {
         /// The missing index.
-        idx: u32,
+        idx: PacketIndex,
         /// The config packet's index.
         config_idx: PacketIndex,
         /// Data packets written.

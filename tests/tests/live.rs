@@ -112,18 +112,26 @@ fn live_events_report_initial_data_and_completion() {
         let cfgs = devices(2);
         let m = live_migrate(&cfgs, 2, sc(b), rc(b), |ctl| {
             ctl.start_precopy()?;
-            let mut initial = 0;
-            while initial < 2 {
+            let (mut sent, mut acked) = (0, 0);
+            // With the return path (our receiver), each device's initial data is also acked,
+            // and only after it was sent.
+            while acked < 2 {
                 match ctl.next_event(Duration::from_secs(5)) {
-                    Some(SessionEvent::InitialDataSent(_)) => initial += 1,
+                    Some(SessionEvent::InitialDataSent(_)) => sent += 1,
+                    Some(SessionEvent::InitialDataAcked(d)) => {
+                        acked += 1;
+                        assert!(sent >= acked, "{d} acked before it was sent");
+                    }
                     Some(other) => panic!("unexpected event {other:?}"),
-                    None => panic!("no InitialDataSent within 5 s"),
+                    None => panic!("no event within 5 s ({sent} sent, {acked} acked)"),
                 }
             }
+            assert!(ctl.status().initial_data_done() && ctl.status().return_path);
             ctl.switchover()?;
             let mut done = 0;
-            while done < 2 {
-                if let Some(SessionEvent::DeviceDone(_)) = ctl.next_event(Duration::from_secs(5)) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while done < 2 && std::time::Instant::now() < deadline {
+                if let Some(SessionEvent::DeviceDone(_)) = ctl.next_event(Duration::from_secs(1)) {
                     done += 1;
                 }
             }

@@ -14,7 +14,7 @@ use crate::receiver::core::RecvState;
 use crate::receiver::reassembly::{Admit, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::sys::Kernel;
-use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD, VFIO_HEADER_LEN};
+use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
 
 struct Shared<'r, 's, 'c> {
     st: Mutex<RecvState<'r>>,
@@ -128,7 +128,6 @@ fn first_byte(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, hdr
 
 fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
     let fd = shared.run.channels[c.index()];
-    let max = u32::try_from(shared.run.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX);
     let mut hdr = [0u8; PACKET_OVERHEAD];
     loop {
         // A clean end of stream is a 0-byte read exactly at a packet boundary.
@@ -139,16 +138,7 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
         }
         recv_exact(&Kernel, fd, &mut hdr[1..], shared.bounds())
             .map_err(|f| recv_error(shared, c, Stage::Header { got: 1 }, f))?;
-        let h = DeviceStateHeader::decode(&hdr, max).map_err(|e| Error::Wire {
-            channel: c,
-            what: "device state packet header",
-            source: e,
-        })?;
-        let v = VfioPacketHeader::decode(&hdr[DEVICE_STATE_HEADER_LEN..]).map_err(|e| Error::Wire {
-            channel: c,
-            what: "VFIO device state packet header",
-            source: e,
-        })?;
+        let (h, v) = shared.run.decode_header(c, &hdr)?;
         shared.run.counters[c.index()].add(u64::from(h.next_packet_size) + DEVICE_STATE_HEADER_LEN as u64);
         let a = {
             let mut g = shared.lock();

@@ -29,7 +29,10 @@ use crate::ids::{ChannelId, DeviceIndex};
 use crate::rp::{Message, Verdict};
 use crate::stats::{BackendKind, ChannelCounters, Progress, ReceiverDeviceReport, ReceiverReport};
 use crate::sys::{self, Kernel};
-use crate::wire::{DeviceId, InitPacket, EXT_RETURN_PATH, INIT_PACKET_LEN};
+use crate::wire::{
+    DeviceId, DeviceStateHeader, InitPacket, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, EXT_RETURN_PATH,
+    INIT_PACKET_LEN, VFIO_HEADER_LEN,
+};
 
 pub(crate) enum TargetKind<'a> {
     Device { dev: &'a mut dyn MigrationDevice, wanted_state: MigState, fd: Option<OwnedFd> },
@@ -168,6 +171,20 @@ pub(crate) struct RecvShared<'c> {
 }
 
 impl RecvShared<'_> {
+    /// Decodes a whole packet header received on `ch` (both parts, every rule of
+    /// `wire.rs`, the size bound from `max_packet_bytes`).
+    ///
+    /// # Errors
+    /// [`Error::Wire`] naming the channel and which part is invalid.
+    pub(crate) fn decode_header(&self, ch: ChannelId, hdr: &[u8]) -> Result<(DeviceStateHeader, VfioPacketHeader)> {
+        let max = u32::try_from(self.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX);
+        let wire = |what| move |source| Error::Wire { channel: ch, what, source };
+        let h = DeviceStateHeader::decode(hdr, max).map_err(wire("device state packet header"))?;
+        let v = VfioPacketHeader::decode(&hdr[DEVICE_STATE_HEADER_LEN..])
+            .map_err(wire("VFIO device state packet header"))?;
+        Ok((h, v))
+    }
+
     /// A device's initial-data marker was reached: every packet before it is in the device.
     /// Tells the source (QEMU's switchover-ack, per device).
     ///

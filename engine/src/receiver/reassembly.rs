@@ -333,13 +333,14 @@ impl Reassembly {
 
     /// The first incomplete device, as an error.
     pub(crate) fn incomplete_error(&self) -> Option<Error> {
+        let at = |i: u32| PacketIndex::new(i).unwrap_or(PacketIndex::MAX);
         self.devs.iter().find(|d| !d.finished).map(|d| Error::Incomplete {
             device: d.id.clone(),
             missing: match d.config_idx {
                 None if d.next_write == 0 && d.lowest_missing == 0 => Missing::Everything,
-                None => Missing::Config { written: d.next_write, next: d.lowest_missing },
+                None => Missing::Config { written: d.next_write, next: at(d.lowest_missing) },
                 Some(c) => Missing::Packet {
-                    idx: d.lowest_missing,
+                    idx: at(d.lowest_missing),
                     config_idx: PacketIndex::new(c).unwrap_or(PacketIndex::MAX),
                     written: d.next_write,
                 },

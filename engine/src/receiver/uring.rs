@@ -11,6 +11,7 @@
 //! a worker that frees memory kicks the others through their eventfds (see `reassembly` for why
 //! that cannot deadlock).
 
+use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,7 @@ use crate::sys::EventFd;
 use crate::uring::{
     self, describe_setup_error, Completion, Driver, Ring, StallClock, Token, Uring, CQ_ENTRIES, SQ_ENTRIES,
 };
-use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD, VFIO_HEADER_LEN};
+use crate::wire::{DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
 
 /// `RECV` on a channel (index: the worker's local channel).
 const K_RECV: u8 = Token::FIRST_DRIVER_KIND;
@@ -159,21 +160,24 @@ struct Worker<'w, 'r, 's, 'c, 'a, 'shared> {
     me: usize,
     /// Global ids of this worker's channels; local index `i` is fixed file `i`.
     chans: Vec<ChannelId>,
-    hdrs: ManuallyDrop<Box<[[u8; PACKET_OVERHEAD]]>>,
+    /// Per local channel, the header being received. Cells: the kernel writes one entry while
+    /// this thread reads another, so no reference to the whole slice's bytes is ever made.
+    hdrs: ManuallyDrop<Box<[UnsafeCell<[u8; PACKET_OVERHEAD]>]>>,
     ch: Vec<Chan>,
     /// Writes this worker has in flight, per device.
     wr: Vec<Option<Write>>,
     kick_buf: ManuallyDrop<Box<u64>>,
     need_unpark: bool,
-    max_size: u32,
     registered: bool,
     retries: Retries,
 }
 
 impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
     fn drop(&mut self) {
-        if self.uring.leaked() {
-            // The kernel may still write into these: leak them rather than free them.
+        if self.uring.busy() {
+            // The kernel may still write into these and into the shared pool: leak them, and keep
+            // the pool mapped, rather than free them.
+            self.shared.leaked.store(true, Ordering::SeqCst);
             return;
         }
         // SAFETY: dropped exactly once, here, after `finish` reaped every operation; the ring
@@ -214,20 +218,19 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
         shared,
         me,
-        hdrs: ManuallyDrop::new(vec![[0u8; PACKET_OVERHEAD]; nloc].into_boxed_slice()),
+        hdrs: ManuallyDrop::new((0..nloc).map(|_| UnsafeCell::new([0u8; PACKET_OVERHEAD])).collect()),
         ch: vec![Chan::Header { got: 0 }; nloc],
         chans,
         wr: vec![None; ndev],
         kick_buf: ManuallyDrop::new(Box::new(0)),
         need_unpark: false,
-        max_size: u32::try_from(shared.run.cfg.max_packet_bytes + VFIO_HEADER_LEN).unwrap_or(u32::MAX),
         registered,
         retries: Retries::default(),
     };
     let r =
         w.prepare().and_then(|()| uring::run(&mut w, &shared.run.abort, &shared.clock, shared.run.cfg.stall_timeout));
     let f = uring::finish(&mut w, &format_args!("receive worker {me}"));
-    if w.uring.leaked() {
+    if w.uring.busy() {
         shared.leaked.store(true, Ordering::SeqCst);
     }
     r.and(f)
@@ -255,13 +258,16 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
 
     fn complete(&mut self, tok: Token, c: Completion) -> Result<()> {
         match tok.kind {
-            K_KICK => {
-                if c.res == -libc::ECANCELED {
-                    return Ok(());
+            K_KICK => match c.res {
+                // Cancelled at teardown.
+                r if r == -libc::ECANCELED => Ok(()),
+                // EAGAIN: another reader drained the counter; EINTR: nothing happened.
+                r if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => {
+                    self.arm_kick()?;
+                    self.unpark()
                 }
-                self.arm_kick()?;
-                self.unpark()
-            }
+                r => Err(Error::sys("read receive-worker kick eventfd", crate::uring::cqe_error(r))),
+            },
             K_RECV => self.on_recv(tok.at(), c.res),
             K_WRITE => self.on_write(DeviceIndex::new(tok.at()), c.res),
             // The poll's outcome shows in the write linked after it.
@@ -329,7 +335,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
 
     fn recv_next(&mut self, i: usize) -> Result<()> {
         let (ptr, len) = match self.ch[i] {
-            Chan::Header { got } => (self.hdrs[i][got..].as_mut_ptr(), PACKET_OVERHEAD - got),
+            // SAFETY: `got < PACKET_OVERHEAD`: inside the channel's header cell.
+            Chan::Header { got } => (unsafe { self.hdrs[i].get().cast::<u8>().add(got) }, PACKET_OVERHEAD - got),
             Chan::Payload { a, got } => {
                 // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
                 let p = unsafe { self.shared.pool.payload_ptr(a.slot as usize).add(got) };
@@ -404,18 +411,10 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn decode(&self, i: usize) -> Result<(DeviceStateHeader, VfioPacketHeader)> {
-        let gc = self.chans[i];
-        let h = DeviceStateHeader::decode(&self.hdrs[i], self.max_size).map_err(|e| Error::Wire {
-            channel: gc,
-            what: "device state packet header",
-            source: e,
-        })?;
-        let v = VfioPacketHeader::decode(&self.hdrs[i][DEVICE_STATE_HEADER_LEN..]).map_err(|e| Error::Wire {
-            channel: gc,
-            what: "VFIO device state packet header",
-            source: e,
-        })?;
-        Ok((h, v))
+        // SAFETY: no receive is in flight for channel `i` (its header RECV completed, or the
+        // channel is parked): the kernel does not write this entry now.
+        let hdr = unsafe { &*self.hdrs[i].get() };
+        self.shared.run.decode_header(self.chans[i], hdr)
     }
 
     fn offer(&mut self, i: usize, h: &DeviceStateHeader, v: VfioPacketHeader) -> Result<()> {

@@ -60,6 +60,11 @@ impl Stream {
         Ok(())
     }
 
+    /// Whether `n` more bytes stay within the stream's maximum.
+    pub(crate) fn fits(&self, n: usize) -> bool {
+        self.bytes.saturating_add(n as u64) <= self.max_bytes
+    }
+
     /// The device reported the end of its stream (a read of 0).
     pub(crate) fn end(&mut self) {
         self.ended = true;
@@ -163,7 +168,8 @@ mod tests {
         assert_eq!(s.config_due(true), None, "not while data is unsettled");
         assert_eq!(s.config_due(false).map(PacketIndex::get), Some(1));
         assert_eq!(s.config_due(false), None, "once");
-        // The last data index is MAX - 1, so the config packet can take MAX; never u32::MAX.
+        // A data index is handed out only if one remains after it (for the config packet, or for
+        // the read that finds the end of the stream): never u32::MAX.
         let mut s = Stream { next: PacketIndex::new(u32::MAX - 2).unwrap(), ..Stream::new(u64::MAX) };
         assert_eq!(s.reserve().unwrap().get(), u32::MAX - 2);
         assert_eq!(s.reserve(), Err(StreamLimit::Packets));

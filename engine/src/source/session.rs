@@ -248,16 +248,7 @@ impl<'a> SourceSession<'a> {
                 s.spawn(move || rpath::read(fd, rp, ids, controls, abort))
             });
             let handles = spawn_devices(s, &shared, backend, devices, &controls);
-            let driven = ctl.prepared().and_then(|()| drive(&mut ctl)).and_then(|r| {
-                if ctl.switched {
-                    Ok(r)
-                } else {
-                    Err(Error::Config("the session was driven to its end without a switchover".into()))
-                }
-            });
-            if driven.is_err() {
-                self.abort.abort();
-            }
+            let driven = ctl.drive(drive);
             let outcomes = join_devices(handles, &shared);
             shutdown_all(&shared.channels);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
@@ -293,6 +284,17 @@ impl<'a> SourceSession<'a> {
                 .map_err(|e| Error::Channel { channel: ch, op: "send init packet".into(), source: e })?;
         }
         Ok(())
+    }
+}
+
+/// Aborts the session if dropped while unwinding (a panic in the VMM's `drive`).
+struct AbortOnUnwind<'a>(&'a AbortHandle);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort();
+        }
     }
 }
 
@@ -372,6 +374,24 @@ impl SessionControl<'_> {
             self.rp.wait_enabled(HELLO_WAIT.min(self.limit), self.abort);
         }
         Ok(())
+    }
+
+    /// Runs the VMM's `drive` after set-up; any failure (or a panic) aborts the session.
+    fn drive<R>(&mut self, drive: impl FnOnce(&mut SessionControl<'_>) -> Result<R>) -> Result<R> {
+        // A panic in `drive` must not leave the device threads waiting for commands.
+        let guard = AbortOnUnwind(self.abort);
+        let driven = self.prepared().and_then(|()| drive(self)).and_then(|r| {
+            if self.switched {
+                Ok(r)
+            } else {
+                Err(Error::Config("the session was driven to its end without a switchover".into()))
+            }
+        });
+        drop(guard);
+        if driven.is_err() {
+            self.abort.abort();
+        }
+        driven
     }
 
     /// Sends `c` to every device and waits for every acknowledgement (the barrier).

@@ -194,7 +194,7 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
 
 impl Drop for DeviceLoop<'_, '_, '_, '_> {
     fn drop(&mut self) {
-        if self.uring.leaked() {
+        if self.uring.busy() {
             // The kernel may still write into these: leak them rather than free them.
             return;
         }
@@ -303,6 +303,11 @@ impl Driver for DeviceLoop<'_, '_, '_, '_> {
     fn complete(&mut self, tok: Token, c: Completion) -> Result<()> {
         let s = tok.at();
         if tok.kind != K_WAKE && tok.kind != K_CONTROL && self.table.gens.get(s) != Some(&tok.gen) {
+            if c.notif() {
+                // The notification of a SEND_ZC that a broken link cancelled before it was
+                // issued, on a kernel that flagged it F_MORE: it refers to no buffer.
+                return Ok(());
+            }
             return Err(Error::internal(format!("completion {tok:?} does not match its slot's generation")));
         }
         match tok.kind {
@@ -441,7 +446,10 @@ impl DeviceLoop<'_, '_, '_, '_> {
                         return self.schedule();
                     }
                 } else {
-                    let ch = if self.table.ready.is_empty() { self.take_channel(false) } else { None };
+                    // Link a send only to a read that cannot push the stream past its cap: the
+                    // cap is checked before anything is sent, as on the blocking backend.
+                    let fits = self.stream.fits(self.chunk);
+                    let ch = if self.table.ready.is_empty() && fits { self.take_channel(false) } else { None };
                     self.submit_read(s, ch)?;
                 }
             }
@@ -627,6 +635,11 @@ impl DeviceLoop<'_, '_, '_, '_> {
                 // next read waits), so packet n+1 can never go out before packet n.
                 let Some(cqe) = send else { return Ok(()) };
                 if cqe.res != -libc::ECANCELED {
+                    if cqe.res < 0 {
+                        // The send failed on its own (e.g. an old kernel refused it at prep).
+                        let op = format!("send packet {} of device {}", pkt.idx, self.ctx.id);
+                        return Err(Error::Channel { channel: ch, op, source: cqe_error(cqe.res) });
+                    }
                     return Err(Error::internal(format!("linked send completed {} after a short read", cqe.res)));
                 }
                 self.held.push(ch);
@@ -689,7 +702,10 @@ impl DeviceLoop<'_, '_, '_, '_> {
 
     fn on_notif(&mut self, s: usize, res: i32) -> Result<()> {
         let Slot::Sending { pkt, ch, sent, notif_due: true } = self.table.slots[s] else {
-            return Err(Error::internal(format!("SEND_ZC notification for a slot in {:?}", self.table.slots[s])));
+            // The notification of a linked SEND_ZC that was cancelled before it was issued (a
+            // short read broke the link; the kernel flagged its CQE F_MORE): no buffer is
+            // concerned, the slot already went on.
+            return Ok(());
         };
         self.tallies.zerocopy_done(pkt.len, (res as u32) & NOTIF_USAGE_ZC_COPIED != 0);
         self.table.slots[s] = Slot::Sending { pkt, ch, sent, notif_due: false };

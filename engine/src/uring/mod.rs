@@ -135,8 +135,8 @@ impl std::fmt::Debug for Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        if !self.leaked {
-            // SAFETY: dropped once, here; `finish` reaped every operation (not leaked).
+        if !self.busy() {
+            // SAFETY: dropped once, here; nothing is in flight (every operation was reaped).
             unsafe { ManuallyDrop::drop(&mut self.ring) };
         }
     }
@@ -154,9 +154,11 @@ impl Uring {
         }
     }
 
-    /// Whether the ring was leaked at teardown (the kernel may still use its buffers).
-    pub(crate) fn leaked(&self) -> bool {
-        self.leaked
+    /// Whether the kernel may still use buffers this ring's operations refer to: the ring was
+    /// leaked at teardown, or operations are still in flight (an unwind skipped `finish`).
+    /// Their owners must then leak those buffers too.
+    pub(crate) fn busy(&self) -> bool {
+        self.leaked || self.inflight > 0
     }
 
     /// Queues `entries` (one linked chain at most) and counts them in flight.

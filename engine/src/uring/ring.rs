@@ -184,6 +184,17 @@ impl Ring {
         self.ring.submitter().register_probe(&mut p).is_ok() && p.is_supported(op)
     }
 
+    /// Whether the kernel knows `IORING_ASYNC_CANCEL_ANY` (5.19): on an idle ring a cancel of
+    /// anything finds nothing (0 cancelled on 6.18, `-ENOENT` elsewhere); an older kernel
+    /// refuses the flag (`-EINVAL`).
+    fn cancel_any_supported(&mut self) -> bool {
+        if self.cancel_all(u64::MAX).is_err() || self.submit_and_wait(Duration::from_secs(1)).is_err() {
+            return false;
+        }
+        let mut c = [Completion::default(); 1];
+        self.reap_into(&mut c) == 1 && (c[0].res >= 0 || c[0].res == -libc::ENOENT)
+    }
+
     /// Queues a cancel of every in-flight request (`IORING_ASYNC_CANCEL_ANY`).
     ///
     /// # Errors
@@ -201,7 +212,7 @@ impl Ring {
 /// (`IORING_FEAT_EXT_ARG` for bounded waits, 5.11; READ_FIXED, WRITE_FIXED, READ, WRITE, SEND,
 /// RECV, POLL_ADD, ASYNC_CANCEL).
 pub(crate) fn uring_unavailable_reason() -> Option<String> {
-    let ring = match Ring::new(4, 8) {
+    let mut ring = match Ring::new(4, 8) {
         Ok(r) => r,
         Err(e) => return Some(describe_setup_error(&e)),
     };
@@ -223,11 +234,15 @@ pub(crate) fn uring_unavailable_reason() -> Option<String> {
         ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
     ];
     let missing: Vec<&str> = need.iter().filter(|(_, c)| !p.is_supported(*c)).map(|(n, _)| *n).collect();
-    if missing.is_empty() {
-        None
-    } else {
-        Some(format!("io_uring lacks IORING_OP_{}", missing.join(", IORING_OP_")))
+    if !missing.is_empty() {
+        return Some(format!("io_uring lacks IORING_OP_{}", missing.join(", IORING_OP_")));
     }
+    if !ring.cancel_any_supported() {
+        // Teardown cancels everything in flight at once; without CANCEL_ANY every run would wait
+        // out the drain and leak its ring.
+        return Some("io_uring lacks IORING_ASYNC_CANCEL_ANY (kernel older than 5.19)".into());
+    }
+    None
 }
 
 /// Explains an `io_uring_setup` failure.
