@@ -8,6 +8,7 @@
 
 mod cli;
 mod dev;
+mod live;
 mod probe;
 mod suite;
 mod transfer;
