@@ -159,6 +159,17 @@ pub struct LoopbackArgs {
     /// Zero-copy sends (SEND_ZC).
     #[arg(long, value_enum, default_value_t)]
     pub zerocopy: ZeroCopyArg,
+    /// Simulated devices dirty this many bytes a second (in 4 KiB pages) while they run, and
+    /// stream dirty records in pre-copy (e.g. 8MiB). The destinations' final state is checked
+    /// against the sources' state at stop.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub dirty_rate: Option<u64>,
+    /// Put the source devices on one simulated VM fabric with a guest thread writing into
+    /// random devices and a thread doing P2P DMA between random device pairs (about 1000 and
+    /// 500 writes a second) until the vCPUs are stopped for the switchover. The run fails if a
+    /// write is lost or a P2P ordering rule is broken.
+    #[arg(long)]
+    pub peer_dma: bool,
     /// Live migration.
     #[command(flatten)]
     pub live: LiveArgs,
@@ -560,6 +571,7 @@ mod tests {
         assert!(ok(&["vfio-multifd", "recv", "--listen", ":1", "--sink", "/x"]).is_err());
         let live = ["vfio-multifd", "loopback", "--precopy", "--switchover", "manual", "--downtime-limit", "50ms"];
         assert!(ok(&live).is_ok());
+        assert!(ok(&["vfio-multifd", "loopback", "--dirty-rate", "8MiB", "--peer-dma", "--precopy"]).is_ok());
         assert!(ok(&["vfio-multifd", "loopback", "--switchover", "manual"]).unwrap_err().contains("--precopy"));
         assert!(ok(&["vfio-multifd", "loopback", "--precopy", "--max-precopy", "60"]).unwrap_err().contains("60s"));
         assert!(ok(&["vfio-multifd", "send", "-c", "h:1", "--sim", "1M", "--precopy"]).is_ok());

@@ -8,6 +8,7 @@
 
 mod cli;
 mod dev;
+mod guest;
 mod live;
 mod probe;
 mod suite;

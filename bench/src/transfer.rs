@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use vfio_migration::sim::{SimConfig, SimDevice, SimHandle};
+use vfio_migration::sim::{Fabric, FabricStats, SimConfig, SimDevice, SimHandle};
 use vfio_migration::vfio::VfioDevice;
 use vfio_migration::{transition, MigState, MigrationDevice};
 use vfio_multifd::{
@@ -18,6 +18,7 @@ use vfio_multifd::{
 };
 
 use crate::cli::{check_positions, device_id, LiveArgs, LoopbackArgs, RecvArgs, SendArgs, SimSpec, SwitchoverArg};
+use crate::guest::Vcpus;
 use crate::live::{drive, failed_text, DowntimeEnd, DriveOpts, ManualTrigger, Summary};
 use crate::util::{
     fmt_bytes, fmt_dur, fmt_ns, fmt_rate, kernel_version, lat_json, ms, rusage_self, timestamp, with_progress,
@@ -64,6 +65,10 @@ pub struct EngineParams {
 pub struct LiveParams {
     /// How the session is driven (`precopy` is taken from [`EngineParams::precopy`]).
     pub drive: DriveOpts,
+    /// Live devices dirtying this many bytes a second.
+    pub dirty_rate: Option<u64>,
+    /// Guest and P2P DMA writers on a fabric, checked at the end.
+    pub peer_dma: bool,
 }
 
 /// Outcome of one engine loopback run.
@@ -83,6 +88,8 @@ pub struct EngineRun {
     pub max_rss: u64,
     /// The switchover: how pre-copy ended, downtime, bytes on each side of it.
     pub switchover: Summary,
+    /// The fabric's counters (`--peer-dma`).
+    pub fabric: Option<FabricStats>,
     /// Whether the devices were live and every destination's state digest was checked
     /// against its source's at stop.
     pub digests_checked: bool,
@@ -114,25 +121,44 @@ pub fn verify_sims(srcs: &[SimConfig], dsts: &[SimDevice]) -> Result<()> {
     Ok(())
 }
 
-/// The source and destination configs of a loopback run. With pre-copy the devices are live
-/// (with a dirty rate of 0: they change nothing yet) and their whole image goes in pre-copy. A
-/// destination expects the same stream (live, same size, seed and `precopy_bytes`) but with a
-/// dirty rate of 0: it then changes nothing on its own once started, so its state can still be
-/// compared with the source's after the receiver started it.
-fn loopback_configs(p: &EngineParams) -> (Vec<SimConfig>, Vec<SimConfig>) {
+/// The source and destination configs of a loopback run. With pre-copy, a dirty rate or peer
+/// DMA the devices are live and their whole image goes in pre-copy. A destination expects the
+/// same stream (live, same size, seed and `precopy_bytes`) but with a dirty rate of 0: it
+/// then changes nothing on its own once started, so its state can still be compared with the
+/// source's after the receiver started it.
+fn loopback_configs(p: &EngineParams, live: &LiveParams) -> (Vec<SimConfig>, Vec<SimConfig>) {
     let cfgs = sim_configs(p.devices, p.size, p.max_read);
-    if !p.precopy {
+    if !(p.precopy || live.dirty_rate.is_some() || live.peer_dma) {
         return (cfgs.clone(), cfgs);
     }
     let src: Vec<SimConfig> = cfgs
         .into_iter()
         .map(|c| {
             let size = c.size;
-            c.with_dirty_rate(0).with_precopy_bytes(size)
+            c.with_dirty_rate(live.dirty_rate.unwrap_or(0)).with_precopy_bytes(size)
         })
         .collect();
     let dst = src.iter().map(|c| c.clone().with_dirty_rate(0)).collect();
     (src, dst)
+}
+
+/// Fails on any ordering violation or lost write the fabric recorded.
+fn check_fabric(f: &Fabric) -> Result<()> {
+    let v = f.violations();
+    let st = f.stats();
+    if !v.is_empty() {
+        let first: Vec<String> = v.iter().take(5).map(ToString::to_string).collect();
+        bail!(
+            "peer DMA: {} ordering violation(s) or lost write(s) ({} write(s) lost), first: {}",
+            v.len(),
+            st.writes_lost(),
+            first.join("; ")
+        );
+    }
+    if st.writes_lost() > 0 {
+        bail!("peer DMA: {} write(s) lost", st.writes_lost());
+    }
+    Ok(())
 }
 
 /// Runs the engine between simulated devices over loopback TCP in this process (stop-and-copy).
@@ -149,9 +175,15 @@ pub fn run_engine_live(
     bar: bool,
     interval: Duration,
 ) -> Result<EngineRun> {
-    let (src_cfgs, dst_cfgs) = loopback_configs(p);
+    let (src_cfgs, dst_cfgs) = loopback_configs(p, live);
     let mut srcs: Vec<SimDevice> = src_cfgs.iter().cloned().map(SimDevice::new).collect();
     let mut dsts: Vec<SimDevice> = dst_cfgs.iter().cloned().map(SimDevice::new).collect();
+    let fabric = live.peer_dma.then(Fabric::new);
+    if let Some(f) = &fabric {
+        for d in &mut srcs {
+            d.join(f);
+        }
+    }
     let handles: Vec<SimHandle> = srcs.iter().map(SimDevice::handle).collect();
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
     let addr = listener.local_addr().context("loopback listener address")?;
@@ -171,9 +203,11 @@ pub fn run_engine_live(
     }
     let progress = rx.progress();
     let rx_abort = rx.abort_handle();
-    let total = Some(p.size * p.devices as u64);
+    // Dirty records make the stream longer than the image: no total then.
+    let total = live.dirty_rate.is_none().then_some(p.size * p.devices as u64);
     let opts = DriveOpts { precopy: p.precopy, ..live.drive };
     let line = StatusLine::default();
+    let mut vcpus = if live.peer_dma { Vcpus::start(&handles)? } else { Vcpus::none() };
     let (cpu0, _) = rusage_self();
     let t0 = Instant::now();
     let ((sres, rres, wall, rx_end), intervals) =
@@ -193,7 +227,7 @@ pub fn run_engine_live(
                             DeviceOptions { precopy: p.precopy, final_state: MigState::Stop },
                         );
                     }
-                    session.run(|ctl| drive(ctl, &opts, manual, &line, &mut || {}))
+                    session.run(|ctl| drive(ctl, &opts, manual, &line, &mut || vcpus.stop()))
                 })();
                 if sres.is_err() {
                     rx_abort.abort();
@@ -203,6 +237,7 @@ pub fn run_engine_live(
                 (sres, rres, wall, end)
             })
         });
+    vcpus.stop();
     let (cpu1, max_rss) = rusage_self();
     const HINT: &str =
         "(try --backend blocking to rule out io_uring, or `vfio-multifd probe` to see what this host supports)";
@@ -215,6 +250,9 @@ pub fn run_engine_live(
         (Err(se), Err(re)) => return Err(anyhow!("source failed: {se}; receiver failed: {re} {HINT}")),
     };
     verify_sims(&dst_cfgs, &dsts).context("verification failed")?;
+    if let Some(f) = &fabric {
+        check_fabric(f)?;
+    }
     let digests_checked = src_cfgs.iter().all(SimConfig::is_live);
     if digests_checked {
         for (i, (s, d)) in handles.iter().zip(&dsts).enumerate() {
@@ -237,6 +275,7 @@ pub fn run_engine_live(
         intervals,
         max_rss,
         switchover,
+        fabric: fabric.as_ref().map(Fabric::stats),
         digests_checked,
     })
 }
@@ -275,7 +314,7 @@ pub fn loopback(a: &LoopbackArgs) -> Result<()> {
         bail!("--size 0: each device needs at least one byte of state");
     }
     let manual = manual_trigger(&a.live)?;
-    let live = LiveParams { drive: DriveOpts::from(&a.live) };
+    let live = LiveParams { drive: DriveOpts::from(&a.live), dirty_rate: a.dirty_rate, peer_dma: a.peer_dma };
     let bar = crate::util::bars_allowed(a.common.json);
     let r = run_engine_live(&p, &live, manual.as_ref(), bar, Duration::from_secs_f64(a.common.interval))
         .context("loopback failed")?;
@@ -284,6 +323,7 @@ pub fn loopback(a: &LoopbackArgs) -> Result<()> {
         "chunk": p.chunk, "max_read": p.max_read, "precopy": p.precopy,
         "switchover": format!("{:?}", a.live.switchover).to_lowercase(),
         "downtime_limit_ms": ms(a.live.downtime_limit), "max_precopy_seconds": a.live.max_precopy.as_secs_f64(),
+        "dirty_rate_bytes_per_sec": a.dirty_rate, "peer_dma": a.peer_dma,
         "zerocopy": format!("{:?}", a.zerocopy).to_lowercase(), "backend": format!("{:?}", a.common.backend).to_lowercase(),
         "interval": a.common.interval,
     });
@@ -293,18 +333,33 @@ pub fn loopback(a: &LoopbackArgs) -> Result<()> {
         v["end"]["state_digests_verified"] = json!(r.digests_checked);
         v["end"]["max_rss_bytes"] = json!(r.max_rss);
         v["end"]["switchover"] = r.switchover.json();
+        if let Some(f) = &r.fabric {
+            v["end"]["fabric"] = json!({
+                "guest_writes_landed": f.guest_writes_landed, "guest_writes_lost": f.guest_writes_lost,
+                "dma_landed": f.dma_landed, "dma_lost": f.dma_lost, "dma_not_initiated": f.dma_not_initiated,
+                "violations": 0,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "vfio-multifd loopback: {} device(s) x {}, {} channel(s), chunk {}{}",
+            "vfio-multifd loopback: {} device(s) x {}, {} channel(s), chunk {}{}{}",
             p.devices,
             fmt_bytes(p.size),
             p.channels,
             fmt_bytes(p.chunk as u64),
-            if p.precopy { ", live (pre-copy)" } else { "" }
+            if p.precopy { ", live (pre-copy)" } else { "" },
+            a.dirty_rate.map(|d| format!(", dirtying {}/s per device", fmt_bytes(d))).unwrap_or_default()
         );
         print_text(Some(&r.source), Some(&r.receiver), r.wall, r.cpu);
         r.switchover.print_text();
+        if let Some(f) = &r.fabric {
+            println!(
+                "peer DMA: {} guest write(s) and {} P2P DMA write(s) landed, none lost, {} DMA not initiated \
+                 (initiator quiesced); no ordering violation",
+                f.guest_writes_landed, f.dma_landed, f.dma_not_initiated
+            );
+        }
         println!("process peak RSS: {}", fmt_bytes(r.max_rss));
         println!(
             "verified: {} device(s), every byte and the config blob{}",
