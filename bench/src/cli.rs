@@ -213,6 +213,10 @@ pub struct SendArgs {
     /// Zero-copy sends.
     #[arg(long, value_enum, default_value_t)]
     pub zerocopy: ZeroCopyArg,
+    /// Do not offer the return path (switchover-ack and the destination's verdicts): the wire
+    /// is then byte-for-byte QEMU 10.x, and success means every byte was sent.
+    #[arg(long)]
+    pub no_return_path: bool,
     /// Live migration.
     #[command(flatten)]
     pub live: LiveArgs,
@@ -261,6 +265,10 @@ pub struct RecvArgs {
     /// Memory for out-of-order packets (default: one packet per channel, at least two).
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
+    /// Do not accept the source's return-path offer (no switchover-ack, no verdicts sent
+    /// back): serve it exactly as a QEMU-format destination would.
+    #[arg(long)]
+    pub no_return_path: bool,
     /// State to leave destination devices in once loaded.
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
     pub final_state: MigState,
@@ -574,10 +582,11 @@ mod tests {
         assert!(ok(&["vfio-multifd", "loopback", "--dirty-rate", "8MiB", "--peer-dma", "--precopy"]).is_ok());
         assert!(ok(&["vfio-multifd", "loopback", "--switchover", "manual"]).unwrap_err().contains("--precopy"));
         assert!(ok(&["vfio-multifd", "loopback", "--precopy", "--max-precopy", "60"]).unwrap_err().contains("60s"));
-        assert!(ok(&["vfio-multifd", "send", "-c", "h:1", "--sim", "1M", "--precopy"]).is_ok());
+        assert!(ok(&["vfio-multifd", "send", "-c", "h:1", "--sim", "1M", "--no-return-path", "--precopy"]).is_ok());
+        assert!(ok(&["vfio-multifd", "recv", "-l", ":1", "--sim", "1M", "--no-return-path"]).is_ok());
         let c = Cli::try_parse_from(["vfio-multifd", "send", "-c", "h:1", "--sim", "1M"]).unwrap();
         let Cmd::Send(s) = c.cmd else { panic!("not send") };
-        assert!(!s.live.precopy);
+        assert!(!s.live.precopy && !s.no_return_path);
         assert_eq!(s.live.downtime_limit, Duration::from_millis(300));
         assert_eq!(s.live.max_precopy, Duration::from_secs(60));
         assert_eq!(s.live.switchover, SwitchoverArg::Auto);

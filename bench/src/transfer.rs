@@ -648,7 +648,8 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
         .zerocopy(a.zerocopy.into())
         .backend(a.common.backend.into())
         .uuid(a.common.uuid.unwrap_or([0; 16]))
-        .stall_timeout(Duration::from_secs(a.common.stall_timeout));
+        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
+        .return_path(!a.no_return_path);
     let chans = connect_channels(&a.connect, a.common.channels, Duration::from_secs(a.connect_timeout))?;
     let mut session = SourceSession::new(cfg, chans).context("setting up the source")?;
     let dev_opts = DeviceOptions { precopy: a.live.precopy, final_state: a.final_state };
@@ -685,7 +686,7 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
     let config = json!({"mode": "send", "connect": a.connect, "channels": a.common.channels, "chunk": a.chunk,
         "devices": n, "precopy": a.live.precopy, "switchover": format!("{:?}", a.live.switchover).to_lowercase(),
         "downtime_limit_ms": ms(a.live.downtime_limit), "max_precopy_seconds": a.live.max_precopy.as_secs_f64(),
-        "final_state": a.final_state.name(), "interval": a.common.interval});
+        "return_path": !a.no_return_path, "final_state": a.final_state.name(), "interval": a.common.interval});
     let (sw, rep) = match res {
         Ok(x) => x,
         Err(e) => {
@@ -818,7 +819,8 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         .backend(a.common.backend.into())
         .uuid(a.common.uuid.unwrap_or([0; 16]))
         .stall_timeout(Duration::from_secs(a.common.stall_timeout))
-        .accept_timeout(Duration::from_secs(a.accept_timeout));
+        .accept_timeout(Duration::from_secs(a.accept_timeout))
+        .return_path(!a.no_return_path);
     if let Some(b) = a.budget {
         cfg = cfg.budget_bytes(b);
     }
@@ -876,7 +878,8 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         }
     }
     let config = json!({"mode": "recv", "listen": a.listen, "channels": a.common.channels, "max_packet": a.max_packet,
-        "devices": n, "final_state": a.final_state.name(), "interval": a.common.interval});
+        "devices": n, "final_state": a.final_state.name(), "return_path": !a.no_return_path,
+        "interval": a.common.interval});
     if a.common.json {
         let mut v = report_json(config, None, Some(&rep), wall, cpu1.saturating_sub(cpu0), &intervals);
         v["end"]["verified_devices"] = json!(verified);
