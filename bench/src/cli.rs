@@ -1,12 +1,13 @@
 //! Command-line definitions (clap derive) and argument validation.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vfio_migration::MigState;
 use vfio_multifd::wire::Uuid;
 
-use crate::util::{parse_size, parse_size_usize};
+use crate::util::{parse_duration, parse_size, parse_size_usize};
 
 /// Migrates VFIO device state over parallel QEMU-compatible multifd channels, and measures it.
 #[derive(Debug, Parser)]
@@ -80,6 +81,42 @@ impl From<BackendArg> for vfio_multifd::Backend {
     }
 }
 
+/// `auto|manual`: who decides the switchover of a live migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum SwitchoverArg {
+    /// When every pre-copy device's initial data is acknowledged (sent, without a return
+    /// path) and the estimated switchover time is at most --downtime-limit; or at
+    /// --max-precopy.
+    #[default]
+    Auto,
+    /// On SIGUSR1 or a line on stdin; or at --max-precopy.
+    Manual,
+}
+
+/// Live-migration options of `send` and `loopback`.
+#[derive(Debug, Clone, Args)]
+pub struct LiveArgs {
+    /// Live migration: set everything up, stream PRE_COPY data (initial and dirty) while the VM
+    /// runs, then stop the vCPUs and switch over (see --switchover). Without it: stop-and-copy
+    /// (the devices are switched over as soon as the session is set up).
+    #[arg(long)]
+    pub precopy: bool,
+    /// When to switch over: `auto` when every pre-copy device's initial data is acknowledged
+    /// by the destination (sent, without a return path) and the estimated switchover time is
+    /// at most --downtime-limit; `manual` on SIGUSR1 or a line on stdin (stdin at EOF is
+    /// ignored). Either way at most --max-precopy after pre-copy started.
+    #[arg(long, value_enum, default_value_t, requires = "precopy")]
+    pub switchover: SwitchoverArg,
+    /// Largest estimated switchover time `auto` accepts (like QEMU's downtime-limit), e.g.
+    /// 300ms, 1s.
+    #[arg(long, value_name = "DURATION", default_value = "300ms", value_parser = parse_duration, requires = "precopy")]
+    pub downtime_limit: Duration,
+    /// Longest pre-copy: the switchover happens then whatever the estimate (auto) or without a
+    /// signal (manual), e.g. 60s, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, requires = "precopy")]
+    pub max_precopy: Duration,
+}
+
 /// Options every transfer has.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
@@ -119,12 +156,23 @@ pub struct LoopbackArgs {
     /// Largest read the simulated device returns (its pipe capacity).
     #[arg(long, default_value = "1M", value_parser = parse_size_usize)]
     pub max_read: usize,
-    /// Go through PRE_COPY first (initial data while the VM runs), then STOP_COPY.
-    #[arg(long)]
-    pub precopy: bool,
     /// Zero-copy sends (SEND_ZC).
     #[arg(long, value_enum, default_value_t)]
     pub zerocopy: ZeroCopyArg,
+    /// Simulated devices dirty this many bytes a second (in 4 KiB pages) while they run, and
+    /// stream dirty records in pre-copy (e.g. 8MiB). The destinations' final state is checked
+    /// against the sources' state at stop.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub dirty_rate: Option<u64>,
+    /// Put the source devices on one simulated VM fabric with a guest thread writing into
+    /// random devices and a thread doing P2P DMA between random device pairs (about 1000 and
+    /// 500 writes a second) until the vCPUs are stopped for the switchover. The run fails if a
+    /// write is lost or a P2P ordering rule is broken.
+    #[arg(long)]
+    pub peer_dma: bool,
+    /// Live migration.
+    #[command(flatten)]
+    pub live: LiveArgs,
     /// Receive budget for out-of-order packets (default: one packet per channel, at least two).
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
@@ -165,9 +213,13 @@ pub struct SendArgs {
     /// Zero-copy sends.
     #[arg(long, value_enum, default_value_t)]
     pub zerocopy: ZeroCopyArg,
-    /// Stream PRE_COPY data first where the device supports it.
+    /// Do not offer the return path (switchover-ack and the destination's verdicts): the wire
+    /// is then byte-for-byte QEMU 10.x, and success means every byte was sent.
     #[arg(long)]
-    pub precopy: bool,
+    pub no_return_path: bool,
+    /// Live migration.
+    #[command(flatten)]
+    pub live: LiveArgs,
     /// State to leave source devices in after a successful send (RUNNING keeps them usable;
     /// QEMU leaves them STOP).
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
@@ -213,6 +265,10 @@ pub struct RecvArgs {
     /// Memory for out-of-order packets (default: one packet per channel, at least two).
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
+    /// Do not accept the source's return-path offer (no switchover-ack, no verdicts sent
+    /// back): serve it exactly as a QEMU-format destination would.
+    #[arg(long)]
+    pub no_return_path: bool,
     /// State to leave destination devices in once loaded.
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
     pub final_state: MigState,
@@ -521,6 +577,19 @@ mod tests {
         assert!(ok(&["vfio-multifd", "send", "--connect", "h:1", "--sim", "4M", "--sim", "8M,3"]).is_ok());
         assert!(ok(&["vfio-multifd", "send", "--sim", "4M"]).is_err(), "--connect is required");
         assert!(ok(&["vfio-multifd", "recv", "--listen", ":1", "--sink", "/x"]).is_err());
+        let live = ["vfio-multifd", "loopback", "--precopy", "--switchover", "manual", "--downtime-limit", "50ms"];
+        assert!(ok(&live).is_ok());
+        assert!(ok(&["vfio-multifd", "loopback", "--dirty-rate", "8MiB", "--peer-dma", "--precopy"]).is_ok());
+        assert!(ok(&["vfio-multifd", "loopback", "--switchover", "manual"]).unwrap_err().contains("--precopy"));
+        assert!(ok(&["vfio-multifd", "loopback", "--precopy", "--max-precopy", "60"]).unwrap_err().contains("60s"));
+        assert!(ok(&["vfio-multifd", "send", "-c", "h:1", "--sim", "1M", "--no-return-path", "--precopy"]).is_ok());
+        assert!(ok(&["vfio-multifd", "recv", "-l", ":1", "--sim", "1M", "--no-return-path"]).is_ok());
+        let c = Cli::try_parse_from(["vfio-multifd", "send", "-c", "h:1", "--sim", "1M"]).unwrap();
+        let Cmd::Send(s) = c.cmd else { panic!("not send") };
+        assert!(!s.live.precopy && !s.no_return_path);
+        assert_eq!(s.live.downtime_limit, Duration::from_millis(300));
+        assert_eq!(s.live.max_precopy, Duration::from_secs(60));
+        assert_eq!(s.live.switchover, SwitchoverArg::Auto);
         assert!(ok(&["vfio-multifd", "dev", "state", "x", "BOGUS_STATE"]).is_err());
         assert!(
             ok(&["vfio-multifd", "dev", "region-read", "x", "--region", "0", "--offset", "7", "--len", "1"]).is_ok()

@@ -8,6 +8,8 @@
 
 mod cli;
 mod dev;
+mod guest;
+mod live;
 mod probe;
 mod suite;
 mod transfer;

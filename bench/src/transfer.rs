@@ -9,17 +9,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use vfio_migration::sim::{SimConfig, SimDevice};
+use vfio_migration::sim::{Fabric, FabricStats, SimConfig, SimDevice, SimHandle};
 use vfio_migration::vfio::VfioDevice;
 use vfio_migration::{transition, MigState, MigrationDevice};
 use vfio_multifd::{
-    Backend, DeviceId, DeviceOptions, Receiver, ReceiverConfig, ReceiverReport, Source, SourceConfig, SourceReport,
-    ZeroCopy,
+    Backend, DeviceId, DeviceOptions, Receiver, ReceiverConfig, ReceiverReport, SourceConfig, SourceReport,
+    SourceSession, ZeroCopy,
 };
 
-use crate::cli::{check_positions, device_id, LoopbackArgs, RecvArgs, SendArgs, SimSpec};
+use crate::cli::{check_positions, device_id, LiveArgs, LoopbackArgs, RecvArgs, SendArgs, SimSpec, SwitchoverArg};
+use crate::guest::Vcpus;
+use crate::live::{drive, failed_text, DowntimeEnd, DriveOpts, ManualTrigger, Summary};
 use crate::util::{
-    fmt_bytes, fmt_ns, fmt_rate, kernel_version, lat_json, rusage_self, timestamp, with_progress, Interval,
+    fmt_bytes, fmt_dur, fmt_ns, fmt_rate, kernel_version, lat_json, ms, rusage_self, timestamp, with_progress,
+    Interval, StatusLine,
 };
 
 /// Which option gave a device, in command-line order: `(option, k-th value of it)`.
@@ -56,6 +59,18 @@ pub struct EngineParams {
     pub stall: Duration,
 }
 
+/// Live-migration parameters of an engine loopback run (the defaults: stop-and-copy of plain
+/// simulated devices).
+#[derive(Debug, Clone, Default)]
+pub struct LiveParams {
+    /// How the session is driven (`precopy` is taken from [`EngineParams::precopy`]).
+    pub drive: DriveOpts,
+    /// Live devices dirtying this many bytes a second.
+    pub dirty_rate: Option<u64>,
+    /// Guest and P2P DMA writers on a fabric, checked at the end.
+    pub peer_dma: bool,
+}
+
 /// Outcome of one engine loopback run.
 #[derive(Debug)]
 pub struct EngineRun {
@@ -71,6 +86,13 @@ pub struct EngineRun {
     pub intervals: Vec<Interval>,
     /// Peak RSS of the process.
     pub max_rss: u64,
+    /// The switchover: how pre-copy ended, downtime, bytes on each side of it.
+    pub switchover: Summary,
+    /// The fabric's counters (`--peer-dma`).
+    pub fabric: Option<FabricStats>,
+    /// Whether the devices were live and every destination's state digest was checked
+    /// against its source's at stop.
+    pub digests_checked: bool,
 }
 
 /// The simulated device configs of a run: device `i` is `sim<i>` with seed `i + 1`.
@@ -79,12 +101,14 @@ pub fn sim_configs(n: usize, size: u64, max_read: usize) -> Vec<SimConfig> {
 }
 
 /// Checks that every destination verified its whole stream and got its source's config blob.
+/// A live device's stream is its image and dirty records: at least `size` bytes.
 pub fn verify_sims(srcs: &[SimConfig], dsts: &[SimDevice]) -> Result<()> {
     for (i, (s, d)) in srcs.iter().zip(dsts).enumerate() {
         let rep = d.resume_report().ok_or_else(|| anyhow!("device {i}: the destination never finished resuming"))?;
-        if !rep.verified_ok || rep.bytes_written != s.size {
+        let len_ok = if s.is_live() { rep.bytes_written >= s.size } else { rep.bytes_written == s.size };
+        if !rep.verified_ok || !len_ok {
             bail!(
-                "device {i}: destination stream did not verify: {} of {} bytes, first bad offset {:?}",
+                "device {i}: destination stream did not verify: {} bytes for an image of {}, first bad offset {:?}",
                 rep.bytes_written,
                 s.size,
                 rep.first_bad_offset
@@ -97,11 +121,70 @@ pub fn verify_sims(srcs: &[SimConfig], dsts: &[SimDevice]) -> Result<()> {
     Ok(())
 }
 
-/// Runs the engine between simulated devices over loopback TCP in this process.
-pub fn run_engine(p: &EngineParams, bar: bool, interval: Duration) -> Result<EngineRun> {
+/// The source and destination configs of a loopback run. With pre-copy, a dirty rate or peer
+/// DMA the devices are live and their whole image goes in pre-copy. A destination expects the
+/// same stream (live, same size, seed and `precopy_bytes`) but with a dirty rate of 0: it
+/// then changes nothing on its own once started, so its state can still be compared with the
+/// source's after the receiver started it.
+fn loopback_configs(p: &EngineParams, live: &LiveParams) -> (Vec<SimConfig>, Vec<SimConfig>) {
     let cfgs = sim_configs(p.devices, p.size, p.max_read);
-    let mut srcs: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
-    let mut dsts: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    if !(p.precopy || live.dirty_rate.is_some() || live.peer_dma) {
+        return (cfgs.clone(), cfgs);
+    }
+    let src: Vec<SimConfig> = cfgs
+        .into_iter()
+        .map(|c| {
+            let size = c.size;
+            c.with_dirty_rate(live.dirty_rate.unwrap_or(0)).with_precopy_bytes(size)
+        })
+        .collect();
+    let dst = src.iter().map(|c| c.clone().with_dirty_rate(0)).collect();
+    (src, dst)
+}
+
+/// Fails on any ordering violation or lost write the fabric recorded.
+fn check_fabric(f: &Fabric) -> Result<()> {
+    let v = f.violations();
+    let st = f.stats();
+    if !v.is_empty() {
+        let first: Vec<String> = v.iter().take(5).map(ToString::to_string).collect();
+        bail!(
+            "peer DMA: {} ordering violation(s) or lost write(s) ({} write(s) lost), first: {}",
+            v.len(),
+            st.writes_lost(),
+            first.join("; ")
+        );
+    }
+    if st.writes_lost() > 0 {
+        bail!("peer DMA: {} write(s) lost", st.writes_lost());
+    }
+    Ok(())
+}
+
+/// Runs the engine between simulated devices over loopback TCP in this process (stop-and-copy).
+pub fn run_engine(p: &EngineParams, bar: bool, interval: Duration) -> Result<EngineRun> {
+    run_engine_live(p, &LiveParams::default(), None, bar, interval)
+}
+
+/// Runs the engine between simulated devices over loopback TCP in this process: a source
+/// session driven as `live` says, a receiver that starts its devices.
+pub fn run_engine_live(
+    p: &EngineParams,
+    live: &LiveParams,
+    manual: Option<&ManualTrigger>,
+    bar: bool,
+    interval: Duration,
+) -> Result<EngineRun> {
+    let (src_cfgs, dst_cfgs) = loopback_configs(p, live);
+    let mut srcs: Vec<SimDevice> = src_cfgs.iter().cloned().map(SimDevice::new).collect();
+    let mut dsts: Vec<SimDevice> = dst_cfgs.iter().cloned().map(SimDevice::new).collect();
+    let fabric = live.peer_dma.then(Fabric::new);
+    if let Some(f) = &fabric {
+        for d in &mut srcs {
+            d.join(f);
+        }
+    }
+    let handles: Vec<SimHandle> = srcs.iter().map(SimDevice::handle).collect();
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
     let addr = listener.local_addr().context("loopback listener address")?;
     let scfg = SourceConfig::new().chunk_bytes(p.chunk).zerocopy(p.zerocopy).backend(p.backend).stall_timeout(p.stall);
@@ -120,43 +203,97 @@ pub fn run_engine(p: &EngineParams, bar: bool, interval: Duration) -> Result<Eng
     }
     let progress = rx.progress();
     let rx_abort = rx.abort_handle();
-    let total = p.size * p.devices as u64;
+    // Dirty records make the stream longer than the image: no total then.
+    let total = live.dirty_rate.is_none().then_some(p.size * p.devices as u64);
+    let opts = DriveOpts { precopy: p.precopy, ..live.drive };
+    let line = StatusLine::default();
+    let mut vcpus = if live.peer_dma { Vcpus::start(&handles)? } else { Vcpus::none() };
     let (cpu0, _) = rusage_self();
     let t0 = Instant::now();
-    let ((sres, rres, wall), intervals) = with_progress(&progress, Some(total), bar, "loopback", interval, || {
-        std::thread::scope(|s| {
-            let listener = &listener;
-            let h = s.spawn(move || {
-                let r = rx.run_listener(listener, p.channels);
-                (r, t0.elapsed())
-            });
-            let sres = (|| {
-                let mut src = Source::connect(scfg, addr, p.channels)?;
-                for (i, d) in srcs.iter_mut().enumerate() {
-                    src.add_device_with(
-                        ids[i].clone(),
-                        d,
-                        DeviceOptions { precopy: p.precopy, final_state: MigState::Stop },
-                    );
+    let ((sres, rres, wall, rx_end), intervals) =
+        with_progress(&progress, total, bar, Some(&line), "loopback", interval, || {
+            std::thread::scope(|s| {
+                let listener = &listener;
+                let h = s.spawn(move || {
+                    let r = rx.run_listener(listener, p.channels);
+                    (r, t0.elapsed(), Instant::now())
+                });
+                let sres = (|| {
+                    let mut session = SourceSession::connect(scfg, addr, p.channels)?;
+                    for (i, d) in srcs.iter_mut().enumerate() {
+                        session.add_device_with(
+                            ids[i].clone(),
+                            d,
+                            DeviceOptions { precopy: p.precopy, final_state: MigState::Stop },
+                        );
+                    }
+                    session.run(|ctl| drive(ctl, &opts, manual, &line, &mut || vcpus.stop()))
+                })();
+                if sres.is_err() {
+                    rx_abort.abort();
                 }
-                src.run()
-            })();
-            if sres.is_err() {
-                rx_abort.abort();
-            }
-            let (rres, wall) = h.join().unwrap_or_else(|_| (Err(vfio_multifd::Error::Aborted), t0.elapsed()));
-            (sres, rres, wall)
-        })
-    });
+                let (rres, wall, end) =
+                    h.join().unwrap_or_else(|_| (Err(vfio_multifd::Error::Aborted), t0.elapsed(), Instant::now()));
+                (sres, rres, wall, end)
+            })
+        });
+    vcpus.stop();
     let (cpu1, max_rss) = rusage_self();
-    let (source, receiver) = match (sres, rres) {
+    const HINT: &str =
+        "(try --backend blocking to rule out io_uring, or `vfio-multifd probe` to see what this host supports)";
+    let ((sw, source), receiver) = match (sres, rres) {
         (Ok(s), Ok(r)) => (s, r),
-        (Err(e), Ok(_)) | (Err(e), Err(vfio_multifd::Error::Aborted)) => return Err(e).context("source failed"),
-        (Ok(_), Err(e)) => return Err(e).context("receiver failed"),
-        (Err(se), Err(re)) => return Err(anyhow!("source failed: {se}; receiver failed: {re}")),
+        (Err(e), Ok(_)) | (Err(e), Err(vfio_multifd::Error::Aborted)) => {
+            return Err(e).context(format!("source failed {HINT}"))
+        }
+        (Ok(_), Err(e)) => return Err(e).context(format!("receiver failed {HINT}")),
+        (Err(se), Err(re)) => return Err(anyhow!("source failed: {se}; receiver failed: {re} {HINT}")),
     };
-    verify_sims(&cfgs, &dsts).context("verification failed")?;
-    Ok(EngineRun { source, receiver, wall, cpu: cpu1.saturating_sub(cpu0), intervals, max_rss })
+    verify_sims(&dst_cfgs, &dsts).context("verification failed")?;
+    if let Some(f) = &fabric {
+        check_fabric(f)?;
+    }
+    let digests_checked = src_cfgs.iter().all(SimConfig::is_live);
+    if digests_checked {
+        for (i, (s, d)) in handles.iter().zip(&dsts).enumerate() {
+            let (a, b) = (s.state_digest(), d.state_digest());
+            if a != b {
+                bail!(
+                    "device {i} ({}): the destination's state (digest {b:#018x}) differs from the source's at stop \
+                     ({a:#018x}): a dirty page was not migrated",
+                    s.name()
+                );
+            }
+        }
+    }
+    let switchover = Summary::new(sw, opts, &source, rx_end, DowntimeEnd::DestinationRunning);
+    Ok(EngineRun {
+        source,
+        receiver,
+        wall,
+        cpu: cpu1.saturating_sub(cpu0),
+        intervals,
+        max_rss,
+        switchover,
+        fabric: fabric.as_ref().map(Fabric::stats),
+        digests_checked,
+    })
+}
+
+/// Blocks SIGUSR1 for `--switchover manual` (before any thread starts) and says how to
+/// trigger the switchover.
+fn manual_trigger(live: &LiveArgs) -> Result<Option<ManualTrigger>> {
+    if !(live.precopy && live.switchover == SwitchoverArg::Manual) {
+        return Ok(None);
+    }
+    let t = ManualTrigger::new()?;
+    eprintln!(
+        "vfio-multifd: manual switchover: send SIGUSR1 to process {} or enter a line on stdin \
+         (pre-copy ends after --max-precopy {} at the latest)",
+        std::process::id(),
+        fmt_dur(live.max_precopy)
+    );
+    Ok(Some(t))
 }
 
 /// `vfio-multifd loopback`.
@@ -167,7 +304,7 @@ pub fn loopback(a: &LoopbackArgs) -> Result<()> {
         channels: a.common.channels,
         chunk: a.chunk,
         max_read: a.max_read,
-        precopy: a.precopy,
+        precopy: a.live.precopy,
         zerocopy: a.zerocopy.into(),
         backend: a.common.backend.into(),
         budget: a.budget,
@@ -176,33 +313,59 @@ pub fn loopback(a: &LoopbackArgs) -> Result<()> {
     if a.size == 0 {
         bail!("--size 0: each device needs at least one byte of state");
     }
+    let manual = manual_trigger(&a.live)?;
+    let live = LiveParams { drive: DriveOpts::from(&a.live), dirty_rate: a.dirty_rate, peer_dma: a.peer_dma };
     let bar = crate::util::bars_allowed(a.common.json);
-    let r = run_engine(&p, bar, Duration::from_secs_f64(a.common.interval)).context(
-        "loopback transfer failed (try --backend blocking to rule out io_uring, or `vfio-multifd probe` to see what this host supports)",
-    )?;
+    let r = run_engine_live(&p, &live, manual.as_ref(), bar, Duration::from_secs_f64(a.common.interval))
+        .context("loopback failed")?;
     let config = json!({
         "mode": "loopback", "devices": p.devices, "size_per_device": p.size, "channels": p.channels,
         "chunk": p.chunk, "max_read": p.max_read, "precopy": p.precopy,
+        "switchover": format!("{:?}", a.live.switchover).to_lowercase(),
+        "downtime_limit_ms": ms(a.live.downtime_limit), "max_precopy_seconds": a.live.max_precopy.as_secs_f64(),
+        "dirty_rate_bytes_per_sec": a.dirty_rate, "peer_dma": a.peer_dma,
         "zerocopy": format!("{:?}", a.zerocopy).to_lowercase(), "backend": format!("{:?}", a.common.backend).to_lowercase(),
         "interval": a.common.interval,
     });
     if a.common.json {
         let mut v = report_json(config, Some(&r.source), Some(&r.receiver), r.wall, r.cpu, &r.intervals);
         v["end"]["verified"] = json!(true);
+        v["end"]["state_digests_verified"] = json!(r.digests_checked);
         v["end"]["max_rss_bytes"] = json!(r.max_rss);
+        v["end"]["switchover"] = r.switchover.json();
+        if let Some(f) = &r.fabric {
+            v["end"]["fabric"] = json!({
+                "guest_writes_landed": f.guest_writes_landed, "guest_writes_lost": f.guest_writes_lost,
+                "dma_landed": f.dma_landed, "dma_lost": f.dma_lost, "dma_not_initiated": f.dma_not_initiated,
+                "violations": 0,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "vfio-multifd loopback: {} device(s) x {}, {} channel(s), chunk {}{}",
+            "vfio-multifd loopback: {} device(s) x {}, {} channel(s), chunk {}{}{}",
             p.devices,
             fmt_bytes(p.size),
             p.channels,
             fmt_bytes(p.chunk as u64),
-            if p.precopy { ", through PRE_COPY" } else { "" }
+            if p.precopy { ", live (pre-copy)" } else { "" },
+            a.dirty_rate.map(|d| format!(", dirtying {}/s per device", fmt_bytes(d))).unwrap_or_default()
         );
         print_text(Some(&r.source), Some(&r.receiver), r.wall, r.cpu);
+        r.switchover.print_text();
+        if let Some(f) = &r.fabric {
+            println!(
+                "peer DMA: {} guest write(s) and {} P2P DMA write(s) landed, none lost, {} DMA not initiated \
+                 (initiator quiesced); no ordering violation",
+                f.guest_writes_landed, f.dma_landed, f.dma_not_initiated
+            );
+        }
         println!("process peak RSS: {}", fmt_bytes(r.max_rss));
-        println!("verified: {} device(s), every byte and the config blob", p.devices);
+        println!(
+            "verified: {} device(s), every byte and the config blob{}",
+            p.devices,
+            if r.digests_checked { ", and each destination's state equals its source's at stop" } else { "" }
+        );
     }
     Ok(())
 }
@@ -445,6 +608,7 @@ fn connect_channels(addr: &str, n: usize, timeout: Duration) -> Result<Vec<Owned
 pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
     let n = order.len().max(a.source.len());
     check_positions(n, &a.idstr, &a.instance)?;
+    let manual = manual_trigger(&a.live)?;
     let mut entries: Vec<(DeviceId, SrcEntry)> = Vec::with_capacity(n);
     let mut total: Option<u64> = Some(0);
     for i in 0..n {
@@ -484,48 +648,73 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
         .zerocopy(a.zerocopy.into())
         .backend(a.common.backend.into())
         .uuid(a.common.uuid.unwrap_or([0; 16]))
-        .stall_timeout(Duration::from_secs(a.common.stall_timeout));
+        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
+        .return_path(!a.no_return_path);
     let chans = connect_channels(&a.connect, a.common.channels, Duration::from_secs(a.connect_timeout))?;
-    let mut src = Source::new(cfg, chans).context("setting up the source")?;
-    let opts = DeviceOptions { precopy: a.precopy, final_state: a.final_state };
+    let mut session = SourceSession::new(cfg, chans).context("setting up the source")?;
+    let dev_opts = DeviceOptions { precopy: a.live.precopy, final_state: a.final_state };
     for (id, e) in entries.iter_mut() {
         match e {
-            SrcEntry::Sim(d) => src.add_device_with(id.clone(), d.as_mut(), opts),
-            SrcEntry::Vfio(d) => src.add_device_with(id.clone(), d.as_mut(), opts),
+            SrcEntry::Sim(d) => session.add_device_with(id.clone(), d.as_mut(), dev_opts),
+            SrcEntry::Vfio(d) => session.add_device_with(id.clone(), d.as_mut(), dev_opts),
             SrcEntry::File { file, config } => {
                 let f: &File = file;
-                src.add_data_fd(id.clone(), f.as_fd(), config)
+                session.add_data_fd(id.clone(), f.as_fd(), config)
             }
         };
     }
-    let progress = src.progress();
+    let progress = session.progress();
     let bar = crate::util::bars_allowed(a.common.json);
+    let opts = DriveOpts::from(&a.live);
+    let line = StatusLine::default();
     let (cpu0, _) = rusage_self();
     let t0 = Instant::now();
-    let (res, intervals) = with_progress(
+    let ((res, ended), intervals) = with_progress(
         &progress,
         total.filter(|&t| t > 0),
         bar,
+        Some(&line),
         "send",
         Duration::from_secs_f64(a.common.interval),
-        || src.run(),
+        || {
+            let r = session.run(|ctl| drive(ctl, &opts, manual.as_ref(), &line, &mut || {}));
+            (r, Instant::now())
+        },
     );
     let wall = t0.elapsed();
-    let (cpu1, _) = rusage_self();
-    let rep = res.with_context(|| {
-        format!(
-            "sending to {} failed (source devices were put back to RUNNING; the receiver's output says more)",
-            a.connect
-        )
-    })?;
+    let cpu = rusage_self().0.saturating_sub(cpu0);
     let config = json!({"mode": "send", "connect": a.connect, "channels": a.common.channels, "chunk": a.chunk,
-        "devices": n, "precopy": a.precopy, "final_state": a.final_state.name(), "interval": a.common.interval});
+        "devices": n, "precopy": a.live.precopy, "switchover": format!("{:?}", a.live.switchover).to_lowercase(),
+        "downtime_limit_ms": ms(a.live.downtime_limit), "max_precopy_seconds": a.live.max_precopy.as_secs_f64(),
+        "return_path": !a.no_return_path, "final_state": a.final_state.name(), "interval": a.common.interval});
+    let (sw, rep) = match res {
+        Ok(x) => x,
+        Err(e) => {
+            if let (true, vfio_multifd::Error::Destination { device, what }) = (a.common.json, &e) {
+                // Say it in the JSON too: the destination's verdict is the result.
+                let mut v = report_json(config, None, None, wall, cpu, &intervals);
+                v["end"]["switchover"] = json!({"verdict": failed_text(device, what)});
+                v["error"] = json!(e.to_string());
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            return Err(e).with_context(|| {
+                format!(
+                    "sending to {} failed (source devices were put back to RUNNING; the receiver's output says more)",
+                    a.connect
+                )
+            });
+        }
+    };
+    let end = if rep.verdicts.is_some() { DowntimeEnd::DestinationVerdict } else { DowntimeEnd::SourceDone };
+    let summary = Summary::new(sw, opts, &rep, ended, end);
     if a.common.json {
-        let v = report_json(config, Some(&rep), None, wall, cpu1.saturating_sub(cpu0), &intervals);
+        let mut v = report_json(config, Some(&rep), None, wall, cpu, &intervals);
+        v["end"]["switchover"] = summary.json();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("vfio-multifd send: {n} device(s) to {} over {} channel(s)", a.connect, a.common.channels);
-        print_text(Some(&rep), None, wall, cpu1.saturating_sub(cpu0));
+        print_text(Some(&rep), None, wall, cpu);
+        summary.print_text();
     }
     Ok(())
 }
@@ -630,7 +819,8 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         .backend(a.common.backend.into())
         .uuid(a.common.uuid.unwrap_or([0; 16]))
         .stall_timeout(Duration::from_secs(a.common.stall_timeout))
-        .accept_timeout(Duration::from_secs(a.accept_timeout));
+        .accept_timeout(Duration::from_secs(a.accept_timeout))
+        .return_path(!a.no_return_path);
     if let Some(b) = a.budget {
         cfg = cfg.budget_bytes(b);
     }
@@ -653,7 +843,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     let (cpu0, _) = rusage_self();
     let t0 = Instant::now();
     let (res, intervals) =
-        with_progress(&progress, total, bar, "recv", Duration::from_secs_f64(a.common.interval), || {
+        with_progress(&progress, total, bar, None, "recv", Duration::from_secs_f64(a.common.interval), || {
             rx.run_listener(&listener, a.common.channels)
         });
     let wall = t0.elapsed();
@@ -688,7 +878,8 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         }
     }
     let config = json!({"mode": "recv", "listen": a.listen, "channels": a.common.channels, "max_packet": a.max_packet,
-        "devices": n, "final_state": a.final_state.name(), "interval": a.common.interval});
+        "devices": n, "final_state": a.final_state.name(), "return_path": !a.no_return_path,
+        "interval": a.common.interval});
     if a.common.json {
         let mut v = report_json(config, None, Some(&rep), wall, cpu1.saturating_sub(cpu0), &intervals);
         v["end"]["verified_devices"] = json!(verified);

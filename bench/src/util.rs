@@ -3,6 +3,7 @@
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -52,6 +53,40 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
     let v: u64 = num.parse().map_err(|_| format!("bad number {num:?} in size {s:?}"))?;
     v.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows 64 bits"))
+}
+
+/// Parses a duration with a unit: `300ms`, `1.5s`, `2m`, `250us`, `1h` (a unit is required: a
+/// bare number would be ambiguous between QEMU's milliseconds and seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 =
+        num.parse().map_err(|_| format!("duration {s:?} does not start with a number (e.g. 300ms, 2s, 1m)"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "us" => 1e-6,
+        "ms" => 1e-3,
+        "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "" => return Err(format!("duration {s:?} has no unit: give e.g. {num}ms or {num}s")),
+        u => return Err(format!("unknown unit {u:?} in duration {s:?} (use us, ms, s, m or h)")),
+    };
+    let secs = v * mult;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("duration {s:?} is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A duration in milliseconds, for reports.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Formats a duration compactly (`850.0 us`, `12.30 ms`, `1.50 s`).
+pub fn fmt_dur(d: Duration) -> String {
+    fmt_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A size argument that must fit `usize` and be at least `min`.
@@ -210,12 +245,31 @@ pub fn progress_bar(total: Option<u64>, visible: bool, what: &str) -> ProgressBa
     pb
 }
 
+/// Live status (the pre-copy state of each device, one line each) that the progress bar shows
+/// under itself; written by the thread that drives the transfer.
+#[derive(Debug, Clone, Default)]
+pub struct StatusLine(Arc<Mutex<Option<String>>>);
+
+impl StatusLine {
+    /// Replaces the status.
+    pub fn set(&self, s: String) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(s);
+    }
+
+    /// The status, if any.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
 /// Runs `f` while a helper thread polls `progress` every 100 ms: it drives the progress bar
-/// and records one [`Interval`] per `interval`.
+/// (labelled `what`, with `status` at its end once set) and records one [`Interval`] per
+/// `interval`.
 pub fn with_progress<R>(
     progress: &Progress,
     total: Option<u64>,
     visible: bool,
+    status: Option<&StatusLine>,
     what: &str,
     interval: Duration,
     f: impl FnOnce() -> R,
@@ -229,10 +283,27 @@ pub fn with_progress<R>(
             let mut out = Vec::new();
             let (mut last_t, mut last_b) = (0.0f64, 0u64);
             let mut next = interval;
+            let mut styled = false;
             loop {
                 let done = stop.load(Ordering::Acquire);
                 let b = progress.bytes();
                 pb.set_position(b);
+                if let Some(line) = status.and_then(StatusLine::get) {
+                    if !styled {
+                        // The status goes under the bar, one line per device.
+                        let tmpl = if total.is_some() {
+                            "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}\n{msg}"
+                        } else {
+                            "{prefix} [{elapsed_precise}] {spinner} {bytes} {bytes_per_sec}\n{msg}"
+                        };
+                        if let Ok(st) = ProgressStyle::with_template(tmpl) {
+                            pb.set_style(st);
+                        }
+                        pb.set_prefix(what.to_owned());
+                        styled = true;
+                    }
+                    pb.set_message(line);
+                }
                 let el = start.elapsed();
                 if el >= next || done {
                     let t = el.as_secs_f64();
@@ -279,6 +350,19 @@ mod tests {
             assert!(!e.is_empty(), "{bad}");
         }
         assert!(parse_size("4X").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration(" 60 s "), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("300").unwrap_err().contains("300ms"));
+        assert!(parse_duration("3x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("ms").is_err());
+        assert_eq!(fmt_dur(Duration::from_micros(1500)), "1.50 ms");
     }
 
     #[test]

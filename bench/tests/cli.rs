@@ -1,6 +1,8 @@
 //! Runs the built `vfio-multifd` binary: loopback, send/recv between two processes, a
-//! `--sink file:` / `--source file:` round trip, probe, and argument errors.
+//! `--sink file:` / `--source file:` round trip, probe, argument errors, and live migrations
+//! (pre-copy with dirtying devices and peer DMA, auto and manual switchover, verdicts).
 
+use std::io::{BufRead, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -97,11 +99,15 @@ fn send_recv_mismatch_fails_with_a_message() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let r = spawn_recv(&["--listen", &addr, "-P", "1", "--sim", "1M,1"]);
-    let _ = run(&["send", "--connect", &addr, "-P", "1", "--sim", "1M,2"]);
+    let s = run(&["send", "--connect", &addr, "-P", "1", "--sim", "1M,2"]);
     let ro = wait(r, Duration::from_secs(60));
     assert!(!ro.status.success(), "{}", text(&ro));
     let err = String::from_utf8_lossy(&ro.stderr);
     assert!(err.contains("differs from the expected"), "{err}");
+    // The destination's verdict reached the source, which fails too.
+    assert!(!s.status.success(), "send succeeded although the destination failed: {}", text(&s));
+    let err = String::from_utf8_lossy(&s.stderr);
+    assert!(err.contains("destination: device 0000:00:02.0/vfio"), "{err}");
 }
 
 #[test]
@@ -223,4 +229,205 @@ fn falls_back_to_blocking_when_seccomp_blocks_io_uring() {
     assert!(!o.status.success());
     let t = text(&o);
     assert!(t.contains("io_uring backend unavailable") && t.contains("EPERM"), "{t}");
+}
+
+/// The keys of `end.switchover` every live run reports.
+fn check_switchover_keys(sw: &serde_json::Value) {
+    for k in ["downtime_ms", "precopy_bytes", "switchover_bytes", "precopy_rounds"] {
+        assert!(sw[k].is_number(), "end.switchover.{k} missing: {sw}");
+    }
+    assert!(sw["acked"].is_boolean(), "{sw}");
+    assert!(sw["verdict"].is_string(), "{sw}");
+    assert!(sw["downtime_measured_to"].is_string(), "{sw}");
+    assert!(sw["trigger"].is_string(), "{sw}");
+}
+
+#[test]
+fn loopback_live_precopy_with_dirtying_devices_converges() {
+    let o = run(&[
+        "loopback",
+        "--devices",
+        "3",
+        "--size",
+        "8MiB",
+        "-P",
+        "2",
+        "--chunk",
+        "256K",
+        "--precopy",
+        "--dirty-rate",
+        "8MiB",
+        "--switchover",
+        "auto",
+        "-J",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    let end = &v["end"];
+    let sw = &end["switchover"];
+    check_switchover_keys(sw);
+    assert_eq!(sw["mode"], "precopy", "{sw}");
+    assert_eq!(sw["trigger"], "converged", "{sw}");
+    assert_eq!(sw["acked"], true, "{sw}");
+    assert_eq!(sw["verdict"], "loaded", "{sw}");
+    assert_eq!(sw["downtime_measured_to"], "destination_running", "{sw}");
+    let pre = sw["precopy_bytes"].as_u64().unwrap();
+    let post = sw["switchover_bytes"].as_u64().unwrap();
+    assert!(pre >= 3 * (8 << 20), "the whole image goes in pre-copy: {sw}");
+    assert!(pre > post, "{sw}");
+    assert!(sw["downtime_ms"].as_f64().unwrap() > 0.0, "{sw}");
+    assert_eq!(sw["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(end["verified"], true);
+    assert_eq!(end["state_digests_verified"], true);
+    assert_eq!(v["start"]["config"]["dirty_rate_bytes_per_sec"], 8 << 20);
+}
+
+#[test]
+fn loopback_live_with_peer_dma_loses_nothing() {
+    let o = run(&[
+        "loopback",
+        "--devices",
+        "3",
+        "--size",
+        "4MiB",
+        "-P",
+        "2",
+        "--chunk",
+        "256K",
+        "--precopy",
+        "--dirty-rate",
+        "4MiB",
+        "--peer-dma",
+        "--backend",
+        "blocking",
+        "-J",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    let f = &v["end"]["fabric"];
+    assert_eq!(f["violations"], 0, "{f}");
+    assert_eq!(f["guest_writes_lost"], 0, "{f}");
+    assert_eq!(f["dma_lost"], 0, "{f}");
+    assert!(f["guest_writes_landed"].as_u64().unwrap() > 0, "the guest wrote while pre-copy ran: {f}");
+    assert_eq!(v["end"]["state_digests_verified"], true);
+    assert_eq!(v["end"]["switchover"]["verdict"], "loaded");
+    // In words, too.
+    let o = run(&["loopback", "--devices", "2", "--size", "2MiB", "-P", "2", "--precopy", "--peer-dma"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("no ordering violation") && s.contains("downtime:") && s.contains("verdict: loaded"), "{s}");
+}
+
+/// Spawns a `loopback --switchover manual` with stdin piped and waits for its notice on stderr.
+fn spawn_manual(extra: &[&str]) -> (Child, std::io::BufReader<std::process::ChildStderr>) {
+    let mut c = Command::new(BIN)
+        .args(["loopback", "--devices", "2", "--size", "2MiB", "-P", "2", "--precopy", "--switchover", "manual"])
+        .args(["--max-precopy", "15s", "-J"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn loopback");
+    let mut err = std::io::BufReader::new(c.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("SIGUSR1") && line.contains("stdin"), "no manual-switchover notice: {line:?}");
+    (c, err)
+}
+
+/// What is left of a child's stderr (for failure messages).
+fn rest(err: &mut impl std::io::Read) -> String {
+    let mut s = String::new();
+    let _ = err.read_to_string(&mut s);
+    s
+}
+
+#[test]
+fn loopback_manual_switchover_on_a_line_or_sigusr1() {
+    // A line on stdin.
+    let (mut c, mut err) = spawn_manual(&[]);
+    c.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let o = wait(c, Duration::from_secs(20));
+    assert!(o.status.success(), "{}{}", text(&o), rest(&mut err));
+    let sw = &json(&o)["end"]["switchover"];
+    check_switchover_keys(sw);
+    assert_eq!(sw["trigger"], "stdin", "{sw}");
+    assert_eq!(sw["verdict"], "loaded", "{sw}");
+    // SIGUSR1, stdin left open and silent; pre-copy runs until the signal.
+    let (c, mut err) = spawn_manual(&["--dirty-rate", "1MiB"]);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) with a child's pid and a valid signal number touches no memory.
+    assert_eq!(unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGUSR1) }, 0);
+    let o = wait(c, Duration::from_secs(20));
+    assert!(o.status.success(), "{}{}", text(&o), rest(&mut err));
+    let sw = &json(&o)["end"]["switchover"];
+    assert_eq!(sw["trigger"], "sigusr1", "{sw}");
+    assert!(sw["precopy_seconds"].as_f64().unwrap() > 0.1, "pre-copy ran until the signal: {sw}");
+    assert_eq!(json(&o)["end"]["state_digests_verified"], true);
+}
+
+#[test]
+fn send_recv_live_reports_the_destination_verdict() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = spawn_recv(&["--listen", &addr, "-P", "3", "--sim", "5M", "--sim", "3M,77", "--verify", "-J"]);
+    // Plain simulated devices stream 64 KiB in pre-copy and keep a full stop-copy estimate, so
+    // a generous limit lets `auto` converge once the initial data is acknowledged.
+    let s = run(&[
+        "send",
+        "--connect",
+        &addr,
+        "-P",
+        "3",
+        "--sim",
+        "5M",
+        "--sim",
+        "3M,77",
+        "--precopy",
+        "--downtime-limit",
+        "60s",
+        "--max-precopy",
+        "10s",
+        "-J",
+    ]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(s.status.success(), "send: {}", text(&s));
+    assert!(ro.status.success(), "recv: {}", text(&ro));
+    let v = json(&s);
+    let sw = &v["end"]["switchover"];
+    check_switchover_keys(sw);
+    assert_eq!(sw["verdict"], "loaded", "{sw}");
+    assert_eq!(sw["acked"], true, "{sw}");
+    assert_eq!(sw["return_path"], true, "{sw}");
+    assert_eq!(sw["downtime_measured_to"], "destination_verdict", "{sw}");
+    assert_eq!(sw["precopy_bytes"], 2 * (64 << 10), "{sw}");
+    assert_eq!(v["end"]["sum"]["bytes"], 8 << 20);
+    assert_eq!(json(&ro)["end"]["verified_devices"], serde_json::json!([0, 1]));
+}
+
+#[test]
+fn send_without_return_path_succeeds_without_a_verdict() {
+    // The source does not offer it: QEMU-exact wire.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sim", "2M", "--verify"]);
+    let s = run(&["send", "--connect", &addr, "-P", "2", "--sim", "2M", "--no-return-path"]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(s.status.success(), "send: {}", text(&s));
+    assert!(ro.status.success(), "recv: {}", text(&ro));
+    let out = String::from_utf8_lossy(&s.stdout);
+    assert!(out.contains("the destination gave no verdict"), "{out}");
+    // The destination declines the offer.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sim", "2M", "--verify", "--no-return-path"]);
+    let s = run(&["send", "--connect", &addr, "-P", "2", "--sim", "2M", "--precopy", "--downtime-limit", "60s", "-J"]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(s.status.success(), "send: {}", text(&s));
+    assert!(ro.status.success(), "recv: {}", text(&ro));
+    let sw = &json(&s)["end"]["switchover"];
+    assert_eq!(sw["verdict"], "none", "{sw}");
+    assert_eq!(sw["return_path"], false, "{sw}");
+    assert_eq!(sw["acked"], false, "{sw}");
+    assert_eq!(sw["downtime_measured_to"], "source_done", "{sw}");
+    // Without a return path, "converged" counts initial data sent, not acknowledged.
+    assert_eq!(sw["trigger"], "converged", "{sw}");
 }
