@@ -336,8 +336,20 @@ pub fn live_migrate<R>(
     rcfg: ReceiverConfig,
     drive: impl FnOnce(&mut vfio_multifd::SessionControl<'_>) -> Result<R>,
 ) -> LiveMigration<R> {
-    let mut sources: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
-    let mut dests: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let sources: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    let dests: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+    live_migrate_devices(sources, dests, channels, scfg, rcfg, drive)
+}
+
+/// As [`live_migrate`], with devices the test built itself (joined to a fabric, say).
+pub fn live_migrate_devices<R>(
+    mut sources: Vec<SimDevice>,
+    mut dests: Vec<SimDevice>,
+    channels: usize,
+    scfg: SourceConfig,
+    rcfg: ReceiverConfig,
+    drive: impl FnOnce(&mut vfio_multifd::SessionControl<'_>) -> Result<R>,
+) -> LiveMigration<R> {
     let log = StateLog::default();
     let (c, s) = tcp_pairs(channels);
     let (source, receiver) = std::thread::scope(|sc| {

@@ -33,6 +33,9 @@ pub(crate) struct SourceDevice<'a> {
     pub(crate) kind: SourceKind<'a>,
 }
 
+/// The shortest window over which the channels' rate is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
 /// How long set-up waits for the destination to accept the return path it was offered.
 const HELLO_WAIT: Duration = Duration::from_secs(1);
 
@@ -97,8 +100,8 @@ pub struct SessionStatus {
     pub devices: Vec<DeviceStatus>,
     /// Device bytes sent so far (all phases).
     pub sent_bytes: u64,
-    /// The channels' measured rate since pre-copy started (bytes per second), once pre-copy
-    /// has moved data.
+    /// The channels' measured rate during pre-copy (bytes per second): windows of at least
+    /// 100 ms in which data moved, smoothed; idle time does not lower it.
     pub rate_bytes_per_sec: Option<f64>,
     /// What is left to send at switchover, per the devices' own estimates: each device's
     /// `stop_copy_size` (MIG_DATA_SIZE) where known, else its pending pre-copy bytes.
@@ -240,6 +243,7 @@ impl<'a> SourceSession<'a> {
             offered: self.cfg.return_path,
             limit: self.cfg.stall_timeout,
             precopy_started: None,
+            rate: std::cell::Cell::new((None, None)),
             switched: false,
         };
         let (driven, outcomes, verdicts) = std::thread::scope(|s| {
@@ -361,6 +365,9 @@ pub struct SessionControl<'s> {
     offered: bool,
     limit: Duration,
     precopy_started: Option<(Instant, u64)>,
+    /// The last rate sample `(when, bytes sent)` and the smoothed rate of the windows in which
+    /// data moved (an idle pre-copy says nothing about what the channels can carry).
+    rate: std::cell::Cell<(Option<(Instant, u64)>, Option<f64>)>,
     switched: bool,
 }
 
@@ -464,11 +471,7 @@ impl SessionControl<'_> {
     pub fn status(&self) -> SessionStatus {
         let devices: Vec<DeviceStatus> = self.controls.iter().map(|d| d.status().clone()).collect();
         let sent_bytes = self.progress.bytes();
-        let rate_bytes_per_sec = self.precopy_started.and_then(|(t, base)| {
-            let secs = t.elapsed().as_secs_f64();
-            let moved = sent_bytes.saturating_sub(base);
-            (moved > 0 && secs > 0.0).then(|| moved as f64 / secs)
-        });
+        let rate_bytes_per_sec = self.measured_rate(sent_bytes);
         let remaining_bytes = devices
             .iter()
             .map(|d| d.stop_copy_size.unwrap_or(d.initial_bytes.saturating_add(d.dirty_bytes)))
@@ -482,6 +485,28 @@ impl SessionControl<'_> {
             estimated_switchover,
             return_path: self.rp.enabled(),
         }
+    }
+
+    /// The channels' rate while pre-copy moves data (bytes per second): windows of at least
+    /// [`RATE_WINDOW`] in which bytes moved, smoothed; windows in which nothing moved (an idle
+    /// pre-copy) do not lower it. Before the first window, the average since pre-copy started.
+    fn measured_rate(&self, sent: u64) -> Option<f64> {
+        let (start, base) = self.precopy_started?;
+        let now = Instant::now();
+        let (sample, mut rate) = self.rate.get();
+        let (t, b) = sample.unwrap_or((start, base));
+        let dt = now.duration_since(t);
+        if dt >= RATE_WINDOW {
+            if sent > b {
+                let window = (sent - b) as f64 / dt.as_secs_f64();
+                rate = Some(rate.map_or(window, |r| 0.5 * r + 0.5 * window));
+            }
+            self.rate.set((Some((now, sent)), rate));
+        }
+        rate.or_else(|| {
+            let secs = now.duration_since(start).as_secs_f64();
+            (sent > base && secs > 0.0).then(|| (sent - base) as f64 / secs)
+        })
     }
 
     /// The next event, waiting at most `timeout` for one.
