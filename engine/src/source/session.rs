@@ -33,6 +33,9 @@ pub(crate) struct SourceDevice<'a> {
     pub(crate) kind: SourceKind<'a>,
 }
 
+/// The last rate sample `(when, bytes sent)`, and the smoothed rate so far.
+type RateSample = (Option<(Instant, u64)>, Option<f64>);
+
 /// The shortest window over which the channels' rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 
@@ -367,7 +370,7 @@ pub struct SessionControl<'s> {
     precopy_started: Option<(Instant, u64)>,
     /// The last rate sample `(when, bytes sent)` and the smoothed rate of the windows in which
     /// data moved (an idle pre-copy says nothing about what the channels can carry).
-    rate: std::cell::Cell<(Option<(Instant, u64)>, Option<f64>)>,
+    rate: std::cell::Cell<RateSample>,
     switched: bool,
 }
 
