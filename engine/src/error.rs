@@ -75,7 +75,7 @@ pub enum ProtocolViolation {
         /// The id.
         channel: ChannelId,
         /// Accept order of the second connection, from 0.
-        connection: usize,
+        connection: u32,
     },
 }
 
@@ -264,7 +264,7 @@ pub enum Error {
     #[error("connection {connection} (accept order): {op} failed: {source}")]
     Connection {
         /// Accept order, from 0.
-        connection: usize,
+        connection: u32,
         /// What was being done.
         op: &'static str,
         /// The errno.
@@ -283,7 +283,7 @@ pub enum Error {
     #[error("connection {connection} (accept order): peer closed the connection {during}")]
     ConnectionClosed {
         /// Accept order, from 0.
-        connection: usize,
+        connection: u32,
         /// Where in the protocol.
         during: Stage,
     },
@@ -302,7 +302,7 @@ pub enum Error {
     #[error("connection {connection} (accept order): invalid init packet: {source}")]
     InitPacket {
         /// Accept order, from 0.
-        connection: usize,
+        connection: u32,
         /// Decode error.
         #[source]
         source: WireError,
