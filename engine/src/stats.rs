@@ -277,6 +277,12 @@ pub struct ReceiverReport {
     pub peak_held_bytes: u64,
     /// Memory reserved for packets (the budget plus one in-order slot per device).
     pub reserved_bytes: u64,
+    /// From the first init packet read to every device validated (RESUMING → STOP) and in its
+    /// final state (started, for devices added to run): the destination's end of the downtime.
+    pub devices_ready_after: Duration,
+    /// Whether the source offered the return path and this side accepted it (acks and
+    /// verdicts were sent).
+    pub return_path: bool,
 }
 
 impl ReceiverReport {

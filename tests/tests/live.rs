@@ -275,3 +275,17 @@ fn live_fabric_catches_a_stop_under_a_running_peer() {
     vfio_migration::transition(&mut a, MigState::StopCopy).unwrap();
     assert!(!fabric.violations().is_empty());
 }
+
+/// The receiver says whether the return path was used and when its devices were ready.
+#[test]
+fn live_receiver_reports_return_path_and_readiness() {
+    each_backend(|b| {
+        let m = live_migrate(&devices(1), 1, sc(b), rc(b), |ctl| ctl.switchover());
+        let rr = m.receiver.as_ref().expect("receiver ok");
+        assert!(rr.return_path, "{b:?}");
+        assert!(rr.devices_ready_after <= rr.elapsed, "{b:?}");
+        let m = live_migrate(&devices(1), 1, sc(b).return_path(false), rc(b), |ctl| ctl.switchover());
+        assert!(!m.receiver.as_ref().expect("receiver ok").return_path, "{b:?}");
+        assert!(m.source.as_ref().expect("source ok").1.verdicts.is_none(), "{b:?}: no verdict without a return path");
+    });
+}

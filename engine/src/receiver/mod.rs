@@ -353,6 +353,7 @@ impl<'a> Receiver<'a> {
             BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
         };
         let res = res.and_then(|()| finish_targets(&mut self.targets));
+        let devices_ready_after = started.elapsed();
         if let Some(rp) = &shared.rp {
             send_verdicts(rp, &self.targets, &res)?;
         }
@@ -383,6 +384,8 @@ impl<'a> Receiver<'a> {
             channels: ChannelId::all(n).map(|c| shared.counters[c.index()].report(c)).collect(),
             peak_held_bytes: reassembly.peak_held(),
             reserved_bytes: (reassembly.slot_count() * self.cfg.slot_bytes()) as u64,
+            devices_ready_after,
+            return_path: shared.rp.is_some(),
         })
     }
 }
