@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use crate::abort::AbortHandle;
-use crate::backend::TICK;
+use crate::backend::{StallClock, TICK};
 use crate::device_io::{classify, classify_write, IoStep, Retries};
 use crate::sys::{FdIo, Interest, Wake};
 
@@ -36,6 +36,23 @@ pub(crate) struct Bounds<'a> {
     pub(crate) abort: &'a AbortHandle,
     /// Longest time without a byte moving.
     pub(crate) stall: Duration,
+    /// Progress shared with other threads of the same side (the receiver's): a quiet
+    /// descriptor is fine while others move, as on io_uring. `None`: this call's own progress.
+    pub(crate) clock: Option<&'a StallClock>,
+}
+
+impl<'a> Bounds<'a> {
+    /// Bounds measured by this call's own progress.
+    pub(crate) fn new(abort: &'a AbortHandle, stall: Duration) -> Bounds<'a> {
+        Bounds { abort, stall, clock: None }
+    }
+
+    /// Something moved.
+    fn moved(&self) {
+        if let Some(c) = self.clock {
+            c.touch();
+        }
+    }
 }
 
 impl Bounds<'_> {
@@ -46,7 +63,8 @@ impl Bounds<'_> {
         if self.abort.is_aborted() {
             return Err(Fail::Aborted);
         }
-        if since.elapsed() > self.stall {
+        let idle = self.clock.map_or_else(|| since.elapsed(), |c| c.idle_for().min(since.elapsed()));
+        if idle > self.stall {
             return Err(Fail::Stalled);
         }
         match io.wait(fd, interest, self.abort.as_fd(), TICK.min(self.stall)).map_err(Fail::Os)? {
@@ -69,7 +87,10 @@ pub(crate) fn read_once<I: FdIo>(io: &I, fd: BorrowedFd<'_>, buf: &mut [u8], b: 
             continue;
         }
         match classify(io.read(fd, buf)) {
-            IoStep::Moved(n) => return Ok(n),
+            IoStep::Moved(n) => {
+                b.moved();
+                return Ok(n);
+            }
             IoStep::End => return Ok(0),
             IoStep::Retry => retries.again().map_err(Fail::Os)?,
             IoStep::WaitReady => {}
@@ -100,6 +121,7 @@ pub(crate) fn write_all<I: FdIo>(
                 if done < buf.len() {
                     *short += 1;
                 }
+                b.moved();
                 since = Instant::now();
                 retries.reset();
             }
@@ -127,6 +149,7 @@ pub(crate) fn send_all<I: FdIo>(io: &I, fd: BorrowedFd<'_>, buf: &[u8], b: Bound
         match classify_write(io.send(fd, &buf[done..])) {
             IoStep::Moved(n) => {
                 done += n;
+                b.moved();
                 since = Instant::now();
                 retries.reset();
             }
@@ -154,6 +177,7 @@ pub(crate) fn recv_exact<I: FdIo>(io: &I, fd: BorrowedFd<'_>, buf: &mut [u8], b:
         match classify(io.recv(fd, &mut buf[got..])) {
             IoStep::Moved(n) => {
                 got += n;
+                b.moved();
                 since = Instant::now();
                 retries.reset();
             }
@@ -172,7 +196,7 @@ mod tests {
     use crate::sys::{EventFd, Scripted, Step};
 
     fn bounds(a: &AbortHandle) -> Bounds<'_> {
-        Bounds { abort: a, stall: Duration::from_secs(5) }
+        Bounds::new(a, Duration::from_secs(5))
     }
 
     #[test]
@@ -262,7 +286,7 @@ mod tests {
         let a = AbortHandle::new().unwrap();
         let fd = EventFd::new().unwrap();
         let io = Scripted::new(&[Step::Errno(libc::EAGAIN); 1]);
-        let b = Bounds { abort: &a, stall: Duration::ZERO };
+        let b = Bounds::new(&a, Duration::ZERO);
         std::thread::sleep(Duration::from_millis(2));
         assert!(matches!(send_all(&io, fd.as_fd(), &[1u8; 5], b), Err(Fail::Stalled)));
     }

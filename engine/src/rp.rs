@@ -212,7 +212,7 @@ impl<'c> Writer<'c> {
     pub(crate) fn send(&self, m: &Message) -> Result<()> {
         let bytes = m.encode();
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
-        send_all(&Kernel, *fd, &bytes, Bounds { abort: &self.abort, stall: self.stall }).map_err(|f| match f {
+        send_all(&Kernel, *fd, &bytes, Bounds::new(&self.abort, self.stall)).map_err(|f| match f {
             Fail::Aborted => Error::Aborted,
             Fail::Stalled => bad("the source stopped reading the return path"),
             Fail::Os(e) => bad(format!("sending on channel 0: {e}")),

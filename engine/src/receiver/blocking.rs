@@ -47,7 +47,7 @@ impl<'r> Shared<'r, '_, '_> {
     }
 
     fn bounds(&self) -> Bounds<'_> {
-        Bounds { abort: &self.run.abort, stall: self.run.cfg.stall_timeout }
+        Bounds { abort: &self.run.abort, stall: self.run.cfg.stall_timeout, clock: Some(&self.clock) }
     }
 
     fn stalled(&self, what: String) -> Error {
@@ -116,7 +116,7 @@ fn stage_name(s: &Stage) -> String {
 /// stay quiet for long while the others carry the data: only a receive-wide stall is an error.
 fn first_byte(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, hdr: &mut [u8]) -> Result<bool> {
     loop {
-        let tick = Bounds { abort: &shared.run.abort, stall: TICK * 4 };
+        let tick = Bounds::new(&shared.run.abort, TICK * 4);
         match recv_exact(&Kernel, fd, &mut hdr[..1], tick) {
             Ok(()) => return Ok(true),
             Err(Fail::Eof { got: 0 }) => return Ok(false),

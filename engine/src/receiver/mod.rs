@@ -417,7 +417,7 @@ fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) ->
     let n = socks.len();
     let mut slots: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
     let mut offer = 0;
-    let bounds = Bounds { abort, stall: cfg.accept_timeout };
+    let bounds = Bounds::new(abort, cfg.accept_timeout);
     for (connection, s) in (0u32..).zip(socks) {
         let mut b = [0u8; INIT_PACKET_LEN];
         recv_exact(&Kernel, s.as_fd(), &mut b, bounds).map_err(|f| match f {

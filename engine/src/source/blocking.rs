@@ -80,7 +80,7 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         patch_packet_header(hdr, VfioPacketHeader { idx: idx.get(), flags }, len)
             .map_err(|e| Error::Config(e.to_string()))?;
         let ch = lease(run, ctx)?;
-        let bounds = Bounds { abort: &run.abort, stall: run.cfg.stall_timeout };
+        let bounds = Bounds::new(&run.abort, run.cfg.stall_timeout);
         send_packet(run, ctx, ch, idx, &buf[..PACKET_OVERHEAD + len], bounds)?;
         tallies.sent(run, ch, len, t0, true);
         if flags == VFIO_FLAG_CONFIG_STATE {
@@ -111,7 +111,7 @@ fn next_packet(
         },
         ReadMode::Stream => {
             let fd = ctx.data_fd().ok_or_else(|| Error::internal("STOP_COPY without a data fd"))?;
-            let bounds = Bounds { abort: &run.abort, stall: run.cfg.stall_timeout };
+            let bounds = Bounds::new(&run.abort, run.cfg.stall_timeout);
             match read_once(&Kernel, fd, payload, bounds) {
                 Ok(0) => {
                     let blob = ctx.config()?;
