@@ -63,6 +63,7 @@ pub struct SourceConfig {
     pub(crate) max_stream_bytes: u64,
     pub(crate) precopy_max_bytes: u64,
     pub(crate) return_path: bool,
+    pub(crate) switchover_bandwidth: Option<u64>,
 }
 
 impl Default for SourceConfig {
@@ -77,6 +78,7 @@ impl Default for SourceConfig {
             max_stream_bytes: 1 << 40,
             precopy_max_bytes: 1 << 40,
             return_path: true,
+            switchover_bandwidth: None,
         }
     }
 }
@@ -131,8 +133,15 @@ impl SourceConfig {
         /// Offer the return path (default on): the init packets carry the offer in bytes QEMU
         /// ignores; if the destination accepts, it acknowledges each device's initial data and
         /// reports its verdict, and the source succeeds only if the destination did. Off: the
-        /// wire is byte-for-byte QEMU 10.x.
+        /// wire is byte-for-byte QEMU 10.x. On, set-up waits up to 1 s for the destination to
+        /// accept (a QEMU peer never does; then the session runs without it).
         return_path: bool
+    }
+    /// The bandwidth (bytes per second) the switchover estimate assumes, instead of the
+    /// fastest rate measured in pre-copy (QEMU's `avail-switchover-bandwidth`).
+    pub fn switchover_bandwidth(mut self, bytes_per_sec: u64) -> Self {
+        self.switchover_bandwidth = Some(bytes_per_sec);
+        self
     }
     /// The chunk size in effect.
     pub fn get_chunk_bytes(&self) -> usize {

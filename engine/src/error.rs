@@ -194,6 +194,12 @@ pub enum Error {
     /// The configuration or the set of devices and channels is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A session was driven in an order the API does not allow (see `SessionControl`).
+    #[error("session used out of order: {what}")]
+    Usage {
+        /// What was wrong.
+        what: &'static str,
+    },
     /// A device's migration uAPI call failed (state change, config, size).
     #[error("device {device}: {source}")]
     Device {

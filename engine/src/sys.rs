@@ -173,6 +173,14 @@ pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     socket::shutdown(fd.as_raw_fd(), Shutdown::Write).map_err(io_err)
 }
 
+/// Makes the next close of a socket send a reset (`SO_LINGER` 0): for a failed transfer, so the
+/// peer learns at once and drops what it buffered instead of loading a stream that will never
+/// be confirmed.
+pub(crate) fn reset_on_close(fd: BorrowedFd<'_>) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let _ = socket::setsockopt(&fd, sockopt::Linger, &l);
+}
+
 /// Reads and discards what is queued on a socket now (at most 1 MiB, never waiting), so that
 /// closing it does not answer the peer's unread bytes with a reset that could destroy data the
 /// peer has not read yet.

@@ -289,3 +289,65 @@ fn live_receiver_reports_return_path_and_readiness() {
         assert!(m.source.as_ref().expect("source ok").1.verdicts.is_none(), "{b:?}: no verdict without a return path");
     });
 }
+
+/// A panic in the VMM's drive closure still puts every source device back to RUNNING before
+/// it propagates.
+#[test]
+fn live_panic_in_drive_recovers_devices() {
+    use vfio_multifd::{Receiver, SourceSession};
+    let mut srcs: Vec<SimDevice> = devices(2).into_iter().map(SimDevice::new).collect();
+    let mut dsts: Vec<SimDevice> = devices(2).into_iter().map(SimDevice::new).collect();
+    let (c, s) = vfio_multifd_tests::tcp_pairs(2);
+    let panicked = std::thread::scope(|sc| {
+        let dsts = &mut dsts;
+        let rx = sc.spawn(move || {
+            let mut r = Receiver::new(rc(Backend::Uring)).unwrap();
+            for (i, d) in dsts.iter_mut().enumerate() {
+                r.add_device(dev_id(i), d);
+            }
+            r.run(s)
+        });
+        let mut session = SourceSession::new(sc_for_panic(), c).unwrap();
+        for (i, d) in srcs.iter_mut().enumerate() {
+            session.add_device(dev_id(i), d);
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            session.run(|ctl| -> vfio_multifd::Result<()> {
+                ctl.start_precopy()?;
+                ctl.switchover()?;
+                panic!("the VMM's drive panicked");
+            })
+        }));
+        let _ = rx.join();
+        r.is_err()
+    });
+    assert!(panicked, "the panic reaches the caller");
+    for (i, d) in srcs.iter().enumerate() {
+        assert_eq!(d.state().unwrap(), MigState::Running, "device {i}");
+    }
+}
+
+fn sc_for_panic() -> SourceConfig {
+    sc(Backend::Uring)
+}
+
+/// Calls out of order are errors, and a cancelled session reports Aborted.
+#[test]
+fn live_misuse_is_reported() {
+    let m = live_migrate(&devices(1), 1, sc(Backend::Uring), rc(Backend::Uring), |ctl| {
+        ctl.switchover()?;
+        assert!(matches!(ctl.start_precopy(), Err(Error::Usage { .. })));
+        assert!(matches!(ctl.switchover(), Err(Error::Usage { .. })));
+        Ok(())
+    });
+    // The out-of-order calls failed and changed nothing; the migration itself went through.
+    assert!(m.source.is_ok(), "{:?}", m.source.as_ref().err());
+    let m = live_migrate(&devices(1), 1, sc(Backend::Uring), rc(Backend::Uring), |ctl| {
+        ctl.cancel();
+        Ok(())
+    });
+    assert!(matches!(m.source, Err(Error::Aborted)), "{:?}", m.source.as_ref().err());
+    let m = live_migrate(&devices(1), 1, sc(Backend::Uring), rc(Backend::Uring), |_| Ok(()));
+    assert!(matches!(m.source, Err(Error::Usage { .. })), "{:?}", m.source.as_ref().err());
+    assert_eq!(m.sources[0].state().unwrap(), MigState::Running);
+}

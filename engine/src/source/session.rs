@@ -103,8 +103,9 @@ pub struct SessionStatus {
     pub devices: Vec<DeviceStatus>,
     /// Device bytes sent so far (all phases).
     pub sent_bytes: u64,
-    /// The channels' measured rate during pre-copy (bytes per second): windows of at least
-    /// 100 ms in which data moved, smoothed; idle time does not lower it.
+    /// What the channels can carry (bytes per second): `SourceConfig::switchover_bandwidth` if
+    /// set, else the fastest window (≥ 100 ms, sampled at each `status()` call) since pre-copy
+    /// started; an idle or nearly idle pre-copy does not lower it.
     pub rate_bytes_per_sec: Option<f64>,
     /// What is left to send at switchover, per the devices' own estimates: each device's
     /// `stop_copy_size` (MIG_DATA_SIZE) where known, else its pending pre-copy bytes.
@@ -245,9 +246,11 @@ impl<'a> SourceSession<'a> {
             rp: &rp,
             offered: self.cfg.return_path,
             limit: self.cfg.stall_timeout,
+            bandwidth: self.cfg.switchover_bandwidth,
             precopy_started: None,
             rate: std::cell::Cell::new((None, None)),
             switched: false,
+            panicked: None,
         };
         let (driven, outcomes, verdicts) = std::thread::scope(|s| {
             let reader = self.cfg.return_path.then(|| {
@@ -257,8 +260,10 @@ impl<'a> SourceSession<'a> {
             let handles = spawn_devices(s, &shared, backend, devices, &controls);
             let driven = ctl.drive(drive);
             let outcomes = join_devices(handles, &shared);
-            shutdown_all(&shared.channels);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
+            if all_sent {
+                shutdown_all(&shared.channels);
+            }
             // Success is reported only for what the destination says it loaded, if it says.
             let verdicts =
                 if all_sent { rp.verdicts(&ids, self.cfg.stall_timeout, &self.abort) } else { Ok(Verdicts::None) };
@@ -266,13 +271,17 @@ impl<'a> SourceSession<'a> {
             drop(reader);
             (driven, outcomes, verdicts)
         });
-        for ch in &shared.channels {
-            sys::discard_input(*ch);
-        }
+        let failed = driven.is_err() || outcomes.iter().any(|o| o.result.is_err()) || verdicts.is_err();
+        before_close(&shared.channels, failed);
         let counters = &shared.counters;
         let channels = ChannelId::all(counters.len()).map(|c| counters[c.index()].report(c)).collect();
         let (verdicts, destination_err) = judge(verdicts);
-        let tallies = match (epilogue(outcomes, driven.is_err(), destination_err), driven) {
+        let epilogue = epilogue(outcomes, driven.is_err(), destination_err);
+        if let Some(payload) = ctl.panicked.take() {
+            // Every device is back (or Unrecovered was reported to no one): let the panic go on.
+            std::panic::resume_unwind(payload);
+        }
+        let tallies = match (epilogue, driven) {
             (Ok(t), Ok(r)) => (t, r),
             // The VMM's own error is the root cause when no device failed by itself.
             (Err(Error::Aborted), Err(d)) => return Err(d),
@@ -294,13 +303,14 @@ impl<'a> SourceSession<'a> {
     }
 }
 
-/// Aborts the session if dropped while unwinding (a panic in the VMM's `drive`).
-struct AbortOnUnwind<'a>(&'a AbortHandle);
-
-impl Drop for AbortOnUnwind<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.abort();
+/// Discards unread input (so a close never answers the peer with a reset that could destroy
+/// data), and after a failure makes the close a reset, so the destination drops what it
+/// buffered instead of loading a stream that will never be confirmed.
+fn before_close(channels: &[BorrowedFd<'_>], failed: bool) {
+    for ch in channels {
+        sys::discard_input(*ch);
+        if failed {
+            sys::reset_on_close(*ch);
         }
     }
 }
@@ -367,11 +377,14 @@ pub struct SessionControl<'s> {
     rp: &'s RpState,
     offered: bool,
     limit: Duration,
+    bandwidth: Option<u64>,
     precopy_started: Option<(Instant, u64)>,
     /// The last rate sample `(when, bytes sent)` and the smoothed rate of the windows in which
     /// data moved (an idle pre-copy says nothing about what the channels can carry).
     rate: std::cell::Cell<RateSample>,
     switched: bool,
+    /// A panic caught in the VMM's `drive`, resumed once every device is back.
+    panicked: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl SessionControl<'_> {
@@ -388,16 +401,25 @@ impl SessionControl<'_> {
 
     /// Runs the VMM's `drive` after set-up; any failure (or a panic) aborts the session.
     fn drive<R>(&mut self, drive: impl FnOnce(&mut SessionControl<'_>) -> Result<R>) -> Result<R> {
-        // A panic in `drive` must not leave the device threads waiting for commands.
-        let guard = AbortOnUnwind(self.abort);
-        let driven = self.prepared().and_then(|()| drive(self)).and_then(|r| {
-            if self.switched {
-                Ok(r)
-            } else {
-                Err(Error::Config("the session was driven to its end without a switchover".into()))
+        // A panic in `drive` must neither leave the device threads waiting for commands nor
+        // skip the epilogue that puts every device back: it is caught here, the session is
+        // aborted and wound down, and `run` resumes the panic afterwards.
+        let driven =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prepared().and_then(|()| drive(self))));
+        let driven = match driven {
+            Ok(r) => r,
+            Err(payload) => {
+                self.panicked = Some(payload);
+                Err(Error::Aborted)
             }
+        };
+        let driven = driven.and_then(|r| match () {
+            () if self.abort.is_aborted() => Err(Error::Aborted),
+            () if !self.switched => {
+                Err(Error::Usage { what: "the session was driven to its end without a switchover" })
+            }
+            () => Ok(r),
         });
-        drop(guard);
         if driven.is_err() {
             self.abort.abort();
         }
@@ -421,8 +443,14 @@ impl SessionControl<'_> {
     /// [`Error::Aborted`] (the device's own error is the session's result), or
     /// [`Error::Timeout`] after the stall timeout.
     pub fn start_precopy(&mut self) -> Result<()> {
+        if self.switched || self.precopy_started.is_some() {
+            return Err(Error::Usage { what: "start_precopy after pre-copy started or after the switchover" });
+        }
+        // The rate baseline is taken first: a small device's initial data may be sent before
+        // every device has acknowledged the command.
+        let started = (Instant::now(), self.progress.bytes());
         self.command_all(Command::PreCopy)?;
-        self.precopy_started = Some((Instant::now(), self.progress.bytes()));
+        self.precopy_started = Some(started);
         Ok(())
     }
 
@@ -434,6 +462,9 @@ impl SessionControl<'_> {
     /// # Errors
     /// As [`SessionControl::start_precopy`]; the session is then cancelled.
     pub fn switchover(&mut self) -> Result<()> {
+        if self.switched {
+            return Err(Error::Usage { what: "switchover called twice" });
+        }
         self.command_all(Command::Quiesce)?;
         self.command_all(Command::StopCopy)?;
         self.switched = true;
@@ -490,10 +521,16 @@ impl SessionControl<'_> {
         }
     }
 
-    /// The channels' rate while pre-copy moves data (bytes per second): windows of at least
-    /// [`RATE_WINDOW`] in which bytes moved, smoothed; windows in which nothing moved (an idle
-    /// pre-copy) do not lower it. Before the first window, the average since pre-copy started.
+    /// What the channels can carry (bytes per second): `SourceConfig::switchover_bandwidth`
+    /// when set (QEMU's `avail-switchover-bandwidth`), else the fastest window of at least
+    /// [`RATE_WINDOW`] seen since pre-copy started: a pre-copy that has little left to send, or
+    /// is idle, says nothing about the channels and never lowers it. Windows are taken when
+    /// [`SessionControl::status`] is called. Before the first window, the average since
+    /// pre-copy started.
     fn measured_rate(&self, sent: u64) -> Option<f64> {
+        if let Some(bw) = self.bandwidth {
+            return Some(bw as f64);
+        }
         let (start, base) = self.precopy_started?;
         let now = Instant::now();
         let (sample, mut rate) = self.rate.get();
@@ -502,7 +539,7 @@ impl SessionControl<'_> {
         if dt >= RATE_WINDOW {
             if sent > b {
                 let window = (sent - b) as f64 / dt.as_secs_f64();
-                rate = Some(rate.map_or(window, |r| 0.5 * r + 0.5 * window));
+                rate = Some(rate.map_or(window, |r| r.max(window)));
             }
             self.rate.set((Some((now, sent)), rate));
         }
