@@ -7,6 +7,7 @@
 //! included, the same for every design).
 
 mod baselines;
+mod downtime;
 mod qemu;
 mod svg;
 
@@ -24,7 +25,8 @@ use vfio_migration::MigrationDevice;
 use vfio_multifd::{Backend, LatencySummary, ZeroCopy};
 
 use crate::transfer::{run_engine, sim_configs, EngineParams};
-use crate::util::{fmt_size_short, kernel_version, parse_size, rusage_self, timestamp};
+use crate::util::{fmt_bytes, fmt_size_short, kernel_version, parse_duration, parse_size, rusage_self, timestamp};
+use downtime::{LiveResult, Scenario, Variant};
 
 /// `bench` options.
 #[derive(Debug, Clone, Args)]
@@ -47,6 +49,18 @@ pub struct BenchArgs {
     /// Skip the downtime scenario.
     #[arg(long)]
     pub no_downtime: bool,
+    /// Downtime scenario, live variants: bytes each simulated device dirties a second while
+    /// it runs (in 4 KiB pages).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub dirty_rate: u64,
+    /// Downtime scenario, `engine-precopy`: switch over once the estimated switchover time is
+    /// at most this (and every device's initial data is acknowledged).
+    #[arg(long, value_name = "DUR", default_value = "300ms", value_parser = parse_duration)]
+    pub downtime_limit: Duration,
+    /// Downtime scenario, `engine-precopy`: switch over after this much pre-copy at the latest
+    /// (default 20s, 5s with --quick).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub max_precopy: Option<Duration>,
     /// Also print the JSON on stdout.
     #[arg(short = 'J', long)]
     pub json: bool,
@@ -419,6 +433,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         eprintln!("bench: skipping {}: {why}", d.name());
     }
     let pts = points(quick);
+    let loadavg = read_loadavg();
     let started = std::time::Instant::now();
     eprintln!(
         "bench: {} points x {} designs x {reps} reps, {} per run{}",
@@ -467,21 +482,92 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             results.push(aggregate(*d, p, r));
         }
     }
-    // Downtime: 4 devices x 400 MiB (100 MiB in quick mode), STOP_COPY to the last byte loaded.
-    let mut downtime = Vec::new();
+    // Downtime: 4 devices x 400 MiB (100 MiB in quick mode), P=4, 1 MiB chunks, one loop with
+    // the repetitions interleaved. The whole-run designs: a stop-and-copy run from its start
+    // (connect and set-up included) to the last device loaded. The engine's live path, on the
+    // same live devices (dirtying at --dirty-rate): stop-and-copy and pre-copy, each from the
+    // switchover call to every destination device loaded, validated and RUNNING.
     let dt_size: u64 = if quick { 100 << 20 } else { 400 << 20 };
+    let whole_reps = if quick { 1 } else { 3 };
+    let live_reps = if quick { 3 } else { 5 };
+    let scenario = Scenario {
+        devices: 4,
+        size: dt_size,
+        channels: 4,
+        chunk: 1 << 20,
+        dirty_rate: a.dirty_rate,
+        downtime_limit: a.downtime_limit,
+        max_precopy: a.max_precopy.unwrap_or(Duration::from_secs(if quick { 5 } else { 20 })),
+    };
+    let live_skipped: Option<String> = if a.no_downtime {
+        Some("--no-downtime".into())
+    } else if designs.contains(&Design::EngineUringSend) {
+        None
+    } else if let Some((_, why)) = skipped.iter().find(|(d, _)| *d == Design::EngineUringSend) {
+        Some(why.clone())
+    } else {
+        Some("engine-uring-send is not among --designs".into())
+    };
+    let mut downtime = Vec::new();
+    let mut live: Vec<LiveResult> = Vec::new();
     if !a.no_downtime {
-        let dt_reps = if quick { 1 } else { 3 };
         let p = Point { channels: 4, devices: 4, chunk: 1 << 20 };
-        for &d in designs.iter().filter(|d| d.has_devices()) {
-            let mut v = Vec::new();
-            for _ in 0..dt_reps {
-                let r = run_once(d, p, dt_size * 4).with_context(|| format!("downtime scenario of {}", d.name()))?;
-                v.push(r.secs * 1000.0);
+        let whole: Vec<Design> = designs.iter().copied().filter(|d| d.has_devices()).collect();
+        let variants: Vec<Variant> = if live_skipped.is_none() { Variant::ALL.to_vec() } else { Vec::new() };
+        if let Some(why) = &live_skipped {
+            eprintln!("bench: skipping the live downtime variants: {why}");
+        }
+        // Warm-up of the live path (live devices, pre-copy), small.
+        for &v in &variants {
+            downtime::run_once(v, &Scenario { size: 8 << 20, ..scenario })
+                .with_context(|| format!("warm-up of {}", v.name()))?;
+        }
+        let mut whole_ms: Vec<Vec<f64>> = whole.iter().map(|_| Vec::new()).collect();
+        let mut live_runs: Vec<Vec<downtime::LiveRep>> = variants.iter().map(|_| Vec::new()).collect();
+        for rep in 0..whole_reps.max(live_reps) {
+            let mut line = Vec::new();
+            if rep < whole_reps {
+                for (i, &d) in whole.iter().enumerate() {
+                    let r =
+                        run_once(d, p, dt_size * 4).with_context(|| format!("downtime scenario of {}", d.name()))?;
+                    whole_ms[i].push(r.secs * 1000.0);
+                    line.push(format!("{} {:.0}", d.name(), r.secs * 1000.0));
+                }
             }
-            let s = spread(v);
-            eprintln!("bench: downtime {}: {:.0} ms", d.name(), s.median);
-            downtime.push((d, s));
+            if rep < live_reps {
+                // The two variants alternate which goes first.
+                let mut order: Vec<usize> = (0..variants.len()).collect();
+                if rep % 2 == 1 {
+                    order.reverse();
+                }
+                for i in order {
+                    let v = variants[i];
+                    let r = downtime::run_once(v, &scenario)
+                        .with_context(|| format!("downtime scenario of {}", v.name()))?;
+                    line.push(format!("{} {:.0}", v.name(), r.downtime.as_secs_f64() * 1000.0));
+                    live_runs[i].push(r);
+                }
+            }
+            eprintln!(
+                "bench: downtime [{}/{}]: {} ms ({:.0} s)",
+                rep + 1,
+                whole_reps.max(live_reps),
+                line.join(", "),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        downtime = whole.into_iter().zip(whole_ms).map(|(d, v)| (d, spread(v))).collect();
+        live = variants.into_iter().zip(live_runs).map(|(v, r)| downtime::aggregate(v, r)).collect();
+        for l in &live {
+            eprintln!(
+                "bench: downtime {}: {:.0} ms [{:.0}..{:.0}], {} in pre-copy, {} at the switchover",
+                l.variant.name(),
+                l.ms.median,
+                l.ms.min,
+                l.ms.max,
+                fmt_bytes(l.precopy_bytes.median as u64),
+                fmt_bytes(l.switchover_bytes.median as u64)
+            );
         }
     }
     let targets = targets(&results);
@@ -490,11 +576,18 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "version": format!("vfio-multifd {}", env!("CARGO_PKG_VERSION")),
             "timestamp": timestamp(),
             "kernel": kernel_version(),
+            "loadavg": loadavg,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "capabilities": crate::probe::capabilities_json(),
             "config": {"quick": quick, "reps": reps, "bytes_per_run": bytes, "sim_max_read": 1 << 20,
                        "base_point": {"channels": BASE.channels, "devices": BASE.devices, "chunk": BASE.chunk},
-                       "downtime": {"devices": 4, "size_per_device": dt_size, "channels": 4, "chunk": 1 << 20}},
+                       "downtime": {"devices": 4, "size_per_device": dt_size, "channels": 4, "chunk": 1 << 20,
+                                    "reps_whole_run": whole_reps, "reps_live": live_reps,
+                                    "live_variants": live.iter().map(|l| l.variant.name()).collect::<Vec<_>>(),
+                                    "live_skipped": live_skipped,
+                                    "dirty_rate_bytes_per_sec": scenario.dirty_rate,
+                                    "downtime_limit_ms": crate::util::ms(scenario.downtime_limit),
+                                    "max_precopy_seconds": scenario.max_precopy.as_secs_f64()}},
             "skipped": skipped.iter().map(|(d, w)| json!({"design": d.name(), "reason": w})).collect::<Vec<_>>(),
         },
         "results": results.iter().map(|r| json!({
@@ -504,14 +597,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "reps": r.reps.iter().map(|x| json!({"seconds": x.secs, "bytes": x.bytes, "cpu_seconds": x.cpu,
                 "latency": x.lat.as_ref().map(crate::util::lat_json)})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "downtime": downtime.iter().map(|(d, s)| json!({"design": d.name(), "ms": s.json()})).collect::<Vec<_>>(),
+        "downtime": downtime
+            .iter()
+            .map(|(d, s)| json!({"design": d.name(), "ms": s.json(), "measured_from": "run_start"}))
+            .chain(live.iter().map(|l| l.json(live.iter().find(|x| x.variant == Variant::StopCopy))))
+            .collect::<Vec<_>>(),
         "targets": targets,
         "elapsed_seconds": started.elapsed().as_secs_f64(),
+        "loadavg_end": read_loadavg(),
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let jp = a.out.join("latest.json");
     std::fs::write(&jp, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", jp.display()))?;
-    let md = markdown(&doc, &results, &downtime, quick, reps, bytes, dt_size);
+    let md = markdown(&doc, &results, &downtime, &live, &scenario, quick, reps, bytes);
     let mp = a.out.join("latest.md");
     std::fs::write(&mp, &md).with_context(|| format!("writing {}", mp.display()))?;
     let sp = a.out.join("throughput.svg");
@@ -541,6 +639,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`): how busy the machine was.
+fn read_loadavg() -> Option<[f64; 3]> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = s.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
 fn find(results: &[PointResult], d: Design, p: Point) -> Option<&PointResult> {
     results.iter().find(|r| r.design == d && r.point == p)
 }
@@ -568,24 +673,27 @@ fn targets(results: &[PointResult]) -> Value {
     json!(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn markdown(
     doc: &Value,
     results: &[PointResult],
     downtime: &[(Design, Spread)],
+    live: &[LiveResult],
+    sc: &Scenario,
     quick: bool,
     reps: usize,
     bytes: u64,
-    dt_size: u64,
 ) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "# vfio-multifd benchmark{}\n", if quick { " (quick)" } else { "" });
     let _ = writeln!(
         s,
-        "{} on {} CPUs, {}; {} per run, median of {reps} runs [min..max]; simulated devices (reads up to 1 MiB), loopback TCP.\n",
+        "{} on {} CPUs, {}, load average {} at the start; {} per run, median of {reps} runs [min..max]; simulated devices (reads up to 1 MiB), loopback TCP.\n",
         doc["start"]["timestamp"]["time"].as_str().unwrap_or("?"),
         doc["start"]["cpus"],
         doc["start"]["kernel"].as_str().unwrap_or("?"),
+        doc["start"]["loadavg"][0].as_f64().map_or("?".to_owned(), |l| format!("{l:.2}")),
         crate::util::fmt_bytes(bytes)
     );
     let _ = writeln!(s, "## Targets (P=4, 2 devices, 1 MiB chunks)\n");
@@ -630,13 +738,57 @@ fn markdown(
     if !downtime.is_empty() {
         let _ = writeln!(
             s,
-            "\n## Downtime: 4 devices x {}, P=4, STOP_COPY to the last byte loaded\n",
-            crate::util::fmt_bytes(dt_size)
+            "\n## Downtime, whole run: 4 devices x {}, P=4, stop-and-copy from the run's start (set-up included) to the last device loaded\n",
+            crate::util::fmt_bytes(sc.size)
         );
         let _ = writeln!(s, "| design | ms |");
         let _ = writeln!(s, "|---|---|");
         for (d, sp) in downtime {
             let _ = writeln!(s, "| {} | {:.0} [{:.0}..{:.0}] |", d.name(), sp.median, sp.min, sp.max);
+        }
+    }
+    if !live.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Downtime, live path: 4 devices x {}, P=4, dirtying {}/s each, {} runs\n",
+            fmt_bytes(sc.size),
+            fmt_bytes(sc.dirty_rate),
+            live[0].reps.len()
+        );
+        let _ = writeln!(
+            s,
+            "From the switchover call (source devices stopping) to the receiver returning: every destination device \
+             loaded, validated (RESUMING -> STOP) and RUNNING. `engine-precopy` switches over once converged \
+             (estimated switchover <= {}) or after {} of pre-copy. Same devices, channels and process for both; \
+             simulated devices, loopback TCP.\n",
+            crate::util::fmt_dur(sc.downtime_limit),
+            crate::util::fmt_dur(sc.max_precopy)
+        );
+        let _ = writeln!(
+            s,
+            "| variant | downtime ms | estimated ms | pre-copy s | moved in pre-copy | moved at switchover | whole migration s | switched over on |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---|---:|---:|---|---|");
+        for l in live {
+            let trig: Vec<String> = l.triggers.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} [{:.0}..{:.0}] | {} | {:.2} [{:.2}..{:.2}] | {} | {} | {:.2} [{:.2}..{:.2}] | {} |",
+                l.variant.name(),
+                l.ms.median,
+                l.ms.min,
+                l.ms.max,
+                l.estimated_ms.map_or("-".to_owned(), |e| format!("{:.0}", e.median)),
+                l.precopy_seconds.median,
+                l.precopy_seconds.min,
+                l.precopy_seconds.max,
+                fmt_bytes(l.precopy_bytes.median as u64),
+                fmt_bytes(l.switchover_bytes.median as u64),
+                l.total_seconds.median,
+                l.total_seconds.min,
+                l.total_seconds.max,
+                trig.join(", ")
+            );
         }
     }
     let _ = writeln!(s, "\n![throughput vs channels](throughput.svg)");
