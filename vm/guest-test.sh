@@ -32,6 +32,8 @@ B=/bin/vfio-multifd
 TYPE=/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2
 SRC=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001
 DST=83b8f4f2-509f-382f-3c1e-e6bfe0fa1002
+SRC2=83b8f4f2-509f-382f-3c1e-e6bfe0fa1003
+DST2=83b8f4f2-509f-382f-3c1e-e6bfe0fa1004
 CT=${VMTEST_CMD_TIMEOUT:-30}
 NPASS=0
 NFAIL=0
@@ -351,6 +353,39 @@ corrupt_case stream-corrupt-nrports nr_ports
 corrupt_case stream-truncated truncate
 # after the failures, a good migration into the same destination must work
 mig_case migrate-after-error e7 "AGAIN" --backend uring -- --backend uring
+
+# --- two mtty devices in one live session: pre-copy (mtty has PRE_COPY and P2P), the
+# switchover acknowledged by the destination over the return path with the real driver, both
+# devices P2P-quiesced before either stops, both UART states at the destination.
+c=live-two-devices
+if want $c; then
+  for u in $SRC2 $DST2; do
+    [ -d /sys/bus/mdev/devices/$u ] || echo $u > $TYPE/create 2> $W/last.out
+  done
+  if [ ! -d /sys/bus/mdev/devices/$SRC2 ] || [ ! -d /sys/bus/mdev/devices/$DST2 ]; then
+    fail $c "creating a second pair of mtty-2 mdevs failed"
+  elif ! { load_uart $SRC 61 "ONE" && load_uart $SRC2 62 "TWO" && load_uart $DST 00 "" && load_uart $DST2 00 ""; }; then
+    fail $c "loading the UARTs: $(why region-write)"
+  else
+    migrate $c -P 4 --device $DST --device $DST2 -J -- -P 4 --device $SRC --device $SRC2 --precopy -J
+    if [ $RRC != 0 ] || [ $SRC_RC != 0 ]; then
+      dump_io
+      fail $c "recv rc=$RRC send rc=$SRC_RC"
+    elif ! grep -q '"acked": true' $W/send.out; then
+      dump_io
+      fail $c "the switchover was not acknowledged by the destination"
+    elif ! grep -q '"verdict": "loaded"' $W/send.out; then
+      dump_io
+      fail $c "the destination's verdict is not 'loaded'"
+    elif expect_state $c $DST RUNNING && expect_state $c $DST2 RUNNING && check_uart $c $DST 61 "ONE" &&
+      check_uart $c $DST2 62 "TWO"; then
+      pass $c
+    fi
+  fi
+  for u in $SRC2 $DST2; do
+    [ -d /sys/bus/mdev/devices/$u ] && echo 1 > /sys/bus/mdev/devices/$u/remove 2>> $W/last.out
+  done
+fi
 
 # --- final: both devices RUNNING and removable (no process kept them open)
 c=teardown

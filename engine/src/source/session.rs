@@ -36,6 +36,10 @@ pub(crate) struct SourceDevice<'a> {
 /// The last rate sample `(when, bytes sent)`, and the smoothed rate so far.
 type RateSample = (Option<(Instant, u64)>, Option<f64>);
 
+/// The slowest rate the switchover estimate assumes (bytes per second): a pre-copy that moved
+/// only a few bytes says nothing about what the channels carry.
+const MIN_RATE: f64 = 10.0 * 1024.0 * 1024.0;
+
 /// The shortest window over which the channels' rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 
@@ -110,7 +114,8 @@ pub struct SessionStatus {
     /// What is left to send at switchover, per the devices' own estimates: each device's
     /// `stop_copy_size` (MIG_DATA_SIZE) where known, else its pending pre-copy bytes.
     pub remaining_bytes: u64,
-    /// `remaining_bytes` at the measured rate: the data part of the downtime.
+    /// `remaining_bytes` at the measured rate (at least 10 MiB/s): the data part of the
+    /// downtime, without the switchover's fixed costs.
     pub estimated_switchover: Option<Duration>,
     /// Whether the destination accepted the return path (then it acknowledges initial data
     /// and reports a verdict per device).
@@ -510,7 +515,10 @@ impl SessionControl<'_> {
             .iter()
             .map(|d| d.stop_copy_size.unwrap_or(d.initial_bytes.saturating_add(d.dirty_bytes)))
             .sum::<u64>();
-        let estimated_switchover = rate_bytes_per_sec.map(|r| Duration::from_secs_f64(remaining_bytes as f64 / r));
+        // A pre-copy of a few bytes (mtty's 24) measures the device, not the channels: the
+        // estimate assumes at least MIN_RATE.
+        let estimated_switchover =
+            rate_bytes_per_sec.map(|r| Duration::from_secs_f64(remaining_bytes as f64 / r.max(MIN_RATE)));
         SessionStatus {
             devices,
             sent_bytes,
