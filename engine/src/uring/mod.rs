@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
 
-pub(crate) use ring::{cqe_error, describe_setup_error, uring_unavailable_reason, Completion, Ring};
+pub(crate) use ring::{cqe_error, describe_setup_error, uring_unavailable_reason, Completion, Ring, OPS};
 pub(crate) use ring::{NOTIF_USAGE_ZC_COPIED, ZC_REPORT_USAGE};
 
 use crate::abort::AbortHandle;
@@ -311,19 +311,6 @@ impl UringCapabilities {
         self.ops.iter().any(|&(n, ok)| ok && n == name)
     }
 }
-
-/// The ops the engine uses, by name.
-const OPS: [(&str, u8); 9] = [
-    ("READ_FIXED", opcode::ReadFixed::CODE),
-    ("WRITE_FIXED", opcode::WriteFixed::CODE),
-    ("READ", opcode::Read::CODE),
-    ("WRITE", opcode::Write::CODE),
-    ("SEND", opcode::Send::CODE),
-    ("SEND_ZC", opcode::SendZc::CODE),
-    ("RECV", opcode::Recv::CODE),
-    ("POLL_ADD", opcode::PollAdd::CODE),
-    ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
-];
 
 /// Probes this host's io_uring: whether the engine can use it and which ops it has.
 pub fn uring_capabilities() -> UringCapabilities {

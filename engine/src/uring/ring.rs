@@ -207,6 +207,19 @@ impl Ring {
     }
 }
 
+/// The ops the engine uses, by name; all are required except SEND_ZC (used where it helps).
+pub(crate) const OPS: [(&str, u8); 9] = [
+    ("READ_FIXED", opcode::ReadFixed::CODE),
+    ("WRITE_FIXED", opcode::WriteFixed::CODE),
+    ("READ", opcode::Read::CODE),
+    ("WRITE", opcode::Write::CODE),
+    ("SEND", opcode::Send::CODE),
+    ("SEND_ZC", opcode::SendZc::CODE),
+    ("RECV", opcode::Recv::CODE),
+    ("POLL_ADD", opcode::PollAdd::CODE),
+    ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
+];
+
 /// Why io_uring cannot be used here, in words an operator can act on, or `None` if a ring
 /// can be created and the kernel has every operation and feature the engine needs
 /// (`IORING_FEAT_EXT_ARG` for bounded waits, 5.11; READ_FIXED, WRITE_FIXED, READ, WRITE, SEND,
@@ -223,17 +236,8 @@ pub(crate) fn uring_unavailable_reason() -> Option<String> {
     if let Err(e) = ring.ring.submitter().register_probe(&mut p) {
         return Some(format!("IORING_REGISTER_PROBE: {e} (kernel older than 5.6)"));
     }
-    let need = [
-        ("READ_FIXED", opcode::ReadFixed::CODE),
-        ("WRITE_FIXED", opcode::WriteFixed::CODE),
-        ("READ", opcode::Read::CODE),
-        ("WRITE", opcode::Write::CODE),
-        ("SEND", opcode::Send::CODE),
-        ("RECV", opcode::Recv::CODE),
-        ("POLL_ADD", opcode::PollAdd::CODE),
-        ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
-    ];
-    let missing: Vec<&str> = need.iter().filter(|(_, c)| !p.is_supported(*c)).map(|(n, _)| *n).collect();
+    let required = OPS.iter().filter(|&&(n, _)| n != "SEND_ZC");
+    let missing: Vec<&str> = required.filter(|(_, c)| !p.is_supported(*c)).map(|(n, _)| *n).collect();
     if !missing.is_empty() {
         return Some(format!("io_uring lacks IORING_OP_{}", missing.join(", IORING_OP_")));
     }
