@@ -11,6 +11,7 @@ mod dev;
 mod guest;
 mod live;
 mod probe;
+mod signals;
 mod suite;
 mod transfer;
 mod util;
@@ -48,7 +49,15 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    signals::install();
+    let r = run();
+    if let Some(sig) = signals::caught() {
+        // The engine has put the source devices back to RUNNING (or said which it could not).
+        let why = r.as_ref().err().map(|e| format!(": {e:#}")).unwrap_or_default();
+        eprintln!("vfio-multifd: interrupted by {}{why}", signals::name(sig));
+        std::process::exit(128 + sig);
+    }
+    if let Err(e) = r {
         // Print the cause chain once: the engine's and the uAPI layer's messages already
         // include their sources, so skip a cause whose text the previous one contains.
         let mut msgs: Vec<String> = Vec::new();

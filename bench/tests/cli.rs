@@ -431,3 +431,26 @@ fn send_without_return_path_succeeds_without_a_verdict() {
     // Without a return path, "converged" counts initial data sent, not acknowledged.
     assert_eq!(sw["trigger"], "converged", "{sw}");
 }
+
+/// SIGINT and SIGTERM abort the transfer through the library: the command says it was
+/// interrupted and exits 128 + the signal, after the engine wound the transfer down.
+#[test]
+fn interrupted_transfer_exits_with_the_signal() {
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let mut c = Command::new(BIN)
+            .args(["loopback", "--size", "8GiB"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn loopback");
+        std::thread::sleep(Duration::from_millis(800));
+        // SAFETY: kill(2) with a child's pid and a valid signal number touches no memory.
+        assert_eq!(unsafe { libc::kill(c.id() as libc::pid_t, sig) }, 0);
+        let t0 = std::time::Instant::now();
+        let out = c.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        assert!(err.contains("interrupted by SIG"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "took {:?} to stop", t0.elapsed());
+    }
+}

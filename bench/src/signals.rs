@@ -1,0 +1,76 @@
+//! SIGINT and SIGTERM become the library's abort: the transfer stops, the source devices are
+//! put back to RUNNING by the engine, the command says "interrupted" and exits 130 or 143.
+//!
+//! [`install`] blocks both signals in the main thread before any other thread starts (threads
+//! inherit the mask) and reads them from a signalfd on a thread of its own. Each transfer
+//! registers its abort handles ([`register`]); a signal aborts them all. A command with
+//! nothing registered (probe, dev, bench between runs) exits at once, as without the handler.
+//! If the aborted transfer has not wound down within [`GRACE`], the process exits anyway.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use vfio_multifd::AbortHandle;
+
+/// How long an interrupted transfer may take to put its devices back before the process exits.
+const GRACE: Duration = Duration::from_secs(15);
+
+static HANDLES: Mutex<Vec<AbortHandle>> = Mutex::new(Vec::new());
+static CAUGHT: AtomicI32 = AtomicI32::new(0);
+
+/// Blocks SIGINT and SIGTERM and starts the thread that turns them into aborts. Call first in
+/// `main`.
+pub fn install() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_err() {
+        return; // keep the default behaviour
+    }
+    let Ok(fd) = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC) else { return };
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        while let Ok(Some(info)) = fd.read_signal() {
+            let sig = info.ssi_signo as i32;
+            CAUGHT.store(sig, Ordering::SeqCst);
+            let handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+            if handles.is_empty() {
+                std::process::exit(128 + sig);
+            }
+            eprintln!("vfio-multifd: interrupted ({}); stopping the transfer", name(sig));
+            for h in handles.iter() {
+                h.abort();
+            }
+            drop(handles);
+            std::thread::spawn(move || {
+                std::thread::sleep(GRACE);
+                eprintln!("vfio-multifd: interrupted: the transfer did not stop within {GRACE:?}; exiting");
+                std::process::exit(128 + sig);
+            });
+        }
+    });
+}
+
+/// A transfer's abort handle, aborted on SIGINT or SIGTERM.
+pub fn register(h: AbortHandle) {
+    HANDLES.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+}
+
+/// The signal that interrupted the command, if one did.
+pub fn caught() -> Option<i32> {
+    match CAUGHT.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The signal's name.
+pub fn name(sig: i32) -> &'static str {
+    match sig {
+        s if s == Signal::SIGINT as i32 => "SIGINT",
+        s if s == Signal::SIGTERM as i32 => "SIGTERM",
+        _ => "a signal",
+    }
+}
