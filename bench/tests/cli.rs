@@ -437,7 +437,7 @@ fn send_without_return_path_succeeds_without_a_verdict() {
 #[test]
 fn interrupted_transfer_exits_with_the_signal() {
     for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
-        let mut c = Command::new(BIN)
+        let c = Command::new(BIN)
             .args(["loopback", "--size", "8GiB"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -446,7 +446,7 @@ fn interrupted_transfer_exits_with_the_signal() {
         std::thread::sleep(Duration::from_millis(800));
         // SAFETY: kill(2) with a child's pid and a valid signal number touches no memory.
         assert_eq!(unsafe { libc::kill(c.id() as libc::pid_t, sig) }, 0);
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let out = c.wait_with_output().expect("wait");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{err}");
