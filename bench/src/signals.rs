@@ -31,7 +31,12 @@ pub fn install() {
         return; // keep the default behaviour
     }
     let Ok(fd) = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC) else { return };
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+    // The signal thread must not take SIGUSR1 either (`--switchover manual` reads it from its
+    // own signalfd): it inherits a mask with SIGUSR1 blocked; the main thread gets it back.
+    let mut usr1 = SigSet::empty();
+    usr1.add(Signal::SIGUSR1);
+    let _ = usr1.thread_block();
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
         while let Ok(Some(info)) = fd.read_signal() {
             let sig = info.ssi_signo as i32;
             CAUGHT.store(sig, Ordering::SeqCst);
@@ -51,6 +56,8 @@ pub fn install() {
             });
         }
     });
+    let _ = usr1.thread_unblock();
+    drop(spawned);
 }
 
 /// A transfer's abort handle, aborted on SIGINT or SIGTERM.
