@@ -60,7 +60,6 @@ pub(crate) struct DeviceCtx<'a, 'd: 'a> {
     phase: SourcePhase,
     marker_sent: bool,
     precopy_cap: u64,
-    pub(crate) precopy_bytes: u64,
     pub(crate) stop_copy_start: Instant,
 }
 
@@ -119,7 +118,6 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
             phase: SourcePhase::Prepared,
             marker_sent: false,
             precopy_cap,
-            precopy_bytes: 0,
             stop_copy_start: Instant::now(),
         }
     }
@@ -260,7 +258,7 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
     /// [`Error::Device`] for a failed ioctl or read.
     pub(crate) fn precopy_read(&mut self, buf: &mut [u8]) -> Result<PrecopyStep> {
         let avail = self.refresh_status()?;
-        let room = self.precopy_cap.saturating_sub(self.precopy_bytes);
+        let room = self.precopy_cap.saturating_sub(self.control.status().precopy_bytes);
         let want = buf.len().min(usize::try_from(avail.min(room)).unwrap_or(usize::MAX));
         if want == 0 {
             self.control.status().precopy_rounds += 1;
@@ -269,7 +267,6 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
         let (Some(dev), Some(fd)) = (self.dev.as_deref(), self.owned_fd.as_ref()) else { return Ok(PrecopyStep::Idle) };
         match dev.read_data(fd.as_fd(), &mut buf[..want]) {
             Ok(ReadOutcome::Data(n)) => {
-                self.precopy_bytes += n as u64;
                 let mut st = self.control.status();
                 st.precopy_bytes += n as u64;
                 let from_initial = st.initial_bytes.min(n as u64);

@@ -646,7 +646,7 @@ fn run_device<'a>(
                 BackendKind::Blocking => blocking::run(shared, &mut ctx),
             };
             let r = r.map(|mut t| {
-                t.report.precopy_bytes = ctx.precopy_bytes;
+                t.report.precopy_bytes = control.status().precopy_bytes;
                 t.report.elapsed = started.elapsed();
                 t
             });
