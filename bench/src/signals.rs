@@ -3,11 +3,12 @@
 //!
 //! [`install`] blocks both signals in the main thread before any other thread starts (threads
 //! inherit the mask) and reads them from a signalfd on a thread of its own. Each transfer
-//! registers its abort handles ([`register`]); a signal aborts them all. A command with
-//! nothing registered (probe, dev, bench between runs) exits at once, as without the handler.
+//! registers its abort handle for as long as it runs ([`register`] returns a guard); a signal
+//! aborts the running ones. With none running (probe, dev, bench between runs) the command exits
+//! at once, as without the handler.
 //! If the aborted transfer has not wound down within [`GRACE`], the process exits anyway.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use vfio_multifd::AbortHandle;
 /// How long an interrupted transfer may take to put its devices back before the process exits.
 const GRACE: Duration = Duration::from_secs(15);
 
-static HANDLES: Mutex<Vec<AbortHandle>> = Mutex::new(Vec::new());
+/// The running transfers' abort handles, by registration number.
+static HANDLES: Mutex<Vec<(u64, AbortHandle)>> = Mutex::new(Vec::new());
+static NEXT: AtomicU64 = AtomicU64::new(0);
 static CAUGHT: AtomicI32 = AtomicI32::new(0);
 
 /// Blocks SIGINT and SIGTERM and starts the thread that turns them into aborts. Call first in
@@ -45,7 +48,7 @@ pub fn install() {
                 std::process::exit(128 + sig);
             }
             eprintln!("vfio-multifd: interrupted ({}); stopping the transfer", name(sig));
-            for h in handles.iter() {
+            for (_, h) in handles.iter() {
                 h.abort();
             }
             drop(handles);
@@ -60,9 +63,21 @@ pub fn install() {
     drop(spawned);
 }
 
-/// A transfer's abort handle, aborted on SIGINT or SIGTERM.
-pub fn register(h: AbortHandle) {
-    HANDLES.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+/// A running transfer's abort handle, aborted on SIGINT or SIGTERM until the guard drops.
+#[must_use = "the handle is unregistered when the guard drops"]
+pub struct Registration(u64);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        HANDLES.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// Registers a running transfer's abort handle.
+pub fn register(h: AbortHandle) -> Registration {
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    HANDLES.lock().unwrap_or_else(|p| p.into_inner()).push((id, h));
+    Registration(id)
 }
 
 /// The signal that interrupted the command, if one did.

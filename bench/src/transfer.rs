@@ -198,7 +198,7 @@ pub fn run_engine_live(
     }
     let ids: Vec<DeviceId> = (0..p.devices).map(|i| device_id(i, &[], &[])).collect::<Result<_>>()?;
     let mut rx = Receiver::new(rcfg).context("creating the receiver")?;
-    crate::signals::register(rx.abort_handle());
+    let _signals = crate::signals::register(rx.abort_handle());
     for (i, d) in dsts.iter_mut().enumerate() {
         rx.add_device_with(ids[i].clone(), d, MigState::Running);
     }
@@ -221,7 +221,7 @@ pub fn run_engine_live(
                 });
                 let sres = (|| {
                     let mut session = SourceSession::connect(scfg, addr, p.channels)?;
-                    crate::signals::register(session.abort_handle());
+                    let _signals = crate::signals::register(session.abort_handle());
                     for (i, d) in srcs.iter_mut().enumerate() {
                         session.add_device_with(
                             ids[i].clone(),
@@ -654,7 +654,7 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
         .return_path(!a.no_return_path);
     let chans = connect_channels(&a.connect, a.common.channels, Duration::from_secs(a.connect_timeout))?;
     let mut session = SourceSession::new(cfg, chans).context("setting up the source")?;
-    crate::signals::register(session.abort_handle());
+    let _signals = crate::signals::register(session.abort_handle());
     let dev_opts = DeviceOptions { precopy: a.live.precopy, final_state: a.final_state };
     for (id, e) in entries.iter_mut() {
         match e {
@@ -828,7 +828,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         cfg = cfg.budget_bytes(b);
     }
     let mut rx = Receiver::new(cfg).context("setting up the receiver")?;
-    crate::signals::register(rx.abort_handle());
+    let _signals = crate::signals::register(rx.abort_handle());
     for e in entries.iter_mut() {
         let DstEntry { id, dev, sink, config } = e;
         match (sink, dev) {
