@@ -158,8 +158,14 @@ migrate() {
       info "$c: recv exited before listening on $PORT"
     fi
   fi
-  # shellcheck disable=SC2086
-  timeout $CT $B send --connect 127.0.0.1:$PORT "$@" > $W/send.out 2>&1
+  if [ -n "$SEND_FEED" ]; then
+    # send's stdin is the output of the shell command $SEND_FEED (its manual-switchover console)
+    # shellcheck disable=SC2086
+    sh -c "$SEND_FEED" | timeout $CT $B send --connect 127.0.0.1:$PORT "$@" > $W/send.out 2>&1
+  else
+    # shellcheck disable=SC2086
+    timeout $CT $B send --connect 127.0.0.1:$PORT "$@" > $W/send.out 2>&1
+  fi
   SRC_RC=$?
   wait $rpid
   RRC=$?
@@ -353,6 +359,36 @@ corrupt_case stream-corrupt-nrports nr_ports
 corrupt_case stream-truncated truncate
 # after the failures, a good migration into the same destination must work
 mig_case migrate-after-error e7 "AGAIN" --backend uring -- --backend uring
+
+# --- the guest changes the device while pre-copy runs: UART writes made through send's
+# manual-switchover console (`region-write`: the group is send's alone during the migration)
+# after pre-copy started must be in the destination's state, with the source's earlier state.
+c=live-guest-write
+if want $c; then
+  if ! { load_uart $SRC 5e "PRE" && load_uart $DST 00 ""; }; then
+    fail $c "loading the UARTs: $(why region-write)"
+  else
+    SEND_FEED="printf 'region-write 0 0 7 e5\\nregion-write 0 0 0 21\\n'; sleep 1; echo switchover"
+    migrate $c -P 2 --device $DST -J -- -P 2 --device $SRC --precopy --switchover manual --max-precopy 60s -J
+    SEND_FEED=""
+    n_ok=$(grep -c 'console: region-write ok' $W/send.out)
+    if [ $RRC != 0 ] || [ $SRC_RC != 0 ]; then
+      dump_io
+      fail $c "recv rc=$RRC send rc=$SRC_RC"
+    elif [ "$n_ok" != 2 ]; then
+      dump_io
+      fail $c "the console reported $n_ok of 2 region writes ok"
+    elif ! grep -q '"trigger": "stdin"' $W/send.out; then
+      dump_io
+      fail $c "the switchover was not triggered by the console line"
+    elif ! grep -q '"verdict": "loaded"' $W/send.out; then
+      dump_io
+      fail $c "the destination's verdict is not 'loaded'"
+    elif expect_state $c $DST RUNNING && expect_state $c $SRC RUNNING && check_uart $c $DST e5 "PRE!"; then
+      pass $c
+    fi
+  fi
+fi
 
 # --- two mtty devices in one live session: pre-copy (mtty has PRE_COPY and P2P), the
 # switchover acknowledged by the destination over the return path with the real driver, both

@@ -104,7 +104,9 @@ pub struct LiveArgs {
     /// When to switch over: `auto` when every pre-copy device's initial data is acknowledged
     /// by the destination (sent, without a return path) and the estimated switchover time is
     /// at most --downtime-limit; `manual` on SIGUSR1 or a line on stdin (stdin at EOF is
-    /// ignored). Either way at most --max-precopy after pre-copy started.
+    /// ignored; a line `region-write N REGION OFFSET HEX` instead writes into the Nth --device
+    /// while it runs, as a guest would). Either way at most --max-precopy after pre-copy
+    /// started.
     #[arg(long, value_enum, default_value_t, requires = "precopy")]
     pub switchover: SwitchoverArg,
     /// Largest estimated switchover time `auto` accepts (like QEMU's downtime-limit), e.g.

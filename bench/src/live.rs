@@ -2,6 +2,7 @@
 //! convergence, `manual` on SIGUSR1 or a line on stdin, both bounded by `--max-precopy`), the
 //! vCPU stop, and the `switchover` report (JSON and text).
 
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{json, Value};
+use vfio_migration::vfio::VfioDevice;
 use vfio_multifd::{DeviceStatus, SessionControl, SessionStatus, SourcePhase, SourceReport, Verdict};
 
 use crate::cli::LiveArgs;
@@ -51,6 +53,14 @@ impl Trigger {
 /// What the switchover waits for in `manual` mode: SIGUSR1 (through a signalfd) or a line on
 /// stdin.
 ///
+/// Stdin is a small console, read only while pre-copy runs (so a line written earlier waits
+/// in the pipe until the devices are in PRE_COPY), one command per line, in order:
+/// * `region-write N REGION OFFSET HEX`: write the bytes `HEX` at `OFFSET` of region `REGION`
+///   of the `N`th `--device` (0-based), as the guest's MMIO would while the VM runs (the VM
+///   test uses it to change a device's state during pre-copy: the group is this process's
+///   alone then); `ok` or the error goes to stderr;
+/// * any other line (an empty one, `switchover`): switch over now.
+///
 /// [`ManualTrigger::new`] blocks SIGUSR1 in the calling thread, and threads inherit the mask,
 /// so it must be created before any other thread starts (the session's, the progress bar's):
 /// then no thread takes the signal's default action (terminating the process), and it waits
@@ -58,8 +68,15 @@ impl Trigger {
 #[derive(Debug)]
 pub struct ManualTrigger {
     sfd: SignalFd,
-    stdin_open: std::cell::Cell<bool>,
+    stdin_open: Cell<bool>,
+    /// Bytes of stdin after the last complete line (bounded by [`MAX_LINE`]).
+    pending: RefCell<Vec<u8>>,
+    /// Second handles on the `--device` devices, by position, for `region-write`.
+    devices: RefCell<Vec<Option<VfioDevice>>>,
 }
+
+/// Longest console line; a longer one is dropped with an error.
+const MAX_LINE: usize = 4096;
 
 impl ManualTrigger {
     /// Blocks SIGUSR1 (see the type's docs) and opens a signalfd for it.
@@ -72,13 +89,31 @@ impl ManualTrigger {
         set.thread_block().map_err(|e| anyhow::anyhow!("blocking SIGUSR1: {e}"))?;
         let sfd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(|e| anyhow::anyhow!("signalfd for SIGUSR1: {e}"))?;
-        Ok(ManualTrigger { sfd, stdin_open: std::cell::Cell::new(true) })
+        Ok(ManualTrigger {
+            sfd,
+            stdin_open: Cell::new(true),
+            pending: RefCell::new(Vec::new()),
+            devices: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Makes `dev` (a second handle, [`VfioDevice::try_clone`]) the target of `region-write
+    /// position ...`.
+    pub fn add_device(&self, position: usize, dev: VfioDevice) {
+        let mut d = self.devices.borrow_mut();
+        if d.len() <= position {
+            d.resize_with(position + 1, || None);
+        }
+        d[position] = Some(dev);
     }
 
     /// Waits at most `timeout` for SIGUSR1, a line on stdin or `wake` (the session's event fd).
     /// Returns the trigger, if one came. Stdin at EOF (or failing) is not a line: it is
     /// ignored from then on.
     fn wait(&self, timeout: Duration, wake: BorrowedFd<'_>) -> Option<Trigger> {
+        if self.next_command() {
+            return Some(Trigger::Stdin);
+        }
         let stdin = std::io::stdin();
         let mut fds = vec![PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN), PollFd::new(wake, PollFlags::POLLIN)];
         if self.stdin_open.get() {
@@ -96,11 +131,57 @@ impl ManualTrigger {
             let mut buf = [0u8; 4096];
             match nix::unistd::read(stdin.as_fd(), &mut buf) {
                 Ok(0) | Err(_) => self.stdin_open.set(false),
-                Ok(n) if buf[..n].contains(&b'\n') => return Some(Trigger::Stdin),
-                Ok(_) => {}
+                Ok(n) => self.pending.borrow_mut().extend_from_slice(&buf[..n]),
+            }
+            if self.next_command() {
+                return Some(Trigger::Stdin);
             }
         }
         None
+    }
+
+    /// Runs the complete lines read so far, up to a switchover command (true; the lines after
+    /// it stay unread).
+    fn next_command(&self) -> bool {
+        loop {
+            let line = {
+                let mut p = self.pending.borrow_mut();
+                let Some(end) = p.iter().position(|&b| b == b'\n') else {
+                    if p.len() > MAX_LINE {
+                        eprintln!("vfio-multifd: console: a line longer than {MAX_LINE} bytes was dropped");
+                        p.clear();
+                    }
+                    return false;
+                };
+                let line: Vec<u8> = p.drain(..=end).collect();
+                String::from_utf8_lossy(&line).trim().to_owned()
+            };
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["region-write", n, region, offset, hex] => match self.region_write(n, region, offset, hex) {
+                    Ok(()) => eprintln!("vfio-multifd: console: region-write ok"),
+                    Err(e) => eprintln!("vfio-multifd: console: {line:?}: {e:#}"),
+                },
+                ["region-write", ..] => {
+                    eprintln!("vfio-multifd: console: {line:?}: expected `region-write N REGION OFFSET HEX`");
+                }
+                _ => return true,
+            }
+        }
+    }
+
+    fn region_write(&self, n: &str, region: &str, offset: &str, hex: &str) -> anyhow::Result<()> {
+        let n: usize = n.parse().map_err(|_| anyhow::anyhow!("device position {n:?} is not a number"))?;
+        let region: u32 = region.parse().map_err(|_| anyhow::anyhow!("region {region:?} is not a number"))?;
+        let offset = crate::cli::parse_u64_auto(offset).map_err(|e| anyhow::anyhow!("offset: {e}"))?;
+        let bytes = crate::cli::parse_hex_bytes(hex).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let devs = self.devices.borrow();
+        let dev = devs
+            .get(n)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| anyhow::anyhow!("no --device at position {n} (positions count from 0)"))?;
+        dev.region_write(region, offset, &bytes)?;
+        Ok(())
     }
 }
 

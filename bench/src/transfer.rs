@@ -637,6 +637,10 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
                 }
                 DevOpt::Device(k) => {
                     let d = open_vfio(&a.device[k])?;
+                    if let Some(m) = &manual {
+                        // The console's `region-write k ...` (the guest's MMIO stand-in).
+                        m.add_device(k, d.try_clone().with_context(|| format!("{}: a second handle", a.device[k]))?);
+                    }
                     let hint = vfio_migration::bounded_data_size(&d, 1 << 40).ok();
                     total = total.zip(hint).map(|(t, h)| t + h);
                     SrcEntry::Vfio(Box::new(d))

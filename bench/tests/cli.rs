@@ -345,11 +345,15 @@ fn rest(err: &mut impl std::io::Read) -> String {
 
 #[test]
 fn loopback_manual_switchover_on_a_line_or_sigusr1() {
-    // A line on stdin.
+    // A line on stdin, after two console commands that are not switchovers (no --device
+    // here: the region write names what is wrong and pre-copy goes on).
     let (mut c, mut err) = spawn_manual(&[]);
-    c.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    c.stdin.as_mut().unwrap().write_all(b"region-write 0 0 0 41\nregion-write 0\ngo\n").unwrap();
     let o = wait(c, Duration::from_secs(20));
-    assert!(o.status.success(), "{}{}", text(&o), rest(&mut err));
+    let e = rest(&mut err);
+    assert!(o.status.success(), "{}{e}", text(&o));
+    assert!(e.contains("no --device at position 0"), "{e}");
+    assert!(e.contains("expected `region-write N REGION OFFSET HEX`"), "{e}");
     let sw = &json(&o)["end"]["switchover"];
     check_switchover_keys(sw);
     assert_eq!(sw["trigger"], "stdin", "{sw}");

@@ -11,6 +11,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio as v;
 
@@ -100,7 +101,7 @@ pub struct VfioDevice {
     group: Option<OwnedFd>,
     container: Option<OwnedFd>,
     precopy_v2: bool,
-    ops: Box<dyn SysOps>,
+    ops: Arc<dyn SysOps>,
 }
 
 impl fmt::Debug for VfioDevice {
@@ -302,7 +303,7 @@ impl VfioDevice {
             group: Some(gfd),
             container,
             precopy_v2: false,
-            ops: Box::new(sys::Kernel),
+            ops: Arc::new(sys::Kernel),
         })
     }
 
@@ -312,15 +313,30 @@ impl VfioDevice {
     /// # Errors
     /// [`Error::Open`] if the fd is not a VFIO device.
     pub fn from_device_fd(fd: OwnedFd, name: impl Into<String>) -> Result<VfioDevice> {
-        let dev = VfioDevice::with_ops(fd, name.into(), Box::new(sys::Kernel));
+        let dev = VfioDevice::with_ops(fd, name.into(), Arc::new(sys::Kernel));
         dev.device_info()
             .map_err(|e| open_err(&dev.name, "not a VFIO device fd (VFIO_DEVICE_GET_INFO failed)", sys_source(e)))?;
         Ok(dev)
     }
 
     /// A device over any [`SysOps`] (the test twin uses this).
-    pub(crate) fn with_ops(fd: OwnedFd, name: String, ops: Box<dyn SysOps>) -> VfioDevice {
+    pub(crate) fn with_ops(fd: OwnedFd, name: String, ops: Arc<dyn SysOps>) -> VfioDevice {
         VfioDevice { name, device: fd, group: None, container: None, precopy_v2: false, ops }
+    }
+
+    /// A second handle on the same device: a duplicate of its device fd (`F_DUPFD_CLOEXEC`),
+    /// for region access from another thread while this handle is lent to a migration (the
+    /// guest's MMIO, in tests and tools). It shares the device's state with this handle: a
+    /// state change through either is seen by both. The group and container stay with this
+    /// handle; the kernel keeps them alive while any device fd is open.
+    ///
+    /// # Errors
+    /// [`Error::Sys`] when the fd cannot be duplicated (`EMFILE`).
+    pub fn try_clone(&self) -> Result<VfioDevice> {
+        let fd = self.device.try_clone().map_err(|e| self.sys_err("F_DUPFD_CLOEXEC", e))?;
+        let mut d = VfioDevice::with_ops(fd, self.name.clone(), Arc::clone(&self.ops));
+        d.precopy_v2 = self.precopy_v2;
+        Ok(d)
     }
 
     fn sys_err(&self, op: impl Into<String>, source: io::Error) -> Error {

@@ -211,7 +211,7 @@ impl SysOps for Fake {
 fn dev() -> (VfioDevice, Fake) {
     let fake = Fake::default();
     let fd: OwnedFd = File::open("/dev/null").unwrap().into();
-    (VfioDevice::with_ops(fd, "0000:00:02.0".into(), Box::new(fake.clone())), fake)
+    (VfioDevice::with_ops(fd, "0000:00:02.0".into(), Arc::new(fake.clone())), fake)
 }
 
 #[test]
@@ -350,6 +350,16 @@ fn regions_bounds_checked() {
     assert!(matches!(d.region_write(7, 255, &b[..2]), Err(Error::RegionBounds { .. })));
     assert!(matches!(d.region_read(2, 0, &mut b), Err(Error::Unsupported { .. })));
     assert_eq!(d.region_info(20).unwrap_err().errno(), Some(libc::EINVAL));
+}
+
+#[test]
+fn a_clone_reaches_the_same_device_through_its_own_fd() {
+    let (d, f) = dev();
+    let c = d.try_clone().unwrap();
+    assert_ne!(c.as_fd().as_raw_fd(), d.as_fd().as_raw_fd(), "a duplicate fd, not the same number");
+    drop(d);
+    c.region_write(PCI_CONFIG_REGION_INDEX, 0x3c, &[0x0b]).unwrap();
+    assert_eq!(f.0.lock().unwrap().config_writes, vec![(0x3c, vec![0x0b])]);
 }
 
 #[test]
