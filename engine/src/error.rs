@@ -339,6 +339,18 @@ pub enum Error {
         /// The destination's error, in its words.
         what: String,
     },
+    /// The destination loaded and validated every device and said so, but the source did not
+    /// commit the switchover (`wire::EXT_COMMIT`: channel 0's FIN after the verdicts): it
+    /// cancelled or failed (a reset), sent bytes instead, or said nothing within the stall
+    /// timeout. The devices stay in STOP, not started: the source keeps the VM.
+    #[error(
+        "the source did not commit the switchover: {why}; every device is loaded and validated but left in \
+         STOP, not started (the source keeps the VM)"
+    )]
+    NotCommitted {
+        /// What came instead of the commit.
+        why: String,
+    },
     /// A packet names a device the receiver does not expect.
     #[error("channel {channel}: packet for unknown device {idstr:?} instance {instance_id}")]
     UnknownDevice {

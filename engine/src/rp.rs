@@ -14,7 +14,7 @@
 //! | 1 | `HELLO` | `u8 version` (1), `u8 features` accepted |
 //! | 2 | `SWITCHOVER_ACK` | device: `be32 instance_id, u8 n, idstr[n]` — every packet before the device's `VFIO_FLAG_INIT_DATA_SENT` marker was written to its RESUMING fd |
 //! | 3 | `VERDICT` | device, then `u8 status` (0 loaded and validated, 1 failed), `be16 n, text[n]` (the error, ≤ 1024 bytes) |
-//! | 4 | `SHUT` | `u8 status` (0: every device loaded, validated and in its final state) — the last message |
+//! | 4 | `SHUT` | `u8 status` (0: every device loaded and validated, in STOP) — the last message |
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -42,7 +42,9 @@ const MAX_PAYLOAD: usize = 4 + 1 + 255 + 1 + 2 + MAX_TEXT;
 #[non_exhaustive]
 pub enum Verdict {
     /// Its stream was written, its config loaded, and RESUMING → STOP accepted it (the
-    /// kernel's validation); it is in its final state.
+    /// kernel's validation). Sent before any device is started: the destination starts the
+    /// devices that are to run after the verdicts (after the source's commit, with
+    /// `wire::EXT_COMMIT`).
     Loaded,
     /// It failed at the destination; the destination's error, in words.
     Failed {

@@ -38,6 +38,14 @@ pub const EXT_VERSION: u8 = 1;
 /// Feature bit: a return path on channel 0 (HELLO, switchover-ack, per-device verdicts,
 /// SHUT; see DESIGN.md) and the `VFIO_FLAG_INIT_DATA_SENT` marker.
 pub const EXT_RETURN_PATH: u8 = 1;
+/// Feature bit (with [`EXT_RETURN_PATH`] only): the switchover commits in two phases. The
+/// source keeps channel 0 open for writing after its last packet and closes it (FIN, its
+/// *commit*) only once the destination's verdicts said every device was loaded and
+/// validated; a source that fails or is cancelled resets the channel instead. The destination
+/// starts no device before that FIN, so the two sides never both run the devices.
+pub const EXT_COMMIT: u8 = 2;
+/// Every feature bit this version knows.
+pub const EXT_FEATURES: u8 = EXT_RETURN_PATH | EXT_COMMIT;
 
 /// Size of `MultiFDInit_t`.
 pub const INIT_PACKET_LEN: usize = 64;
@@ -260,7 +268,7 @@ impl InitPacket {
         check_magic_version(W, buf, INIT_PACKET_LEN)?;
         // An offer: the magic, our version, and feature bits we know (unknown bits, from a newer
         // peer, are simply not accepted).
-        let offer = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { buf[30] & EXT_RETURN_PATH } else { 0 };
+        let offer = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { buf[30] & EXT_FEATURES } else { 0 };
         let reserved_from = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { 31 } else { 25 };
         if let Some(off) = (reserved_from..INIT_PACKET_LEN).find(|&i| buf[i] != 0) {
             return Err(WireError::Reserved { what: W, offset: off, value: buf[off] });

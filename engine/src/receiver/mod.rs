@@ -15,7 +15,7 @@ mod uring;
 
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vfio_migration::{transition, MigFlags, MigState, MigrationDevice};
 
@@ -30,7 +30,7 @@ use crate::rp::{Message, Verdict};
 use crate::stats::{BackendKind, ChannelCounters, Progress, ReceiverDeviceReport, ReceiverReport};
 use crate::sys::{self, Kernel};
 use crate::wire::{
-    DeviceId, DeviceStateHeader, InitPacket, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, EXT_RETURN_PATH,
+    DeviceId, DeviceStateHeader, InitPacket, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, EXT_COMMIT, EXT_RETURN_PATH,
     INIT_PACKET_LEN, VFIO_HEADER_LEN,
 };
 
@@ -38,6 +38,11 @@ pub(crate) enum TargetKind<'a> {
     Device { dev: &'a mut dyn MigrationDevice, wanted_state: MigState, fd: Option<OwnedFd> },
     Fd { fd: BorrowedFd<'a>, config: &'a mut Vec<u8> },
 }
+
+/// The extension features this receiver accepts when the source offers them.
+/// `EXT_COMMIT` needs the receive to end when every device is complete while channel 0 stays
+/// open (the source holds its FIN as the commit).
+const ACCEPTED_FEATURES: u8 = EXT_RETURN_PATH;
 
 /// One destination device: where its stream is written and its config applied.
 pub(crate) struct Target<'a> {
@@ -102,30 +107,55 @@ impl Target<'_> {
     }
 }
 
-/// After every device is loaded: all RESUMING → STOP (the kernel validates each stream there),
-/// then, P2P-safely, the devices that are to run: all to RUNNING_P2P, then all to RUNNING
-/// (uAPI §2; QEMU's `vm_start` order). Every device is validated even after another failed;
-/// the first failure is returned and the devices stay where it left them.
+/// After every device is loaded: all RESUMING → STOP, where the kernel validates each stream.
+/// Every device is validated even after another failed; the first failure is returned and the
+/// devices stay where it left them.
 ///
 /// # Errors
 /// [`Error::Device`] for the first device whose walk failed (a rejected stream fails
 /// RESUMING → STOP with the driver's errno).
-fn finish_targets(targets: &mut [Target<'_>]) -> Result<()> {
+fn validate_targets(targets: &mut [Target<'_>]) -> Result<()> {
     let mut first: Option<Error> = None;
     for t in targets.iter_mut() {
         if let Err(e) = t.walk(MigState::Stop) {
             first.get_or_insert(e);
         }
     }
-    if let Some(e) = first {
-        return Err(e);
-    }
+    first.map_or(Ok(()), Err)
+}
+
+/// After [`validate_targets`], P2P-safely, the devices that are to run: all to RUNNING_P2P,
+/// then all to RUNNING (uAPI §2; QEMU's `vm_start` order).
+///
+/// # Errors
+/// [`Error::Device`] for the first device that failed; the others stay where they are.
+fn start_targets(targets: &mut [Target<'_>]) -> Result<()> {
     for pass in [MigState::RunningP2p, MigState::Running] {
         for t in targets.iter_mut() {
             t.walk(pass)?;
         }
     }
     Ok(())
+}
+
+/// With the two-phase commit (`wire::EXT_COMMIT`), after the verdicts: waits (at most `limit`)
+/// for the source's commit, the FIN on channel 0 right after its last packet.
+///
+/// # Errors
+/// [`Error::NotCommitted`] for a reset, bytes, or silence instead; [`Error::Aborted`].
+fn wait_commit(ch0: BorrowedFd<'_>, limit: Duration, abort: &AbortHandle) -> Result<()> {
+    let mut b = [0u8; 1];
+    let why = match recv_exact(&Kernel, ch0, &mut b, Bounds::new(abort, limit)) {
+        Err(Fail::Eof { .. }) => return Ok(()),
+        Err(Fail::Aborted) => return Err(Error::Aborted),
+        Ok(()) => "it sent more bytes after its last packet".to_owned(),
+        Err(Fail::Stalled) => format!("no FIN on channel 0 within the stall timeout ({limit:?})"),
+        Err(Fail::Os(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            "it reset channel 0 (it cancelled or failed after the verdicts)".to_owned()
+        }
+        Err(Fail::Os(e)) => format!("reading channel 0: {e}"),
+    };
+    Err(Error::NotCommitted { why })
 }
 
 /// Receives the migration state of expected devices from N multifd channels and loads it.
@@ -332,11 +362,13 @@ impl<'a> Receiver<'a> {
         self.enter_resuming()?;
         let started = Instant::now();
         let (ordered, offer) = read_inits(socks, &self.cfg, &self.abort)?;
-        let rp = (offer & EXT_RETURN_PATH != 0 && self.cfg.return_path)
+        let accepted = if self.cfg.return_path { offer & ACCEPTED_FEATURES } else { 0 };
+        let rp = (accepted & EXT_RETURN_PATH != 0)
             .then(|| crate::rp::Writer::new(ordered[0].as_fd(), self.abort.clone(), self.cfg.stall_timeout));
         if let Some(rp) = &rp {
-            rp.send(&Message::Hello { features: EXT_RETURN_PATH })?;
+            rp.send(&Message::Hello { features: accepted })?;
         }
+        let commit = rp.is_some() && accepted & EXT_COMMIT != 0;
         let shared = RecvShared {
             cfg: &self.cfg,
             channels: ordered.iter().map(|s| s.as_fd()).collect(),
@@ -352,12 +384,16 @@ impl<'a> Receiver<'a> {
             BackendKind::Uring => uring::run(&shared, &mut reassembly, &mut self.targets),
             BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
         };
-        let res = res.and_then(|()| finish_targets(&mut self.targets));
-        let devices_ready_after = started.elapsed();
+        let res = res.and_then(|()| validate_targets(&mut self.targets));
         if let Some(rp) = &shared.rp {
             send_verdicts(rp, &self.targets, &res)?;
         }
         res?;
+        if commit {
+            wait_commit(shared.channels[0], self.cfg.stall_timeout, &self.abort)?;
+        }
+        start_targets(&mut self.targets)?;
+        let devices_ready_after = started.elapsed();
         let devices = self
             .targets
             .iter()

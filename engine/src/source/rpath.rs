@@ -2,7 +2,7 @@
 //! the destination's messages while the session runs, and what they said.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::rp::{Decoder, Message, Verdict};
 use crate::source::control::{DeviceControl, SessionEvent};
 use crate::sys::{self, EventFd, FdIo, Kernel};
-use crate::wire::DeviceId;
+use crate::wire::{DeviceId, EXT_COMMIT};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -30,6 +30,8 @@ struct Inner {
 pub(crate) struct RpState {
     /// The destination answered `HELLO`: markers may be sent, acks and verdicts will come.
     enabled: AtomicBool,
+    /// The feature bits the destination accepted in its `HELLO`.
+    features: AtomicU8,
     inner: Mutex<Inner>,
     cv: Condvar,
     /// Tells the reader to stop.
@@ -50,6 +52,7 @@ impl RpState {
         let inner = Inner { verdicts: vec![None; devices], ..Inner::default() };
         Ok(RpState {
             enabled: AtomicBool::new(false),
+            features: AtomicU8::new(0),
             inner: Mutex::new(inner),
             cv: Condvar::new(),
             stop: EventFd::new()?,
@@ -59,6 +62,12 @@ impl RpState {
     /// Whether the destination accepted the return path.
     pub(crate) fn enabled(&self) -> bool {
         self.enabled.load(Ordering::SeqCst)
+    }
+
+    /// Whether the destination accepted the two-phase commit ([`crate::wire::EXT_COMMIT`]):
+    /// it starts no device before channel 0's FIN.
+    pub(crate) fn commit(&self) -> bool {
+        self.enabled() && self.features.load(Ordering::SeqCst) & EXT_COMMIT != 0
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -104,6 +113,9 @@ impl RpState {
         if let Some(e) = &g.error {
             return Err(Error::ReturnPath { what: e.clone() });
         }
+        if g.shut.is_none() && abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
         if g.shut.is_none() {
             return Err(Error::ReturnPath { what: "the destination closed the return path before its verdict".into() });
         }
@@ -120,7 +132,8 @@ impl RpState {
                 .ok_or_else(|| Error::ReturnPath { what: format!("message for unknown device {d}") })
         };
         match m {
-            Message::Hello { .. } => {
+            Message::Hello { features } => {
+                self.features.store(features, Ordering::SeqCst);
                 self.enabled.store(true, Ordering::SeqCst);
                 self.cv.notify_all();
             }

@@ -20,7 +20,7 @@ use crate::source::rpath::{self, RpState, Verdicts};
 use crate::source::{blocking, uring, DeviceOptions, SourceShared};
 use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceReport};
 use crate::sys;
-use crate::wire::{DeviceId, InitPacket, EXT_RETURN_PATH, INIT_PACKET_LEN};
+use crate::wire::{DeviceId, InitPacket, EXT_COMMIT, EXT_RETURN_PATH, INIT_PACKET_LEN};
 use crate::Verdict;
 
 pub(crate) enum SourceKind<'a> {
@@ -243,20 +243,7 @@ impl<'a> SourceSession<'a> {
             rp: &rp,
         };
         let devices = std::mem::take(&mut self.devices);
-        let mut ctl = SessionControl {
-            controls: &controls,
-            events: &events,
-            abort: &self.abort,
-            progress: &self.progress,
-            rp: &rp,
-            offered: self.cfg.return_path,
-            limit: self.cfg.stall_timeout,
-            bandwidth: self.cfg.switchover_bandwidth,
-            precopy_started: None,
-            rate: std::cell::Cell::new((None, None)),
-            switched: false,
-            panicked: None,
-        };
+        let mut ctl = self.control(&controls, &events, &rp);
         let (driven, outcomes, verdicts) = std::thread::scope(|s| {
             let reader = self.cfg.return_path.then(|| {
                 let (fd, rp, ids, controls, abort) = (shared.channels[0], &rp, &ids, &controls, &self.abort);
@@ -267,7 +254,8 @@ impl<'a> SourceSession<'a> {
             let outcomes = join_devices(handles, &shared);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
             if all_sent {
-                shutdown_all(&shared.channels);
+                // With the two-phase commit, channel 0's FIN waits for the verdicts.
+                shutdown_all(&shared.channels[usize::from(rp.commit())..]);
             }
             // Success is reported only for what the destination says it loaded, if it says.
             let verdicts =
@@ -276,11 +264,14 @@ impl<'a> SourceSession<'a> {
             drop(reader);
             (driven, outcomes, verdicts)
         });
-        let failed = driven.is_err() || outcomes.iter().any(|o| o.result.is_err()) || verdicts.is_err();
-        before_close(&shared.channels, failed);
+        let (verdicts, mut destination_err) = judge(verdicts);
+        let ok = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok()) && destination_err.is_none();
+        if ok && rp.commit() {
+            destination_err = commit(shared.channels[0]).err();
+        }
+        before_close(&shared.channels, !ok || destination_err.is_some());
         let counters = &shared.counters;
         let channels = ChannelId::all(counters.len()).map(|c| counters[c.index()].report(c)).collect();
-        let (verdicts, destination_err) = judge(verdicts);
         let epilogue = epilogue(outcomes, driven.is_err(), destination_err);
         if let Some(payload) = ctl.panicked.take() {
             // Every device is back (or Unrecovered was reported to no one): let the panic go on.
@@ -297,9 +288,27 @@ impl<'a> SourceSession<'a> {
         Ok((r, report(run, channels, tallies)))
     }
 
+    /// The VMM's handle on the running session.
+    fn control<'s>(&'s self, controls: &'s [DeviceControl], events: &'s Events, rp: &'s RpState) -> SessionControl<'s> {
+        SessionControl {
+            controls,
+            events,
+            abort: &self.abort,
+            progress: &self.progress,
+            rp,
+            offered: self.cfg.return_path,
+            limit: self.cfg.stall_timeout,
+            bandwidth: self.cfg.switchover_bandwidth,
+            precopy_started: None,
+            rate: std::cell::Cell::new((None, None)),
+            switched: false,
+            panicked: None,
+        }
+    }
+
     /// Writes the init packet on every channel, with the return-path offer if configured.
     fn send_inits(&self) -> Result<()> {
-        let offer = if self.cfg.return_path { EXT_RETURN_PATH } else { 0 };
+        let offer = if self.cfg.return_path { EXT_RETURN_PATH | EXT_COMMIT } else { 0 };
         for (ch, fd) in ChannelId::all(self.channels.len()).zip(&self.channels) {
             send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get(), offer })
                 .map_err(|e| Error::Channel { channel: ch, op: "send init packet".into(), source: e })?;
@@ -318,6 +327,20 @@ fn before_close(channels: &[BorrowedFd<'_>], failed: bool) {
             sys::reset_on_close(*ch);
         }
     }
+}
+
+/// The two-phase commit (`wire::EXT_COMMIT`): every device loaded at the destination, so
+/// channel 0's FIN lets it start them.
+///
+/// # Errors
+/// [`Error::Channel`] when the FIN cannot be sent: the destination will not start the
+/// devices, so the source must carry on with its own.
+fn commit(ch0: BorrowedFd<'_>) -> Result<()> {
+    sys::shutdown_write(ch0).map_err(|source| Error::Channel {
+        channel: ChannelId::new(0),
+        op: "commit the switchover (FIN after the verdicts)".into(),
+        source,
+    })
 }
 
 /// Closing our write side tells the receiver the stream ended at a packet boundary (a failure
