@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
 use crate::wire::{Uuid, MAX_CHANNELS};
 
 /// A builder setter: `pub fn field(mut self, v: T) -> Self`, with its doc comment.
@@ -148,20 +149,33 @@ impl SourceConfig {
         self.chunk_bytes
     }
 
-    pub(crate) fn validate(&self, channels: usize, devices: usize) -> Result<(), String> {
+    /// Checks every setting against its bounds for a transfer of `devices` devices over
+    /// `channels` channels, before anything is connected: [`crate::SourceSession`] does it
+    /// again, but a caller that checks first never opens a connection it cannot use.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting, its value and its bounds: the chunk (4 KiB ..=
+    /// 64 MiB), buffers per device (2 ..= 64), a device pool above the 1 GiB registered-buffer
+    /// limit, channels (1 ..= 256), devices (1 ..= 64), the stall timeout (100 ms ..= 1 h).
+    pub fn validate(&self, channels: usize, devices: usize) -> Result<(), Error> {
         if !(4096..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
-            return Err(format!("chunk of {} bytes outside 4096..={MAX_CHUNK_BYTES}", self.chunk_bytes));
+            return Err(Error::Config(format!(
+                "chunk of {} bytes outside 4096..={MAX_CHUNK_BYTES} (chunk_bytes)",
+                self.chunk_bytes
+            )));
         }
         if let Some(b) = self.buffers_per_device {
             if !(2..=MAX_BUFFERS_PER_DEVICE).contains(&b) {
-                return Err(format!("{b} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}"));
+                return Err(Error::Config(format!("{b} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}")));
             }
         }
         let pool = (self.buffers_for(true) + 1).saturating_mul(self.chunk_bytes + crate::pool::PAGE);
         if pool > crate::pool::MAX_REGISTERED {
-            return Err(format!("a device's buffer pool of {pool} bytes exceeds the 1 GiB registered-buffer limit"));
+            return Err(Error::Config(format!(
+                "a device's buffer pool of {pool} bytes exceeds the 1 GiB registered-buffer limit"
+            )));
         }
-        validate_common(channels, devices, self.stall_timeout)
+        validate_common(channels, devices, self.stall_timeout).map_err(Error::Config)
     }
 }
 
@@ -270,21 +284,39 @@ impl ReceiverConfig {
         }
     }
 
-    pub(crate) fn validate(&self, channels: usize, devices: usize) -> Result<(), String> {
+    /// Checks every setting against its bounds for a receive of `devices` devices over
+    /// `channels` channels, before anything is bound or accepted: [`crate::Receiver::run`] does
+    /// it again, but a caller that checks first never makes a source connect to a receiver that
+    /// cannot run.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting, its value and its bounds: the max packet (4 KiB
+    /// ..= 64 MiB), the accept and stall timeouts (100 ms ..= 1 h), channels (1 ..= 256),
+    /// devices (1 ..= 64), and the receive pool, `(budget + devices) x max packet`, which must
+    /// fit the 1 GiB registered-buffer limit.
+    pub fn validate(&self, channels: usize, devices: usize) -> Result<(), Error> {
         if !(4096..=MAX_CHUNK_BYTES).contains(&self.max_packet_bytes) {
-            return Err(format!("max packet of {} bytes outside 4096..={MAX_CHUNK_BYTES}", self.max_packet_bytes));
+            return Err(Error::Config(format!(
+                "max packet of {} bytes outside 4096..={MAX_CHUNK_BYTES} (max_packet_bytes)",
+                self.max_packet_bytes
+            )));
         }
         if self.accept_timeout < Duration::from_millis(100) || self.accept_timeout > Duration::from_secs(3600) {
-            return Err(format!("accept timeout {:?} outside 100 ms ..= 1 h", self.accept_timeout));
+            return Err(Error::Config(format!("accept timeout {:?} outside 100 ms ..= 1 h", self.accept_timeout)));
         }
-        let slots = self.budget_slots(channels) + devices;
-        if slots.saturating_mul(self.slot_bytes()) > crate::pool::MAX_REGISTERED {
-            return Err(format!(
-                "receive budget of {} packets of {} bytes exceeds the 1 GiB registered-buffer limit",
-                slots,
-                self.slot_bytes()
-            ));
+        validate_common(channels, devices, self.stall_timeout).map_err(Error::Config)?;
+        let budget = self.budget_slots(channels);
+        let slots = budget + devices;
+        let pool = slots.saturating_mul(self.slot_bytes());
+        if pool > crate::pool::MAX_REGISTERED {
+            return Err(Error::Config(format!(
+                "the receive pool of {slots} packets ({budget} for the budget, one per device) of {} KiB each, \
+                 {} MiB in all, exceeds the 1024 MiB registered-buffer limit: lower max_packet_bytes, the \
+                 budget (default: one packet per channel) or the channel count",
+                self.slot_bytes() >> 10,
+                pool >> 20
+            )));
         }
-        validate_common(channels, devices, self.stall_timeout)
+        Ok(())
     }
 }

@@ -313,6 +313,21 @@ pub enum Error {
         #[source]
         source: WireError,
     },
+    /// A connection announced a channel id at or above the receiver's channel count: the source
+    /// opened more channels than the receiver expects (the two sides' channel counts differ).
+    #[error(
+        "connection {connection} (accept order) announced channel {id}, but this receiver expects {expected} \
+         channel(s) (ids 0..{expected}): the source opened more channels than the receiver; both sides must \
+         use the same channel count"
+    )]
+    ChannelCount {
+        /// Accept order of the connection, from 0.
+        connection: u32,
+        /// The channel id it announced.
+        id: u8,
+        /// The receiver's channel count.
+        expected: usize,
+    },
     /// Valid framing, but the packet breaks the transfer's rules.
     #[error("channel {channel}: {}{violation}", device.as_ref().map(|d| format!("device {d}: ")).unwrap_or_default())]
     Protocol {

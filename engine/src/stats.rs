@@ -283,6 +283,11 @@ pub struct ReceiverReport {
     /// Whether the source offered the return path and this side accepted it (acks and
     /// verdicts were sent).
     pub return_path: bool,
+    /// What did not fail the receive but should be known: connections dropped because they
+    /// were not channels (port scanners, strays), channels that never connected, and what came
+    /// on a channel after every device completed (a reset, an extra packet). At most 16, plus
+    /// a line counting the rest.
+    pub warnings: Vec<String>,
 }
 
 impl ReceiverReport {

@@ -121,6 +121,20 @@ pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Re
     }
 }
 
+/// Which of `fds` are readable (or have an error or hang-up to report), waiting at most
+/// `timeout` for any; `EINTR` counts as a timeout (nothing ready).
+///
+/// # Errors
+/// `poll(2)` errors other than `EINTR`.
+pub(crate) fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut p: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+    match nix::poll::poll(&mut p, poll_timeout(timeout)) {
+        Ok(_) => Ok(p.iter().map(|f| f.any().unwrap_or(false)).collect()),
+        Err(Errno::EINTR) => Ok(vec![false; fds.len()]),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
 /// What kind of file a descriptor is, as far as io_uring's non-blocking attempts care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FdKind {
@@ -171,6 +185,16 @@ pub(crate) fn peer_ip(fd: BorrowedFd<'_>) -> Option<IpAddr> {
 /// The errno (`ENOTCONN` when the peer already reset the connection, `ENOTSOCK`).
 pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     socket::shutdown(fd.as_raw_fd(), Shutdown::Write).map_err(io_err)
+}
+
+/// `shutdown(fd, SHUT_RD)`: a receive waiting on the socket (a blocking `recv`, a `poll`, an
+/// io_uring `RECV`) returns end of stream once the bytes already queued are read. The peer is
+/// told nothing (TCP has no message for it).
+///
+/// # Errors
+/// The errno (`ENOTCONN` when the connection is gone already, `ENOTSOCK`).
+pub(crate) fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
+    socket::shutdown(fd.as_raw_fd(), Shutdown::Read).map_err(io_err)
 }
 
 /// Makes the next close of a socket send a reset (`SO_LINGER` 0): for a failed transfer, so the

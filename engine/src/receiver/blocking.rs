@@ -50,8 +50,23 @@ impl<'r> Shared<'r, '_, '_> {
         Bounds { abort: &self.run.abort, stall: self.run.cfg.stall_timeout, clock: Some(&self.clock) }
     }
 
-    fn stalled(&self, what: String) -> Error {
-        Error::Timeout { what, after: self.run.cfg.stall_timeout }
+    /// A stall noticed by one thread (`what`), with the core's report of every channel and
+    /// device; `g` when the caller holds the state already.
+    fn stalled(&self, g: Option<&RecvState<'r>>, what: String) -> Error {
+        let report = match g {
+            Some(g) => g.stall_report(),
+            None => self.lock().stall_report(),
+        };
+        Error::Timeout { what: format!("{what}; {report}"), after: self.run.cfg.stall_timeout }
+    }
+
+    /// Channel `c`'s thread ended with `e`: the core decides whether the receive fails.
+    fn channel_failed(&self, c: ChannelId, e: Error) {
+        let r = self.lock().channel_failed(c, e);
+        match r {
+            Ok(()) => self.cv.notify_all(),
+            Err(e) => self.fail(e),
+        }
     }
 }
 
@@ -60,18 +75,18 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         .map_err(|e| Error::sys("mmap receive pool", e))?;
     let slots = pool.slots_mut().map(Mutex::new).collect();
     let shared = Shared {
-        st: Mutex::new(RecvState::new(reassembly, run.channels.len())),
+        st: Mutex::new(RecvState::new(reassembly, run.channels, &run.warnings)),
         cv: Condvar::new(),
         slots,
         run,
         clock: StallClock::new(),
     };
     std::thread::scope(|s| {
-        for c in ChannelId::all(run.channels.len()) {
+        for c in ChannelId::all(run.channels.count()) {
             let shared = &shared;
             s.spawn(move || {
                 if let Err(e) = channel_thread(shared, c) {
-                    shared.fail(e);
+                    shared.channel_failed(c, e);
                 }
             });
         }
@@ -99,7 +114,7 @@ fn recv_error(shared: &Shared<'_, '_, '_>, c: ChannelId, stage: Stage, f: Fail) 
             },
         },
         Fail::Os(e) => Error::Channel { channel: c, op: format!("receive {}", stage_name(&stage)), source: e },
-        Fail::Stalled => shared.stalled(format!("channel {c}: {}", stage_name(&stage))),
+        Fail::Stalled => shared.stalled(None, format!("channel {c}: {}", stage_name(&stage))),
         Fail::Aborted => Error::Aborted,
     }
 }
@@ -112,22 +127,46 @@ fn stage_name(s: &Stage) -> String {
     }
 }
 
-/// Receives the first byte of a header: `Ok(false)` at a clean end of stream. A channel may
-/// stay quiet for long while the others carry the data: only a receive-wide stall is an error.
+/// Receives the first byte of a header: `Ok(false)` at a clean end of stream, or once every
+/// device completed. A channel may stay quiet for long while the others carry the data: only a
+/// receive-wide stall is an error.
 fn first_byte(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, hdr: &mut [u8]) -> Result<bool> {
     loop {
         let tick = Bounds::new(&shared.run.abort, TICK * 4);
         match recv_exact(&Kernel, fd, &mut hdr[..1], tick) {
             Ok(()) => return Ok(true),
             Err(Fail::Eof { got: 0 }) => return Ok(false),
+            Err(Fail::Stalled) if shared.lock().complete() => return Ok(false),
             Err(Fail::Stalled) if shared.clock.idle_for() <= shared.run.cfg.stall_timeout => {}
             Err(f) => return Err(recv_error(shared, c, Stage::Header { got: 0 }, f)),
         }
     }
 }
 
+/// Waits until channel `c` is connected; `None` when it is not needed any more (every device
+/// completed without it). Abort and failures end the wait; stalls are the writers' to report.
+fn connected<'c>(shared: &Shared<'_, '_, 'c>, c: ChannelId) -> Result<Option<BorrowedFd<'c>>> {
+    let chans = shared.run.channels;
+    loop {
+        if let Some(fd) = chans.wait_for(c, TICK) {
+            return Ok(Some(fd));
+        }
+        // Waiting for a channel to connect is set-up, bounded by the accept timeout (the set-up
+        // thread's), not a stall.
+        shared.clock.touch();
+        let mut g = shared.lock();
+        if g.failed() || shared.run.abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
+        if g.complete() {
+            g.close(c);
+            return Ok(None);
+        }
+    }
+}
+
 fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
-    let fd = shared.run.channels[c.index()];
+    let Some(fd) = connected(shared, c)? else { return Ok(()) };
     let mut hdr = [0u8; PACKET_OVERHEAD];
     loop {
         // A clean end of stream is a 0-byte read exactly at a packet boundary.
@@ -146,10 +185,9 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
                 if g.failed() {
                     return Err(Error::Aborted);
                 }
-                match g.reassembly.admit(c, &h, v)? {
+                match g.admit(c, &h, v)? {
                     Admit::Accept(a) => break a,
                     Admit::Wait => {
-                        g.park(c);
                         if g.stuck() {
                             return Err(g.stuck_error());
                         }
@@ -158,7 +196,6 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
                 }
             }
         };
-        shared.lock().unpark(c);
         if a.len > 0 {
             // The slot was admitted to this channel alone until `received` hands it on.
             let mut slot = shared.slot(a.slot);
@@ -167,7 +204,7 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
                 recv_error(shared, c, Stage::Payload { device, idx: a.idx, got: 0, len: a.len }, f)
             })?;
         }
-        shared.lock().reassembly.received(a);
+        shared.lock().received(c, a);
         shared.clock.touch();
         shared.cv.notify_all();
     }
@@ -190,7 +227,7 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
                     return Ok(());
                 }
                 if shared.clock.idle_for() > shared.run.cfg.stall_timeout {
-                    return Err(shared.stalled(format!("device {}: no packet to write", t.id)));
+                    return Err(shared.stalled(Some(&g), format!("device {}: no packet to write", t.id)));
                 }
                 g = shared.wait(g);
             }
@@ -206,7 +243,9 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
                 t.short_writes += short;
                 r.map_err(|(off, f)| match f {
                     Fail::Aborted => Error::Aborted,
-                    Fail::Stalled => shared.stalled(format!("device {}: its resume data fd accepts nothing", t.id)),
+                    Fail::Stalled => {
+                        shared.stalled(None, format!("device {}: its resume data fd accepts nothing", t.id))
+                    }
                     Fail::Os(source) => {
                         Error::DeviceWrite { device: t.id.clone(), idx, offset: stream_off + off as u64, source }
                     }

@@ -3,28 +3,127 @@
 //! receive is stuck for good, and how it ends. Per-packet rules (admission, write order) are in
 //! `reassembly`.
 
-use crate::error::{Error, Result};
+use std::sync::Mutex;
+
+use crate::error::{Error, Missing, Result};
 use crate::ids::ChannelId;
-use crate::receiver::reassembly::Reassembly;
+use crate::receiver::accept::Channels;
+use crate::receiver::reassembly::{Admit, Admitted, Reassembly};
+use crate::wire::{DeviceStateHeader, VfioPacketHeader};
+
+/// Most warnings kept word for word; the rest are counted.
+const MAX_WARNINGS: usize = 16;
+/// Most channels described one by one in a stall report.
+const MAX_REPORTED_CHANNELS: usize = 16;
+
+/// What a receive noticed that did not fail it (connections that were not channels, what came
+/// after every device completed), bounded.
+#[derive(Debug, Default)]
+pub(crate) struct Warnings {
+    list: Vec<String>,
+    more: u64,
+}
+
+impl Warnings {
+    /// Keeps `w` (counts it only, past [`MAX_WARNINGS`]).
+    pub(crate) fn push(&mut self, w: String) {
+        if self.list.len() < MAX_WARNINGS {
+            self.list.push(w);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// The first warning.
+    pub(crate) fn first(&self) -> Option<&String> {
+        self.list.first()
+    }
+
+    /// Every warning kept, plus one line for those only counted.
+    pub(crate) fn into_vec(self) -> Vec<String> {
+        let mut v = self.list;
+        if self.more > 0 {
+            v.push(format!("{} more warning(s) not shown", self.more));
+        }
+        v
+    }
+}
 
 /// The state both backends share under one mutex.
 #[derive(Debug)]
 pub(crate) struct RecvState<'r> {
     /// The per-packet bookkeeping.
     pub(crate) reassembly: &'r mut Reassembly,
+    channels: &'r Channels,
+    warnings: &'r Mutex<Warnings>,
     /// Bumped whenever a write frees memory: a parked channel must retry.
     epoch: u64,
     /// Per channel: the epoch at which its packet was last refused, while it is parked.
     parked_at: Vec<Option<u64>>,
-    /// Per channel: the peer closed it at a packet boundary.
+    /// Per channel: it ended (the peer closed it at a packet boundary, it failed in a way that
+    /// was excused, or it is not needed any more).
     closed: Vec<bool>,
+    /// Per channel: the admitted packet whose payload it is receiving.
+    receiving: Vec<Option<Admitted>>,
+    /// Per channel: why it ended early, when it did.
+    ended: Vec<Option<String>>,
+    /// The first channel failure excused so far: the outcome if a device stays incomplete.
+    deferred: Option<Error>,
+    /// Every device completed; nothing more is read.
+    complete: bool,
     err: Option<Error>,
 }
 
 impl<'r> RecvState<'r> {
-    /// The state of a receive over `channels` channels.
-    pub(crate) fn new(reassembly: &'r mut Reassembly, channels: usize) -> RecvState<'r> {
-        RecvState { reassembly, epoch: 0, parked_at: vec![None; channels], closed: vec![false; channels], err: None }
+    /// The state of a receive over `channels`; warnings go to `warnings`.
+    pub(crate) fn new(
+        reassembly: &'r mut Reassembly,
+        channels: &'r Channels,
+        warnings: &'r Mutex<Warnings>,
+    ) -> RecvState<'r> {
+        let n = channels.count();
+        RecvState {
+            reassembly,
+            channels,
+            warnings,
+            epoch: 0,
+            parked_at: vec![None; n],
+            closed: vec![false; n],
+            receiving: vec![None; n],
+            ended: vec![None; n],
+            deferred: None,
+            complete: false,
+            err: None,
+        }
+    }
+
+    fn warn(&self, w: String) {
+        self.warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+    }
+
+    /// Offers a header that arrived on `ch` to the reassembly (markers are allowed only once
+    /// the return path was agreed on), and records what `ch` does next: receive the payload,
+    /// or wait for memory.
+    ///
+    /// # Errors
+    /// As `Reassembly::admit`.
+    pub(crate) fn admit(&mut self, ch: ChannelId, h: &DeviceStateHeader, v: VfioPacketHeader) -> Result<Admit> {
+        self.reassembly.allow_markers(self.channels.rp_agreed());
+        let r = self.reassembly.admit(ch, h, v)?;
+        match r {
+            Admit::Wait => self.park(ch),
+            Admit::Accept(a) => {
+                self.unpark(ch);
+                self.receiving[ch.index()] = (a.len > 0).then_some(a);
+            }
+        }
+        Ok(r)
+    }
+
+    /// The payload of `a`, admitted on `ch`, is complete.
+    pub(crate) fn received(&mut self, ch: ChannelId, a: Admitted) {
+        self.reassembly.received(a);
+        self.receiving[ch.index()] = None;
     }
 
     /// `ch`'s packet was refused for lack of memory: it waits for the next write.
@@ -42,9 +141,36 @@ impl<'r> RecvState<'r> {
         self.parked_at[ch.index()].is_some()
     }
 
-    /// A write (or a config applied) freed memory.
+    /// A write (or a config applied) freed memory. When that completed the last device, the
+    /// receive is complete: every channel stops reading (a channel that is still open, as QEMU
+    /// leaves them, or never connected is not waited for).
     pub(crate) fn freed(&mut self) {
         self.epoch += 1;
+        if !self.complete && self.reassembly.all_finished() {
+            self.complete = true;
+            let missing: Vec<String> = ChannelId::all(self.closed.len())
+                .filter(|&c| self.channels.get(c).is_none())
+                .map(|c| c.to_string())
+                .collect();
+            if !missing.is_empty() {
+                self.warn(format!(
+                    "channel(s) {} never connected; every device completed without them (does the source use \
+                     fewer channels than this receiver?)",
+                    missing.join(", ")
+                ));
+            }
+            for c in ChannelId::all(self.closed.len()) {
+                if self.channels.get(c).is_none() {
+                    self.closed[c.index()] = true;
+                }
+            }
+            self.channels.stop_reading();
+        }
+    }
+
+    /// Whether every device completed (nothing more is read).
+    pub(crate) fn complete(&self) -> bool {
+        self.complete
     }
 
     /// `ch` ended cleanly (EOF at a packet boundary).
@@ -52,9 +178,55 @@ impl<'r> RecvState<'r> {
         self.closed[ch.index()] = true;
     }
 
+    /// Whether `ch` ended (or is not needed any more).
+    pub(crate) fn is_closed(&self, ch: ChannelId) -> bool {
+        self.closed[ch.index()]
+    }
+
     /// Whether every channel ended.
     pub(crate) fn all_closed(&self) -> bool {
         self.closed.iter().all(|&c| c)
+    }
+
+    /// Channel `ch` failed with `e`. Whether that fails the receive is decided here, for both
+    /// backends:
+    ///
+    /// * after every device completed, anything on a channel is a warning, never an error (a
+    ///   reset instead of a FIN, one more packet, bytes that are not a packet);
+    /// * a local failure, or one inside a payload (that packet can never arrive now), is the
+    ///   error at once;
+    /// * a reset or close between packets, or bytes or a packet arriving once the stream they
+    ///   concern was complete (every packet of the device, or of every device, admitted), end
+    ///   the channel only: the error is the outcome only if a device is still incomplete when
+    ///   every channel ended (`finish`), and a warning if every device completes.
+    ///
+    /// # Errors
+    /// `e`, when it fails the receive now.
+    pub(crate) fn channel_failed(&mut self, ch: ChannelId, e: Error) -> Result<()> {
+        if !is_channel_input(&e) {
+            return Err(e);
+        }
+        if self.complete || self.reassembly.all_finished() {
+            self.warn(format!("{e} (after every device completed; ignored)"));
+        } else if self.excusable(ch, &e) {
+            self.ended[ch.index()] = Some(e.to_string());
+            Error::keep_root_cause(&mut self.deferred, e);
+        } else {
+            return Err(e);
+        }
+        self.closed[ch.index()] = true;
+        self.parked_at[ch.index()] = None;
+        self.receiving[ch.index()] = None;
+        Ok(())
+    }
+
+    /// Whether `e` on `ch` leaves every device able to complete without `ch`.
+    fn excusable(&self, ch: ChannelId, e: &Error) -> bool {
+        match e {
+            Error::Channel { .. } | Error::ChannelClosed { .. } => self.receiving[ch.index()].is_none(),
+            Error::Protocol { device: Some(id), .. } => self.reassembly.stream_admitted(id),
+            _ => self.reassembly.all_streams_admitted(),
+        }
     }
 
     /// Every open channel waits for memory it was refused *since the last write*, and no write
@@ -70,6 +242,40 @@ impl<'r> RecvState<'r> {
         Error::BudgetExceeded { what: self.reassembly.stuck_report() }
     }
 
+    /// Who waits for what, for a stall error: the first incomplete device, then every channel
+    /// (the first [`MAX_REPORTED_CHANNELS`]) with its state.
+    pub(crate) fn stall_report(&self) -> String {
+        let dev = match self.reassembly.incomplete_error() {
+            Some(Error::Incomplete { device, missing }) => format!("device {device}: {}", waiting_for(&missing)),
+            _ => "every device complete".to_string(),
+        };
+        let n = self.closed.len();
+        let mut chans: Vec<String> = ChannelId::all(n).take(MAX_REPORTED_CHANNELS).map(|c| self.describe(c)).collect();
+        if n > MAX_REPORTED_CHANNELS {
+            let open = ChannelId::all(n).skip(MAX_REPORTED_CHANNELS).filter(|&c| !self.closed[c.index()]).count();
+            chans.push(format!("{} more channel(s), {open} of them open", n - MAX_REPORTED_CHANNELS));
+        }
+        format!("{dev}; {}", chans.join(", "))
+    }
+
+    fn describe(&self, c: ChannelId) -> String {
+        let i = c.index();
+        let state = if let Some(why) = &self.ended[i] {
+            format!("ended ({why})")
+        } else if self.closed[i] {
+            "closed".to_string()
+        } else if self.channels.get(c).is_none() {
+            "not connected".to_string()
+        } else if self.parked(c) {
+            "waiting for memory for its next packet".to_string()
+        } else if let Some(a) = self.receiving[i] {
+            format!("inside packet {} of device {} ({} bytes)", a.idx, self.reassembly.id(a.dev), a.len)
+        } else {
+            "open, waiting for a packet header".to_string()
+        };
+        format!("channel {c} {state}")
+    }
+
     /// Records a failure; the first root cause wins (an `Aborted` echo never replaces it).
     pub(crate) fn fail(&mut self, e: Error) {
         Error::keep_root_cause(&mut self.err, e);
@@ -80,7 +286,9 @@ impl<'r> RecvState<'r> {
         self.err.is_some()
     }
 
-    /// The run's outcome: the first failure, else a device still incomplete, else success.
+    /// The run's outcome: the first failure; else success when every device completed (a
+    /// channel failure excused on the way is then a warning); else that channel failure, or
+    /// the first incomplete device.
     ///
     /// # Errors
     /// As described.
@@ -88,7 +296,41 @@ impl<'r> RecvState<'r> {
         if let Some(e) = self.err {
             return Err(e);
         }
+        if self.reassembly.all_finished() {
+            if let Some(e) = &self.deferred {
+                self.warn(format!("{e} (every device completed nonetheless; ignored)"));
+            }
+            return Ok(());
+        }
+        if let Some(e) = self.deferred {
+            return Err(e);
+        }
         self.reassembly.incomplete_error().map_or(Ok(()), Err)
+    }
+}
+
+/// Errors about what a channel delivered (as opposed to local or device failures).
+fn is_channel_input(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Channel { .. }
+            | Error::ChannelClosed { .. }
+            | Error::Wire { .. }
+            | Error::Protocol { .. }
+            | Error::UnknownDevice { .. }
+    )
+}
+
+/// What an incomplete device waits for, while channels may still deliver it.
+fn waiting_for(m: &Missing) -> String {
+    match m {
+        Missing::Everything => "no packet received yet".to_string(),
+        Missing::Config { written, next } => {
+            format!("{written} data packets written, waiting for packet {next} (its config packet has not arrived)")
+        }
+        Missing::Packet { idx, config_idx, written } => {
+            format!("waiting for packet {idx} (config packet index {config_idx}, {written} data packets written)")
+        }
     }
 }
 
@@ -100,7 +342,9 @@ mod tests {
     #[test]
     fn stuck_needs_every_open_channel_parked_at_this_epoch() {
         let mut reassembly = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 1, 4096, false);
-        let mut st = RecvState::new(&mut reassembly, 2);
+        let chans = Channels::new(2, 0).unwrap();
+        let warnings = Mutex::new(Warnings::default());
+        let mut st = RecvState::new(&mut reassembly, &chans, &warnings);
         let (c0, c1) = (ChannelId::new(0), ChannelId::new(1));
         assert!(!st.stuck());
         st.park(c0);

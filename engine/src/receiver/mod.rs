@@ -1,13 +1,15 @@
 //! The destination side: multifd packets in, device state out.
 //!
-//! * `mod.rs` (this file): the public [`Receiver`], device targets, channel set-up (accept,
-//!   init packets) and the report.
+//! * `mod.rs` (this file): the public [`Receiver`], device targets and the report.
+//! * `accept`: channel set-up (connections, init packets, strays, extra channels), running
+//!   next to the backend for the whole receive.
 //! * `reassembly`: per-packet admission within the memory budget and the write order (why it
 //!   cannot deadlock is in its module docs).
 //! * `core`: the run-wide rules (parked and closed channels, stuck detection, first error,
 //!   the epilogue), shared by both backends.
 //! * `uring` and `blocking`: the two backends.
 
+pub(crate) mod accept;
 mod blocking;
 pub(crate) mod core;
 pub(crate) mod reassembly;
@@ -15,23 +17,25 @@ mod uring;
 
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vfio_migration::{transition, MigFlags, MigState, MigrationDevice};
 
+use self::accept::Channels;
+use self::core::Warnings;
 use self::reassembly::Reassembly;
 use crate::abort::AbortHandle;
-use crate::backend::TICK;
 use crate::blocking::{recv_exact, Bounds, Fail};
 use crate::config::ReceiverConfig;
-use crate::error::{Error, ProtocolViolation, Result, Stage};
+use crate::error::{Error, Result};
 use crate::ids::{ChannelId, DeviceIndex};
 use crate::rp::{Message, Verdict};
 use crate::stats::{BackendKind, ChannelCounters, Progress, ReceiverDeviceReport, ReceiverReport};
-use crate::sys::{self, Kernel};
+use crate::sys::Kernel;
 use crate::wire::{
-    DeviceId, DeviceStateHeader, InitPacket, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, EXT_COMMIT, EXT_RETURN_PATH,
-    INIT_PACKET_LEN, VFIO_HEADER_LEN,
+    DeviceId, DeviceStateHeader, VfioPacketHeader, DEVICE_STATE_HEADER_LEN, EXT_COMMIT, EXT_RETURN_PATH,
+    VFIO_HEADER_LEN,
 };
 
 pub(crate) enum TargetKind<'a> {
@@ -42,7 +46,7 @@ pub(crate) enum TargetKind<'a> {
 /// The extension features this receiver accepts when the source offers them.
 /// `EXT_COMMIT` needs the receive to end when every device is complete while channel 0 stays
 /// open (the source holds its FIN as the commit).
-const ACCEPTED_FEATURES: u8 = EXT_RETURN_PATH;
+pub(crate) const ACCEPTED_FEATURES: u8 = EXT_RETURN_PATH;
 
 /// One destination device: where its stream is written and its config applied.
 pub(crate) struct Target<'a> {
@@ -191,13 +195,15 @@ impl std::fmt::Debug for Receiver<'_> {
 /// Shared context of one receive.
 pub(crate) struct RecvShared<'c> {
     pub(crate) cfg: &'c ReceiverConfig,
-    /// Channel sockets by channel id.
-    pub(crate) channels: Vec<BorrowedFd<'c>>,
-    /// The return path on channel 0, when the source offered it and this side accepted.
-    pub(crate) rp: Option<crate::rp::Writer<'c>>,
+    /// Channel sockets by channel id, published as their init packets are validated.
+    pub(crate) channels: &'c Channels,
+    /// The return path on channel 0, once the source offered it and this side accepted.
+    pub(crate) rp: OnceLock<crate::rp::Writer<'c>>,
     pub(crate) counters: Vec<ChannelCounters>,
     pub(crate) abort: AbortHandle,
     pub(crate) progress: Progress,
+    /// What did not fail the receive but should be known (bounded).
+    pub(crate) warnings: Mutex<Warnings>,
 }
 
 impl RecvShared<'_> {
@@ -221,7 +227,7 @@ impl RecvShared<'_> {
     /// # Errors
     /// [`Error::ReturnPath`] when the message cannot be sent.
     pub(crate) fn initial_data_loaded(&self, device: &DeviceId) -> Result<()> {
-        match &self.rp {
+        match self.rp.get() {
             Some(rp) => rp.send(&Message::SwitchoverAck { device: device.clone() }),
             None => Err(Error::internal("a marker was admitted without a return path")),
         }
@@ -290,37 +296,18 @@ impl<'a> Receiver<'a> {
         self.progress.clone()
     }
 
-    /// Accepts `channels` connections on `listener` (within the accept timeout) and runs.
+    /// Takes `channels` channels from `listener` and runs. Connections are validated
+    /// concurrently: a connection becomes a channel as soon as its init packet is valid (and is
+    /// received from at once), one that sends nothing valid is dropped with a warning, and the
+    /// accept timeout bounds the whole set-up, counted from its start. The listener is watched
+    /// until the receive ends: a connection announcing a channel id at or above `channels`
+    /// fails the receive ([`Error::ChannelCount`]).
     ///
     /// # Errors
-    /// As [`Receiver::run`], plus accept failures and timeouts.
+    /// As [`Receiver::run`], plus accept failures, [`Error::ChannelCount`] and the accept
+    /// timeout ([`Error::Timeout`], naming the channels missing and the connections dropped).
     pub fn run_listener(self, listener: &TcpListener, channels: usize) -> Result<ReceiverReport> {
-        if channels == 0 || channels > crate::wire::MAX_CHANNELS {
-            return Err(Error::Config(format!("{channels} channels outside 1..=256")));
-        }
-        let deadline = Instant::now() + self.cfg.accept_timeout;
-        let mut socks = Vec::with_capacity(channels);
-        while socks.len() < channels {
-            if self.abort.is_aborted() {
-                return Err(Error::Aborted);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout {
-                    what: format!("accepting channels: {} of {channels} connected", socks.len()),
-                    after: self.cfg.accept_timeout,
-                });
-            }
-            let ready = sys::wait_readable(&[listener.as_fd(), self.abort.as_fd()], left.min(TICK))
-                .map_err(|e| Error::sys("poll listener", e))?;
-            if !ready || self.abort.is_aborted() {
-                continue;
-            }
-            let (s, _) = listener.accept().map_err(|e| Error::sys("accept", e))?;
-            s.set_nodelay(true).map_err(|e| Error::sys("TCP_NODELAY", e))?;
-            socks.push(OwnedFd::from(s));
-        }
-        self.run(socks)
+        self.run_with(Some(listener), channels, Vec::new())
     }
 
     /// Walks every device to RESUMING (they all enter it before any channel is read).
@@ -345,14 +332,19 @@ impl<'a> Receiver<'a> {
     }
 
     /// Runs on already accepted sockets (any order: each one's init packet says which channel it
-    /// is). Returns once every channel is closed and every device is loaded.
+    /// is; each is received from as soon as its init packet is valid). Returns once every
+    /// device is loaded; channels still open then (QEMU leaves them open) are not waited for.
     ///
     /// # Errors
     /// The first failure, naming the channel, device and packet index. Devices are left where
     /// the failure left them (RESUMING, typically), which a reset recovers.
-    pub fn run(mut self, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
+    pub fn run(self, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
         let n = socks.len();
-        self.cfg.validate(n, self.targets.len()).map_err(Error::Config)?;
+        self.run_with(None, n, socks)
+    }
+
+    fn run_with(mut self, listener: Option<&TcpListener>, n: usize, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
+        self.cfg.validate(n, self.targets.len())?;
         for (i, a) in self.targets.iter().enumerate() {
             if self.targets[..i].iter().any(|b| b.id == a.id) {
                 return Err(Error::Config(format!("device {} expected twice", a.id)));
@@ -361,36 +353,55 @@ impl<'a> Receiver<'a> {
         let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
         self.enter_resuming()?;
         let started = Instant::now();
-        let (ordered, offer) = read_inits(socks, &self.cfg, &self.abort)?;
-        let accepted = if self.cfg.return_path { offer & ACCEPTED_FEATURES } else { 0 };
-        let rp = (accepted & EXT_RETURN_PATH != 0)
-            .then(|| crate::rp::Writer::new(ordered[0].as_fd(), self.abort.clone(), self.cfg.stall_timeout));
-        if let Some(rp) = &rp {
-            rp.send(&Message::Hello { features: accepted })?;
-        }
-        let commit = rp.is_some() && accepted & EXT_COMMIT != 0;
+        let workers = if backend == BackendKind::Uring { self.cfg.workers_for(n) } else { 0 };
+        let chans = Channels::new(n, workers)?;
         let shared = RecvShared {
             cfg: &self.cfg,
-            channels: ordered.iter().map(|s| s.as_fd()).collect(),
-            rp,
+            channels: &chans,
+            rp: OnceLock::new(),
             counters: (0..n).map(|_| ChannelCounters::default()).collect(),
             abort: self.abort.clone(),
             progress: self.progress.clone(),
+            warnings: Mutex::new(Warnings::default()),
         };
         let budget = self.cfg.budget_slots(n);
         let ids = self.targets.iter().map(|t| t.id.clone()).collect();
-        let mut reassembly = Reassembly::new(ids, budget, self.cfg.slot_bytes(), shared.rp.is_some());
-        let res = match backend {
-            BackendKind::Uring => uring::run(&shared, &mut reassembly, &mut self.targets),
-            BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
-        };
+        let mut reassembly = Reassembly::new(ids, budget, self.cfg.slot_bytes(), false);
+        let targets = &mut self.targets;
+        let res = std::thread::scope(|s| {
+            let shared = &shared;
+            let acc = std::thread::Builder::new()
+                .name("vfmfd-accept".into())
+                .spawn_scoped(s, move || {
+                    let r = accept::run(shared, listener, socks);
+                    if r.as_ref().is_err_and(|e| !e.is_aborted()) {
+                        shared.abort.abort();
+                    }
+                    r
+                })
+                .map_err(|e| Error::sys("spawn the channel set-up thread", e))?;
+            let res = match backend {
+                BackendKind::Uring => uring::run(shared, &mut reassembly, targets),
+                BackendKind::Blocking => blocking::run(shared, &mut reassembly, targets),
+            };
+            chans.stop_accepting();
+            let acc = acc.join().unwrap_or_else(|_| Err(Error::internal("the channel set-up thread panicked")));
+            // A set-up failure (an extra channel, the accept timeout) explains whatever the
+            // backend saw after it.
+            match (acc, res) {
+                (Err(e), _) if !e.is_aborted() => Err(e),
+                (_, r) => r,
+            }
+        });
         let res = res.and_then(|()| validate_targets(&mut self.targets));
-        if let Some(rp) = &shared.rp {
+        if let Some(rp) = shared.rp.get() {
             send_verdicts(rp, &self.targets, &res)?;
         }
         res?;
+        let commit = shared.rp.get().is_some() && chans.features() & EXT_COMMIT != 0;
         if commit {
-            wait_commit(shared.channels[0], self.cfg.stall_timeout, &self.abort)?;
+            let ch0 = chans.get(ChannelId::new(0)).ok_or_else(|| Error::internal("a commit without channel 0"))?;
+            wait_commit(ch0, self.cfg.stall_timeout, &self.abort)?;
         }
         start_targets(&mut self.targets)?;
         let devices_ready_after = started.elapsed();
@@ -412,6 +423,7 @@ impl<'a> Receiver<'a> {
                 }
             })
             .collect();
+        let warnings = std::mem::take(&mut *shared.warnings.lock().unwrap_or_else(|p| p.into_inner())).into_vec();
         Ok(ReceiverReport {
             backend,
             fallback_reason,
@@ -421,7 +433,8 @@ impl<'a> Receiver<'a> {
             peak_held_bytes: reassembly.peak_held(),
             reserved_bytes: (reassembly.slot_count() * self.cfg.slot_bytes()) as u64,
             devices_ready_after,
-            return_path: shared.rp.is_some(),
+            return_path: shared.rp.get().is_some(),
+            warnings,
         })
     }
 }
@@ -445,39 +458,4 @@ fn send_verdicts(rp: &crate::rp::Writer<'_>, targets: &[Target<'_>], res: &Resul
         r?;
     }
     Ok(())
-}
-
-/// Reads and validates every channel's init packet; returns the sockets ordered by channel id,
-/// and the extension features channel 0 offered.
-fn read_inits(socks: Vec<OwnedFd>, cfg: &ReceiverConfig, abort: &AbortHandle) -> Result<(Vec<OwnedFd>, u8)> {
-    let n = socks.len();
-    let mut slots: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
-    let mut offer = 0;
-    let bounds = Bounds::new(abort, cfg.accept_timeout);
-    for (connection, s) in (0u32..).zip(socks) {
-        let mut b = [0u8; INIT_PACKET_LEN];
-        recv_exact(&Kernel, s.as_fd(), &mut b, bounds).map_err(|f| match f {
-            Fail::Eof { got } => Error::ConnectionClosed { connection, during: Stage::InitPacket { got } },
-            Fail::Os(e) => Error::Connection { connection, op: "receive init packet", source: e },
-            Fail::Stalled => Error::Timeout {
-                what: format!("init packet of connection {connection} (accept order)"),
-                after: cfg.accept_timeout,
-            },
-            Fail::Aborted => Error::Aborted,
-        })?;
-        let p = InitPacket::decode(&b, n, &cfg.uuid).map_err(|e| Error::InitPacket { connection, source: e })?;
-        let channel = ChannelId::new(p.id);
-        if channel.get() == 0 {
-            offer = p.offer;
-        }
-        if slots[channel.index()].is_some() {
-            return Err(Error::Protocol {
-                channel,
-                device: None,
-                violation: ProtocolViolation::DuplicateChannelId { channel, connection },
-            });
-        }
-        slots[channel.index()] = Some(s);
-    }
-    Ok((slots.into_iter().map(|s| s.expect("n distinct ids below n cover every slot")).collect(), offer))
 }

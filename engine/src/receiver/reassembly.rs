@@ -307,9 +307,28 @@ impl Reassembly {
     }
 
     /// Whether every device has completed.
-    #[cfg(test)]
     pub(crate) fn all_finished(&self) -> bool {
         self.devs.iter().all(|d| d.finished)
+    }
+
+    /// Whether initial-data markers are allowed from now on (the return path was agreed on).
+    pub(crate) fn allow_markers(&mut self, yes: bool) {
+        self.markers = yes;
+    }
+
+    /// Whether the stream of the device named `id` is complete on arrival: it finished, or its
+    /// config packet and every index below it were admitted (nothing more may come for it).
+    pub(crate) fn stream_admitted(&self, id: &crate::wire::DeviceId) -> bool {
+        self.devs.iter().find(|d| d.id == *id).is_some_and(Self::dev_admitted)
+    }
+
+    /// Whether every device's stream is complete on arrival (see `stream_admitted`).
+    pub(crate) fn all_streams_admitted(&self) -> bool {
+        self.devs.iter().all(Self::dev_admitted)
+    }
+
+    fn dev_admitted(d: &Dev) -> bool {
+        d.finished || d.config_idx.is_some_and(|c| d.lowest_missing > c)
     }
 
     /// Whether any device has a write in flight or a packet ready to write: if not, and every

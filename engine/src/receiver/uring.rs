@@ -26,7 +26,6 @@ use crate::pool::BufferPool;
 use crate::receiver::core::RecvState;
 use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
-use crate::sys::EventFd;
 use crate::uring::{
     self, describe_setup_error, Completion, Driver, Ring, StallClock, Token, Uring, CQ_ENTRIES, SQ_ENTRIES,
 };
@@ -48,7 +47,6 @@ struct Shared<'r, 's, 'c, 'a, 'shared> {
     pool: ManuallyDrop<BufferPool>,
     leaked: AtomicBool,
     run: &'s RecvShared<'c>,
-    kicks: Vec<EventFd>,
     workers: usize,
     clock: StallClock,
 }
@@ -70,30 +68,29 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     /// Wakes every other worker that has a parked channel: memory was freed.
     fn kick_others(&self, me: usize, g: &RecvState<'_>) {
         for w in (0..self.workers).filter(|&w| w != me) {
-            let parked = ChannelId::all(self.run.channels.len()).skip(w).step_by(self.workers).any(|c| g.parked(c));
+            let parked = ChannelId::all(self.run.channels.count()).skip(w).step_by(self.workers).any(|c| g.parked(c));
             if parked {
-                self.kicks[w].signal();
+                self.run.channels.kicks[w].signal();
             }
         }
     }
 }
 
 pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let n = run.channels.len();
-    let workers = run.cfg.workers_for(n);
+    let n = run.channels.count();
+    // One kick eventfd per worker, made with the channels (an arriving channel kicks its worker).
+    let workers = run.channels.kicks.len();
+    if workers == 0 || workers > n {
+        return Err(Error::internal(format!("{workers} receive workers for {n} channels")));
+    }
     let pool = BufferPool::new(reassembly.slot_count(), 0, run.cfg.slot_bytes())
         .map_err(|e| Error::sys("mmap receive pool", e))?;
-    let kicks = (0..workers)
-        .map(|_| EventFd::new())
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| Error::sys("eventfd", e))?;
     let mut shared = Shared {
-        st: Mutex::new(RecvState::new(reassembly, n)),
+        st: Mutex::new(RecvState::new(reassembly, run.channels, &run.warnings)),
         targets: targets.iter_mut().map(Mutex::new).collect(),
         pool: ManuallyDrop::new(pool),
         leaked: AtomicBool::new(false),
         run,
-        kicks,
         workers,
         clock: StallClock::new(),
     };
@@ -130,6 +127,8 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
 /// A channel's receive state; each variant carries what that state needs.
 #[derive(Debug, Clone, Copy)]
 enum Chan {
+    /// Not connected yet (its fixed file is empty until its init packet is valid).
+    Waiting,
     /// Receiving a header into the channel's header buffer.
     Header { got: usize },
     /// Receiving a payload into an admitted slot.
@@ -201,15 +200,16 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => false,
         Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS for the receive budget", e)),
     };
-    let chans: Vec<ChannelId> = ChannelId::all(shared.run.channels.len()).skip(me).step_by(shared.workers).collect();
+    let chans: Vec<ChannelId> = ChannelId::all(shared.run.channels.count()).skip(me).step_by(shared.workers).collect();
     let ndev = shared.targets.len();
-    // Fixed files: channels 0..C, devices C..C+D, abort, kick.
-    let mut files: Vec<i32> = chans.iter().map(|c| shared.run.channels[c.index()].as_raw_fd()).collect();
+    // Fixed files: channels 0..C (empty until connected), devices C..C+D, abort, kick.
+    let present: Vec<Option<i32>> = chans.iter().map(|&c| shared.run.channels.get(c).map(|f| f.as_raw_fd())).collect();
+    let mut files: Vec<i32> = present.iter().map(|f| f.unwrap_or(-1)).collect();
     for d in DeviceIndex::all(ndev) {
         files.push(shared.target(d).data_fd().map_or(-1, |f| f.as_raw_fd()));
     }
     files.push(shared.run.abort.as_fd().as_raw_fd());
-    files.push(shared.kicks[me].as_fd().as_raw_fd());
+    files.push(shared.run.channels.kicks[me].as_fd().as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
     let _ = ring.limit_workers(2, 2);
     let nloc = chans.len();
@@ -219,7 +219,7 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         shared,
         me,
         hdrs: ManuallyDrop::new((0..nloc).map(|_| UnsafeCell::new([0u8; PACKET_OVERHEAD])).collect()),
-        ch: vec![Chan::Header { got: 0 }; nloc],
+        ch: present.iter().map(|f| if f.is_some() { Chan::Header { got: 0 } } else { Chan::Waiting }).collect(),
         chans,
         wr: vec![None; ndev],
         kick_buf: ManuallyDrop::new(Box::new(0)),
@@ -246,10 +246,17 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
             self.unpark()?;
         }
         let own_writes = self.wr.iter().any(Option::is_some);
-        if self.ch.iter().all(|c| matches!(c, Chan::Closed)) && !own_writes {
+        let g = self.shared.lock();
+        // A channel that never connected ends when the core gives up on it (every device
+        // completed without it).
+        let ended = |(c, gc): (&Chan, &ChannelId)| match c {
+            Chan::Closed => true,
+            Chan::Waiting => g.is_closed(*gc),
+            _ => false,
+        };
+        if self.ch.iter().zip(&self.chans).all(ended) && !own_writes {
             return Ok(true);
         }
-        let g = self.shared.lock();
         if g.stuck() {
             return Err(g.stuck_error());
         }
@@ -264,11 +271,15 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
                 // EAGAIN: another reader drained the counter; EINTR: nothing happened.
                 r if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => {
                     self.arm_kick()?;
+                    self.adopt()?;
                     self.unpark()
                 }
                 r => Err(Error::sys("read receive-worker kick eventfd", crate::uring::cqe_error(r))),
             },
-            K_RECV => self.on_recv(tok.at(), c.res),
+            K_RECV => {
+                let r = self.on_recv(tok.at(), c.res);
+                self.settle(tok.at(), r)
+            }
             K_WRITE => self.on_write(DeviceIndex::new(tok.at()), c.res),
             // The poll's outcome shows in the write linked after it.
             K_WPOLL => Ok(()),
@@ -281,24 +292,13 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn stall_report(&self) -> String {
-        let g = self.shared.lock();
-        let open: Vec<String> = self
-            .ch
-            .iter()
-            .zip(&self.chans)
-            .filter(|(c, _)| !matches!(c, Chan::Closed))
-            .map(|(c, gc)| match c {
-                Chan::Payload { a, got } => {
-                    format!("channel {gc} in packet {} of {} ({got} of {} bytes)", a.idx, g.reassembly.id(a.dev), a.len)
-                }
-                Chan::Parked => format!("channel {gc} waiting for memory"),
-                _ => format!("channel {gc} waiting for a packet header"),
-            })
-            .collect();
-        match g.reassembly.incomplete_error() {
-            Some(e) => format!("{e}; {}", open.join(", ")),
-            None => format!("all devices complete; waiting for channels to close: {}", open.join(", ")),
-        }
+        self.shared.lock().stall_report()
+    }
+
+    /// Until every channel connected, waiting is channel set-up, bounded by the accept timeout
+    /// (the set-up thread's), not a stall.
+    fn idle(&self) -> bool {
+        !self.shared.run.channels.all_arrived()
     }
 }
 
@@ -316,7 +316,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         for i in 0..self.chans.len() {
             self.recv_next(i)?;
         }
-        Ok(())
+        self.adopt()
     }
 
     fn push(&mut self, entries: &[squeue::Entry]) -> Result<()> {
@@ -342,7 +342,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 let p = unsafe { self.shared.pool.payload_ptr(a.slot as usize).add(got) };
                 (p, a.len - got)
             }
-            Chan::Parked | Chan::Closed => return Ok(()),
+            Chan::Waiting | Chan::Parked | Chan::Closed => return Ok(()),
         };
         let e = opcode::Recv::new(types::Fixed(i as u32), ptr, len as u32)
             .flags(libc::MSG_WAITALL)
@@ -384,7 +384,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 self.recv_next(i)
             }
             Chan::Payload { a, .. } => self.payload_done(i, a),
-            Chan::Parked | Chan::Closed => {
+            Chan::Waiting | Chan::Parked | Chan::Closed => {
                 Err(Error::internal(format!("a receive completed on channel {gc} with no receive in flight")))
             }
         }
@@ -405,7 +405,9 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 got: *got,
                 len: a.len,
             },
-            Chan::Parked | Chan::Closed => return Err(Error::internal("end of stream with no receive in flight")),
+            Chan::Waiting | Chan::Parked | Chan::Closed => {
+                return Err(Error::internal("end of stream with no receive in flight"))
+            }
         };
         Err(Error::ChannelClosed { channel: gc, during })
     }
@@ -419,15 +421,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
 
     fn offer(&mut self, i: usize, h: &DeviceStateHeader, v: VfioPacketHeader) -> Result<()> {
         let gc = self.chans[i];
-        let admit = {
-            let mut g = self.shared.lock();
-            let r = g.reassembly.admit(gc, h, v)?;
-            match r {
-                Admit::Wait => g.park(gc),
-                Admit::Accept(_) => g.unpark(gc),
-            }
-            r
-        };
+        let admit = self.shared.lock().admit(gc, h, v)?;
         match admit {
             Admit::Accept(a) if a.len == 0 => self.payload_done(i, a),
             Admit::Accept(a) => {
@@ -442,7 +436,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn payload_done(&mut self, i: usize, a: Admitted) -> Result<()> {
-        self.shared.lock().reassembly.received(a);
+        self.shared.lock().received(self.chans[i], a);
         self.ch[i] = Chan::Header { got: 0 };
         self.recv_next(i)?;
         self.try_write(a.dev)
@@ -550,8 +544,39 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         for i in 0..self.ch.len() {
             if matches!(self.ch[i], Chan::Parked) {
                 let (h, v) = self.decode(i)?;
-                self.offer(i, &h, v)?;
+                let r = self.offer(i, &h, v);
+                self.settle(i, r)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The outcome of channel `i`'s last step: a failure goes to the core, which says whether
+    /// it fails the receive or only ends the channel (no receive is in flight on it then).
+    fn settle(&mut self, i: usize, r: Result<()>) -> Result<()> {
+        let Err(e) = r else { return Ok(()) };
+        self.shared.lock().channel_failed(self.chans[i], e)?;
+        self.ch[i] = Chan::Closed;
+        Ok(())
+    }
+
+    /// Channels that connected since the last look: each takes its place in the fixed-file
+    /// table and starts receiving (unless the core no longer needs it).
+    fn adopt(&mut self) -> Result<()> {
+        for i in 0..self.ch.len() {
+            if !matches!(self.ch[i], Chan::Waiting) {
+                continue;
+            }
+            let gc = self.chans[i];
+            let Some(fd) = self.shared.run.channels.get(gc) else { continue };
+            if self.shared.lock().is_closed(gc) {
+                continue;
+            }
+            self.uring
+                .update_files(i as u32, &[fd.as_raw_fd()])
+                .map_err(|e| Error::sys("IORING_REGISTER_FILES_UPDATE for a new channel", e))?;
+            self.ch[i] = Chan::Header { got: 0 };
+            self.recv_next(i)?;
         }
         Ok(())
     }

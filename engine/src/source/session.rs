@@ -218,7 +218,7 @@ impl<'a> SourceSession<'a> {
     /// error. Every device is then back in RUNNING, or [`Error::Unrecovered`] names the one
     /// that could not be put back.
     pub fn run<R>(mut self, drive: impl FnOnce(&mut SessionControl<'_>) -> Result<R>) -> Result<(R, SourceReport)> {
-        self.cfg.validate(self.channels.len(), self.devices.len()).map_err(Error::Config)?;
+        self.cfg.validate(self.channels.len(), self.devices.len())?;
         check_unique_ids(&self.devices)?;
         let started = Instant::now();
         let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;

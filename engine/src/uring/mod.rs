@@ -154,6 +154,14 @@ impl Uring {
         }
     }
 
+    /// Replaces fixed files from `offset` (see [`Ring::update_files`]).
+    ///
+    /// # Errors
+    /// The kernel's errno.
+    pub(crate) fn update_files(&self, offset: u32, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+        self.ring.update_files(offset, fds)
+    }
+
     /// Whether the kernel may still use buffers this ring's operations refer to: the ring was
     /// leaked at teardown, or operations are still in flight (an unwind skipped `finish`).
     /// Their owners must then leak those buffers too.

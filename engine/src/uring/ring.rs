@@ -110,6 +110,15 @@ impl Ring {
         self.ring.submitter().register_files(fds)
     }
 
+    /// Replaces fixed files `offset..offset + fds.len()` (a receive channel that connected
+    /// after the ring was set up takes its place in the table).
+    ///
+    /// # Errors
+    /// The kernel's errno (`EBADF` for a closed fd, `EINVAL` for an offset past the table).
+    pub(crate) fn update_files(&self, offset: u32, fds: &[RawFd]) -> io::Result<()> {
+        self.ring.submitter().register_files_update(offset, fds).map(|_| ())
+    }
+
     /// Caps io-wq workers (bounded, unbounded) for this ring.
     ///
     /// # Errors
