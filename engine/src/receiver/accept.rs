@@ -232,22 +232,20 @@ impl Acceptor<'_, '_> {
             let wait = if all { TICK } else { TICK.min(deadline - now) };
             let ready = self.poll(wait)?;
             let stopping = ready[0];
-            if ready[2] || stopping {
-                self.accept()?;
-            }
             // In accept order, so that of two connections with one id the later is named.
             let due: Vec<u32> = (self.pending.iter().zip(ready.iter().skip(3)))
                 .filter(|(_, &r)| r || stopping)
                 .map(|(p, _)| p.conn)
                 .collect();
             for conn in due {
-                if let Some(i) = self.pending.iter().position(|p| p.conn == conn) {
-                    self.step(i)?;
-                }
+                self.step_conn(conn)?;
+            }
+            if ready[2] || stopping {
+                self.accept()?;
             }
             if stopping {
                 for p in std::mem::take(&mut self.pending) {
-                    self.drop_stray(p, "sent no complete init packet before the receive ended");
+                    self.drop_stray(p, "no complete init packet before the receive ended");
                 }
                 return Ok(());
             }
@@ -285,11 +283,21 @@ impl Acceptor<'_, '_> {
             self.next_conn = self.next_conn.saturating_add(1);
             if self.pending.len() >= self.s.channels.count() + MAX_STRAYS {
                 let oldest = self.pending.remove(0);
-                self.drop_stray(oldest, "dropped for a newer connection: too many connections without an init packet");
+                self.drop_stray(oldest, "too many connections without an init packet (the oldest goes)");
             }
             self.pending.push(Pending::new(OwnedFd::from(sock), conn, format!(" from {addr}")));
+            // Its init packet (or its close) may be there already.
+            self.step_conn(conn)?;
         }
         Ok(())
+    }
+
+    /// [`Acceptor::step`] on the pending connection numbered `conn`, if it is still pending.
+    fn step_conn(&mut self, conn: u32) -> Result<()> {
+        match self.pending.iter().position(|p| p.conn == conn) {
+            Some(i) => self.step(i),
+            None => Ok(()),
+        }
     }
 
     /// Drops pending connections that sent no complete init packet within the accept timeout
@@ -300,7 +308,7 @@ impl Acceptor<'_, '_> {
         while i < self.pending.len() {
             if now.saturating_duration_since(self.pending[i].since) >= limit && self.listener.is_some() {
                 let p = self.pending.remove(i);
-                self.drop_stray(p, &format!("sent no complete init packet within {limit:?}"));
+                self.drop_stray(p, &format!("no complete init packet within {limit:?}"));
             } else {
                 i += 1;
             }
@@ -329,7 +337,7 @@ impl Acceptor<'_, '_> {
                 if self.listener.is_none() {
                     return Err(Error::Connection { connection: p.conn, op: "receive init packet", source: e });
                 }
-                let why = format!("failed during its init packet: {e}");
+                let why = format!("failed inside its init packet: {e}");
                 self.drop_stray(p, &why);
                 Ok(())
             }
@@ -381,7 +389,7 @@ impl Acceptor<'_, '_> {
             .warnings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(format!("{} was not a channel and was dropped: it {why}", p.name()));
+            .push(format!("{} dropped, not a channel: {why}", p.name()));
     }
 
     fn timeout(&self) -> Error {

@@ -367,32 +367,7 @@ impl<'a> Receiver<'a> {
         let budget = self.cfg.budget_slots(n);
         let ids = self.targets.iter().map(|t| t.id.clone()).collect();
         let mut reassembly = Reassembly::new(ids, budget, self.cfg.slot_bytes(), false);
-        let targets = &mut self.targets;
-        let res = std::thread::scope(|s| {
-            let shared = &shared;
-            let acc = std::thread::Builder::new()
-                .name("vfmfd-accept".into())
-                .spawn_scoped(s, move || {
-                    let r = accept::run(shared, listener, socks);
-                    if r.as_ref().is_err_and(|e| !e.is_aborted()) {
-                        shared.abort.abort();
-                    }
-                    r
-                })
-                .map_err(|e| Error::sys("spawn the channel set-up thread", e))?;
-            let res = match backend {
-                BackendKind::Uring => uring::run(shared, &mut reassembly, targets),
-                BackendKind::Blocking => blocking::run(shared, &mut reassembly, targets),
-            };
-            chans.stop_accepting();
-            let acc = acc.join().unwrap_or_else(|_| Err(Error::internal("the channel set-up thread panicked")));
-            // A set-up failure (an extra channel, the accept timeout) explains whatever the
-            // backend saw after it.
-            match (acc, res) {
-                (Err(e), _) if !e.is_aborted() => Err(e),
-                (_, r) => r,
-            }
-        });
+        let res = receive(&shared, backend, listener, socks, &mut reassembly, &mut self.targets);
         let res = res.and_then(|()| validate_targets(&mut self.targets));
         if let Some(rp) = shared.rp.get() {
             send_verdicts(rp, &self.targets, &res)?;
@@ -437,6 +412,44 @@ impl<'a> Receiver<'a> {
             warnings,
         })
     }
+}
+
+/// The receive itself: channel set-up on its own thread, next to the backend, for the whole
+/// receive.
+///
+/// # Errors
+/// A set-up failure (an extra channel, the accept timeout) before whatever the backend saw
+/// after it; else the backend's.
+fn receive(
+    shared: &RecvShared<'_>,
+    backend: BackendKind,
+    listener: Option<&TcpListener>,
+    socks: Vec<OwnedFd>,
+    reassembly: &mut Reassembly,
+    targets: &mut [Target<'_>],
+) -> Result<()> {
+    std::thread::scope(|s| {
+        let acc = std::thread::Builder::new()
+            .name("vfmfd-accept".into())
+            .spawn_scoped(s, move || {
+                let r = accept::run(shared, listener, socks);
+                if r.as_ref().is_err_and(|e| !e.is_aborted()) {
+                    shared.abort.abort();
+                }
+                r
+            })
+            .map_err(|e| Error::sys("spawn the channel set-up thread", e))?;
+        let res = match backend {
+            BackendKind::Uring => uring::run(shared, reassembly, targets),
+            BackendKind::Blocking => blocking::run(shared, reassembly, targets),
+        };
+        shared.channels.stop_accepting();
+        let acc = acc.join().unwrap_or_else(|_| Err(Error::internal("the channel set-up thread panicked")));
+        match (acc, res) {
+            (Err(e), _) if !e.is_aborted() => Err(e),
+            (_, r) => r,
+        }
+    })
 }
 
 /// Tells the source, per device, whether it was loaded, validated and put in its final state
