@@ -429,6 +429,7 @@ pub fn report_json(
                 "short_writes": d.short_writes, "final_state": d.reached_state.map(|s| s.name()),
                 "loaded_after_seconds": d.loaded_after.map(|t| t.as_secs_f64()),
             })).collect::<Vec<_>>(),
+            "warnings": r.warnings,
         });
     }
     json!({
@@ -656,6 +657,10 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
         .uuid(a.common.uuid.unwrap_or([0; 16]))
         .stall_timeout(Duration::from_secs(a.common.stall_timeout))
         .return_path(!a.no_return_path);
+    // Every setting is checked before a connection is opened: the receiver never sees a source
+    // that connects and then gives up.
+    cfg.validate(a.common.channels, n)
+        .context("invalid sender settings (see -P, --chunk, --stall-timeout, the devices)")?;
     let chans = connect_channels(&a.connect, a.common.channels, Duration::from_secs(a.connect_timeout))?;
     let mut session = SourceSession::new(cfg, chans).context("setting up the source")?;
     let _signals = crate::signals::register(session.abort_handle());
@@ -780,6 +785,54 @@ fn load_saved_stream(dev: &mut dyn MigrationDevice, path: &Path, config: &[u8], 
     Ok(())
 }
 
+/// The receiver settings of `recv`.
+fn recv_config(a: &RecvArgs) -> ReceiverConfig {
+    let mut cfg = ReceiverConfig::new()
+        .max_packet_bytes(a.max_packet)
+        .backend(a.common.backend.into())
+        .uuid(a.common.uuid.unwrap_or([0; 16]))
+        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
+        .accept_timeout(Duration::from_secs(a.accept_timeout))
+        .return_path(!a.no_return_path);
+    if let Some(b) = a.budget {
+        cfg = cfg.budget_bytes(b);
+    }
+    cfg
+}
+
+/// What to add to a `recv` failure: the sink file a write failed on, the flag to raise when
+/// the source's chunks are too large, and how to recover a real destination device (only when
+/// one was used: a simulated device or a sink needs no reset).
+fn recv_failure_hint(e: &vfio_multifd::Error, sinks: &[(DeviceId, PathBuf)], real_devices: bool) -> String {
+    use vfio_multifd::wire::WireError;
+    use vfio_multifd::{Error, ProtocolViolation};
+    let mut hint = String::new();
+    if let Error::DeviceWrite { device, .. } = e {
+        if let Some((_, p)) = sinks.iter().find(|(id, _)| id == device) {
+            hint += &format!(" (writing sink file:{})", p.display());
+        }
+    }
+    let too_large = match e {
+        Error::Protocol { violation: ProtocolViolation::TooLarge { len, .. }, .. } => Some(*len),
+        Error::Wire { source: WireError::BadPacketSize { size, max, .. }, .. } if size > max => {
+            Some((*size as usize).saturating_sub(vfio_multifd::wire::VFIO_HEADER_LEN))
+        }
+        _ => None,
+    };
+    if let Some(len) = too_large {
+        hint += &format!(
+            " (the source's --chunk is above this receiver's --max-packet: raise --max-packet to at least {}, \
+             or lower the source's --chunk)",
+            fmt_bytes(len as u64)
+        );
+    }
+    if real_devices {
+        hint +=
+            "; a destination device may be left in RESUMING: `vfio-multifd dev reset DEV` brings it back to RUNNING";
+    }
+    hint
+}
+
 /// `vfio-multifd recv`.
 pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     let n = order.len().max(a.sink.len());
@@ -787,6 +840,13 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     if a.verify && a.sim.is_empty() {
         bail!("--verify checks simulated destinations: give --sim SIZE[,SEED] (the sender's size and seed)");
     }
+    let cfg = recv_config(a);
+    // Every setting is checked before the port is bound: a source never connects to a receiver
+    // that cannot run (it would only see a broken pipe).
+    cfg.validate(a.common.channels, n).context(
+        "invalid receiver settings (the receive pool is (budget + devices) x --max-packet, at most 1 GiB: \
+         lower --max-packet, -P or --budget; see also --stall-timeout, --accept-timeout and the device count)",
+    )?;
     let listener = TcpListener::bind(&a.listen)
         .with_context(|| format!("listening on {:?} (expected HOST:PORT that is free on this host)", a.listen))?;
     let mut entries = Vec::with_capacity(n);
@@ -821,16 +881,6 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         };
         entries.push(DstEntry { id, dev, sink, config: Vec::new() });
     }
-    let mut cfg = ReceiverConfig::new()
-        .max_packet_bytes(a.max_packet)
-        .backend(a.common.backend.into())
-        .uuid(a.common.uuid.unwrap_or([0; 16]))
-        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
-        .accept_timeout(Duration::from_secs(a.accept_timeout))
-        .return_path(!a.no_return_path);
-    if let Some(b) = a.budget {
-        cfg = cfg.budget_bytes(b);
-    }
     let mut rx = Receiver::new(cfg).context("setting up the receiver")?;
     let _signals = crate::signals::register(rx.abort_handle());
     for e in entries.iter_mut() {
@@ -856,10 +906,20 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         });
     let wall = t0.elapsed();
     let (cpu1, _) = rusage_self();
-    let rep = res.context(
-        "receiving failed; nothing was loaded completely (a destination device may be left in RESUMING: \
-         `vfio-multifd dev reset DEV` brings it back to RUNNING)",
-    )?;
+    let sinks: Vec<(DeviceId, PathBuf)> =
+        entries.iter().filter_map(|e| e.sink.as_ref().map(|(p, _)| (e.id.clone(), p.clone()))).collect();
+    // A device is touched by the receive only where no sink takes its stream first.
+    let real_devices = entries.iter().any(|e| e.sink.is_none() && matches!(e.dev, Some(DstDev::Vfio(_))));
+    let rep = match res {
+        Ok(r) => r,
+        Err(e) => {
+            let hint = recv_failure_hint(&e, &sinks, real_devices);
+            return Err(e).context(format!("receiving failed{hint}"));
+        }
+    };
+    for w in &rep.warnings {
+        eprintln!("vfio-multifd: warning: {w}");
+    }
     // Sinks: store the config next to the stream, then load into a device given with it.
     for (i, e) in entries.iter_mut().enumerate() {
         if let Some((path, f)) = e.sink.take() {
@@ -904,4 +964,28 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: u8) -> DeviceId {
+        DeviceId::new(&format!("0000:00:0{i}.0/vfio"), 0).unwrap()
+    }
+
+    #[test]
+    fn recv_failure_hint_names_the_sink_and_advises_reset_only_for_real_devices() {
+        let sinks = vec![(id(3), PathBuf::from("/tmp/x/dev1.bin"))];
+        let write = |d: DeviceId| vfio_multifd::Error::DeviceWrite {
+            device: d,
+            idx: vfio_multifd::PacketIndex::new(2).unwrap(),
+            offset: 8192,
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let h = recv_failure_hint(&write(id(3)), &sinks, false);
+        assert!(h.contains("sink file:/tmp/x/dev1.bin") && !h.contains("dev reset"), "{h}");
+        let h = recv_failure_hint(&write(id(2)), &sinks, true);
+        assert!(!h.contains("sink") && h.contains("dev reset DEV"), "{h}");
+    }
 }

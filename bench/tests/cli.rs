@@ -458,3 +458,110 @@ fn interrupted_transfer_exits_with_the_signal() {
         assert!(t0.elapsed() < Duration::from_secs(10), "took {:?} to stop", t0.elapsed());
     }
 }
+
+/// Impossible receiver settings are refused before the port is bound (the port here is held by
+/// the test, so a late check would fail on the bind instead), and impossible sender settings
+/// before anything connects (nothing listens here: a late check would retry for 10 s).
+#[test]
+fn impossible_settings_are_refused_before_bind_or_connect() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let many_sims: Vec<&str> = std::iter::repeat_n(["--sim", "4K"], 65).flatten().collect();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-P", "64", "--max-packet", "64M", "--sim", "1M"], "registered-buffer limit"),
+        (vec!["--budget", "2G", "--sim", "1M"], "registered-buffer limit"),
+        (vec!["--stall-timeout", "0", "--sim", "1M"], "stall timeout"),
+        (many_sims, "65 devices"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["recv", "--listen", &addr];
+        args.extend(extra.iter().copied());
+        let o = run(&args);
+        assert!(!o.status.success(), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("invalid receiver settings") && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("listening on"), "{args:?}: checked after the bind: {err}");
+    }
+    drop(held);
+    let port = free_port();
+    let t = Instant::now();
+    let o = run(&["send", "--connect", &format!("127.0.0.1:{port}"), "--sim", "1M", "--stall-timeout", "0"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid sender settings") && err.contains("stall timeout"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "send retried connecting before checking: {:?}", t.elapsed());
+}
+
+/// A source whose chunks exceed the receiver's --max-packet: the receiver says which flag to
+/// raise, and, with only simulated devices, gives no device-reset advice.
+#[test]
+fn chunk_above_max_packet_gets_a_hint_and_no_reset_advice_for_sims() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sim", "4M", "--max-packet", "64K", "--stall-timeout", "5"]);
+    let s = run(&["send", "--connect", &addr, "-P", "2", "--sim", "4M", "--chunk", "1M", "--stall-timeout", "5"]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(!ro.status.success(), "{}", text(&ro));
+    assert!(!s.status.success(), "send succeeded although the destination failed: {}", text(&s));
+    let err = String::from_utf8_lossy(&ro.stderr);
+    assert!(err.contains("raise --max-packet to at least 1.00 MiB"), "{err}");
+    assert!(!err.contains("dev reset"), "no real device was used: {err}");
+}
+
+/// A hand-driven source that sends a whole stream of one device, one more packet, and leaves
+/// its channels open (as QEMU does): `recv --sink` succeeds, writes the stream and its config,
+/// and warns about the extra packet.
+#[test]
+fn sink_is_complete_when_channels_stay_open_after_the_last_packet() {
+    use vfio_multifd::wire::{encode_packet_header, InitPacket, VfioPacketHeader, INIT_PACKET_LEN, PACKET_OVERHEAD};
+    let d = tmpdir("open-channels");
+    let sink = d.join("dev0.bin");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let sink_arg = format!("file:{}", sink.display());
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sink", &sink_arg, "--stall-timeout", "30"]);
+    let connect = || {
+        let t = Instant::now();
+        loop {
+            match std::net::TcpStream::connect(&addr) {
+                Ok(s) => return s,
+                Err(e) if t.elapsed() > Duration::from_secs(20) => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    let id = vfio_multifd::DeviceId::new("0000:00:02.0/vfio", 0).unwrap();
+    let packet = |idx: u32, config: bool, data: &[u8]| {
+        let mut b = vec![0u8; PACKET_OVERHEAD];
+        encode_packet_header(&id, VfioPacketHeader { idx, flags: u32::from(config) }, data.len(), &mut b).unwrap();
+        b.extend_from_slice(data);
+        b
+    };
+    let mut chans = Vec::new();
+    for c in 0..2u8 {
+        let mut s = connect();
+        let mut init = [0u8; INIT_PACKET_LEN];
+        InitPacket { uuid: [0; 16], id: c, offer: 0 }.encode(&mut init).unwrap();
+        s.write_all(&init).unwrap();
+        chans.push(s);
+    }
+    let mut bytes = Vec::new();
+    let mut want = Vec::new();
+    for idx in 0..3u32 {
+        let data = vec![idx as u8 + 1; 4096];
+        want.extend_from_slice(&data);
+        bytes.extend(packet(idx, false, &data));
+    }
+    bytes.extend(packet(3, true, b"config blob"));
+    bytes.extend(packet(4, false, &[9; 16]));
+    chans[0].write_all(&bytes).unwrap();
+    let ro = wait(r, Duration::from_secs(15));
+    drop(chans);
+    assert!(ro.status.success(), "{}", text(&ro));
+    assert_eq!(std::fs::read(&sink).unwrap(), want);
+    let mut cp = sink.as_os_str().to_owned();
+    cp.push(".config");
+    assert_eq!(std::fs::read(&cp).unwrap(), b"config blob");
+    let err = String::from_utf8_lossy(&ro.stderr);
+    assert!(err.contains("warning:") && err.contains("index 4"), "{err}");
+}

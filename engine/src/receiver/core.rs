@@ -298,7 +298,7 @@ impl<'r> RecvState<'r> {
         }
         if self.reassembly.all_finished() {
             if let Some(e) = &self.deferred {
-                self.warn(format!("{e} (every device completed nonetheless; ignored)"));
+                self.warn(format!("{e} (after its stream was complete; every device completed, so it is ignored)"));
             }
             return Ok(());
         }
