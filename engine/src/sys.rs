@@ -187,14 +187,13 @@ pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     socket::shutdown(fd.as_raw_fd(), Shutdown::Write).map_err(io_err)
 }
 
-/// `shutdown(fd, SHUT_RD)`: a receive waiting on the socket (a blocking `recv`, a `poll`, an
-/// io_uring `RECV`) returns end of stream once the bytes already queued are read. The peer is
-/// told nothing (TCP has no message for it).
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`: what is queued on a socket, without consuming it (`Ok(0)`:
+/// the peer closed; `WouldBlock`: nothing queued, still open).
 ///
 /// # Errors
-/// The errno (`ENOTCONN` when the connection is gone already, `ENOTSOCK`).
-pub(crate) fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
-    socket::shutdown(fd.as_raw_fd(), Shutdown::Read).map_err(io_err)
+/// The errno (`ECONNRESET` after a reset, `EAGAIN`).
+pub(crate) fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    socket::recv(fd.as_raw_fd(), buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io_err)
 }
 
 /// Makes the next close of a socket send a reset (`SO_LINGER` 0): for a failed transfer, so the

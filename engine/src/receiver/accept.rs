@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::abort::AbortHandle;
 use crate::backend::TICK;
 use crate::error::{Error, ProtocolViolation, Result, Stage};
 use crate::ids::ChannelId;
@@ -48,6 +49,9 @@ pub(crate) struct Channels {
     cv: Condvar,
     /// Tells the set-up thread that the receive ended.
     stop: EventFd,
+    /// Fired when every device completed (or a blocking receive failed): channel readers
+    /// waiting for a packet header stop waiting.
+    readers_done: AbortHandle,
     /// The extension features agreed on with the source (`HELLO` sent; `wire::EXT_*`), 0 until
     /// channel 0 offered them: initial-data markers are allowed once the return path is agreed.
     features: AtomicU8,
@@ -66,6 +70,7 @@ impl Channels {
             arrived: Mutex::new(0),
             cv: Condvar::new(),
             stop: ev()?,
+            readers_done: AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?,
             features: AtomicU8::new(0),
         })
     }
@@ -113,18 +118,21 @@ impl Channels {
         }
     }
 
-    /// Every device is complete: nothing more is read. Every connected channel's read side is
-    /// shut down (its pending receive ends at the next packet boundary with end of stream),
-    /// and every waiter is woken.
-    pub(crate) fn stop_reading(&self) {
-        for s in self.socks.iter().filter_map(OnceLock::get) {
-            let _ = sys::shutdown_read(s.as_fd());
-        }
+    /// Every device is complete (or a blocking receive failed): nothing more is read. Wakes
+    /// every reader and worker; the sockets are left as they are (nothing is consumed or shut
+    /// down: channel 0 may still carry the source's commit, and what is queued is reported).
+    pub(crate) fn finish_reading(&self) {
+        self.readers_done.abort();
         for k in &self.kicks {
             k.signal();
         }
         let _g = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
         self.cv.notify_all();
+    }
+
+    /// Fired by [`Channels::finish_reading`].
+    pub(crate) fn readers_done(&self) -> &AbortHandle {
+        &self.readers_done
     }
 
     /// The receive ended: the set-up thread takes what is already queued and returns.

@@ -39,6 +39,7 @@ impl<'r> Shared<'r, '_, '_> {
     fn fail(&self, e: Error) {
         self.lock().fail(e);
         self.run.abort.abort();
+        self.run.channels.finish_reading();
         self.cv.notify_all();
     }
 
@@ -132,11 +133,17 @@ fn stage_name(s: &Stage) -> String {
 /// receive-wide stall is an error.
 fn first_byte(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, hdr: &mut [u8]) -> Result<bool> {
     loop {
-        let tick = Bounds::new(&shared.run.abort, TICK * 4);
+        if shared.run.abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
+        // Woken when every device completed (or this receive failed); the run's abort is
+        // checked every tick.
+        let tick = Bounds::new(shared.run.channels.readers_done(), TICK);
         match recv_exact(&Kernel, fd, &mut hdr[..1], tick) {
             Ok(()) => return Ok(true),
             Err(Fail::Eof { got: 0 }) => return Ok(false),
-            Err(Fail::Stalled) if shared.lock().complete() => return Ok(false),
+            Err(Fail::Aborted | Fail::Stalled) if shared.lock().complete() => return Ok(false),
+            Err(Fail::Aborted) => return Err(Error::Aborted),
             Err(Fail::Stalled) if shared.clock.idle_for() <= shared.run.cfg.stall_timeout => {}
             Err(f) => return Err(recv_error(shared, c, Stage::Header { got: 0 }, f)),
         }

@@ -143,7 +143,7 @@ impl<'r> RecvState<'r> {
 
     /// A write (or a config applied) freed memory. When that completed the last device, the
     /// receive is complete: every channel stops reading (a channel that is still open, as QEMU
-    /// leaves them, or never connected is not waited for).
+    /// leaves them, or never connected, is not waited for).
     pub(crate) fn freed(&mut self) {
         self.epoch += 1;
         if !self.complete && self.reassembly.all_finished() {
@@ -164,8 +164,13 @@ impl<'r> RecvState<'r> {
                     self.closed[c.index()] = true;
                 }
             }
-            self.channels.stop_reading();
+            self.channels.finish_reading();
         }
+    }
+
+    /// Something arrived on `ch` after every device completed (`what`): a warning.
+    pub(crate) fn late(&self, ch: ChannelId, what: &str) {
+        self.warn(format!("channel {ch}: {what} after every device completed (ignored)"));
     }
 
     /// Whether every device completed (nothing more is read).

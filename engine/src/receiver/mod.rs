@@ -444,12 +444,34 @@ fn receive(
             BackendKind::Blocking => blocking::run(shared, reassembly, targets),
         };
         shared.channels.stop_accepting();
+        if res.is_ok() {
+            note_leftovers(shared);
+        }
         let acc = acc.join().unwrap_or_else(|_| Err(Error::internal("the channel set-up thread panicked")));
         match (acc, res) {
             (Err(e), _) if !e.is_aborted() => Err(e),
             (_, r) => r,
         }
     })
+}
+
+/// After every device completed: what is still queued on a channel (one more packet, bytes, a
+/// reset) is a warning. Nothing is consumed: channel 0 may still carry the source's commit.
+fn note_leftovers(shared: &RecvShared<'_>) {
+    for c in ChannelId::all(shared.channels.count()) {
+        let Some(fd) = shared.channels.get(c) else { continue };
+        let mut b = [0u8; 4096];
+        let what = match crate::sys::peek(fd, &mut b) {
+            // The peer closed, or nothing is queued on a channel that stays open (as QEMU's do).
+            Ok(0) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Ok(n) if n == b.len() => format!("{n} or more unread bytes"),
+            Ok(n) => format!("{n} unread byte(s)"),
+            Err(e) => e.to_string(),
+        };
+        let w = format!("channel {c}: {what} after every device completed (ignored)");
+        shared.warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+    }
 }
 
 /// Tells the source, per device, whether it was loaded, validated and put in its final state

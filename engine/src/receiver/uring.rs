@@ -254,7 +254,9 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
             Chan::Waiting => g.is_closed(*gc),
             _ => false,
         };
-        if self.ch.iter().zip(&self.chans).all(ended) && !own_writes {
+        // Once every device completed, channels still open (QEMU leaves them open) are not
+        // waited for: their receives are cancelled by `finish`.
+        if (g.complete() || self.ch.iter().zip(&self.chans).all(ended)) && !own_writes {
             return Ok(true);
         }
         if g.stuck() {
@@ -287,8 +289,20 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
         }
     }
 
-    fn retire(&mut self, _tok: Token, _c: Completion) {
-        // The skeleton's in-flight accounting is all a failed worker needs.
+    fn retire(&mut self, tok: Token, c: Completion) {
+        // The skeleton's in-flight accounting is all a failed worker needs. After every device
+        // completed, a receive that still got bytes (or a reset) is worth a warning.
+        if tok.kind == K_RECV && c.res != 0 && c.res != -libc::ECANCELED {
+            let g = self.shared.lock();
+            if g.complete() {
+                let what = if c.res > 0 {
+                    format!("{} byte(s) received", c.res)
+                } else {
+                    format!("{}", crate::uring::cqe_error(c.res))
+                };
+                g.late(self.chans[tok.at()], &what);
+            }
+        }
     }
 
     fn stall_report(&self) -> String {
