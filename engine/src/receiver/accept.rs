@@ -20,7 +20,7 @@
 
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,8 @@ pub(crate) struct Channels {
     /// for the blocking backend.
     pub(crate) kicks: Vec<EventFd>,
     arrived: Mutex<usize>,
+    /// Every channel arrived (read on every io_uring loop turn, so without the mutex).
+    all_in: AtomicBool,
     cv: Condvar,
     /// Tells the set-up thread that the receive ended.
     stop: EventFd,
@@ -68,6 +70,7 @@ impl Channels {
             socks: (0..n).map(|_| OnceLock::new()).collect(),
             kicks: (0..workers).map(|_| ev()).collect::<Result<_>>()?,
             arrived: Mutex::new(0),
+            all_in: AtomicBool::new(n == 0),
             cv: Condvar::new(),
             stop: ev()?,
             readers_done: AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?,
@@ -87,7 +90,7 @@ impl Channels {
 
     /// Whether every channel is connected.
     pub(crate) fn all_arrived(&self) -> bool {
-        *self.arrived.lock().unwrap_or_else(|p| p.into_inner()) == self.count()
+        self.all_in.load(Ordering::SeqCst)
     }
 
     /// Whether the return path was agreed on.
@@ -111,7 +114,12 @@ impl Channels {
 
     /// Channel `c` (its socket already stored) may be read now: wakes whoever serves it.
     fn publish(&self, c: ChannelId) {
-        *self.arrived.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let mut g = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        if *g == self.count() {
+            self.all_in.store(true, Ordering::SeqCst);
+        }
+        drop(g);
         self.cv.notify_all();
         if !self.kicks.is_empty() {
             self.kicks[c.index() % self.kicks.len()].signal();
