@@ -49,8 +49,9 @@ pub(crate) struct Channels {
     /// Every channel arrived (read on every io_uring loop turn, so without the mutex).
     all_in: AtomicBool,
     cv: Condvar,
-    /// Tells the set-up thread that the receive ended.
+    /// Tells the set-up thread that the receive ended (the flag, then the eventfd).
     stop: EventFd,
+    stopped: AtomicBool,
     /// Fired when every device completed (or a blocking receive failed): channel readers
     /// waiting for a packet header stop waiting.
     readers_done: AbortHandle,
@@ -73,6 +74,7 @@ impl Channels {
             all_in: AtomicBool::new(n == 0),
             cv: Condvar::new(),
             stop: ev()?,
+            stopped: AtomicBool::new(false),
             readers_done: AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?,
             features: AtomicU8::new(0),
         })
@@ -145,6 +147,7 @@ impl Channels {
 
     /// The receive ended: the set-up thread takes what is already queued and returns.
     pub(crate) fn stop_accepting(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
         self.stop.signal();
     }
 }
@@ -241,11 +244,13 @@ impl Acceptor<'_, '_> {
                 return Ok(());
             }
             let now = Instant::now();
-            if !all && now >= deadline {
+            // A receive that already ended (it may complete without a channel) is not failed by
+            // the set-up deadline.
+            if !all && now >= deadline && !self.s.channels.stopped.load(Ordering::SeqCst) {
                 return Err(self.timeout());
             }
             self.expire(now);
-            let wait = if all { TICK } else { TICK.min(deadline - now) };
+            let wait = if all { TICK } else { TICK.min(deadline.saturating_duration_since(now)) };
             let ready = self.poll(wait)?;
             let stopping = ready[0];
             // In accept order, so that of two connections with one id the later is named.
