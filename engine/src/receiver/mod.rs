@@ -43,9 +43,10 @@ pub(crate) enum TargetKind<'a> {
     Fd { fd: BorrowedFd<'a>, config: &'a mut Vec<u8> },
 }
 
-/// The extension features this receiver accepts when the source offers them.
-/// `EXT_COMMIT` needs the receive to end when every device is complete while channel 0 stays
-/// open (the source holds its FIN as the commit).
+/// The extension features this receiver accepts when the source offers them (channel set-up
+/// answers channel 0's offer with them). `EXT_COMMIT` needs the receive to end when every
+/// device is complete while channel 0 stays open (the source holds its FIN as the commit): it
+/// does (`RecvState::freed`), and the sockets are left untouched for `wait_commit`.
 pub(crate) const ACCEPTED_FEATURES: u8 = EXT_RETURN_PATH;
 
 /// One destination device: where its stream is written and its config applied.
