@@ -269,12 +269,12 @@ impl<'r> RecvState<'r> {
             format!("ended ({why})")
         } else if self.closed[i] {
             "closed".to_string()
-        } else if self.channels.get(c).is_none() {
-            "not connected".to_string()
         } else if self.parked(c) {
             "waiting for memory for its next packet".to_string()
         } else if let Some(a) = self.receiving[i] {
             format!("inside packet {} of device {} ({} bytes)", a.idx, self.reassembly.id(a.dev), a.len)
+        } else if self.channels.get(c).is_none() {
+            "not connected".to_string()
         } else {
             "open, waiting for a packet header".to_string()
         };
@@ -342,6 +342,7 @@ fn waiting_for(m: &Missing) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::DeviceIndex;
     use crate::wire::DeviceId;
 
     #[test]
@@ -366,5 +367,55 @@ mod tests {
         st.fail(Error::Aborted);
         st.fail(Error::Config("root".into()));
         assert!(matches!(st.finish(), Err(Error::Config(_))));
+    }
+
+    fn header(id: &DeviceId, idx: u32, config: bool, len: usize) -> (DeviceStateHeader, VfioPacketHeader) {
+        let mut b = vec![0u8; crate::wire::PACKET_OVERHEAD];
+        let v = VfioPacketHeader { idx, flags: u32::from(config) };
+        crate::wire::encode_packet_header(id, v, len, &mut b).unwrap();
+        let h = DeviceStateHeader::decode(&b, u32::MAX - 1).unwrap();
+        (h, VfioPacketHeader::decode(&b[crate::wire::DEVICE_STATE_HEADER_LEN..]).unwrap())
+    }
+
+    fn closed_between_packets(c: ChannelId) -> Error {
+        Error::ChannelClosed { channel: c, during: crate::error::Stage::Header { got: 3 } }
+    }
+
+    #[test]
+    fn channel_failures_are_fatal_deferred_or_warnings() {
+        let id = DeviceId::new("a/vfio", 0).unwrap();
+        let mut reassembly = Reassembly::new(vec![id.clone()], 2, 4096, false);
+        let chans = Channels::new(3, 0).unwrap();
+        let warnings = Mutex::new(Warnings::default());
+        let mut st = RecvState::new(&mut reassembly, &chans, &warnings);
+        let (c0, c1, c2) = (ChannelId::new(0), ChannelId::new(1), ChannelId::new(2));
+        // Between packets, with the device incomplete: only the channel ends.
+        st.channel_failed(c0, closed_between_packets(c0)).unwrap();
+        assert!(st.is_closed(c0));
+        assert!(st.stall_report().contains("channel 0 ended"), "{}", st.stall_report());
+        // Inside a payload: fatal at once.
+        let (h, v) = header(&id, 0, false, 100);
+        let Admit::Accept(a) = st.admit(c1, &h, v).unwrap() else { panic!("admitted") };
+        assert!(st.stall_report().contains("channel 1 inside packet 0"), "{}", st.stall_report());
+        let e = Error::Channel { channel: c1, op: "receive".into(), source: std::io::Error::other("reset") };
+        assert!(st.channel_failed(c1, e).is_err());
+        // A local failure is never excused.
+        assert!(st.channel_failed(c2, Error::Config("x".into())).is_err());
+        // The device completes: the deferred failure becomes a warning, and what comes after
+        // is one too.
+        st.received(c1, a);
+        let (h, v) = header(&id, 1, true, 0);
+        let Admit::Accept(a) = st.admit(c1, &h, v).unwrap() else { panic!("admitted") };
+        st.received(c1, a);
+        while let Some(_w) = st.reassembly.next_write(DeviceIndex::new(0)) {
+            st.reassembly.written(DeviceIndex::new(0));
+            st.freed();
+        }
+        assert!(st.complete());
+        st.channel_failed(c1, closed_between_packets(c1)).unwrap();
+        assert!(st.finish().is_ok());
+        let w = warnings.into_inner().unwrap().into_vec();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w.iter().all(|w| w.contains("ignored") || w.contains("never connected")), "{w:?}");
     }
 }
