@@ -565,3 +565,18 @@ fn sink_is_complete_when_channels_stay_open_after_the_last_packet() {
     let err = String::from_utf8_lossy(&ro.stderr);
     assert!(err.contains("warning:") && err.contains("ignored"), "{err}");
 }
+
+/// `send -P 4` to `recv -P 2`: the receiver fails naming the channel counts, and the sender
+/// does not report success.
+#[test]
+fn channel_count_mismatch_fails_on_both_sides() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sim", "8M", "--stall-timeout", "10"]);
+    let s = run(&["send", "--connect", &addr, "-P", "4", "--sim", "8M", "--stall-timeout", "10"]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(!ro.status.success(), "{}", text(&ro));
+    let err = String::from_utf8_lossy(&ro.stderr);
+    assert!(err.contains("but this receiver expects 2 channel(s)") && err.contains("same channel count"), "{err}");
+    assert!(!s.status.success(), "send succeeded against a receiver with fewer channels: {}", text(&s));
+}
