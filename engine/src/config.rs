@@ -155,8 +155,9 @@ impl SourceConfig {
     ///
     /// # Errors
     /// [`Error::Config`] naming the setting, its value and its bounds: the chunk (4 KiB ..=
-    /// 64 MiB), buffers per device (2 ..= 64), a device pool above the 1 GiB registered-buffer
-    /// limit, channels (1 ..= 256), devices (1 ..= 64), the stall timeout (100 ms ..= 1 h).
+    /// 64 MiB), buffers per device (2 ..= 64), zero-copy `On` with the blocking backend, a
+    /// device pool above the 1 GiB registered-buffer limit, channels (1 ..= 256), devices
+    /// (1 ..= 64), the stall timeout (100 ms ..= 1 h).
     pub fn validate(&self, channels: usize, devices: usize) -> Result<(), Error> {
         if !(4096..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
             return Err(Error::Config(format!(
@@ -168,6 +169,9 @@ impl SourceConfig {
             if !(2..=MAX_BUFFERS_PER_DEVICE).contains(&b) {
                 return Err(Error::Config(format!("{b} buffers per device outside 2..={MAX_BUFFERS_PER_DEVICE}")));
             }
+        }
+        if self.backend == Backend::Blocking && self.zerocopy == ZeroCopy::On {
+            return Err(Error::Config("zero-copy (on) needs the io_uring backend, not blocking".into()));
         }
         let pool = (self.buffers_for(true) + 1).saturating_mul(self.chunk_bytes + crate::pool::PAGE);
         if pool > crate::pool::MAX_REGISTERED {

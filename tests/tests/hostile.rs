@@ -292,6 +292,12 @@ fn hostile_impossible_settings_fail_validation() {
     let e = SourceConfig::new().stall_timeout(Duration::ZERO).validate(4, 1).expect_err("stall 0");
     assert!(e.to_string().contains("stall timeout"), "{e}");
     assert!(SourceConfig::new().validate(4, 65).is_err());
+    let e = SourceConfig::new()
+        .backend(Backend::Blocking)
+        .zerocopy(vfio_multifd::ZeroCopy::On)
+        .validate(4, 1)
+        .expect_err("zero-copy on the blocking backend");
+    assert!(e.to_string().contains("zero-copy"), "{e}");
     SourceConfig::new().validate(4, 64).expect("defaults are valid");
 }
 
