@@ -327,3 +327,26 @@ fn hostile_stall_error_names_the_channels() {
         drop(keep);
     });
 }
+
+/// Sockets a VMM accepted itself (`Receiver::run`) are the channels: one whose init packet is
+/// not valid fails the receive at once (nothing is waited for), and valid ones still work.
+#[test]
+fn hostile_accepted_sockets_with_a_bad_init_packet_fail_at_once() {
+    each_backend(|b| {
+        let (clients, servers) = vfio_multifd_tests::tcp_pairs(2);
+        let mut c: Vec<TcpStream> = clients.into_iter().map(TcpStream::from).collect();
+        let mut init = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: 0 }.encode(&mut init).unwrap();
+        c[0].write_all(&init).unwrap();
+        c[1].write_all(&[0u8; vfio_multifd::wire::INIT_PACKET_LEN]).unwrap();
+        let mut dst = SimDevice::new(sim(2));
+        let mut rx = vfio_multifd::Receiver::new(rcfg(b)).unwrap();
+        rx.add_device_with(dev_id(0), &mut dst, MigState::Running);
+        let t0 = Instant::now();
+        let e = rx.run(servers).expect_err("a bad init packet");
+        assert!(matches!(e, Error::InitPacket { connection: 1, .. }), "{e}");
+        assert!(e.to_string().contains("bad magic"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "took {:?}", t0.elapsed());
+        vfio_migration::recover(&mut dst, MigState::Running).unwrap();
+    });
+}
