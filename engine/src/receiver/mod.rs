@@ -47,7 +47,7 @@ pub(crate) enum TargetKind<'a> {
 /// answers channel 0's offer with them). `EXT_COMMIT` needs the receive to end when every
 /// device is complete while channel 0 stays open (the source holds its FIN as the commit): it
 /// does (`RecvState::freed`), and the sockets are left untouched for `wait_commit`.
-pub(crate) const ACCEPTED_FEATURES: u8 = EXT_RETURN_PATH;
+pub(crate) const ACCEPTED_FEATURES: u8 = EXT_RETURN_PATH | EXT_COMMIT;
 
 /// One destination device: where its stream is written and its config applied.
 pub(crate) struct Target<'a> {

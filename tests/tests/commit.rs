@@ -1,0 +1,142 @@
+//! The two-phase commit of the switchover (`wire::EXT_COMMIT`, DESIGN.md §7.3), on both
+//! backends: the destination validates every device, sends its verdicts, and starts the devices
+//! only on the source's commit (channel 0's FIN). A source that resets channel 0 instead (it was
+//! cancelled or failed after the verdicts), or says nothing, leaves the devices loaded and
+//! validated but stopped: the two sides never both run them.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use vfio_migration::sim::{SimConfig, SimDevice};
+use vfio_migration::{MigState, MigrationDevice};
+use vfio_multifd::wire::{InitPacket, EXT_COMMIT, EXT_RETURN_PATH, INIT_PACKET_LEN, PACKET_OVERHEAD};
+use vfio_multifd::{Backend, Error, ReceiverConfig};
+use vfio_multifd_tests::{dev_id, each_backend, receive_from, sim_bytes, RawSender};
+
+const PKT: usize = 4096;
+const PACKETS: usize = 5;
+
+fn rcfg(b: Backend, stall: Duration) -> ReceiverConfig {
+    ReceiverConfig::new().backend(b).max_packet_bytes(PKT).stall_timeout(stall).accept_timeout(Duration::from_secs(5))
+}
+
+/// Device 0's whole stream (data packets, then its config) as wire bytes.
+fn stream(cfg: &SimConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    for idx in 0..=PACKETS {
+        let config = idx == PACKETS;
+        let data = if config { SimDevice::expected_config(cfg) } else { sim_bytes(cfg.seed, (idx * PKT) as u64, PKT) };
+        let mut b = vec![0u8; PACKET_OVERHEAD];
+        let v = vfio_multifd::wire::VfioPacketHeader { idx: idx as u32, flags: u32::from(config) };
+        vfio_multifd::wire::encode_packet_header(&dev_id(0), v, data.len(), &mut b).unwrap();
+        b.extend_from_slice(&data);
+        out.extend(b);
+    }
+    out
+}
+
+/// Return-path message types read back (`rp.rs`): HELLO, VERDICT, SHUT.
+const T_HELLO: u16 = 1;
+const T_VERDICT: u16 = 3;
+const T_SHUT: u16 = 4;
+
+/// Reads return-path frames from `s` until `SHUT`; returns the types seen, in order.
+fn read_until_shut(s: &mut TcpStream) -> Vec<u16> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let mut h = [0u8; 4];
+        s.read_exact(&mut h).expect("a return-path frame header");
+        let (t, n) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
+        let mut p = vec![0u8; usize::from(n)];
+        s.read_exact(&mut p).expect("a return-path payload");
+        seen.push(t);
+        if t == T_SHUT {
+            assert_eq!(p, [0], "SHUT says every device loaded");
+            return seen;
+        }
+    }
+}
+
+/// What the raw source does once it has every verdict.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    /// FIN on channel 0: the commit.
+    Commit,
+    /// A reset on channel 0 (a cancelled source).
+    Reset,
+    /// Nothing, channel 0 left open.
+    Silence,
+}
+
+/// A raw source offering the return path and the commit over 2 channels: the whole stream on
+/// channel 0, then `then`. Returns the receiver's result and the destination device.
+fn run(b: Backend, then: Then, stall: Duration) -> (vfio_multifd::Result<vfio_multifd::ReceiverReport>, SimDevice) {
+    let cfg = SimConfig::new("dst0", (PACKETS * PKT) as u64, 17);
+    let (res, mut dests) = receive_from(std::slice::from_ref(&cfg), 2, rcfg(b, stall), |addr| {
+        let mut s = RawSender::connect(addr, 2);
+        let mut init = [0u8; INIT_PACKET_LEN];
+        InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }.encode(&mut init).unwrap();
+        s.raw(0, &init);
+        s.init(1, 1);
+        s.chans[0].write_all(&stream(&cfg)).unwrap();
+        s.chans[1].shutdown(Shutdown::Write).unwrap();
+        let seen = read_until_shut(&mut s.chans[0]);
+        assert_eq!(seen, [T_HELLO, T_VERDICT, T_SHUT], "{b:?}: HELLO, one verdict, SHUT");
+        match then {
+            Then::Commit => s.chans[0].shutdown(Shutdown::Write).unwrap(),
+            Then::Reset => {
+                let l = libc::linger { l_onoff: 1, l_linger: 0 };
+                nix::sys::socket::setsockopt(&s.chans[0], nix::sys::socket::sockopt::Linger, &l).unwrap();
+                drop(s);
+                return;
+            }
+            Then::Silence => {}
+        }
+        // Keep the sockets open until the receiver is done (its own timeout ends a silence).
+        std::thread::spawn(move || {
+            std::thread::sleep(stall * 3);
+            drop(s);
+        });
+    });
+    (res, dests.remove(0))
+}
+
+#[test]
+fn commit_fin_after_the_verdicts_starts_the_devices() {
+    each_backend(|b| {
+        let (res, dev) = run(b, Then::Commit, Duration::from_secs(5));
+        let rep = res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+        assert!(rep.return_path, "{b:?}");
+        assert!(dev.resume_report().expect("resumed").verified_ok, "{b:?}");
+        assert_eq!(dev.state().unwrap(), MigState::Running, "{b:?}: started after the commit");
+    });
+}
+
+#[test]
+fn commit_reset_instead_leaves_the_devices_stopped() {
+    each_backend(|b| {
+        let (res, dev) = run(b, Then::Reset, Duration::from_secs(5));
+        match res {
+            Err(Error::NotCommitted { why }) => assert!(why.contains("reset"), "{b:?}: {why}"),
+            other => panic!("{b:?}: expected NotCommitted, got {other:?}"),
+        }
+        assert!(dev.resume_report().expect("resumed").verified_ok, "{b:?}: loaded and validated");
+        assert_eq!(dev.state().unwrap(), MigState::Stop, "{b:?}: never started without the commit");
+    });
+}
+
+#[test]
+fn commit_silence_times_out_and_leaves_the_devices_stopped() {
+    each_backend(|b| {
+        let t0 = Instant::now();
+        let (res, dev) = run(b, Then::Silence, Duration::from_secs(1));
+        match res {
+            Err(Error::NotCommitted { why }) => assert!(why.contains("stall timeout"), "{b:?}: {why}"),
+            other => panic!("{b:?}: expected NotCommitted, got {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(8), "{b:?}: bounded by the stall timeout: {:?}", t0.elapsed());
+        assert_eq!(dev.state().unwrap(), MigState::Stop, "{b:?}: never started without the commit");
+    });
+}
