@@ -37,7 +37,7 @@ pub use abort::AbortHandle;
 pub use config::{
     Backend, ReceiverConfig, SourceConfig, ZeroCopy, MAX_BUFFERS_PER_DEVICE, MAX_CHUNK_BYTES, MAX_DEVICES,
 };
-pub use error::{Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
+pub use error::{BudgetStall, Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
 pub use ids::{ChannelId, DeviceIndex, PacketIndex};
 pub use receiver::Receiver;
 pub use rp::Verdict;

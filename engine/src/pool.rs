@@ -166,15 +166,32 @@ impl BufferPool {
         unsafe { std::slice::from_raw_parts_mut(p, back + extra) }
     }
 
-    /// Shared view of a slot range, as [`BufferPool::slot_bytes_mut`].
+    /// Pointer to byte `at` of `slot`'s payload, for an operation on `len` bytes from there that
+    /// may run on into the following slots (a receive pool without header space, whose
+    /// consecutive slots are one contiguous range).
+    ///
+    /// # Panics
+    /// If the range leaves the mapping (an engine bug, not an input error).
+    pub(crate) fn span_ptr(&self, slot: usize, at: usize, len: usize) -> *mut u8 {
+        let off = slot
+            .checked_mul(self.slot_bytes)
+            .and_then(|o| o.checked_add(self.header_bytes + at))
+            .filter(|o| o.checked_add(len).is_some_and(|end| end <= self.slots * self.slot_bytes));
+        let Some(off) = off else { panic!("span of {len} bytes at {at} of slot {slot} leaves the pool") };
+        // SAFETY: `off + len` is inside the mapping (checked above), so the pointer stays within
+        // the same allocation.
+        unsafe { self.map.as_ptr().add(off) as *mut u8 }
+    }
+
+    /// Shared view of `len` bytes from byte `at` of `slot`'s payload, as [`BufferPool::span_ptr`].
     ///
     /// # Safety
-    /// No kernel operation may be writing the range, and no mutable reference may be alive.
-    pub(crate) unsafe fn slot_bytes(&self, slot: usize, back: usize, extra: usize) -> &[u8] {
-        assert!(extra <= self.payload_bytes, "range beyond the slot payload");
-        let p = self.header_ptr(slot, back);
-        // SAFETY: as `slot_bytes_mut`; the caller guarantees no concurrent writer.
-        unsafe { std::slice::from_raw_parts(p, back + extra) }
+    /// No kernel operation may be writing the range, and no mutable reference to it may be alive.
+    pub(crate) unsafe fn span(&self, slot: usize, at: usize, len: usize) -> &[u8] {
+        let p = self.span_ptr(slot, at, len);
+        // SAFETY: the range lies inside the mapping (`span_ptr` checks it); no concurrent
+        // writer is the caller's contract.
+        unsafe { std::slice::from_raw_parts(p, len) }
     }
 }
 

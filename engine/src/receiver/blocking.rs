@@ -10,8 +10,8 @@ use crate::blocking::{recv_exact, write_all, Bounds, Fail};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
 use crate::pool::BufferPool;
-use crate::receiver::core::RecvState;
-use crate::receiver::reassembly::{Admit, NextWrite, Reassembly};
+use crate::receiver::core::{reorder_wait, RecvState};
+use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::sys::Kernel;
 use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
@@ -19,9 +19,10 @@ use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
 struct Shared<'r, 's, 'c> {
     st: Mutex<RecvState<'r>>,
     cv: Condvar,
-    /// The packet slots (disjoint slices of one pool). `reassembly` gives each slot to one
+    /// The pool's blocks (disjoint slices of one pool). `reassembly` gives each block to one
     /// owner at a time (a channel while it receives, then the device's writer), so each lock is
-    /// uncontended; it only makes that hand-over safe without raw pointers.
+    /// uncontended; it only makes that hand-over safe without raw pointers. A packet's payload
+    /// is received and written block by block.
     slots: Vec<Mutex<&'r mut [u8]>>,
     run: &'s RecvShared<'c>,
     clock: StallClock,
@@ -56,7 +57,7 @@ impl<'r> Shared<'r, '_, '_> {
 }
 
 pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let mut pool = BufferPool::new(reassembly.slot_count(), 0, run.cfg.slot_bytes())
+    let mut pool = BufferPool::new(reassembly.block_count(), 0, reassembly.block_bytes())
         .map_err(|e| Error::sys("mmap receive pool", e))?;
     let slots = pool.slots_mut().map(Mutex::new).collect();
     let shared = Shared {
@@ -94,7 +95,7 @@ fn recv_error(shared: &Shared<'_, '_, '_>, c: ChannelId, stage: Stage, f: Fail) 
             channel: c,
             during: match stage {
                 Stage::Header { got: base } => Stage::Header { got: base + got },
-                Stage::Payload { device, idx, len, .. } => Stage::Payload { device, idx, got, len },
+                Stage::Payload { device, idx, len, got: base } => Stage::Payload { device, idx, got: base + got, len },
                 other => other,
             },
         },
@@ -148,29 +149,95 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
                 }
                 match g.reassembly.admit(c, &h, v)? {
                     Admit::Accept(a) => break a,
-                    Admit::Wait => {
-                        g.park(c);
-                        if g.stuck() {
-                            return Err(g.stuck_error());
-                        }
+                    Admit::Wait(why) => {
+                        g.park(c, why);
+                        g.check_budget(shared.clock.idle_for(), reorder_wait(shared.run.cfg.stall_timeout))?;
                         g = shared.wait(g);
                     }
                 }
             }
         };
         shared.lock().unpark(c);
-        if a.len > 0 {
-            // The slot was admitted to this channel alone until `received` hands it on.
-            let mut slot = shared.slot(a.slot);
-            recv_exact(&Kernel, fd, &mut slot[..a.len], shared.bounds()).map_err(|f| {
-                let device = shared.lock().reassembly.id(a.dev).clone();
-                recv_error(shared, c, Stage::Payload { device, idx: a.idx, got: 0, len: a.len }, f)
-            })?;
-        }
+        recv_payload(shared, fd, c, a)?;
         shared.lock().reassembly.received(a);
         shared.clock.touch();
         shared.cv.notify_all();
     }
+}
+
+/// Receives admitted packet `a`'s payload on channel `c`, block by block.
+fn recv_payload(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, a: Admitted) -> Result<()> {
+    let mut got = 0;
+    while got < a.len {
+        let p = shared.lock().reassembly.piece(a.head, got, false);
+        // The blocks were admitted to this channel alone until `received` hands them on.
+        let mut block = shared.slot(p.block);
+        recv_exact(&Kernel, fd, &mut block[p.at..p.at + p.len], shared.bounds()).map_err(|f| {
+            let device = shared.lock().reassembly.id(a.dev).clone();
+            recv_error(shared, c, Stage::Payload { device, idx: a.idx, got, len: a.len }, f)
+        })?;
+        got += p.len;
+    }
+    Ok(())
+}
+
+/// The contiguous pieces of packet `head` (block by block), as `(block, at, len)`.
+fn pieces<'s, 'r, 'x, 'y>(
+    shared: &'s Shared<'r, 'x, 'y>,
+    head: u32,
+    len: usize,
+) -> impl Iterator<Item = (u32, usize, usize)> + use<'s, 'r, 'x, 'y> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        (off < len).then(|| {
+            let p = shared.lock().reassembly.piece(head, off, false);
+            off += p.len;
+            (p.block, p.at, p.len)
+        })
+    })
+}
+
+/// Writes data packet `idx` (chain `head`, `len` bytes, at stream offset `stream_off`) to
+/// device `t`, block by block.
+fn write_packet(
+    shared: &Shared<'_, '_, '_>,
+    t: &mut Target<'_>,
+    (head, len, idx): (u32, usize, crate::ids::PacketIndex),
+    stream_off: u64,
+) -> Result<()> {
+    let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
+    let (mut done, mut short) = (0, 0);
+    let mut r = Ok(());
+    for (block, at, n) in pieces(shared, head, len) {
+        // The blocks are Ready and belong to this device's writer until `written`.
+        let slot = shared.slot(block);
+        r = write_all(&Kernel, fd, &slot[at..at + n], shared.bounds(), &mut short).map_err(|(off, f)| (done + off, f));
+        if r.is_err() {
+            break;
+        }
+        done += n;
+    }
+    t.short_writes += short;
+    r.map_err(|(off, f)| match f {
+        Fail::Aborted => Error::Aborted,
+        Fail::Stalled => shared.stalled(format!("device {}: its resume data fd accepts nothing", t.id)),
+        Fail::Os(source) => Error::DeviceWrite { device: t.id.clone(), idx, offset: stream_off + off as u64, source },
+        Fail::Eof { .. } => Error::internal("a write reported an end of stream"),
+    })
+}
+
+/// Applies device `t`'s config blob held in chain `head`: in place when it is one block, else
+/// gathered into one buffer (once per device).
+fn apply_config(shared: &Shared<'_, '_, '_>, t: &mut Target<'_>, head: u32, len: usize) -> Result<()> {
+    if len <= shared.lock().reassembly.block_bytes() {
+        let slot = shared.slot(head);
+        return t.apply_config(&slot[..len]);
+    }
+    let mut blob = Vec::with_capacity(len);
+    for (block, at, n) in pieces(shared, head, len) {
+        blob.extend_from_slice(&shared.slot(block)[at..at + n]);
+    }
+    t.apply_config(&blob)
 }
 
 fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>) -> Result<()> {
@@ -196,29 +263,12 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
             }
         };
         match next {
-            NextWrite::Data { slot, len, idx } => {
-                // The slot is Ready and belongs to this device's writer until `written` below.
-                let slot = shared.slot(slot);
-                let buf = &slot[..len];
-                let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
-                let mut short = 0;
-                let r = write_all(&Kernel, fd, buf, shared.bounds(), &mut short);
-                t.short_writes += short;
-                r.map_err(|(off, f)| match f {
-                    Fail::Aborted => Error::Aborted,
-                    Fail::Stalled => shared.stalled(format!("device {}: its resume data fd accepts nothing", t.id)),
-                    Fail::Os(source) => {
-                        Error::DeviceWrite { device: t.id.clone(), idx, offset: stream_off + off as u64, source }
-                    }
-                    Fail::Eof { .. } => Error::internal("a write reported an end of stream"),
-                })?;
+            NextWrite::Data { head, len, idx } => {
+                write_packet(shared, t, (head, len, idx), stream_off)?;
                 stream_off += len as u64;
                 shared.run.progress.add(len as u64);
             }
-            NextWrite::Config { slot, len } => {
-                let slot = shared.slot(slot);
-                t.apply_config(&slot[..len])?;
-            }
+            NextWrite::Config { head, len } => apply_config(shared, t, head, len)?,
             NextWrite::Marker { .. } => shared.run.initial_data_loaded(&t.id)?,
         }
         {

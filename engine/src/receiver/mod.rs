@@ -345,9 +345,9 @@ impl<'a> Receiver<'a> {
             abort: self.abort.clone(),
             progress: self.progress.clone(),
         };
-        let budget = self.cfg.budget_slots(n);
+        let budget = self.cfg.budget_for(n);
         let ids = self.targets.iter().map(|t| t.id.clone()).collect();
-        let mut reassembly = Reassembly::new(ids, budget, self.cfg.slot_bytes(), shared.rp.is_some());
+        let mut reassembly = Reassembly::new(ids, budget, self.cfg.max_packet_bytes, shared.rp.is_some());
         let res = match backend {
             BackendKind::Uring => uring::run(&shared, &mut reassembly, &mut self.targets),
             BackendKind::Blocking => blocking::run(&shared, &mut reassembly, &mut self.targets),
@@ -383,7 +383,7 @@ impl<'a> Receiver<'a> {
             devices,
             channels: ChannelId::all(n).map(|c| shared.counters[c.index()].report(c)).collect(),
             peak_held_bytes: reassembly.peak_held(),
-            reserved_bytes: (reassembly.slot_count() * self.cfg.slot_bytes()) as u64,
+            reserved_bytes: (reassembly.block_count() * reassembly.block_bytes()) as u64,
             devices_ready_after,
             return_path: shared.rp.is_some(),
         })
