@@ -19,7 +19,7 @@ pub enum BudgetStall {
     EveryChannelWaits,
     /// A channel waits for memory, no device write is pending, and no byte arrived on any
     /// channel for this long.
-    #[error("nothing arrived on any channel for {after:?} and no device write is pending")]
+    #[error("nothing arrived on any channel for {:.1} s and no device write is pending", after.as_secs_f64())]
     NothingMoved {
         /// How long nothing moved.
         after: Duration,
@@ -391,8 +391,8 @@ pub enum Error {
     /// largest reorder to never wait; the message names the numbers and the knob.
     #[error(
         "receive budget exhausted: packet {idx} of {device} arrived on channel {channel} while packet \
-         {awaited} is awaited: holding it needs {}, the budget is {} ({held_packets} out-of-order \
-         packets hold {}); {cause}; raise the budget (--budget, ReceiverConfig::budget_bytes){}",
+         {awaited} is awaited: holding it needs {}, the budget is {} ({} held in {held_packets} \
+         out-of-order packets); {cause}; raise the budget (--budget, ReceiverConfig::budget_bytes){}",
         human_bytes(*needed),
         human_bytes(*budget),
         human_bytes(*held),

@@ -23,6 +23,9 @@ mod blocking;
 mod config;
 mod device_io;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 mod pool;
 mod receiver;

@@ -195,6 +195,79 @@ impl BufferPool {
     }
 }
 
+/// Checked exclusive access to ranges of a pool's slots, for code that hands slots between
+/// threads itself and uses no kernel operation on them (the blocking receiver): a range may run
+/// over several consecutive slots, so one `recv`/`write` covers a contiguous piece of a packet.
+/// Each slot has a busy flag; taking a range claims its slots, and the guard releases them.
+/// Claiming a slot that is already claimed is an engine bug and panics (it would be an alias).
+#[derive(Debug)]
+pub(crate) struct SpanLocks<'p> {
+    pool: &'p mut BufferPool,
+    busy: Vec<std::sync::atomic::AtomicBool>,
+}
+
+/// Exclusive access to `len` bytes of a pool (see [`SpanLocks`]); derefs to the bytes.
+#[derive(Debug)]
+pub(crate) struct SpanGuard<'l> {
+    busy: &'l [std::sync::atomic::AtomicBool],
+    ptr: *mut u8,
+    len: usize,
+    slots: std::ops::Range<usize>,
+}
+
+impl<'p> SpanLocks<'p> {
+    /// Takes the whole pool (nothing else may touch it while this lives).
+    pub(crate) fn new(pool: &'p mut BufferPool) -> SpanLocks<'p> {
+        let busy = (0..pool.slots).map(|_| std::sync::atomic::AtomicBool::new(false)).collect();
+        SpanLocks { pool, busy }
+    }
+
+    /// Claims `len` bytes from byte `at` of `slot`'s payload, running on over the next slots.
+    ///
+    /// # Panics
+    /// If the range leaves the pool or overlaps a range claimed by a live guard.
+    pub(crate) fn lock(&self, slot: usize, at: usize, len: usize) -> SpanGuard<'_> {
+        use std::sync::atomic::Ordering;
+        let ptr = self.pool.span_ptr(slot, at, len);
+        let first = slot + at / self.pool.slot_bytes;
+        let end = (slot * self.pool.slot_bytes + at + len.max(1)).div_ceil(self.pool.slot_bytes);
+        for s in first..end {
+            if self.busy[s].swap(true, Ordering::Acquire) {
+                for t in first..s {
+                    self.busy[t].store(false, Ordering::Release);
+                }
+                panic!("pool slot {s} claimed twice");
+            }
+        }
+        SpanGuard { busy: &self.busy, ptr, len, slots: first..end }
+    }
+}
+
+impl std::ops::Deref for SpanGuard<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` is inside the mapping (`span_ptr` checked it), and every slot
+        // it touches is claimed by this guard alone (busy flags), so nothing else reads or
+        // writes it while the guard lives; `SpanLocks` holds the pool exclusively.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for SpanGuard<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as `deref`; `&mut self` makes this the only reference from this guard.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for SpanGuard<'_> {
+    fn drop(&mut self) {
+        for s in self.slots.clone() {
+            self.busy[s].store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +287,24 @@ mod tests {
         assert_ne!(big.backing(), Backing::Base);
         assert_eq!(p.backing(), Backing::Base);
         assert!(BufferPool::new(1, 0, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn span_locks_are_exclusive_and_cover_runs() {
+        let mut p = BufferPool::new(4, 0, PAGE).unwrap();
+        let locks = SpanLocks::new(&mut p);
+        {
+            let mut a = locks.lock(1, 100, 2 * PAGE);
+            assert_eq!(a.len(), 2 * PAGE);
+            a.fill(7);
+            // Slots 1..=3 are claimed; slot 0 is free.
+            let b = locks.lock(0, 0, PAGE);
+            assert_eq!(b.len(), PAGE);
+            let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(locks.lock(3, 0, 1))));
+            assert!(again.is_err(), "an overlapping claim must fail");
+        }
+        assert!(locks.lock(1, 0, 3 * PAGE).iter().skip(100).take(2 * PAGE).all(|&x| x == 7));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(locks.lock(3, 1, PAGE))));
+        assert!(out.is_err(), "a range past the pool must fail");
     }
 }

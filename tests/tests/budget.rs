@@ -145,17 +145,16 @@ fn budget_error_names_numbers_and_knob() {
         let text = e.to_string();
         match e {
             Error::BudgetExceeded { idx, awaited, needed, budget, held, held_packets, cause, device, .. } => {
-                assert!([6, 7].contains(&idx.get()), "{b:?}: {text}");
+                // Which packet is refused depends on which channel is read first: 5 and 7 on
+                // channel 0, or 6 on channel 1 (then 0 was written and 1 is awaited).
+                assert!((5..=7).contains(&idx.get()) && awaited.get() <= 1, "{b:?}: {text}");
                 assert_eq!(device, dev_id(0));
-                assert_eq!(
-                    (awaited.get(), needed, budget, held, held_packets),
-                    (0, 2 * PKT as u64, PKT as u64, PKT as u64, 1)
-                );
+                assert_eq!((needed, budget, held, held_packets), (2 * PKT as u64, PKT as u64, PKT as u64, 1), "{text}");
                 assert_eq!(cause, BudgetStall::EveryChannelWaits, "{b:?}: {text}");
             }
             other => panic!("{b:?}: expected a budget error, got {other}"),
         }
-        assert!(text.contains("packet 0 is awaited") && text.contains("needs 8 KiB, the budget is 4 KiB"), "{text}");
+        assert!(text.contains("is awaited: holding it needs 8 KiB, the budget is 4 KiB"), "{text}");
         assert!(text.contains("--budget"), "{text}");
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
@@ -183,6 +182,9 @@ fn budget_far_ahead_with_idle_channels_fails_promptly() {
             waited = t0.elapsed();
             s.finish();
         });
+        if let Err(e) = &res {
+            assert!(e.to_string().contains("nothing arrived on any channel for 1."), "{b:?}: {e}");
+        }
         match res {
             Err(Error::BudgetExceeded { idx, awaited, cause: BudgetStall::NothingMoved { after }, .. }) => {
                 assert_eq!((idx.get(), awaited.get()), (71, 0), "{b:?}");

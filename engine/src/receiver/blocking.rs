@@ -9,9 +9,9 @@ use crate::backend::{StallClock, TICK};
 use crate::blocking::{recv_exact, write_all, Bounds, Fail};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
-use crate::pool::BufferPool;
+use crate::pool::{BufferPool, SpanGuard, SpanLocks};
 use crate::receiver::core::{reorder_wait, RecvState};
-use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly};
+use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Piece, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::sys::Kernel;
 use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
@@ -19,11 +19,10 @@ use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
 struct Shared<'r, 's, 'c> {
     st: Mutex<RecvState<'r>>,
     cv: Condvar,
-    /// The pool's blocks (disjoint slices of one pool). `reassembly` gives each block to one
-    /// owner at a time (a channel while it receives, then the device's writer), so each lock is
-    /// uncontended; it only makes that hand-over safe without raw pointers. A packet's payload
-    /// is received and written block by block.
-    slots: Vec<Mutex<&'r mut [u8]>>,
+    /// The pool's blocks. `reassembly` gives each block to one owner at a time (a channel while
+    /// it receives, then the device's writer); the span locks make that hand-over safe without
+    /// raw pointers, and let one `recv`/`write` cover a contiguous piece of a packet.
+    blocks: SpanLocks<'r>,
     run: &'s RecvShared<'c>,
     clock: StallClock,
 }
@@ -33,8 +32,9 @@ impl<'r> Shared<'r, '_, '_> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn slot(&self, s: u32) -> MutexGuard<'_, &'r mut [u8]> {
-        self.slots[s as usize].lock().unwrap_or_else(|p| p.into_inner())
+    /// Exclusive access to a piece of a packet's blocks.
+    fn piece(&self, p: Piece) -> SpanGuard<'_> {
+        self.blocks.lock(p.block as usize, p.at, p.len)
     }
 
     fn fail(&self, e: Error) {
@@ -59,11 +59,11 @@ impl<'r> Shared<'r, '_, '_> {
 pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
     let mut pool = BufferPool::new(reassembly.block_count(), 0, reassembly.block_bytes())
         .map_err(|e| Error::sys("mmap receive pool", e))?;
-    let slots = pool.slots_mut().map(Mutex::new).collect();
+    let blocks = SpanLocks::new(&mut pool);
     let shared = Shared {
         st: Mutex::new(RecvState::new(reassembly, run.channels.len())),
         cv: Condvar::new(),
-        slots,
+        blocks,
         run,
         clock: StallClock::new(),
     };
@@ -165,14 +165,14 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
     }
 }
 
-/// Receives admitted packet `a`'s payload on channel `c`, block by block.
+/// Receives admitted packet `a`'s payload on channel `c`, one contiguous piece at a time.
 fn recv_payload(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, a: Admitted) -> Result<()> {
     let mut got = 0;
     while got < a.len {
-        let p = shared.lock().reassembly.piece(a.head, got, false);
+        let p = shared.lock().reassembly.piece(a.head, got, true);
         // The blocks were admitted to this channel alone until `received` hands them on.
-        let mut block = shared.slot(p.block);
-        recv_exact(&Kernel, fd, &mut block[p.at..p.at + p.len], shared.bounds()).map_err(|f| {
+        let mut buf = shared.piece(p);
+        recv_exact(&Kernel, fd, &mut buf, shared.bounds()).map_err(|f| {
             let device = shared.lock().reassembly.id(a.dev).clone();
             recv_error(shared, c, Stage::Payload { device, idx: a.idx, got, len: a.len }, f)
         })?;
@@ -181,24 +181,24 @@ fn recv_payload(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, a
     Ok(())
 }
 
-/// The contiguous pieces of packet `head` (block by block), as `(block, at, len)`.
+/// The contiguous pieces of packet `head` (`len` bytes).
 fn pieces<'s, 'r, 'x, 'y>(
     shared: &'s Shared<'r, 'x, 'y>,
     head: u32,
     len: usize,
-) -> impl Iterator<Item = (u32, usize, usize)> + use<'s, 'r, 'x, 'y> {
+) -> impl Iterator<Item = Piece> + use<'s, 'r, 'x, 'y> {
     let mut off = 0;
     std::iter::from_fn(move || {
         (off < len).then(|| {
-            let p = shared.lock().reassembly.piece(head, off, false);
+            let p = shared.lock().reassembly.piece(head, off, true);
             off += p.len;
-            (p.block, p.at, p.len)
+            p
         })
     })
 }
 
 /// Writes data packet `idx` (chain `head`, `len` bytes, at stream offset `stream_off`) to
-/// device `t`, block by block.
+/// device `t`, one contiguous piece at a time.
 fn write_packet(
     shared: &Shared<'_, '_, '_>,
     t: &mut Target<'_>,
@@ -208,14 +208,14 @@ fn write_packet(
     let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
     let (mut done, mut short) = (0, 0);
     let mut r = Ok(());
-    for (block, at, n) in pieces(shared, head, len) {
+    for p in pieces(shared, head, len) {
         // The blocks are Ready and belong to this device's writer until `written`.
-        let slot = shared.slot(block);
-        r = write_all(&Kernel, fd, &slot[at..at + n], shared.bounds(), &mut short).map_err(|(off, f)| (done + off, f));
+        let buf = shared.piece(p);
+        r = write_all(&Kernel, fd, &buf, shared.bounds(), &mut short).map_err(|(off, f)| (done + off, f));
         if r.is_err() {
             break;
         }
-        done += n;
+        done += p.len;
     }
     t.short_writes += short;
     r.map_err(|(off, f)| match f {
@@ -226,16 +226,19 @@ fn write_packet(
     })
 }
 
-/// Applies device `t`'s config blob held in chain `head`: in place when it is one block, else
-/// gathered into one buffer (once per device).
+/// Applies device `t`'s config blob held in chain `head`: in place when it is one contiguous
+/// piece (the usual case), else gathered into one buffer (once per device).
 fn apply_config(shared: &Shared<'_, '_, '_>, t: &mut Target<'_>, head: u32, len: usize) -> Result<()> {
-    if len <= shared.lock().reassembly.block_bytes() {
-        let slot = shared.slot(head);
-        return t.apply_config(&slot[..len]);
+    if len == 0 {
+        return t.apply_config(&[]);
+    }
+    let first = shared.lock().reassembly.piece(head, 0, true);
+    if first.len == len {
+        return t.apply_config(&shared.piece(first));
     }
     let mut blob = Vec::with_capacity(len);
-    for (block, at, n) in pieces(shared, head, len) {
-        blob.extend_from_slice(&shared.slot(block)[at..at + n]);
+    for p in pieces(shared, head, len) {
+        blob.extend_from_slice(&shared.piece(p));
     }
     t.apply_config(&blob)
 }

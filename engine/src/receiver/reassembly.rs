@@ -482,7 +482,7 @@ impl Reassembly {
 
     /// Most out-of-order bytes held at once, as charged to the budget (whole blocks): the
     /// smallest budget under which this run's arrivals would never have waited.
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(test)]
     pub(crate) fn peak_out_of_order(&self) -> u64 {
         self.peak_ooo
     }
