@@ -15,10 +15,10 @@
 //!   no index window: a packet any distance ahead is held if its bytes fit.
 //!
 //! Hence free blocks always cover the unused budget plus one largest packet per idle reserve,
-//! and admission never fails for want of blocks. Freed chains go back to the front of the free
-//! list in order, so in-order traffic reuses the same adjacent blocks and a packet is usually
-//! one contiguous range (one receive, one write); `piece` gives the backends each contiguous
-//! range of a chain. Held packets are found by `(device, index)` in a hash map (random keys)
+//! and admission never fails for want of blocks. Free blocks are a bitmap; a packet takes the
+//! first run of adjacent free blocks long enough for it (first fit), and only when there is
+//! none the first free blocks in pool order, so a packet is usually one contiguous range (one
+//! receive, one write); `piece` gives the backends each contiguous range of a chain. Held packets are found by `(device, index)` in a hash map (random keys)
 //! whose capacity, the pool's block count, is allocated up front: the per-packet path neither
 //! allocates nor copies.
 //!
@@ -145,11 +145,12 @@ pub(crate) struct Reassembly {
     devs: Vec<Dev>,
     /// `(device << 32 | index)` → the packet's first block.
     held: HashMap<u64, u32, RandomState>,
-    /// Per block: the next block of its chain (held packets) or of the free list.
+    /// Per block: the next block of its held packet's chain.
     next: Vec<u32>,
+    /// One bit per block, set while the block is free.
+    free: Vec<u64>,
     /// Per block: set on a held packet's first block.
     info: Vec<Option<Held>>,
-    free_head: u32,
     free_blocks: usize,
     block_bytes: usize,
     max_len: usize,
@@ -201,9 +202,11 @@ impl Reassembly {
                 })
                 .collect(),
             held: HashMap::with_capacity_and_hasher(nblocks, RandomState::new()),
-            next: (1..=nblocks as u32).map(|b| if b as usize == nblocks { NIL } else { b }).collect(),
+            next: vec![NIL; nblocks],
+            free: (0..nblocks.div_ceil(64))
+                .map(|w| if (w + 1) * 64 <= nblocks { u64::MAX } else { (1u64 << (nblocks % 64)) - 1 })
+                .collect(),
             info: vec![None; nblocks],
-            free_head: 0,
             free_blocks: nblocks,
             block_bytes,
             max_len,
@@ -341,29 +344,88 @@ impl Reassembly {
         Admit::Accept(Admitted { dev: DeviceIndex::new(d), head, len, idx: pidx })
     }
 
-    /// Takes `n` blocks off the free list as one chain. The budget and the reserves guarantee
-    /// there are enough (see the module docs).
+    /// Takes `n` free blocks as one chain: the first run of `n` adjacent free blocks (one
+    /// piece), else the first `n` free blocks in pool order (adjacent ones still merge into
+    /// pieces). The budget and the reserves guarantee there are enough (see the module docs).
     fn take(&mut self, n: usize) -> u32 {
         assert!(n <= self.free_blocks, "block accounting: {n} blocks wanted, {} free", self.free_blocks);
-        let head = self.free_head;
-        let mut last = head;
-        for _ in 1..n {
-            last = self.next[last as usize];
-        }
-        self.free_head = self.next[last as usize];
-        self.next[last as usize] = NIL;
+        let head = match self.free_run(n) {
+            Some(start) => {
+                for b in start..start + n {
+                    self.free[b / 64] &= !(1 << (b % 64));
+                    self.next[b] = if b + 1 < start + n { b as u32 + 1 } else { NIL };
+                }
+                start as u32
+            }
+            None => {
+                let (mut head, mut last, mut left) = (NIL, NIL, n);
+                for w in 0..self.free.len() {
+                    while left > 0 && self.free[w] != 0 {
+                        let b = w * 64 + self.free[w].trailing_zeros() as usize;
+                        self.free[w] &= self.free[w] - 1;
+                        if last == NIL {
+                            head = b as u32;
+                        } else {
+                            self.next[last as usize] = b as u32;
+                        }
+                        last = b as u32;
+                        left -= 1;
+                    }
+                }
+                self.next[last as usize] = NIL;
+                head
+            }
+        };
         self.free_blocks -= n;
         head
     }
 
-    /// Puts a chain back at the front of the free list, in its order.
-    fn give_back(&mut self, head: u32, n: u32) {
-        let mut last = head;
-        for _ in 1..n {
-            last = self.next[last as usize];
+    /// The first block of the lowest run of `n` adjacent free blocks, if any (whole free or
+    /// whole used words are stepped over at once).
+    fn free_run(&self, n: usize) -> Option<usize> {
+        let total = self.next.len();
+        let (mut start, mut len, mut b) = (0, 0, 0);
+        while b < total {
+            let word = self.free[b / 64];
+            if b % 64 == 0 && word == 0 {
+                len = 0;
+                b += 64;
+                continue;
+            }
+            if b % 64 == 0 && word == u64::MAX {
+                if len == 0 {
+                    start = b;
+                }
+                len += 64;
+                if len >= n {
+                    return Some(start);
+                }
+                b += 64;
+                continue;
+            }
+            if word >> (b % 64) & 1 == 1 {
+                if len == 0 {
+                    start = b;
+                }
+                len += 1;
+                if len >= n {
+                    return Some(start);
+                }
+            } else {
+                len = 0;
+            }
+            b += 1;
         }
-        self.next[last as usize] = self.free_head;
-        self.free_head = head;
+        None
+    }
+
+    /// Returns a chain's blocks to the free set.
+    fn give_back(&mut self, head: u32, n: u32) {
+        let mut b = head;
+        for _ in 0..n {
+            self.free[b as usize / 64] |= 1 << (b % 64);
+            b = self.next[b as usize];
+        }
         self.free_blocks += n as usize;
     }
 
@@ -493,15 +555,19 @@ impl Reassembly {
     #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn check_invariants(&self) {
         let n = self.next.len();
-        let mut seen = vec![false; n];
+        let mut seen: Vec<bool> = (0..n).map(|b| self.free[b / 64] >> (b % 64) & 1 == 1).collect();
+        assert_eq!(seen.iter().filter(|&&f| f).count(), self.free_blocks);
+        assert!(
+            self.free.iter().map(|w| w.count_ones() as usize).sum::<usize>() == self.free_blocks,
+            "bits past the pool"
+        );
         let mut walk = |mut b: u32, count: usize| {
             for _ in 0..count {
-                assert!(!seen[b as usize], "block {b} in two chains");
+                assert!(!seen[b as usize], "block {b} free or in two chains");
                 seen[b as usize] = true;
                 b = self.next[b as usize];
             }
         };
-        walk(self.free_head, self.free_blocks);
         let (mut ooo_blocks, mut ooo_packets, mut bytes) = (0, 0, 0u64);
         for (&k, &head) in &self.held {
             let h = self.info[head as usize].expect("held packet has a record");
@@ -710,35 +776,72 @@ mod tests {
         assert_eq!(drain(&mut r, 0), vec![0]);
     }
 
-    /// Chains that are not adjacent in the pool come back as several pieces covering the
-    /// payload exactly once.
+    /// A packet takes the first run of adjacent free blocks; when there is none it takes
+    /// scattered blocks, which come back as several pieces covering the payload exactly once.
     #[test]
     fn pieces_cover_scattered_chains() {
         let id = ids(1);
         let max = 16 * B;
-        let mut r2 = Reassembly::new(id.clone(), 8 * B, max, false);
-        let (block, _) = geometry(max);
-        assert_eq!(block, B);
-        let a0 = accept(offer_len(&mut r2, &id[0], 0, false, 3 * B));
-        let a2 = accept(offer_len(&mut r2, &id[0], 2, false, B));
-        let a1 = accept(offer_len(&mut r2, &id[0], 1, false, 2 * B));
-        for a in [a0, a1, a2] {
-            r2.received(a);
+        let mut r = Reassembly::new(id.clone(), 8 * B, max, false);
+        assert_eq!((r.block_bytes(), r.block_count()), (B, 24));
+        // Packet 0 (reserve) takes block 0, packets 2..=9 (budget) blocks 1..=8.
+        let a0 = accept(offer_len(&mut r, &id[0], 0, false, B));
+        r.received(a0);
+        for idx in 2..=9 {
+            let a = accept(offer_len(&mut r, &id[0], idx, false, B));
+            assert_eq!(r.piece(a.head, 0, true), Piece { block: idx - 1, at: 0, len: B });
+            r.received(a);
         }
-        assert_eq!(drain(&mut r2, 0), vec![0, 1, 2]);
-        // The free list now starts with 2's block, then 1's, then 0's: a 5-block packet spans
-        // pieces that are not all adjacent.
-        let a = accept(offer_len(&mut r2, &id[0], 3, false, 5 * B + 7));
+        assert_eq!(drain(&mut r, 0), vec![0]);
+        // Free now: block 0 and blocks 9..=23 (15): no run of 16 for a largest packet 1.
+        let a = accept(offer_len(&mut r, &id[0], 1, false, max));
         let mut off = 0;
-        let mut pieces = 0;
+        let mut pieces = Vec::new();
         while off < a.len {
-            let p = r2.piece(a.head, off, true);
+            let p = r.piece(a.head, off, true);
             assert!(p.len > 0 && off + p.len <= a.len);
             off += p.len;
-            pieces += 1;
+            pieces.push(p);
         }
-        assert_eq!(off, a.len);
-        assert!(pieces > 1);
+        assert_eq!(pieces, vec![Piece { block: 0, at: 0, len: B }, Piece { block: 9, at: 0, len: 15 * B }]);
+        assert_eq!(r.piece(a.head, 2 * B + 5, false), Piece { block: 10, at: 5, len: B - 5 });
+        r.received(a);
+        assert_eq!(drain(&mut r, 0), (1..=9).collect::<Vec<_>>());
+    }
+
+    /// First fit keeps a packet in one piece under reordering: a long random run of largest
+    /// packets (with some short ones) needs barely more than one piece per packet.
+    #[test]
+    fn first_fit_keeps_packets_contiguous() {
+        let max = 1 << 20;
+        let id = ids(2);
+        let mut r = Reassembly::new(id.clone(), 4 * max, max, false);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut next = [0u32; 2];
+        let (mut pieces, mut packets) = (0usize, 0usize);
+        let mut receiving: Vec<Admitted> = Vec::new();
+        for _ in 0..5000 {
+            let d = rng.usize(0..2);
+            let len = if rng.u8(0..20) == 0 { rng.usize(1..max) } else { max };
+            if let Admit::Accept(a) = offer_len(&mut r, &id[d], next[d], false, len).unwrap() {
+                next[d] += 1;
+                let mut off = 0;
+                while off < a.len {
+                    off += r.piece(a.head, off, true).len;
+                    pieces += 1;
+                }
+                packets += 1;
+                receiving.push(a);
+            }
+            if !receiving.is_empty() && (rng.bool() || receiving.len() > 6) {
+                let a = receiving.swap_remove(rng.usize(0..receiving.len()));
+                r.received(a);
+            }
+            for d in 0..2 {
+                drain(&mut r, d);
+            }
+        }
+        assert!(packets > 2000 && pieces * 100 < packets * 110, "{pieces} pieces for {packets} packets");
     }
 
     /// One random legal run: `ndev` devices with random packet sizes, issued in a random
