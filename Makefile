@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all run test test-unit lint fmt clippy doc bench bench-quick check-tools clean help
+.PHONY: all run test test-unit lint fmt clippy doc bench bench-quick check-tools clean help fuzz
 
 all: test
 
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-quick  the same in under a minute"
 	@echo "make vm-test    real VFIO migration (mtty) inside a QEMU TCG guest"
 	@echo "make doc        rustdoc with warnings as errors"
+	@echo "make fuzz       the cargo-fuzz targets (wire decoder, reassembly), FUZZ_SECONDS each (default 60)"
 
 check-tools:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup)"; exit 1; }
@@ -49,6 +50,19 @@ test: test-unit doc vm-test
 .PHONY: conformance
 conformance: check-tools
 	$(CARGO) test -p vfio-multifd-tests --test conformance
+
+# Fuzzing: each cargo-fuzz target in fuzz/ for FUZZ_SECONDS (nightly toolchain; cargo-fuzz is
+# installed from crates.io when missing). Corpora and crashes stay in fuzz/corpus, fuzz/artifacts.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := wire_decoder reassembly
+fuzz: check-tools
+	@rustup toolchain list 2>/dev/null | grep -q '^nightly' || { echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly"; exit 1; }
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  mkdir -p fuzz/corpus/$$t; \
+	  $(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 || exit 1; \
+	done
 
 bench: check-tools
 	$(CARGO) run --release -p vfio-multifd-cli --bin vfio-multifd -- bench

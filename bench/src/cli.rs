@@ -175,7 +175,9 @@ pub struct LoopbackArgs {
     /// Live migration.
     #[command(flatten)]
     pub live: LiveArgs,
-    /// Receive budget for out-of-order packets (default: one packet per channel, at least two).
+    /// Receive budget: bytes of out-of-order packets the receiver holds (default: one
+    /// max-size packet per channel, at least two). Raise it when a receive fails with "receive
+    /// budget exhausted".
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
     /// Transfer options.
@@ -264,7 +266,10 @@ pub struct RecvArgs {
     /// Largest device data per packet accepted (must be at least the sender's --chunk).
     #[arg(long, default_value = "1M", value_parser = parse_chunk)]
     pub max_packet: usize,
-    /// Memory for out-of-order packets (default: one packet per channel, at least two).
+    /// Bytes of out-of-order packets held at most, charged in blocks of 1/16 of --max-packet
+    /// (4K..64K); each device's next packet is held outside it (default: one max-size packet
+    /// per channel, at least two). A packet that does not fit waits; a receive fails with
+    /// "receive budget exhausted" when waiting cannot help. Raise it to absorb more reordering.
     #[arg(long, value_parser = parse_size_usize)]
     pub budget: Option<usize>,
     /// Do not accept the source's return-path offer (no switchover-ack, no verdicts sent

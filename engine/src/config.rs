@@ -236,8 +236,12 @@ impl ReceiverConfig {
         /// bigger chunks gets a clear error.
         max_packet_bytes: usize
     }
-    /// Bytes of out-of-order packets held at most (default: one packet per channel, at least
-    /// two). Rounded down to whole packets, at least one.
+    /// Bytes of out-of-order packets held at most (default: one largest packet per channel, at
+    /// least two). A held packet is charged its payload rounded up to the receive pool's block
+    /// (1/16 of the max packet, 4 KiB ..= 64 KiB; one block for an empty packet); the budget is
+    /// rounded down to whole blocks, at least one. Each device's lowest missing packet is held
+    /// outside the budget, so any budget completes a sender that keeps the ordering rules; a
+    /// budget that holds the sender's largest reorder never makes a channel wait (DESIGN.md §5).
     pub fn budget_bytes(mut self, v: usize) -> Self {
         self.budget_bytes = Some(v);
         self
@@ -281,11 +285,18 @@ impl ReceiverConfig {
         self.max_packet_bytes.div_ceil(crate::pool::PAGE) * crate::pool::PAGE
     }
 
-    pub(crate) fn budget_slots(&self, channels: usize) -> usize {
-        match self.budget_bytes {
-            Some(b) => (b / self.slot_bytes()).max(1),
-            None => channels.max(2),
-        }
+    /// The out-of-order budget in bytes: as set, else one largest packet (page-rounded) per
+    /// channel, at least two.
+    pub(crate) fn budget_for(&self, channels: usize) -> usize {
+        self.budget_bytes.unwrap_or_else(|| channels.max(2).saturating_mul(self.slot_bytes()))
+    }
+
+    /// Bytes of the receive pool: the budget in whole blocks (at least one) plus one largest
+    /// packet per device (`receiver::reassembly::geometry`).
+    pub(crate) fn pool_bytes(&self, channels: usize, devices: usize) -> usize {
+        let (block, per_max) = crate::receiver::reassembly::geometry(self.max_packet_bytes);
+        let budget_blocks = (self.budget_for(channels) / block).max(1);
+        budget_blocks.saturating_add(devices.saturating_mul(per_max)).saturating_mul(block)
     }
 
     /// Checks every setting against its bounds for a receive of `devices` devices over
@@ -309,16 +320,15 @@ impl ReceiverConfig {
             return Err(Error::Config(format!("accept timeout {:?} outside 100 ms ..= 1 h", self.accept_timeout)));
         }
         validate_common(channels, devices, self.stall_timeout).map_err(Error::Config)?;
-        let budget = self.budget_slots(channels);
-        let slots = budget + devices;
-        let pool = slots.saturating_mul(self.slot_bytes());
+        let pool = self.pool_bytes(channels, devices);
         if pool > crate::pool::MAX_REGISTERED {
             return Err(Error::Config(format!(
-                "the receive pool of {slots} packets ({budget} for the budget, one per device) of {} KiB each, \
-                 {} MiB in all, exceeds the 1024 MiB registered-buffer limit: lower max_packet_bytes, the \
-                 budget (default: one packet per channel) or the channel count",
-                self.slot_bytes() >> 10,
-                pool >> 20
+                "the receive pool of {} MiB (a budget of {} MiB plus one {} KiB packet for each of {devices} \
+                 devices) exceeds the 1 GiB registered-buffer limit: lower the budget (budget_bytes, --budget; \
+                 default: one largest packet per channel), the max packet size or the channel count",
+                pool >> 20,
+                self.budget_for(channels) >> 20,
+                self.max_packet_bytes >> 10,
             )));
         }
         Ok(())

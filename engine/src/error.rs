@@ -9,6 +9,33 @@ use std::time::Duration;
 use crate::ids::{ChannelId, PacketIndex};
 use crate::wire::{DeviceId, WireError};
 
+/// Why a receive that ran out of budget could not wait for memory any longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BudgetStall {
+    /// Every open channel waits for memory and no device write is pending: nothing can move
+    /// again (a sender that keeps the ordering rules never gets here).
+    #[error("every open channel waits for memory and no device write is pending")]
+    EveryChannelWaits,
+    /// A channel waits for memory, no device write is pending, and no byte arrived on any
+    /// channel for this long.
+    #[error("nothing arrived on any channel for {:.1} s and no device write is pending", after.as_secs_f64())]
+    NothingMoved {
+        /// How long nothing moved.
+        after: Duration,
+    },
+}
+
+/// `n` bytes for a message: whole MiB or KiB when exact, else MiB with two decimals.
+pub(crate) fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
 /// A packet that is well framed but breaks the rules of a device's stream (DESIGN.md §4). Each
 /// carries the index it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -384,12 +411,42 @@ pub enum Error {
         /// What is missing.
         missing: Missing,
     },
-    /// The sender holds more out-of-order data than the receive budget allows and no
-    /// channel can deliver the packet that would let the receiver progress.
-    #[error("receive budget exhausted: {what}")]
+    /// A packet could not be held within the receive budget, and nothing that would free
+    /// memory was on its way: every open channel waited for memory with no device write
+    /// pending, or nothing moved for a while with a channel waiting and no write pending
+    /// (DESIGN.md §5). A sender that keeps the ordering rules needs a budget that holds its
+    /// largest reorder to never wait; the message names the numbers and the knob.
+    #[error(
+        "receive budget exhausted: packet {idx} of {device} arrived on channel {channel} while packet \
+         {awaited} is awaited: holding it needs {}, the budget is {} ({} held in {held_packets} \
+         out-of-order packets); {cause}; raise the budget (--budget, ReceiverConfig::budget_bytes){}",
+        human_bytes(*needed),
+        human_bytes(*budget),
+        human_bytes(*held),
+        if waits.is_empty() { String::new() } else { format!(" ({waits})") }
+    )]
     BudgetExceeded {
-        /// Which devices wait for which packet, and what is held.
-        what: String,
+        /// The channel whose packet could not be held.
+        channel: ChannelId,
+        /// The packet's device.
+        device: DeviceId,
+        /// The packet's index.
+        idx: PacketIndex,
+        /// The device's lowest missing index: the packet whose arrival would let it write.
+        awaited: PacketIndex,
+        /// Out-of-order bytes that holding the packet needs (what is held plus the packet,
+        /// each charged in whole pool blocks).
+        needed: u64,
+        /// The budget, bytes.
+        budget: u64,
+        /// Out-of-order bytes held now.
+        held: u64,
+        /// Out-of-order packets held now.
+        held_packets: usize,
+        /// Why waiting longer could not help.
+        cause: BudgetStall,
+        /// Which incomplete device waits for which packet.
+        waits: String,
     },
     /// Nothing happened for longer than the configured timeout.
     #[error("timed out after {after:?} without progress: {what}")]

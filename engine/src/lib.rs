@@ -23,6 +23,9 @@ mod blocking;
 mod config;
 mod device_io;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 mod pool;
 mod receiver;
@@ -37,7 +40,7 @@ pub use abort::AbortHandle;
 pub use config::{
     Backend, ReceiverConfig, SourceConfig, ZeroCopy, MAX_BUFFERS_PER_DEVICE, MAX_CHUNK_BYTES, MAX_DEVICES,
 };
-pub use error::{Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
+pub use error::{BudgetStall, Error, Missing, ProtocolViolation, Result, Stage, StreamLimit};
 pub use ids::{ChannelId, DeviceIndex, PacketIndex};
 pub use receiver::Receiver;
 pub use rp::Verdict;

@@ -166,15 +166,105 @@ impl BufferPool {
         unsafe { std::slice::from_raw_parts_mut(p, back + extra) }
     }
 
-    /// Shared view of a slot range, as [`BufferPool::slot_bytes_mut`].
+    /// Pointer to byte `at` of `slot`'s payload, for an operation on `len` bytes from there that
+    /// may run on into the following slots (a receive pool without header space, whose
+    /// consecutive slots are one contiguous range).
+    ///
+    /// # Panics
+    /// If the range leaves the mapping (an engine bug, not an input error).
+    pub(crate) fn span_ptr(&self, slot: usize, at: usize, len: usize) -> *mut u8 {
+        let off = slot
+            .checked_mul(self.slot_bytes)
+            .and_then(|o| o.checked_add(self.header_bytes + at))
+            .filter(|o| o.checked_add(len).is_some_and(|end| end <= self.slots * self.slot_bytes));
+        let Some(off) = off else { panic!("span of {len} bytes at {at} of slot {slot} leaves the pool") };
+        // SAFETY: `off + len` is inside the mapping (checked above), so the pointer stays within
+        // the same allocation.
+        unsafe { self.map.as_ptr().add(off) as *mut u8 }
+    }
+
+    /// Shared view of `len` bytes from byte `at` of `slot`'s payload, as [`BufferPool::span_ptr`].
     ///
     /// # Safety
-    /// No kernel operation may be writing the range, and no mutable reference may be alive.
-    pub(crate) unsafe fn slot_bytes(&self, slot: usize, back: usize, extra: usize) -> &[u8] {
-        assert!(extra <= self.payload_bytes, "range beyond the slot payload");
-        let p = self.header_ptr(slot, back);
-        // SAFETY: as `slot_bytes_mut`; the caller guarantees no concurrent writer.
-        unsafe { std::slice::from_raw_parts(p, back + extra) }
+    /// No kernel operation may be writing the range, and no mutable reference to it may be alive.
+    pub(crate) unsafe fn span(&self, slot: usize, at: usize, len: usize) -> &[u8] {
+        let p = self.span_ptr(slot, at, len);
+        // SAFETY: the range lies inside the mapping (`span_ptr` checks it); no concurrent
+        // writer is the caller's contract.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+}
+
+/// Checked exclusive access to ranges of a pool's slots, for code that hands slots between
+/// threads itself and uses no kernel operation on them (the blocking receiver): a range may run
+/// over several consecutive slots, so one `recv`/`write` covers a contiguous piece of a packet.
+/// Each slot has a busy flag; taking a range claims its slots, and the guard releases them.
+/// Claiming a slot that is already claimed is an engine bug and panics (it would be an alias).
+#[derive(Debug)]
+pub(crate) struct SpanLocks<'p> {
+    pool: &'p mut BufferPool,
+    busy: Vec<std::sync::atomic::AtomicBool>,
+}
+
+/// Exclusive access to `len` bytes of a pool (see [`SpanLocks`]); derefs to the bytes.
+#[derive(Debug)]
+pub(crate) struct SpanGuard<'l> {
+    busy: &'l [std::sync::atomic::AtomicBool],
+    ptr: *mut u8,
+    len: usize,
+    slots: std::ops::Range<usize>,
+}
+
+impl<'p> SpanLocks<'p> {
+    /// Takes the whole pool (nothing else may touch it while this lives).
+    pub(crate) fn new(pool: &'p mut BufferPool) -> SpanLocks<'p> {
+        let busy = (0..pool.slots).map(|_| std::sync::atomic::AtomicBool::new(false)).collect();
+        SpanLocks { pool, busy }
+    }
+
+    /// Claims `len` bytes from byte `at` of `slot`'s payload, running on over the next slots.
+    ///
+    /// # Panics
+    /// If the range leaves the pool or overlaps a range claimed by a live guard.
+    pub(crate) fn lock(&self, slot: usize, at: usize, len: usize) -> SpanGuard<'_> {
+        use std::sync::atomic::Ordering;
+        let ptr = self.pool.span_ptr(slot, at, len);
+        let first = slot + at / self.pool.slot_bytes;
+        let end = (slot * self.pool.slot_bytes + at + len.max(1)).div_ceil(self.pool.slot_bytes);
+        for s in first..end {
+            if self.busy[s].swap(true, Ordering::Acquire) {
+                for t in first..s {
+                    self.busy[t].store(false, Ordering::Release);
+                }
+                panic!("pool slot {s} claimed twice");
+            }
+        }
+        SpanGuard { busy: &self.busy, ptr, len, slots: first..end }
+    }
+}
+
+impl std::ops::Deref for SpanGuard<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` is inside the mapping (`span_ptr` checked it), and every slot
+        // it touches is claimed by this guard alone (busy flags), so nothing else reads or
+        // writes it while the guard lives; `SpanLocks` holds the pool exclusively.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for SpanGuard<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as `deref`; `&mut self` makes this the only reference from this guard.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for SpanGuard<'_> {
+    fn drop(&mut self) {
+        for s in self.slots.clone() {
+            self.busy[s].store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -197,5 +287,24 @@ mod tests {
         assert_ne!(big.backing(), Backing::Base);
         assert_eq!(p.backing(), Backing::Base);
         assert!(BufferPool::new(1, 0, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn span_locks_are_exclusive_and_cover_runs() {
+        let mut p = BufferPool::new(4, 0, PAGE).unwrap();
+        let locks = SpanLocks::new(&mut p);
+        {
+            let mut a = locks.lock(1, 100, 2 * PAGE);
+            assert_eq!(a.len(), 2 * PAGE);
+            a.fill(7);
+            // Slots 1..=3 are claimed; slot 0 is free.
+            let b = locks.lock(0, 0, PAGE);
+            assert_eq!(b.len(), PAGE);
+            let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(locks.lock(3, 0, 1))));
+            assert!(again.is_err(), "an overlapping claim must fail");
+        }
+        assert!(locks.lock(1, 0, 3 * PAGE).iter().skip(100).take(2 * PAGE).all(|&x| x == 7));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(locks.lock(3, 1, PAGE))));
+        assert!(out.is_err(), "a range past the pool must fail");
     }
 }

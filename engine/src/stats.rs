@@ -275,7 +275,8 @@ pub struct ReceiverReport {
     pub channels: Vec<ChannelReport>,
     /// Most payload bytes held at once (receiving or waiting to be written).
     pub peak_held_bytes: u64,
-    /// Memory reserved for packets (the budget plus one in-order slot per device).
+    /// Memory reserved for packets: the receive pool, the budget plus one largest packet per
+    /// device (each device's next packet), in whole blocks.
     pub reserved_bytes: u64,
     /// From the first init packet read to every device validated (RESUMING → STOP) and in its
     /// final state (started, for devices added to run): the destination's end of the downtime.

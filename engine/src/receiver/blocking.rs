@@ -9,9 +9,9 @@ use crate::backend::{StallClock, TICK};
 use crate::blocking::{recv_exact, write_all, Bounds, Fail};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
-use crate::pool::BufferPool;
-use crate::receiver::core::RecvState;
-use crate::receiver::reassembly::{Admit, NextWrite, Reassembly};
+use crate::pool::{BufferPool, SpanGuard, SpanLocks};
+use crate::receiver::core::{reorder_wait, RecvState};
+use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Piece, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::sys::Kernel;
 use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
@@ -19,10 +19,10 @@ use crate::wire::{DEVICE_STATE_HEADER_LEN, PACKET_OVERHEAD};
 struct Shared<'r, 's, 'c> {
     st: Mutex<RecvState<'r>>,
     cv: Condvar,
-    /// The packet slots (disjoint slices of one pool). `reassembly` gives each slot to one
-    /// owner at a time (a channel while it receives, then the device's writer), so each lock is
-    /// uncontended; it only makes that hand-over safe without raw pointers.
-    slots: Vec<Mutex<&'r mut [u8]>>,
+    /// The pool's blocks. `reassembly` gives each block to one owner at a time (a channel while
+    /// it receives, then the device's writer); the span locks make that hand-over safe without
+    /// raw pointers, and let one `recv`/`write` cover a contiguous piece of a packet.
+    blocks: SpanLocks<'r>,
     run: &'s RecvShared<'c>,
     clock: StallClock,
 }
@@ -32,8 +32,9 @@ impl<'r> Shared<'r, '_, '_> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn slot(&self, s: u32) -> MutexGuard<'_, &'r mut [u8]> {
-        self.slots[s as usize].lock().unwrap_or_else(|p| p.into_inner())
+    /// Exclusive access to a piece of a packet's blocks.
+    fn piece(&self, p: Piece) -> SpanGuard<'_> {
+        self.blocks.lock(p.block as usize, p.at, p.len)
     }
 
     fn fail(&self, e: Error) {
@@ -72,13 +73,13 @@ impl<'r> Shared<'r, '_, '_> {
 }
 
 pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &mut [Target<'_>]) -> Result<()> {
-    let mut pool = BufferPool::new(reassembly.slot_count(), 0, run.cfg.slot_bytes())
+    let mut pool = BufferPool::new(reassembly.block_count(), 0, reassembly.block_bytes())
         .map_err(|e| Error::sys("mmap receive pool", e))?;
-    let slots = pool.slots_mut().map(Mutex::new).collect();
+    let blocks = SpanLocks::new(&mut pool);
     let shared = Shared {
         st: Mutex::new(RecvState::new(reassembly, run.channels, &run.warnings)),
         cv: Condvar::new(),
-        slots,
+        blocks,
         run,
         clock: StallClock::new(),
     };
@@ -110,7 +111,7 @@ fn recv_error(shared: &Shared<'_, '_, '_>, c: ChannelId, stage: Stage, f: Fail) 
             channel: c,
             during: match stage {
                 Stage::Header { got: base } => Stage::Header { got: base + got },
-                Stage::Payload { device, idx, len, .. } => Stage::Payload { device, idx, got, len },
+                Stage::Payload { device, idx, len, got: base } => Stage::Payload { device, idx, got: base + got, len },
                 other => other,
             },
         },
@@ -194,27 +195,96 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
                 }
                 match g.admit(c, &h, v)? {
                     Admit::Accept(a) => break a,
-                    Admit::Wait => {
-                        if g.stuck() {
-                            return Err(g.stuck_error());
-                        }
+                    Admit::Wait(_) => {
+                        g.check_budget(shared.clock.idle_for(), reorder_wait(shared.run.cfg.stall_timeout))?;
                         g = shared.wait(g);
                     }
                 }
             }
         };
-        if a.len > 0 {
-            // The slot was admitted to this channel alone until `received` hands it on.
-            let mut slot = shared.slot(a.slot);
-            recv_exact(&Kernel, fd, &mut slot[..a.len], shared.bounds()).map_err(|f| {
-                let device = shared.lock().reassembly.id(a.dev).clone();
-                recv_error(shared, c, Stage::Payload { device, idx: a.idx, got: 0, len: a.len }, f)
-            })?;
-        }
+        recv_payload(shared, fd, c, a)?;
         shared.lock().received(c, a);
         shared.clock.touch();
         shared.cv.notify_all();
     }
+}
+
+/// Receives admitted packet `a`'s payload on channel `c`, one contiguous piece at a time.
+fn recv_payload(shared: &Shared<'_, '_, '_>, fd: BorrowedFd<'_>, c: ChannelId, a: Admitted) -> Result<()> {
+    let mut got = 0;
+    while got < a.len {
+        let p = shared.lock().reassembly.piece(a.head, got, true);
+        // The blocks were admitted to this channel alone until `received` hands them on.
+        let mut buf = shared.piece(p);
+        recv_exact(&Kernel, fd, &mut buf, shared.bounds()).map_err(|f| {
+            let device = shared.lock().reassembly.id(a.dev).clone();
+            recv_error(shared, c, Stage::Payload { device, idx: a.idx, got, len: a.len }, f)
+        })?;
+        got += p.len;
+    }
+    Ok(())
+}
+
+/// The contiguous pieces of packet `head` (`len` bytes).
+fn pieces<'s, 'r, 'x, 'y>(
+    shared: &'s Shared<'r, 'x, 'y>,
+    head: u32,
+    len: usize,
+) -> impl Iterator<Item = Piece> + use<'s, 'r, 'x, 'y> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        (off < len).then(|| {
+            let p = shared.lock().reassembly.piece(head, off, true);
+            off += p.len;
+            p
+        })
+    })
+}
+
+/// Writes data packet `idx` (chain `head`, `len` bytes, at stream offset `stream_off`) to
+/// device `t`, one contiguous piece at a time.
+fn write_packet(
+    shared: &Shared<'_, '_, '_>,
+    t: &mut Target<'_>,
+    (head, len, idx): (u32, usize, crate::ids::PacketIndex),
+    stream_off: u64,
+) -> Result<()> {
+    let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
+    let (mut done, mut short) = (0, 0);
+    let mut r = Ok(());
+    for p in pieces(shared, head, len) {
+        // The blocks are Ready and belong to this device's writer until `written`.
+        let buf = shared.piece(p);
+        r = write_all(&Kernel, fd, &buf, shared.bounds(), &mut short).map_err(|(off, f)| (done + off, f));
+        if r.is_err() {
+            break;
+        }
+        done += p.len;
+    }
+    t.short_writes += short;
+    r.map_err(|(off, f)| match f {
+        Fail::Aborted => Error::Aborted,
+        Fail::Stalled => shared.stalled(None, format!("device {}: its resume data fd accepts nothing", t.id)),
+        Fail::Os(source) => Error::DeviceWrite { device: t.id.clone(), idx, offset: stream_off + off as u64, source },
+        Fail::Eof { .. } => Error::internal("a write reported an end of stream"),
+    })
+}
+
+/// Applies device `t`'s config blob held in chain `head`: in place when it is one contiguous
+/// piece (the usual case), else gathered into one buffer (once per device).
+fn apply_config(shared: &Shared<'_, '_, '_>, t: &mut Target<'_>, head: u32, len: usize) -> Result<()> {
+    if len == 0 {
+        return t.apply_config(&[]);
+    }
+    let first = shared.lock().reassembly.piece(head, 0, true);
+    if first.len == len {
+        return t.apply_config(&shared.piece(first));
+    }
+    let mut blob = Vec::with_capacity(len);
+    for p in pieces(shared, head, len) {
+        blob.extend_from_slice(&shared.piece(p));
+    }
+    t.apply_config(&blob)
 }
 
 fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>) -> Result<()> {
@@ -240,31 +310,12 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
             }
         };
         match next {
-            NextWrite::Data { slot, len, idx } => {
-                // The slot is Ready and belongs to this device's writer until `written` below.
-                let slot = shared.slot(slot);
-                let buf = &slot[..len];
-                let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
-                let mut short = 0;
-                let r = write_all(&Kernel, fd, buf, shared.bounds(), &mut short);
-                t.short_writes += short;
-                r.map_err(|(off, f)| match f {
-                    Fail::Aborted => Error::Aborted,
-                    Fail::Stalled => {
-                        shared.stalled(None, format!("device {}: its resume data fd accepts nothing", t.id))
-                    }
-                    Fail::Os(source) => {
-                        Error::DeviceWrite { device: t.id.clone(), idx, offset: stream_off + off as u64, source }
-                    }
-                    Fail::Eof { .. } => Error::internal("a write reported an end of stream"),
-                })?;
+            NextWrite::Data { head, len, idx } => {
+                write_packet(shared, t, (head, len, idx), stream_off)?;
                 stream_off += len as u64;
                 shared.run.progress.add(len as u64);
             }
-            NextWrite::Config { slot, len } => {
-                let slot = shared.slot(slot);
-                t.apply_config(&slot[..len])?;
-            }
+            NextWrite::Config { head, len } => apply_config(shared, t, head, len)?,
             NextWrite::Marker { .. } => shared.run.initial_data_loaded(&t.id)?,
         }
         {

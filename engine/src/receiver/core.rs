@@ -4,11 +4,12 @@
 //! `reassembly`.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
-use crate::error::{Error, Missing, Result};
+use crate::error::{BudgetStall, Error, Missing, Result};
 use crate::ids::ChannelId;
 use crate::receiver::accept::Channels;
-use crate::receiver::reassembly::{Admit, Admitted, Reassembly};
+use crate::receiver::reassembly::{Admit, Admitted, Reassembly, Refusal};
 use crate::wire::{DeviceStateHeader, VfioPacketHeader};
 
 /// Most warnings kept word for word; the rest are counted.
@@ -49,6 +50,27 @@ impl Warnings {
     }
 }
 
+/// How long a receive waits for memory when a channel's packet was refused, no device write is
+/// pending (so only the network can free memory) and nothing arrives on any channel, before it
+/// fails with [`Error::BudgetExceeded`] (at most the stall timeout). A sender that keeps the
+/// ordering rules has the awaited packet already on its way, so this only has to cover a
+/// network hiccup (a TCP retransmission: 200 ms minimum on Linux).
+pub(crate) const REORDER_WAIT: Duration = Duration::from_secs(1);
+
+/// The reorder wait for a receive whose stall timeout is `stall`: [`REORDER_WAIT`], at most
+/// `stall`.
+pub(crate) fn reorder_wait(stall: Duration) -> Duration {
+    stall.min(REORDER_WAIT)
+}
+
+/// A channel waiting for memory.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    /// The epoch at which its packet was last refused.
+    epoch: u64,
+    why: Refusal,
+}
+
 /// The state both backends share under one mutex.
 #[derive(Debug)]
 pub(crate) struct RecvState<'r> {
@@ -58,8 +80,8 @@ pub(crate) struct RecvState<'r> {
     warnings: &'r Mutex<Warnings>,
     /// Bumped whenever a write frees memory: a parked channel must retry.
     epoch: u64,
-    /// Per channel: the epoch at which its packet was last refused, while it is parked.
-    parked_at: Vec<Option<u64>>,
+    /// Per channel, while it is parked: when and why its packet was last refused.
+    parked_at: Vec<Option<Parked>>,
     /// Per channel: it ended (the peer closed it at a packet boundary, it failed in a way that
     /// was excused, or it is not needed any more).
     closed: Vec<bool>,
@@ -111,7 +133,7 @@ impl<'r> RecvState<'r> {
         self.reassembly.allow_markers(self.channels.rp_agreed());
         let r = self.reassembly.admit(ch, h, v)?;
         match r {
-            Admit::Wait => self.park(ch),
+            Admit::Wait(why) => self.park(ch, why),
             Admit::Accept(a) => {
                 self.unpark(ch);
                 self.receiving[ch.index()] = (a.len > 0).then_some(a);
@@ -127,8 +149,8 @@ impl<'r> RecvState<'r> {
     }
 
     /// `ch`'s packet was refused for lack of memory: it waits for the next write.
-    pub(crate) fn park(&mut self, ch: ChannelId) {
-        self.parked_at[ch.index()] = Some(self.epoch);
+    pub(crate) fn park(&mut self, ch: ChannelId, why: Refusal) {
+        self.parked_at[ch.index()] = Some(Parked { epoch: self.epoch, why });
     }
 
     /// `ch`'s packet was admitted.
@@ -239,12 +261,45 @@ impl<'r> RecvState<'r> {
     /// only happens with a sender that breaks the ordering rules).
     pub(crate) fn stuck(&self) -> bool {
         let mut open = self.parked_at.iter().zip(&self.closed).filter(|(_, &c)| !c).peekable();
-        open.peek().is_some() && open.all(|(p, _)| *p == Some(self.epoch)) && !self.reassembly.write_pending()
+        open.peek().is_some()
+            && open.all(|(p, _)| p.is_some_and(|p| p.epoch == self.epoch))
+            && !self.reassembly.write_pending()
     }
 
-    /// The error to report when [`RecvState::stuck`].
-    pub(crate) fn stuck_error(&self) -> Error {
-        Error::BudgetExceeded { what: self.reassembly.stuck_report() }
+    /// The budget verdict, checked whenever a channel parks and on every tick: an error when
+    /// waiting for memory cannot help. Either every open channel waits ([`Self::stuck`]), or a
+    /// channel waits, no write is pending (only the network can free memory), and nothing has
+    /// arrived for `idle` ≥ `limit` (the reorder wait): a packet far ahead while the channels
+    /// that should carry the awaited one are idle fails promptly, not at the stall timeout.
+    ///
+    /// # Errors
+    /// [`Error::BudgetExceeded`] for the first waiting channel, with the numbers.
+    pub(crate) fn check_budget(&self, idle: Duration, limit: Duration) -> Result<()> {
+        let cause = if self.stuck() {
+            BudgetStall::EveryChannelWaits
+        } else if idle >= limit && !self.reassembly.write_pending() && self.parked_at.iter().any(Option::is_some) {
+            BudgetStall::NothingMoved { after: idle }
+        } else {
+            return Ok(());
+        };
+        let Some((ch, p)) =
+            ChannelId::all(self.parked_at.len()).zip(&self.parked_at).find_map(|(c, p)| p.map(|p| (c, p)))
+        else {
+            return Err(Error::internal("a budget verdict with no channel waiting"));
+        };
+        let w = p.why;
+        Err(Error::BudgetExceeded {
+            channel: ch,
+            device: self.reassembly.id(w.dev).clone(),
+            idx: w.idx,
+            awaited: w.awaited,
+            needed: w.needed,
+            budget: self.reassembly.budget_bytes(),
+            held: w.held,
+            held_packets: w.held_packets,
+            cause,
+            waits: self.reassembly.waits_report(),
+        })
     }
 
     /// Who waits for what, for a stall error: the first incomplete device, then every channel
@@ -345,21 +400,53 @@ mod tests {
     use crate::ids::DeviceIndex;
     use crate::wire::DeviceId;
 
+    fn refusal() -> Refusal {
+        let i = |n| crate::ids::PacketIndex::new(n).unwrap();
+        Refusal {
+            dev: crate::ids::DeviceIndex::new(0),
+            idx: i(70),
+            awaited: i(0),
+            needed: 8192,
+            held: 4096,
+            held_packets: 1,
+        }
+    }
+
     #[test]
     fn stuck_needs_every_open_channel_parked_at_this_epoch() {
-        let mut reassembly = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 1, 4096, false);
+        let mut reassembly = Reassembly::new(vec![DeviceId::new("a/vfio", 0).unwrap()], 4096, 4096, false);
         let chans = Channels::new(2, 0).unwrap();
         let warnings = Mutex::new(Warnings::default());
         let mut st = RecvState::new(&mut reassembly, &chans, &warnings);
         let (c0, c1) = (ChannelId::new(0), ChannelId::new(1));
+        let long = Duration::from_secs(9);
         assert!(!st.stuck());
-        st.park(c0);
+        st.park(c0, refusal());
         assert!(!st.stuck(), "channel 1 can still deliver");
+        assert!(st.check_budget(Duration::ZERO, long).is_ok());
+        // Channel 1 idle for the reorder wait while channel 0 waits and nothing is written.
+        match st.check_budget(long, long) {
+            Err(Error::BudgetExceeded { channel, idx, awaited, needed, budget, cause, .. }) => {
+                assert_eq!((channel, idx.get(), awaited.get(), needed, budget), (c0, 70, 0, 8192, 4096));
+                assert_eq!(cause, BudgetStall::NothingMoved { after: long });
+            }
+            other => panic!("{other:?}"),
+        }
         st.close(c1);
         assert!(st.stuck());
+        let e = st.check_budget(Duration::ZERO, long).unwrap_err();
+        assert!(matches!(e, Error::BudgetExceeded { cause: BudgetStall::EveryChannelWaits, .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("packet 70 of a/vfio")
+                && text.contains("packet 0 is awaited")
+                && text.contains("needs 8 KiB, the budget is 4 KiB")
+                && text.contains("--budget"),
+            "{text}"
+        );
         st.freed();
         assert!(!st.stuck(), "a write since the refusal: retry first");
-        st.park(c0);
+        st.park(c0, refusal());
         assert!(st.stuck());
         st.close(c0);
         assert!(!st.stuck(), "nothing open");

@@ -365,9 +365,9 @@ impl<'a> Receiver<'a> {
             progress: self.progress.clone(),
             warnings: Mutex::new(Warnings::default()),
         };
-        let budget = self.cfg.budget_slots(n);
+        let budget = self.cfg.budget_for(n);
         let ids = self.targets.iter().map(|t| t.id.clone()).collect();
-        let mut reassembly = Reassembly::new(ids, budget, self.cfg.slot_bytes(), false);
+        let mut reassembly = Reassembly::new(ids, budget, self.cfg.max_packet_bytes, false);
         let res = receive(&shared, backend, listener, socks, &mut reassembly, &mut self.targets);
         let res = res.and_then(|()| validate_targets(&mut self.targets));
         if let Some(rp) = shared.rp.get() {
@@ -407,7 +407,7 @@ impl<'a> Receiver<'a> {
             devices,
             channels: ChannelId::all(n).map(|c| shared.counters[c.index()].report(c)).collect(),
             peak_held_bytes: reassembly.peak_held(),
-            reserved_bytes: (reassembly.slot_count() * self.cfg.slot_bytes()) as u64,
+            reserved_bytes: (reassembly.block_count() * reassembly.block_bytes()) as u64,
             devices_ready_after,
             return_path: shared.rp.get().is_some(),
             warnings,

@@ -3,7 +3,8 @@
 //!
 //! Channel `c` belongs to worker `c % W`. A worker has one `RECV` in flight per channel: first
 //! the 288 bytes of a packet header (into a small per-channel buffer), then the payload straight
-//! into a registered slot. Device writes (`WRITE_FIXED`, one in flight per device) are issued by
+//! into the packet's registered blocks (one `RECV` per contiguous piece of its chain: usually
+//! one). Device writes (`WRITE_FIXED`, one in flight per device) are issued by
 //! whichever worker made the next packet writable (by receiving it, or by finishing the write
 //! before it), and complete on that worker's ring; a short write continues where it stopped,
 //! and an `EAGAIN` from an `O_NONBLOCK` resume fd waits for `POLLOUT` (a linked `POLL_ADD`)
@@ -23,7 +24,7 @@ use crate::device_io::{classify, classify_write, from_cqe, IoStep, Retries};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex, PacketIndex};
 use crate::pool::BufferPool;
-use crate::receiver::core::RecvState;
+use crate::receiver::core::{reorder_wait, RecvState};
 use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::uring::{
@@ -83,7 +84,7 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
     if workers == 0 || workers > n {
         return Err(Error::internal(format!("{workers} receive workers for {n} channels")));
     }
-    let pool = BufferPool::new(reassembly.slot_count(), 0, run.cfg.slot_bytes())
+    let pool = BufferPool::new(reassembly.block_count(), 0, reassembly.block_bytes())
         .map_err(|e| Error::sys("mmap receive pool", e))?;
     let mut shared = Shared {
         st: Mutex::new(RecvState::new(reassembly, run.channels, &run.warnings)),
@@ -131,7 +132,7 @@ enum Chan {
     Waiting,
     /// Receiving a header into the channel's header buffer.
     Header { got: usize },
-    /// Receiving a payload into an admitted slot.
+    /// Receiving a payload into an admitted packet's blocks.
     Payload { a: Admitted, got: usize },
     /// The header (still in the channel's header buffer, which no receive touches now) waits
     /// for memory.
@@ -143,9 +144,12 @@ enum Chan {
 /// A device write this worker has in flight.
 #[derive(Debug, Clone, Copy)]
 struct Write {
-    slot: u32,
+    /// The packet's block chain.
+    head: u32,
     len: usize,
     off: usize,
+    /// Bytes of the write in flight (one contiguous piece of the chain).
+    chunk: usize,
     idx: PacketIndex,
     /// Stream offset of the packet's first byte.
     base: u64,
@@ -259,9 +263,7 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
         if (g.complete() || self.ch.iter().zip(&self.chans).all(ended)) && !own_writes {
             return Ok(true);
         }
-        if g.stuck() {
-            return Err(g.stuck_error());
-        }
+        g.check_budget(self.shared.clock.idle_for(), reorder_wait(self.shared.run.cfg.stall_timeout))?;
         Ok(false)
     }
 
@@ -352,9 +354,9 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
             // SAFETY: `got < PACKET_OVERHEAD`: inside the channel's header cell.
             Chan::Header { got } => (unsafe { self.hdrs[i].get().cast::<u8>().add(got) }, PACKET_OVERHEAD - got),
             Chan::Payload { a, got } => {
-                // SAFETY: `got < a.len <= payload_bytes`, so the pointer stays inside the slot.
-                let p = unsafe { self.shared.pool.payload_ptr(a.slot as usize).add(got) };
-                (p, a.len - got)
+                // The next contiguous piece of the packet's blocks (`got < a.len`).
+                let piece = self.shared.lock().reassembly.piece(a.head, got, true);
+                (self.shared.pool.span_ptr(piece.block as usize, piece.at, piece.len), piece.len)
             }
             Chan::Waiting | Chan::Parked | Chan::Closed => return Ok(()),
         };
@@ -442,7 +444,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 self.ch[i] = Chan::Payload { a, got: 0 };
                 self.recv_next(i)
             }
-            Admit::Wait => {
+            Admit::Wait(_) => {
                 self.ch[i] = Chan::Parked;
                 Ok(())
             }
@@ -464,8 +466,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
             };
             match next {
                 None => return Ok(()),
-                Some(NextWrite::Data { slot, len, idx }) if len > 0 => {
-                    self.wr[d.index()] = Some(Write { slot, len, off: 0, idx, base });
+                Some(NextWrite::Data { head, len, idx }) if len > 0 => {
+                    self.wr[d.index()] = Some(Write { head, len, off: 0, chunk: 0, idx, base });
                     return self.submit_write(d, false);
                 }
                 // An empty data packet: nothing to write.
@@ -475,17 +477,41 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                     self.shared.run.initial_data_loaded(&id)?;
                     self.written(d);
                 }
-                Some(NextWrite::Config { slot, len }) => {
-                    // SAFETY: the config slot is Ready: its RECV completed and nothing else
-                    // refers to it until `written` frees it below.
-                    let blob = unsafe { self.shared.pool.slot_bytes(slot as usize, 0, len) };
-                    self.shared.target(d).apply_config(blob)?;
+                Some(NextWrite::Config { head, len }) => {
+                    self.apply_config(d, head, len)?;
                     self.written(d);
                 }
             }
-            // A slot was freed: this worker's parked channels retry after this batch.
+            // Memory was freed: this worker's parked channels retry after this batch.
             self.need_unpark = true;
         }
+    }
+
+    /// Applies device `d`'s config blob, held in chain `head`: in place when the chain is one
+    /// contiguous range (the usual case), else gathered into one buffer (once per device).
+    fn apply_config(&mut self, d: DeviceIndex, head: u32, len: usize) -> Result<()> {
+        let pieces: Vec<_> = {
+            let g = self.shared.lock();
+            let mut out = Vec::new();
+            let mut off = 0;
+            while off < len {
+                let p = g.reassembly.piece(head, off, true);
+                off += p.len;
+                out.push(p);
+            }
+            out
+        };
+        let one = |p: crate::receiver::reassembly::Piece| -> &[u8] {
+            // SAFETY: the config chain is Ready: its receives completed, and nothing else refers
+            // to its blocks until `written` frees them after this call.
+            unsafe { self.shared.pool.span(p.block as usize, p.at, p.len) }
+        };
+        let blob: std::borrow::Cow<'_, [u8]> = match pieces[..] {
+            [] => std::borrow::Cow::Borrowed(&[]),
+            [p] => std::borrow::Cow::Borrowed(one(p)),
+            _ => std::borrow::Cow::Owned(pieces.iter().flat_map(|&p| one(p).iter().copied()).collect()),
+        };
+        self.shared.target(d).apply_config(&blob)
     }
 
     fn written(&mut self, d: DeviceIndex) {
@@ -497,10 +523,12 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
 
     fn submit_write(&mut self, d: DeviceIndex, poll_first: bool) -> Result<()> {
         let w = self.wr[d.index()].ok_or_else(|| Error::internal("a write without its packet"))?;
-        // SAFETY: `off < len <= payload_bytes`: inside the slot.
-        let ptr = unsafe { self.shared.pool.payload_ptr(w.slot as usize).add(w.off) };
+        // The next contiguous piece of the packet's blocks (`off < len`).
+        let piece = self.shared.lock().reassembly.piece(w.head, w.off, true);
+        let ptr = self.shared.pool.span_ptr(piece.block as usize, piece.at, piece.len);
+        self.wr[d.index()] = Some(Write { chunk: piece.len, ..w });
         let fd = self.device_file(d);
-        let len = (w.len - w.off) as u32;
+        let len = piece.len as u32;
         // IOSQE_ASYNC: the copy into the device runs on an io-wq worker, in parallel with this
         // ring's receives (a VFIO resume fd, having no FMODE_NOWAIT, goes there anyway).
         let e = if self.registered {
@@ -542,7 +570,9 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         self.retries.reset();
         let off = w.off + n;
         if off < w.len {
-            self.shared.target(d).short_writes += 1;
+            if n < w.chunk {
+                self.shared.target(d).short_writes += 1;
+            }
             self.wr[d.index()] = Some(Write { off, ..w });
             return self.submit_write(d, false);
         }
