@@ -291,7 +291,7 @@ fn to_json(a: &DumpArgs, decoded: &[Decoded], devs: &BTreeMap<(String, u32), Dev
         .map(|(d, f)| {
             let mut v = match d {
                 Decoded::Multifd(c) => json!({
-                    "kind": "multifd", "id": c.id, "uuid": format_uuid(&c.uuid), "bytes": c.bytes,
+                    "kind": "multifd", "id": c.id, "uuid": format_uuid(&c.uuid), "init_hex": hex(&c.init), "bytes": c.bytes,
                     "decoded_bytes": c.bytes,
                     "ram": {"packets": c.ram.packets, "sync_packets": c.ram.sync_packets,
                             "normal_pages": c.ram.normal_pages, "zero_pages": c.ram.zero_pages,

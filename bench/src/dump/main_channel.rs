@@ -406,9 +406,12 @@ fn plausible_next(b: &[u8], m: &MainChannel, left: u64) -> bool {
         Some(&(SEC_START | SEC_FULL)) => {
             let Some(id) = be32(1) else { return false };
             let n = b.get(5).map_or(0, |&n| usize::from(n));
+            let Some(name) = b.get(6..6 + n) else { return false };
+            // A new section id, or the one an iterable handler started under the same idstr
+            // (a VFIO device's FULL section reuses its START section's id).
             n > 0
-                && !m.sections.iter().any(|s| s.id == id)
-                && b.get(6..6 + n).is_some_and(|s| s.iter().all(|c| (0x20..0x7f).contains(c)))
+                && name.iter().all(|c| (0x20..0x7f).contains(c))
+                && m.sections.iter().all(|s| s.id != id || s.idstr.as_bytes() == name)
                 && b.len() >= 6 + n + 8
         }
         Some(&(SEC_PART | SEC_END)) => {

@@ -72,6 +72,8 @@ pub struct Channel {
     pub id: u8,
     /// `MultiFDInit_t.uuid`.
     pub uuid: [u8; 16],
+    /// The 64 init packet bytes as captured.
+    pub init: [u8; INIT_PACKET_LEN],
     /// File length (every byte is decoded, or the dump fails).
     pub bytes: u64,
     /// RAM and SYNC packets.
@@ -89,7 +91,7 @@ pub fn decode(inp: &mut Input, file: usize, page_count: u32, page_size: u32, bud
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&init[8..24]);
     let ip = InitPacket::decode(&init, 256, &uuid).with_context(|| format!("{}: init packet", inp.path.display()))?;
-    let mut ch = Channel { id: ip.id, uuid, bytes: inp.len, ram: RamStats::default(), packets: Vec::new() };
+    let mut ch = Channel { id: ip.id, uuid, init, bytes: inp.len, ram: RamStats::default(), packets: Vec::new() };
     while inp.remaining() > 0 {
         let at = inp.off;
         let mut hdr = [0u8; PACKET_OVERHEAD];
