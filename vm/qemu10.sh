@@ -20,8 +20,10 @@
 # downloaded (the newest ready version is used). Delete VM_WORK/qemu10 to start over.
 #
 # Exit status: 0 ready; 10 the download failed (no network to the mirror?); 3 no usable
-# QEMU 10 in trixie (or no Debian entry in the host's apt sources); 1 other errors.
-# Environment: QEMU10_SUITE (default trixie), QEMU10_REFRESH=1 (ignore the cache).
+# QEMU 10 in trixie (or no Debian entry in the host's apt sources); 4 nothing cached and
+# VM_NO_APT=1; 1 other errors.
+# Environment: QEMU10_SUITE (default trixie), QEMU10_REFRESH=1 (ignore the cache),
+# VM_NO_APT=1 (use the cache only).
 set -euo pipefail
 
 VM_WORK=${1:?usage: qemu10.sh VM_WORK}
@@ -38,6 +40,11 @@ if [ "${QEMU10_REFRESH:-0}" != 1 ]; then
   done
 fi
 
+if [ "${VM_NO_APT:-0}" = 1 ]; then
+  say "VM_NO_APT=1 and no QEMU 10 in the cache ($Q)"
+  exit 4
+fi
+
 # ---------------------------------------------------- alternate apt configuration
 # The host's Debian mirror: the entry whose release is the host's own codename.
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
@@ -51,7 +58,7 @@ A=$Q/apt
 mkdir -p "$A"/{lists/partial,cache/archives/partial,etc/preferences.d}
 : > "$A/status"
 # Only the Packages index: the host's apt.conf.d may ask for more (DEP-11, Contents).
-echo "deb [targets=Packages] $mirror $SUITE main" > "$A/etc/sources.list"
+echo "deb [target=Packages] $mirror $SUITE main" > "$A/etc/sources.list"
 APT=(-o "Dir::Etc::sourcelist=$A/etc/sources.list" -o "Dir::Etc::sourceparts=-"
   -o "Dir::Etc::preferencesparts=$A/etc/preferences.d" -o "Dir::State::lists=$A/lists"
   -o "Dir::State::status=$A/status" -o "Dir::Cache=$A/cache" -o "Dir::Cache::archives=$A/cache/archives"

@@ -377,11 +377,12 @@ QEMU_WANTED=0
 if [ $QEMU_WANTED = 1 ]; then
   T_Q=$(date +%s.%N)
   rc=0
-  QEMU10_TREE=$("$SCRIPT_DIR/qemu10.sh" "$VM_WORK") || rc=$?
+  QEMU10_TREE=$(VM_NO_APT=$VM_NO_APT "$SCRIPT_DIR/qemu10.sh" "$VM_WORK") || rc=$?
   case $rc in
     0) log "QEMU $(cat "$QEMU10_TREE/VERSION") ready in $(awk -v a="$T_Q" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s: $QEMU10_TREE" ;;
     10) NOQEMU="downloading Debian trixie's qemu-system-x86 failed (no network to the mirror?), see $LOGS/qemu10-apt.log" ;;
     3) NOQEMU="no qemu-system-x86 10.x from the host's Debian mirror with suite trixie (see the message above)" ;;
+    4) NOQEMU="VM_NO_APT=1 and no QEMU 10 cached in $VM_WORK/qemu10" ;;
     *) die "preparing QEMU 10 failed (vm/qemu10.sh exit $rc)" ;;
   esac
   if [ -n "$NOQEMU" ]; then
