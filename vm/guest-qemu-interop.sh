@@ -26,8 +26,10 @@ QNEW=83b8f4f2-509f-382f-3c1e-e6bfe0fa1007
 Q=$W/qemu
 QPIDS=""
 
-# qhmp <s|d> <command>: one HMP command (the FIFO open is bounded: QEMU may have died)
-qhmp() { timeout 10 sh -c 'echo "$1" > "$2"' _ "$2" "$Q/$1.in"; }
+# qalive <s|d>: that QEMU still runs
+qalive() { eval "kill -0 \$QPID_$1" 2> /dev/null; }
+# qhmp <s|d> <command>: one HMP command to a running QEMU (the FIFO open is bounded too)
+qhmp() { qalive "$1" && timeout 10 sh -c 'echo "$1" > "$2"' _ "$2" "$Q/$1.in"; }
 # qwait <s|d> <regex> <seconds> [<command to repeat>]: until the monitor output matches
 qwait() {
   i=0
@@ -35,6 +37,7 @@ qwait() {
     [ -n "$4" ] && qhmp "$1" "$4"
     sleep 0.2
     tr -d '\r' < $Q/$1.txt 2> /dev/null | grep -aqE "$2" && return 0
+    qalive "$1" || return 1
     i=$((i + 1))
   done
   return 1
@@ -48,6 +51,7 @@ qstart() {
     -chardev pipe,id=mon,path=$Q/$m -mon chardev=mon,mode=readline \
     -device "vfio-pci,sysfsdev=/sys/bus/mdev/devices/$dev,enable-migration=on,x-device-dirty-page-tracking=off,x-migration-multifd-transfer=on" \
     "$@" > $Q/$m.log 2>&1 &
+  eval "QPID_$m=$!"
   QPIDS="$QPIDS $!"
   cat $Q/$m.out > $Q/$m.txt &
   QPIDS="$QPIDS $!"
@@ -78,7 +82,7 @@ qemu_migrate() {
   qstart s $QSRC
   if ! qwait s '^\(qemu\)' 90 || ! qwait d '^\(qemu\)' 90; then
     qdiag
-    fail $c "QEMU 10 did not bring up its monitor in 90 s"
+    fail $c "QEMU 10 did not bring up its monitor (it exited, or not within 90 s)"
     return 1
   fi
   info "$c: both QEMU $(cat $QT/VERSION) monitors up at uptime $(now)s"
@@ -93,7 +97,7 @@ qemu_migrate() {
   timeout 150 $B tee --listen 127.0.0.1:$PORT --connect 127.0.0.1:$QPORT --record $Q/cap --connections 3 \
     --timeout 140 > $Q/tee.out 2>&1 &
   tpid=$!
-  if ! wait_listen $QPORT 1 && ! netstat -ltn 2> /dev/null | grep -q ":$QPORT "; then
+  if ! wait_listen $QPORT $QPID_d; then
     qdiag
     fail $c "the destination QEMU does not listen on $QPORT"
     return 1

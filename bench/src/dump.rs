@@ -21,7 +21,7 @@ use clap::Args;
 use serde_json::{json, Value};
 use vfio_multifd::wire::{format_uuid, MULTIFD_MAGIC};
 
-use self::input::{read_at, Input};
+use self::input::{copy_range, Input};
 use self::main_channel::{command_name, kind_name, MainChannel, Payload, QEVM_MAGIC};
 use self::multifd::{Channel, DevPacket, MAX_DEVICE_PACKETS};
 use crate::util::fmt_bytes;
@@ -81,9 +81,12 @@ pub fn run(a: &DumpArgs) -> Result<()> {
     }
     let mut decoded = Vec::with_capacity(a.files.len());
     let mut budget = MAX_DEVICE_PACKETS;
-    let mut mains = 0;
+    let mut main_file: Option<&Path> = None;
     for (i, p) in a.files.iter().enumerate() {
         let mut inp = Input::open(p)?;
+        if inp.len == 0 {
+            bail!("{} is empty: a capture starts with an init packet or the QEVM header", p.display());
+        }
         let magic = inp.window(4)?;
         let magic = if magic.len() == 4 { u32::from_be_bytes([magic[0], magic[1], magic[2], magic[3]]) } else { 0 };
         let d = match magic {
@@ -93,7 +96,10 @@ pub fn run(a: &DumpArgs) -> Result<()> {
                 Decoded::Multifd(ch)
             }
             QEVM_MAGIC => {
-                mains += 1;
+                if let Some(m) = main_file {
+                    bail!("{} and {} are both main channels: a migration has one", m.display(), p.display());
+                }
+                main_file = Some(p);
                 Decoded::Main(main_channel::decode(&mut inp, a.page_size)?)
             }
             _ => bail!(
@@ -104,12 +110,9 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         };
         decoded.push(d);
     }
-    if mains > 1 {
-        bail!("{mains} main channels given: a migration has one");
-    }
     let mut devices = reassemble(&decoded)?;
     if let Some(dir) = &a.out {
-        write_devices(dir, &a.files, &mut devices)?;
+        write_devices(dir, &a.files, main_file, &mut devices)?;
     }
     let mismatched: Vec<String> = decoded
         .iter()
@@ -155,9 +158,11 @@ fn reassemble(decoded: &[Decoded]) -> Result<BTreeMap<(String, u32), Device>> {
         d.packets.sort_by_key(|p| p.idx);
         let mut config = None;
         for (i, p) in d.packets.iter().enumerate() {
+            if i > 0 && d.packets[i - 1].idx == p.idx {
+                bail!("device {idstr} (instance {inst}): packet idx {} appears twice", p.idx);
+            }
             if p.idx as usize != i {
-                let what = if i > 0 && d.packets[i - 1].idx == p.idx { "duplicate" } else { "missing" };
-                bail!("device {idstr} (instance {inst}): packet idx {} is {what} (expected {i})", p.idx.min(i as u32));
+                bail!("device {idstr} (instance {inst}): packet idx {i} is missing (the next one is idx {})", p.idx);
             }
             if p.flags & vfio_multifd::wire::VFIO_FLAG_CONFIG_STATE != 0 {
                 config = Some(p.idx);
@@ -197,11 +202,13 @@ fn write_file(path: &Path, parts: &mut dyn FnMut(&mut dyn Write) -> Result<()>) 
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
-fn write_devices(dir: &Path, files: &[PathBuf], devs: &mut BTreeMap<(String, u32), Device>) -> Result<()> {
+fn write_devices(
+    dir: &Path,
+    files: &[PathBuf],
+    main_file: Option<&Path>,
+    devs: &mut BTreeMap<(String, u32), Device>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let main_file =
-        |_: ()| files.iter().find(|f| Input::open(f).and_then(|mut i| i.window(4)).is_ok_and(|w| w == b"QEVM"));
-    let mf = main_file(()).cloned();
     for ((idstr, inst), d) in devs.iter_mut() {
         let stem = dir.join(file_stem(idstr, *inst));
         let with = |ext: &str| PathBuf::from(format!("{}{ext}", stem.display()));
@@ -210,14 +217,13 @@ fn write_devices(dir: &Path, files: &[PathBuf], devs: &mut BTreeMap<(String, u32
         let data: Vec<&DevPacket> = d.packets.iter().filter(|p| p.flags & 1 == 0).collect();
         let put_main = |w: &mut dyn Write, ranges: &[(u64, u64)]| -> Result<()> {
             for &(off, len) in ranges {
-                let path = mf.as_ref().context("main-channel ranges without a main channel")?;
-                w.write_all(&read_at(path, off, len)?)?;
+                copy_range(main_file.context("main-channel ranges without a main channel")?, off, len, w)?;
             }
             Ok(())
         };
         let put_packets = |w: &mut dyn Write| -> Result<()> {
             for p in &data {
-                w.write_all(&read_at(&files[p.file], p.data_offset, p.data_len)?)?;
+                copy_range(&files[p.file], p.data_offset, p.data_len, w)?;
             }
             Ok(())
         };
@@ -233,8 +239,7 @@ fn write_devices(dir: &Path, files: &[PathBuf], devs: &mut BTreeMap<(String, u32
         })?;
         d.files = vec![with(".bin"), with(".precopy"), with(".stopcopy")];
         if let Some(c) = d.packets.iter().find(|p| p.flags & 1 != 0) {
-            let bytes = read_at(&files[c.file], c.data_offset, c.data_len)?;
-            write_file(&with(".qemu-config"), &mut |w| Ok(w.write_all(&bytes)?))?;
+            write_file(&with(".qemu-config"), &mut |w| copy_range(&files[c.file], c.data_offset, c.data_len, w))?;
             d.files.push(with(".qemu-config"));
         }
     }

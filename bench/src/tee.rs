@@ -211,8 +211,10 @@ fn relay(mut from: TcpStream, to: TcpStream, path: &Path, max: u64) -> DirEnd {
             to_w.write_all(&buf[..n]).context("forwarding")?;
         }
         rec.flush().with_context(|| format!("writing {}", part.display()))?;
+        // The recording is complete before the peer sees the EOF.
+        std::fs::rename(&part, path).with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
         let _ = to.shutdown(Shutdown::Write);
-        std::fs::rename(&part, path).with_context(|| format!("renaming {} to {}", part.display(), path.display()))
+        Ok(())
     })();
     match r {
         Ok(()) => DirEnd { bytes, error: None },

@@ -119,12 +119,18 @@ impl Input {
     }
 }
 
-/// Reads `len` bytes at `off` of `path` (for reassembly).
-pub fn read_at(path: &Path, off: u64, len: u64) -> Result<Vec<u8>> {
+/// Copies `len` bytes at `off` of `path` into `w`, 1 MiB at a time (for reassembly).
+pub fn copy_range(path: &Path, off: u64, len: u64, w: &mut dyn std::io::Write) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut v = vec![0u8; usize::try_from(len).context("range too large")?];
-    f.read_exact_at(&mut v, off)
-        .with_context(|| format!("reading {len} bytes at offset {off} of {}", path.display()))?;
-    Ok(v)
+    let mut buf = vec![0u8; usize::try_from(len.min(1 << 20)).context("range too large")?];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from((len - done).min(buf.len() as u64)).context("range too large")?;
+        f.read_exact_at(&mut buf[..n], off + done)
+            .with_context(|| format!("reading {len} bytes at offset {off} of {}", path.display()))?;
+        w.write_all(&buf[..n]).context("writing a reassembled file")?;
+        done += n as u64;
+    }
+    Ok(())
 }
