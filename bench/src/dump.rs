@@ -421,6 +421,12 @@ fn print_text(a: &DumpArgs, decoded: &[Decoded], devs: &BTreeMap<(String, u32), 
             d.packets.len().saturating_sub(1),
             d.config_bytes
         );
+        if d.main.is_none() && !d.files.is_empty() {
+            println!(
+                "  note: no main channel given, so .bin holds the multifd packets only (QEMU sends a device's \
+                 pre-copy bytes on the main channel)"
+            );
+        }
         for f in &d.files {
             println!("  wrote {}", f.display());
         }
