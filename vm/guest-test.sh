@@ -11,6 +11,7 @@
 # Diagnostics are printed as "GUEST: ..." lines.
 #
 # Env: VMTEST_ONLY=case1,case2  run only these cases (setup always runs)
+#      VMTEST_NOQEMU=1           the host has no QEMU 10 for qemu-interop (it says why)
 #      VMTEST_CMD_TIMEOUT=30     seconds per CLI call
 #
 # mtty facts this relies on (read from samples/vfio-mdev/mtty.c, 6.12):
@@ -421,6 +422,14 @@ if want $c; then
   for u in $SRC2 $DST2; do
     [ -d /sys/bus/mdev/devices/$u ] && echo 1 > /sys/bus/mdev/devices/$u/remove 2>> $W/last.out
   done
+fi
+
+# --- real QEMU 10 as the peer: a QEMU -> QEMU migration of an mtty device captured by the
+# project's tee, decoded, compared with the project's encoder and replayed (the case's own file)
+if [ -f /guest-qemu-interop.sh ]; then
+  . /guest-qemu-interop.sh
+elif want qemu-interop; then
+  fail qemu-interop "/guest-qemu-interop.sh is not in the initramfs"
 fi
 
 # --- final: both devices RUNNING and removable (no process kept them open)

@@ -20,9 +20,10 @@
 #   VM_WORK       cache dir (default vm/work)
 #   VM_KVER       force a kernel ABI, e.g. 6.12.117+deb12 (default: resolved via apt-cache)
 #   VM_ACCEL      tcg (default) | kvm (kvm: -cpu host; does NOT work on the dev hosts)
-#   VM_TIMEOUT    seconds for the whole QEMU run (default 300)
+#   VM_TIMEOUT    seconds for the whole QEMU run (default 300; 420 with qemu-interop)
 #   VM_GUEST_TIMEOUT  seconds the guest gives guest-test.sh (default VM_TIMEOUT-30)
-#   VM_ONLY       space-separated list of guest test cases to run (default: all)
+#   VM_ONLY       space-separated list of guest test cases to run (default: all; qemu-interop
+#                 is the real QEMU 10 case, which fetches QEMU with vm/qemu10.sh)
 #   VM_VERBOSE=1  print the whole guest console, not just the VMTEST/GUEST lines
 #   VM_NO_APT=1   never call apt-get install/update (skip if tools are missing)
 #   VM_PREP_ONLY=1  only install tools and prepare the kernel cache (no GUEST_BIN needed, no boot)
@@ -35,6 +36,8 @@ VM_WORK=${VM_WORK:-$ROOT/vm/work}
 GUEST_BIN=${GUEST_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release/vfio-multifd}
 GUEST_SCRIPT=${GUEST_SCRIPT:-$SCRIPT_DIR/guest-test.sh}
 VM_ACCEL=${VM_ACCEL:-tcg}
+VM_TIMEOUT_GIVEN=${VM_TIMEOUT:-}
+VM_GUEST_TIMEOUT_GIVEN=${VM_GUEST_TIMEOUT:-}
 VM_TIMEOUT=${VM_TIMEOUT:-300}
 VM_GUEST_TIMEOUT=${VM_GUEST_TIMEOUT:-$((VM_TIMEOUT > 60 ? VM_TIMEOUT - 30 : VM_TIMEOUT * 3 / 4))}
 VM_ONLY=${VM_ONLY:-}
@@ -366,6 +369,31 @@ fi
 K=$VM_WORK/k/$ABI
 log "kernel $ABI-amd64 ($(cat "$K/VERSION")) ready in $(awk -v a="$T_PREP" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s"
 
+# ------------------------------------------------- QEMU 10 for the qemu-interop case
+# Debian trixie's qemu-system-x86 and its library closure, from the host's own apt mirror
+# (vm/qemu10.sh). Outside CI a failed fetch leaves the case out and says why; under CI it fails.
+QEMU10_TREE=""
+NOQEMU=""
+QEMU_WANTED=0
+[[ -z "$VM_ONLY" || " $VM_ONLY " == *" qemu-interop "* ]] && QEMU_WANTED=1
+if [ $QEMU_WANTED = 1 ]; then
+  T_Q=$(date +%s.%N)
+  rc=0
+  QEMU10_TREE=$(VM_NO_APT=$VM_NO_APT "$SCRIPT_DIR/qemu10.sh" "$VM_WORK") || rc=$?
+  case $rc in
+    0) log "QEMU $(cat "$QEMU10_TREE/VERSION") ready in $(awk -v a="$T_Q" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s: $QEMU10_TREE" ;;
+    10) NOQEMU="downloading Debian trixie's qemu-system-x86 failed (no network to the mirror?), see $LOGS/qemu10-apt.log" ;;
+    3) NOQEMU="no qemu-system-x86 10.x from the host's Debian mirror with suite trixie (see the message above)" ;;
+    4) NOQEMU="VM_NO_APT=1 and no QEMU 10 cached in $VM_WORK/qemu10" ;;
+    *) die "preparing QEMU 10 failed (vm/qemu10.sh exit $rc)" ;;
+  esac
+  if [ -n "$NOQEMU" ]; then
+    QEMU10_TREE=""
+    is_ci && { echo "qemu-interop: FAIL (CI=$CI, the case cannot be skipped): $NOQEMU" >&2; exit 1; }
+    log "qemu-interop will not run: $NOQEMU"
+  fi
+fi
+
 if [ "$VM_PREP_ONLY" = 1 ]; then
   echo "vm-test: prepared kernel $ABI-amd64 in $K"
   exit 0
@@ -380,6 +408,11 @@ cp "$GUEST_BIN" "$IR/bin/vfio-multifd"
 chmod 0755 "$IR/bin/vfio-multifd"
 install -m 0755 "$GUEST_SCRIPT" "$IR/guest-test.sh"
 cp "$K"/modules/*.ko "$K/modules/order" "$IR/lib/modules/"
+install -m 0644 "$SCRIPT_DIR/guest-qemu-interop.sh" "$IR/guest-qemu-interop.sh"
+if [ -n "$QEMU10_TREE" ]; then
+  mkdir -p "$IR/opt"
+  cp -a "$QEMU10_TREE" "$IR/opt/qemu10"
+fi
 cat > "$IR/init" << 'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -395,7 +428,7 @@ for m in $(cat /lib/modules/order); do
 done
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 [ -n "$VMTEST_ONLY" ] && echo "GUEST: VMTEST_ONLY=$VMTEST_ONLY"
-export VMTEST_ONLY
+export VMTEST_ONLY VMTEST_NOQEMU
 T0=$(cut -d' ' -f1 /proc/uptime)
 # guest-test.sh prints to the console and also writes its result line to /tmp/vmtest-result
 timeout "${VMTEST_TIMEOUT:-240}" sh /guest-test.sh 2>&1
@@ -422,12 +455,21 @@ CONSOLE=$LOGS/console.log
 : > "$CONSOLE"
 CPU=max
 [ "$VM_ACCEL" = kvm ] && CPU=host
+# two nested QEMUs (64 MiB guests, TCG) and a 65 MB initramfs need more than the default
+MEM=1024
+[ -n "$QEMU10_TREE" ] && MEM=2048
+# qemu-interop adds 25-45 s under TCG (more when the host is busy): a larger default bound
+if [ -n "$QEMU10_TREE" ] && [ -z "$VM_TIMEOUT_GIVEN" ]; then
+  VM_TIMEOUT=420
+  [ -n "$VM_GUEST_TIMEOUT_GIVEN" ] || VM_GUEST_TIMEOUT=390
+fi
 APPEND="console=ttyS0 panic=-1 loglevel=4 VMTEST_TIMEOUT=$VM_GUEST_TIMEOUT"
 [ -n "$VM_ONLY" ] && APPEND="$APPEND VMTEST_ONLY=${VM_ONLY// /,}"
+[ -n "$NOQEMU" ] && APPEND="$APPEND VMTEST_NOQEMU=1"
 log "booting $ABI-amd64 (accel=$VM_ACCEL, timeout ${VM_TIMEOUT}s)"
 T_BOOT=$(date +%s.%N)
 set +e
-timeout --kill-after=5 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu "$CPU" -m 1024 -smp 2 \
+timeout --kill-after=5 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu "$CPU" -m "$MEM" -smp 2 \
   -nodefaults -no-user-config -display none -monitor none -serial "file:$CONSOLE" -no-reboot \
   -kernel "$K/vmlinuz" -initrd "$VM_WORK/initramfs.cpio.gz" -append "$APPEND" \
   < /dev/null > "$LOGS/qemu.log" 2>&1
@@ -441,6 +483,19 @@ if [ "$VM_VERBOSE" = 1 ]; then
   cat "$LOGS/console.txt"
 else
   grep -aE '^(VMTEST|GUEST)' "$LOGS/console.txt" || true
+fi
+
+# qemu-interop's own verdict line
+if [ $QEMU_WANTED = 1 ]; then
+  if [ -n "$NOQEMU" ]; then
+    echo "qemu-interop: SKIPPED ($NOQEMU)"
+  elif grep -aqx 'VMTEST: PASS qemu-interop' "$LOGS/console.txt"; then
+    echo "qemu-interop: PASS"
+  elif why=$(grep -a '^VMTEST: FAIL qemu-interop: ' "$LOGS/console.txt" | head -1) && [ -n "$why" ]; then
+    echo "qemu-interop: FAIL ${why#VMTEST: FAIL qemu-interop: }"
+  else
+    echo "qemu-interop: FAIL no verdict from the guest (see $LOGS/console.txt)"
+  fi
 fi
 
 fail() {

@@ -1,6 +1,7 @@
 # vm/vm.mk - VM test targets (issue 5), included by the top-level Makefile.
 #
-#   make vm-prep   build the static guest binary and prepare the kernel + mtty.ko cache
+#   make vm-prep   build the static guest binary and prepare the kernel + mtty.ko cache (and
+#                  Debian trixie's QEMU 10 for the qemu-interop case, vm/qemu10.sh)
 #   make vm-test   vm-prep, then boot the QEMU guest and run vm/guest-test.sh
 #
 # vm-test exit status: 0 on PASS; non-zero on FAIL/timeout/boot failure. When the VM

@@ -35,6 +35,11 @@ pub enum Cmd {
     /// Run the benchmark suite: the engine against a QEMU-style design, a minimum-copy
     /// ceiling and raw TCP, on the same simulated devices.
     Bench(crate::suite::BenchArgs),
+    /// Decode the captured connections of a real QEMU migration (multifd channels to the last
+    /// byte, the main channel's RAM and VFIO sections) and reassemble each device's state.
+    Dump(crate::dump::DumpArgs),
+    /// Relay TCP connections to another address and record each one (capture a migration).
+    Tee(crate::tee::TeeArgs),
 }
 
 /// `auto|on|off` for zero-copy sends.

@@ -8,11 +8,13 @@
 
 mod cli;
 mod dev;
+mod dump;
 mod guest;
 mod live;
 mod probe;
 mod signals;
 mod suite;
+mod tee;
 mod transfer;
 mod util;
 
@@ -45,6 +47,8 @@ fn run() -> anyhow::Result<()> {
         Cmd::Probe(a) => probe::run(a.json),
         Cmd::Dev(a) => dev::run(&a.cmd),
         Cmd::Bench(a) => suite::run(a),
+        Cmd::Dump(a) => dump::run(a),
+        Cmd::Tee(a) => tee::run(a),
     }
 }
 
