@@ -372,6 +372,38 @@ pub enum Error {
         /// What was wrong.
         what: String,
     },
+    /// The destination sent bytes on a channel where the protocol has none for it to send (any
+    /// channel but a return path's channel 0, or channel 0 after the return path's `SHUT`, or
+    /// before it was accepted): something other than a vfio-multifd or QEMU destination is
+    /// talking (a proxy, a keepalive, an ack). Never discarded silently: closing a socket with
+    /// unread input resets it, which may destroy the end of the stream at the destination.
+    #[error(
+        "channel {channel}: the destination sent {bytes} unexpected byte(s) (first: {first:02x?}); multifd \
+         channels carry nothing back but the negotiated return path: is a proxy or another program listening?"
+    )]
+    UnexpectedInput {
+        /// The channel.
+        channel: ChannelId,
+        /// Bytes received in the read that found them (at least this many came).
+        bytes: usize,
+        /// Their first bytes (at most 8).
+        first: Vec<u8>,
+    },
+    /// A raw source stream (`add_data_fd` on a regular file) did not deliver the bytes its file
+    /// held when it was added: the file was truncated (or grew) while it was sent. The device's
+    /// config packet was not sent, so the destination cannot load the short stream.
+    #[error(
+        "device {device}: the source file gave {sent} bytes but held {expected} when the transfer started (was it \
+         truncated or rewritten while being sent?); its config was not sent, so the destination will not load it"
+    )]
+    SourceChanged {
+        /// The device.
+        device: DeviceId,
+        /// Stream bytes read before the end of the file.
+        sent: u64,
+        /// The file's size (from its offset) when it was added.
+        expected: u64,
+    },
     /// The destination reported that a device failed there (its verdict on the return path),
     /// or that the migration as a whole did not complete: the source must not report success.
     #[error("destination: device {device}: {what}")]

@@ -192,6 +192,11 @@ impl Decoder {
     pub(crate) fn partial(&self) -> bool {
         !self.buf.is_empty()
     }
+
+    /// Bytes buffered and not yet taken as a message.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
 }
 
 /// The destination's writer of return-path messages (any thread may send; one at a time).

@@ -204,19 +204,6 @@ pub(crate) fn reset_on_close(fd: BorrowedFd<'_>) {
     let _ = socket::setsockopt(&fd, sockopt::Linger, &l);
 }
 
-/// Reads and discards what is queued on a socket now (at most 1 MiB, never waiting), so that
-/// closing it does not answer the peer's unread bytes with a reset that could destroy data the
-/// peer has not read yet.
-pub(crate) fn discard_input(fd: BorrowedFd<'_>) {
-    let mut buf = [0u8; 4096];
-    for _ in 0..256 {
-        match Kernel.recv(fd, &mut buf) {
-            Ok(n) if n > 0 => {}
-            _ => return,
-        }
-    }
-}
-
 /// A non-blocking eventfd (`EFD_CLOEXEC | EFD_NONBLOCK`): the one wake-up primitive of the
 /// engine (abort, channel grants, receive-worker kicks). Rings read it with `IORING_OP_READ`;
 /// blocking code polls it.

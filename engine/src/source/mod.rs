@@ -7,10 +7,12 @@
 //! * `device.rs`: one device's phase machine (the state changes of a session, written once).
 //! * `core.rs`: the stream rules both backends obey (packet indexes, accounting and cap, the
 //!   config packet, post-send tallies), without I/O.
+//! * `close.rs`: how the channels end after the last packet (read to the peer's EOF first).
 //! * `lease.rs`: fair leasing of channels to device threads.
 //! * `uring.rs` and `blocking.rs`: the two backends' device loops.
 
 mod blocking;
+mod close;
 pub(crate) mod control;
 pub(crate) mod core;
 pub(crate) mod device;

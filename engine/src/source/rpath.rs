@@ -23,6 +23,10 @@ struct Inner {
     /// Why the reader stopped early (a broken message, a read error).
     error: Option<String>,
     ended: bool,
+    /// Bytes read from channel 0 in all.
+    received: usize,
+    /// Bytes read but not taken as a message when the reader stopped (after `SHUT`, or a part).
+    leftover: usize,
 }
 
 /// What the destination said so far.
@@ -91,6 +95,29 @@ impl RpState {
     /// Stops the reader.
     pub(crate) fn stop(&self) {
         self.stop.signal();
+    }
+
+    /// After the reader stopped, on a session that sent everything: what came on channel 0 that
+    /// the return path does not account for (bytes from a destination that never accepted it,
+    /// bytes after `SHUT`, a read that failed), as the error that fails the session. A failure
+    /// of an accepted return path is [`RpState::verdicts`]' to report.
+    pub(crate) fn unexpected(&self) -> Option<Error> {
+        let g = self.lock();
+        if self.enabled() {
+            return (g.leftover > 0).then(|| Error::ReturnPath {
+                what: format!("{} byte(s) after the destination's last message (SHUT)", g.leftover),
+            });
+        }
+        if g.received > 0 {
+            return Some(Error::ReturnPath {
+                what: format!(
+                    "the destination sent {} byte(s) on channel 0 without accepting the return path (no HELLO): \
+                     is a proxy or another program listening?",
+                    g.received
+                ),
+            });
+        }
+        g.error.clone().map(|what| Error::ReturnPath { what })
     }
 
     /// Waits (at most `limit`) for the destination's `SHUT`, then returns the verdicts.
@@ -177,6 +204,7 @@ pub(crate) fn read(
         }
         match classify(Kernel.recv(fd, &mut buf)) {
             IoStep::Moved(n) => {
+                st.lock().received += n;
                 dec.feed(&buf[..n]);
                 match drain(&mut dec, st, ids, controls) {
                     Ok(true) => break None,
@@ -191,6 +219,7 @@ pub(crate) fn read(
     };
     let mut g = st.lock();
     g.ended = true;
+    g.leftover = dec.buffered();
     if g.error.is_none() {
         g.error = error;
     }

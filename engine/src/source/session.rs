@@ -17,7 +17,7 @@ use crate::source::core::Tallies;
 use crate::source::device::DeviceCtx;
 use crate::source::lease::ChannelLeases;
 use crate::source::rpath::{self, RpState, Verdicts};
-use crate::source::{blocking, uring, DeviceOptions, SourceShared};
+use crate::source::{blocking, close, uring, DeviceOptions, SourceShared};
 use crate::stats::{BackendKind, ChannelCounters, Latency, Progress, SourceReport};
 use crate::sys;
 use crate::wire::{DeviceId, InitPacket, EXT_COMMIT, EXT_RETURN_PATH, INIT_PACKET_LEN};
@@ -244,7 +244,7 @@ impl<'a> SourceSession<'a> {
         };
         let devices = std::mem::take(&mut self.devices);
         let mut ctl = self.control(&controls, &events, &rp);
-        let (driven, outcomes, verdicts) = std::thread::scope(|s| {
+        let (driven, outcomes, verdicts, all_sent) = std::thread::scope(|s| {
             let reader = self.cfg.return_path.then(|| {
                 let (fd, rp, ids, controls, abort) = (shared.channels[0], &rp, &ids, &controls, &self.abort);
                 s.spawn(move || rpath::read(fd, rp, ids, controls, abort))
@@ -255,21 +255,19 @@ impl<'a> SourceSession<'a> {
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
             if all_sent {
                 // With the two-phase commit, channel 0's FIN waits for the verdicts.
-                shutdown_all(&shared.channels[usize::from(rp.commit())..]);
+                close::shutdown_all(&shared.channels[usize::from(rp.commit())..]);
             }
             // Success is reported only for what the destination says it loaded, if it says.
             let verdicts =
                 if all_sent { rp.verdicts(&ids, self.cfg.stall_timeout, &self.abort) } else { Ok(Verdicts::None) };
             rp.stop();
             drop(reader);
-            (driven, outcomes, verdicts)
+            (driven, outcomes, verdicts, all_sent)
         });
-        let (verdicts, mut destination_err) = judge(verdicts);
-        let ok = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok()) && destination_err.is_none();
-        if ok && rp.commit() {
-            destination_err = commit(shared.channels[0]).err();
-        }
-        before_close(&shared.channels, !ok || destination_err.is_some());
+        let verdicts =
+            if all_sent { closing(&shared.channels, &rp, verdicts, &self.cfg, &self.abort) } else { verdicts };
+        let (verdicts, destination_err) = judge(verdicts);
+        close::before_close(&shared.channels, !all_sent || destination_err.is_some());
         let counters = &shared.counters;
         let channels = ChannelId::all(counters.len()).map(|c| counters[c.index()].report(c)).collect();
         let epilogue = epilogue(outcomes, driven.is_err(), destination_err);
@@ -317,18 +315,6 @@ impl<'a> SourceSession<'a> {
     }
 }
 
-/// Discards unread input (so a close never answers the peer with a reset that could destroy
-/// data), and after a failure makes the close a reset, so the destination drops what it
-/// buffered instead of loading a stream that will never be confirmed.
-fn before_close(channels: &[BorrowedFd<'_>], failed: bool) {
-    for ch in channels {
-        sys::discard_input(*ch);
-        if failed {
-            sys::reset_on_close(*ch);
-        }
-    }
-}
-
 /// The two-phase commit (`wire::EXT_COMMIT`): every device loaded at the destination, so
 /// channel 0's FIN lets it start them.
 ///
@@ -343,11 +329,33 @@ fn commit(ch0: BorrowedFd<'_>) -> Result<()> {
     })
 }
 
-/// Closing our write side tells the receiver the stream ended at a packet boundary (a failure
-/// here, the peer already gone, changes nothing the results do not already say).
-fn shutdown_all(channels: &[BorrowedFd<'_>]) {
-    for ch in channels {
-        let _ = sys::shutdown_write(*ch);
+/// After every packet was sent and the write sides shut down: with the two-phase commit, once
+/// every verdict says loaded, channel 0's FIN commits; then reads every channel to the
+/// destination's EOF (see `close`), so that closing destroys nothing it has not read. Its
+/// failure (or bytes the return path does not account for) fails the session, unless the
+/// destination already confirmed every device loaded: then nothing sent can be lost any more.
+fn closing(
+    channels: &[BorrowedFd<'_>],
+    rp: &RpState,
+    verdicts: Result<Verdicts>,
+    cfg: &SourceConfig,
+    abort: &AbortHandle,
+) -> Result<Verdicts> {
+    let verdicts = verdicts?;
+    if rp.commit() {
+        let loaded = matches!(&verdicts, Verdicts::Given(v) if v.iter().all(|(_, x)| *x == Verdict::Loaded));
+        if !loaded {
+            // `judge` reports the failure; no commit, and the close is a reset.
+            return Ok(verdicts);
+        }
+        commit(channels[0])?;
+    }
+    let closed =
+        rp.unexpected().map_or(Ok(()), Err).and_then(|()| close::await_eof(channels, cfg.stall_timeout, abort));
+    match (verdicts, closed) {
+        (Verdicts::Given(v), _) => Ok(Verdicts::Given(v)),
+        (v, Ok(())) => Ok(v),
+        (_, Err(e)) => Err(e),
     }
 }
 

@@ -1,0 +1,167 @@
+//! Hostile peers and faults around the source's end of a transfer, on both backends: a
+//! destination that writes back, one that never closes, a source file that changes while it is
+//! sent. The source never reports success for data a reset may have destroyed.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use vfio_migration::sim::{SimConfig, SimDevice};
+use vfio_migration::{MigState, MigrationDevice};
+use vfio_multifd::{Backend, DeviceOptions, Error, Source, SourceConfig};
+use vfio_multifd_tests::{dev_id, each_backend, open_fds, tcp_pairs};
+
+const CHUNK: usize = 64 * 1024;
+
+/// The tests of this file run one at a time: the leak checks count the process's descriptors.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sc(b: Backend, return_path: bool) -> SourceConfig {
+    SourceConfig::new()
+        .chunk_bytes(CHUNK)
+        .backend(b)
+        .return_path(return_path)
+        .zerocopy(vfio_multifd::ZeroCopy::Off)
+        .stall_timeout(Duration::from_secs(2))
+}
+
+/// What the fake destination does besides reading every channel to its end.
+#[derive(Clone, Copy)]
+struct Peer {
+    /// Writes one byte on this channel first.
+    write_back_on: Option<usize>,
+    /// Keeps its connections open after the sender's EOF until told.
+    never_close: bool,
+}
+
+/// Runs a source of one simulated device of `size` bytes over `n` channels to a fake
+/// destination that reads every channel to its EOF (counting bytes) and behaves as `peer` says.
+/// Returns the source's result, the bytes the destination read, and the source device's state.
+fn run(b: Backend, return_path: bool, n: usize, size: u64, peer: Peer) -> (vfio_multifd::Result<()>, u64, MigState) {
+    let (c, s) = tcp_pairs(n);
+    let mut dev = SimDevice::new(SimConfig::new("d", size, 3));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc_| {
+        let done = &done;
+        let readers: Vec<_> = s
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                sc_.spawn(move || {
+                    let mut t = TcpStream::from(fd);
+                    if peer.write_back_on == Some(i) {
+                        t.write_all(&[0x5a]).unwrap();
+                    }
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut got = 0u64;
+                    loop {
+                        match t.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => got += k as u64,
+                        }
+                    }
+                    while peer.never_close && !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut src = Source::new(sc(b, return_path), c).unwrap();
+        src.add_device_with(dev_id(0), &mut dev, DeviceOptions { precopy: false, final_state: MigState::Stop });
+        let r = src.run().map(|_| ());
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let got = readers.into_iter().map(|h| h.join().unwrap()).sum();
+        (r, got, dev.state().unwrap())
+    })
+}
+
+const NORMAL: Peer = Peer { write_back_on: None, never_close: false };
+
+#[test]
+fn hostile_control_a_peer_that_reads_and_closes_gets_everything() {
+    let _g = serial();
+    each_backend(|b| {
+        let (r, got, st) = run(b, false, 2, 4 << 20, NORMAL);
+        r.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+        assert!(got > 4 << 20, "{b:?}: the destination read {got} bytes");
+        assert_eq!(st, MigState::Stop);
+    });
+}
+
+#[test]
+fn hostile_peer_writes_one_byte_back_fails_the_send() {
+    let _g = serial();
+    each_backend(|b| {
+        for (return_path, ch) in [(false, 0), (false, 1), (true, 0), (true, 1)] {
+            let peer = Peer { write_back_on: Some(ch), never_close: false };
+            let (r, _, st) = run(b, return_path, 2, 4 << 20, peer);
+            let what = format!("{b:?}, return path offered {return_path}, byte on channel {ch}");
+            match r {
+                Err(Error::UnexpectedInput { channel, bytes: 1, first }) => {
+                    assert_eq!(channel.get(), ch as u8, "{what}");
+                    assert_eq!(first, [0x5a], "{what}");
+                }
+                // The return path's reader on channel 0 takes it: it is no HELLO.
+                Err(Error::ReturnPath { what: w }) if return_path && ch == 0 => {
+                    assert!(w.contains("1 byte(s) on channel 0 without accepting"), "{what}: {w}");
+                }
+                other => panic!("{what}: expected an unexpected-input error, got {other:?}"),
+            }
+            assert_eq!(st, MigState::Running, "{what}: a failed send puts the source device back");
+        }
+    });
+}
+
+#[test]
+fn hostile_peer_that_never_closes_fails_within_the_stall_timeout() {
+    let _g = serial();
+    each_backend(|b| {
+        let fds = open_fds();
+        let t0 = Instant::now();
+        let peer = Peer { write_back_on: None, never_close: true };
+        let (r, got, st) = run(b, false, 2, 1 << 20, peer);
+        let took = t0.elapsed();
+        match r {
+            Err(Error::Timeout { what, after }) => {
+                assert_eq!(after, Duration::from_secs(2));
+                assert!(what.contains("close the connection after the end of the stream"), "{b:?}: {what}");
+            }
+            other => panic!("{b:?}: expected a timeout, got {other:?}"),
+        }
+        assert!(got > 1 << 20, "{b:?}: everything was sent ({got} bytes)");
+        assert!(took < Duration::from_secs(5), "{b:?}: took {took:?}");
+        assert_eq!(st, MigState::Running);
+        assert_eq!(open_fds(), fds, "{b:?}: descriptors leaked");
+    });
+}
+
+/// `Source::new` takes any stream sockets; a byte written back on a Unix socket is caught too.
+#[test]
+fn hostile_peer_writes_back_on_a_unix_socket() {
+    let _g = serial();
+    each_backend(|b| {
+        let (a, z) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut dev = SimDevice::new(SimConfig::new("d", 256 << 10, 3));
+        let r = std::thread::scope(|s| {
+            let h = s.spawn(move || {
+                let mut z = z;
+                z.write_all(b"ok").unwrap();
+                let mut v = Vec::new();
+                let _ = z.read_to_end(&mut v);
+                v.len()
+            });
+            let mut src = Source::new(sc(b, false), vec![OwnedFd::from(a)]).unwrap();
+            src.add_device(dev_id(0), &mut dev);
+            let r = src.run().map(|_| ());
+            assert!(h.join().unwrap() > 256 << 10);
+            r
+        });
+        assert!(matches!(r, Err(Error::UnexpectedInput { bytes: 2, .. })), "{b:?}: {r:?}");
+    });
+}
