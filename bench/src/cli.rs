@@ -204,7 +204,8 @@ pub struct SendArgs {
     /// A simulated device of SIZE bytes of state, content seed SEED (default: position + 1).
     #[arg(long = "sim", value_name = "SIZE[,SEED]", value_parser = parse_sim)]
     pub sim: Vec<SimSpec>,
-    /// A saved stream file:PATH (config blob from PATH.config if present). Given with
+    /// A saved stream file:PATH and its config blob PATH.config (required unless --no-config).
+    /// The file must not change while it is sent. Given with
     /// --device/--sim, it replaces the data source of the device at the same position (the
     /// device itself is left untouched).
     #[arg(long = "source", value_name = "file:PATH", value_parser = parse_file_spec)]
@@ -226,6 +227,9 @@ pub struct SendArgs {
     /// is then byte-for-byte QEMU 10.x, and success means every byte was sent.
     #[arg(long)]
     pub no_return_path: bool,
+    /// Send a --source whose PATH.config is missing, with an empty config blob.
+    #[arg(long)]
+    pub no_config: bool,
     /// Live migration.
     #[command(flatten)]
     pub live: LiveArgs,

@@ -6,13 +6,33 @@
 // rework (the performance issue) splits these.
 #![allow(clippy::too_many_lines)]
 
+/// `println!` that never panics: a write error on stdout (a closed pipe: `| head`) is remembered
+/// and reported once at exit ([`out::failed`]) instead of panicking mid-transfer.
+macro_rules! println {
+    () => {
+        $crate::out::line(format_args!(""))
+    };
+    ($($t:tt)*) => {
+        $crate::out::line(format_args!($($t)*))
+    };
+}
+
+/// `eprintln!` that never panics: with stderr gone there is nowhere left to report to.
+macro_rules! eprintln {
+    ($($t:tt)*) => {
+        $crate::out::err_line(format_args!($($t)*))
+    };
+}
+
 mod cli;
 mod dev;
 mod dump;
 mod guest;
 mod live;
+mod out;
 mod probe;
 mod signals;
+mod sink;
 mod suite;
 mod tee;
 mod transfer;
@@ -61,6 +81,10 @@ fn main() {
         eprintln!("vfio-multifd: interrupted by {}{why}", signals::name(sig));
         std::process::exit(128 + sig);
     }
+    let r = r.and_then(|()| match out::failed() {
+        Some(e) => Err(anyhow::Error::new(e).context("writing the report to standard output")),
+        None => Ok(()),
+    });
     if let Err(e) = r {
         // Print the cause chain once: the engine's and the uAPI layer's messages already
         // include their sources, so skip a cause whose text the previous one contains.

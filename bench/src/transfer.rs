@@ -1,7 +1,7 @@
 //! `loopback`, `send` and `recv`: transfers through the engine, with progress and reports.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use vfio_multifd::{
 use crate::cli::{check_positions, device_id, LiveArgs, LoopbackArgs, RecvArgs, SendArgs, SimSpec, SwitchoverArg};
 use crate::guest::Vcpus;
 use crate::live::{drive, failed_text, DowntimeEnd, DriveOpts, ManualTrigger, Summary};
+use crate::sink::{config_path, Sink};
 use crate::util::{
     fmt_bytes, fmt_dur, fmt_ns, fmt_rate, kernel_version, lat_json, ms, rusage_self, timestamp, with_progress,
     Interval, StatusLine,
@@ -553,12 +554,6 @@ fn sim_cfg(i: usize, s: &SimSpec) -> SimConfig {
     SimConfig::new(format!("sim{i}"), s.size, s.seed.unwrap_or(i as u64 + 1))
 }
 
-fn config_path(p: &Path) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(".config");
-    PathBuf::from(s)
-}
-
 /// Connects `n` channels to `addr`, retrying refused connections until `timeout`.
 fn connect_channels(addr: &str, n: usize, timeout: Duration) -> Result<Vec<OwnedFd>> {
     let addrs: Vec<_> = addr
@@ -625,7 +620,13 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
             let cp = config_path(path);
             let config = match std::fs::read(&cp) {
                 Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.no_config => Vec::new(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                    "{} has no config blob {} (a save by `recv --sink` has both; a save without one is \
+                     incomplete). To send the stream with an empty config anyway, add --no-config",
+                    path.display(),
+                    cp.display()
+                ),
                 Err(e) => return Err(e).with_context(|| format!("reading config blob {}", cp.display())),
             };
             SrcEntry::File { file, config }
@@ -749,7 +750,7 @@ impl DstDev {
 struct DstEntry {
     id: DeviceId,
     dev: Option<DstDev>,
-    sink: Option<(PathBuf, File)>,
+    sink: Option<Sink>,
     config: Vec<u8>,
 }
 
@@ -847,6 +848,13 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
         "invalid receiver settings (the receive pool is (budget + devices) x --max-packet, at most 1 GiB: \
          lower --max-packet, -P or --budget; see also --stall-timeout, --accept-timeout and the device count)",
     )?;
+    // Sinks first: a FIFO waits for its reader before the port listens (a sender must not
+    // connect to a receiver that cannot write).
+    let mut sinks = Vec::with_capacity(n);
+    for i in 0..n {
+        sinks.push(a.sink.get(i).map(|p| Sink::open(p, Duration::from_secs(a.accept_timeout))).transpose()?);
+    }
+    let mut sinks = sinks.into_iter();
     let listener = TcpListener::bind(&a.listen)
         .with_context(|| format!("listening on {:?} (expected HOST:PORT that is free on this host)", a.listen))?;
     let mut entries = Vec::with_capacity(n);
@@ -872,13 +880,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
                 None
             }
         };
-        let sink = match a.sink.get(i) {
-            Some(p) => {
-                let f = File::create(p).with_context(|| format!("creating sink file {}", p.display()))?;
-                Some((p.clone(), f))
-            }
-            None => None,
-        };
+        let sink = sinks.next().flatten();
         entries.push(DstEntry { id, dev, sink, config: Vec::new() });
     }
     let mut rx = Receiver::new(cfg).context("setting up the receiver")?;
@@ -886,9 +888,8 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     for e in entries.iter_mut() {
         let DstEntry { id, dev, sink, config } = e;
         match (sink, dev) {
-            (Some((_, f)), _) => {
-                let f: &File = f;
-                rx.add_data_fd(id.clone(), f.as_fd(), config);
+            (Some(sk), _) => {
+                rx.add_data_fd(id.clone(), sk.file().as_fd(), config);
             }
             (None, Some(d)) => {
                 rx.add_device_with(id.clone(), d.as_dyn(), a.final_state);
@@ -907,7 +908,7 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     let wall = t0.elapsed();
     let (cpu1, _) = rusage_self();
     let sinks: Vec<(DeviceId, PathBuf)> =
-        entries.iter().filter_map(|e| e.sink.as_ref().map(|(p, _)| (e.id.clone(), p.clone()))).collect();
+        entries.iter().filter_map(|e| e.sink.as_ref().map(|sk| (e.id.clone(), sk.path().to_owned()))).collect();
     // A device is touched by the receive only where no sink takes its stream first.
     let real_devices = entries.iter().any(|e| e.sink.is_none() && matches!(e.dev, Some(DstDev::Vfio(_))));
     let rep = match res {
@@ -922,13 +923,9 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     }
     // Sinks: store the config next to the stream, then load into a device given with it.
     for (i, e) in entries.iter_mut().enumerate() {
-        if let Some((path, f)) = e.sink.take() {
-            f.sync_all().ok();
-            drop(f);
-            let cp = config_path(&path);
-            std::fs::File::create(&cp)
-                .and_then(|mut c| c.write_all(&e.config))
-                .with_context(|| format!("writing config blob {}", cp.display()))?;
+        if let Some(sk) = e.sink.take() {
+            let path = sk.path().to_owned();
+            sk.commit(&e.config)?;
             if let Some(d) = e.dev.as_mut() {
                 load_saved_stream(d.as_dyn(), &path, &e.config, a.final_state)
                     .with_context(|| format!("loading the saved stream {} into device {i}", path.display()))?;

@@ -580,3 +580,187 @@ fn channel_count_mismatch_fails_on_both_sides() {
     assert!(err.contains("but this receiver expects 2 channel(s)") && err.contains("same channel count"), "{err}");
     assert!(!s.status.success(), "send succeeded against a receiver with fewer channels: {}", text(&s));
 }
+
+/// Sends `kill(pid, sig)`.
+fn signal(c: &Child, sig: i32) {
+    // SAFETY: kill(2) with a child's pid and a valid signal number touches no memory.
+    assert_eq!(unsafe { libc::kill(c.id() as libc::pid_t, sig) }, 0);
+}
+
+/// The names in `d`, sorted.
+fn names(d: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// A good save of a 1 MiB simulated device at `stream` (and `stream.config`).
+fn good_save(stream: &std::path::Path) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let sink = format!("file:{}", stream.display());
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sink", &sink]);
+    let s = run(&["send", "--connect", &addr, "-P", "2", "--sim", "1M,9", "--chunk", "64K"]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(s.status.success() && ro.status.success(), "{}\n{}", text(&s), text(&ro));
+}
+
+/// A failed or interrupted receive never touches a previous save and leaves no partial file:
+/// the stream is written under a temporary name and renamed with its config only on success.
+#[test]
+fn fault_sink_failure_keeps_the_previous_save_and_leaves_no_partial_file() {
+    let d = tmpdir("sinkfail");
+    let stream = d.join("dev0.bin");
+    good_save(&stream);
+    let (old, old_cfg) = (std::fs::read(&stream).unwrap(), std::fs::read(d.join("dev0.bin.config")).unwrap());
+    let sink = format!("file:{}", stream.display());
+    for backend in ["uring", "blocking"] {
+        // 1. No sender: the accept timeout fails the receive.
+        let addr = format!("127.0.0.1:{}", free_port());
+        let o = run(&[
+            "recv",
+            "--listen",
+            &addr,
+            "-P",
+            "2",
+            "--sink",
+            &sink,
+            "--accept-timeout",
+            "1",
+            "--backend",
+            backend,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{backend}: {}", text(&o));
+        // 2. Interrupted mid-stream (SIGINT): "interrupted", exit 130, partial output removed.
+        let addr = format!("127.0.0.1:{}", free_port());
+        let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sink", &sink, "--backend", backend]);
+        let mut s = Command::new(BIN)
+            .args(["send", "--connect", &addr, "-P", "2", "--sim", "64G", "--chunk", "1M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until data is flowing into the temporary file.
+        let t0 = Instant::now();
+        while !names(&d).iter().any(|n| n.contains(".partial-")) && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        signal(&r, libc::SIGINT);
+        let ro = wait(r, Duration::from_secs(20));
+        let _ = s.kill();
+        let _ = s.wait();
+        let err = String::from_utf8_lossy(&ro.stderr);
+        assert_eq!(ro.status.code(), Some(130), "{backend}: {}", text(&ro));
+        assert!(err.contains("interrupted by SIGINT"), "{backend}: {err}");
+        assert_eq!(names(&d), ["dev0.bin", "dev0.bin.config"], "{backend}: partial output left behind");
+        assert!(std::fs::read(&stream).unwrap() == old, "{backend}: the previous save was changed");
+        assert_eq!(std::fs::read(d.join("dev0.bin.config")).unwrap(), old_cfg, "{backend}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `send --source file:P` needs `P.config` unless `--no-config` says to send an empty one.
+#[test]
+fn fault_source_without_its_config_is_refused_unless_asked() {
+    let d = tmpdir("nocfg");
+    let stream = d.join("dev0.bin");
+    std::fs::write(&stream, vec![1u8; 100_000]).unwrap();
+    let src = format!("file:{}", stream.display());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let o = run(&["send", "--connect", &addr, "--source", &src]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(err.contains("dev0.bin.config") && err.contains("--no-config"), "{err}");
+    // With --no-config: sent with an empty config, saved on the other side with an empty config.
+    let out = d.join("copy.bin");
+    let sink = format!("file:{}", out.display());
+    let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sink", &sink]);
+    let s = run(&["send", "--connect", &addr, "-P", "2", "--source", &src, "--no-config"]);
+    let ro = wait(r, Duration::from_secs(60));
+    assert!(s.status.success() && ro.status.success(), "{}\n{}", text(&s), text(&ro));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&stream).unwrap());
+    assert_eq!(std::fs::read(d.join("copy.bin.config")).unwrap(), b"");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn mkfifo(p: &std::path::Path) {
+    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// A `--sink` FIFO without a reader fails before the port listens, within --accept-timeout.
+#[test]
+fn fault_sink_fifo_without_a_reader_fails_before_listening() {
+    let d = tmpdir("fifo");
+    let fifo = d.join("pipe");
+    mkfifo(&fifo);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let sink = format!("file:{}", fifo.display());
+    let t0 = Instant::now();
+    let r = spawn_recv(&["--listen", &addr, "-P", "1", "--sink", &sink, "--accept-timeout", "2"]);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the port listens although the sink cannot be written");
+    let o = wait(r, Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(err.contains("FIFO") && err.contains("reading"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A `--sink` FIFO whose reader stops reading: the receive fails at the stall timeout on both
+/// backends instead of blocking in write(2) forever.
+#[test]
+fn fault_sink_fifo_whose_reader_stops_fails_at_the_stall_timeout() {
+    let d = tmpdir("fifostall");
+    let fifo = d.join("pipe");
+    mkfifo(&fifo);
+    let sink = format!("file:{}", fifo.display());
+    for backend in ["uring", "blocking"] {
+        // A reader that opens the FIFO and never reads.
+        let f2 = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::File::open(f2).unwrap());
+        let addr = format!("127.0.0.1:{}", free_port());
+        let t0 = Instant::now();
+        let r =
+            spawn_recv(&["--listen", &addr, "-P", "2", "--sink", &sink, "--stall-timeout", "2", "--backend", backend]);
+        let held = reader.join().unwrap();
+        let s = Command::new(BIN)
+            .args(["send", "--connect", &addr, "-P", "2", "--sim", "64M", "--stall-timeout", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ro = wait(r, Duration::from_secs(20));
+        let took = t0.elapsed();
+        let so = wait(s, Duration::from_secs(40));
+        drop(held);
+        let err = String::from_utf8_lossy(&ro.stderr);
+        assert_eq!(ro.status.code(), Some(1), "{backend}: {}", text(&ro));
+        assert!(err.contains("timed out after 2s"), "{backend}: {err}");
+        assert!(took < Duration::from_secs(12), "{backend}: took {took:?}");
+        assert!(!so.status.success(), "{backend}: the sender succeeded: {}", text(&so));
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The command's own output errors (stdout closed, a full disk) are reported, never a panic.
+#[test]
+fn fault_closed_or_full_stdout_is_an_error_not_a_panic() {
+    for args in [&["probe"][..], &["loopback", "--size", "2M", "-P", "1"]] {
+        let full = Command::new(BIN)
+            .args(args)
+            .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let mut c = Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(c.stdout.take()); // the reader is gone: EPIPE
+        let closed = c.wait_with_output().unwrap();
+        for (what, o) in [("/dev/full", full), ("closed pipe", closed)] {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?} {what}: {err}");
+            assert!(!err.contains("panicked"), "{args:?} {what}: {err}");
+            assert!(err.contains("writing the report to standard output"), "{args:?} {what}: {err}");
+        }
+    }
+}

@@ -159,6 +159,17 @@ pub(crate) fn fd_kind(fd: BorrowedFd<'_>) -> FdKind {
     }
 }
 
+/// For a regular file: the bytes from its offset to its end (`fstat(2)`'s `st_size` minus
+/// `lseek(fd, 0, SEEK_CUR)`); `None` for anything else or when either call fails.
+pub(crate) fn file_remaining(fd: BorrowedFd<'_>) -> Option<u64> {
+    if fd_kind(fd) != FdKind::Regular {
+        return None;
+    }
+    let size = u64::try_from(fstat(fd).ok()?.st_size).ok()?;
+    let pos = u64::try_from(nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekCur).ok()?).ok()?;
+    Some(size.saturating_sub(pos))
+}
+
 /// Whether `fd` is a TCP-like stream socket (`AF_INET`/`AF_INET6`, `SOCK_STREAM`): the only
 /// kind SEND_ZC can avoid copying on.
 pub(crate) fn is_inet_stream(fd: BorrowedFd<'_>) -> bool {

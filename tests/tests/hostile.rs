@@ -165,3 +165,84 @@ fn hostile_peer_writes_back_on_a_unix_socket() {
         assert!(matches!(r, Err(Error::UnexpectedInput { bytes: 2, .. })), "{b:?}: {r:?}");
     });
 }
+
+/// Sends a saved stream file whose size changes between `add_data_fd` and the end of its
+/// stream (`change` runs after it was added) to a destination that drains every channel.
+fn send_changing_file(b: Backend, change: impl FnOnce(&std::fs::File)) -> vfio_multifd::Result<()> {
+    let path = std::env::temp_dir().join(format!("vfmfd-hostile-{}-{b:?}", std::process::id()));
+    std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let (c, s) = tcp_pairs(2);
+    let config = b"config".to_vec();
+    std::thread::scope(|sc_| {
+        let drains: Vec<_> = s
+            .into_iter()
+            .map(|fd| {
+                sc_.spawn(move || {
+                    let _ = std::io::copy(&mut TcpStream::from(fd), &mut std::io::sink());
+                })
+            })
+            .collect();
+        let mut src = Source::new(sc(b, false), c).unwrap();
+        src.add_data_fd(dev_id(0), std::os::fd::AsFd::as_fd(&file), &config);
+        change(&file);
+        let r = src.run().map(|_| ());
+        drains.into_iter().for_each(|h| h.join().unwrap());
+        r
+    })
+}
+
+#[test]
+fn fault_source_file_truncated_while_sent_fails_without_its_config() {
+    let _g = serial();
+    each_backend(|b| {
+        let r = send_changing_file(b, |f| f.set_len(300_000).unwrap());
+        match r {
+            Err(Error::SourceChanged { sent: 300_000, expected, .. }) => assert_eq!(expected, 1 << 20),
+            other => panic!("{b:?}: expected SourceChanged, got {other:?}"),
+        }
+        let r = send_changing_file(b, |f| f.set_len(2 << 20).unwrap());
+        assert!(matches!(r, Err(Error::SourceChanged { sent, .. }) if sent == 2 << 20), "{b:?}: grown: {r:?}");
+        send_changing_file(b, |_| {}).unwrap_or_else(|e| panic!("{b:?}: unchanged file: {e}"));
+    });
+}
+
+/// SEND_ZC to a peer that stays connected without reading: the send fails at the stall timeout
+/// (not 10 s later, after a drain the kernel cannot finish), says what the kernel still held,
+/// and leaks neither the ring nor its pool.
+#[test]
+fn hostile_zero_copy_to_a_peer_that_never_reads_fails_at_the_stall_timeout_without_leaks() {
+    let _g = serial();
+    if let Some(why) = vfio_multifd_tests::uring_unavailable_reason() {
+        assert!(!vfio_multifd_tests::in_ci(), "io_uring unavailable under CI=true: {why}");
+        eprintln!("skipped: io_uring unavailable: {why}");
+        return;
+    }
+    let fds = open_fds();
+    for attempt in 0..2 {
+        let (c, s) = tcp_pairs(2);
+        let mut dev = SimDevice::new(SimConfig::new("d", 256 << 20, 3));
+        let cfg = SourceConfig::new()
+            .chunk_bytes(1 << 20)
+            .backend(Backend::Uring)
+            .zerocopy(vfio_multifd::ZeroCopy::On)
+            .return_path(false)
+            .stall_timeout(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let mut src = Source::new(cfg, c).unwrap();
+        src.add_device(dev_id(0), &mut dev);
+        let r = src.run();
+        let took = t0.elapsed();
+        drop(s);
+        match r {
+            Err(Error::Timeout { what, .. }) => {
+                assert!(what.contains("zero-copy buffers the kernel has not given back"), "{attempt}: {what}");
+            }
+            other => panic!("attempt {attempt}: expected a stall, got {other:?}"),
+        }
+        assert!(took < Duration::from_secs(5), "attempt {attempt}: took {took:?} for a 2 s stall timeout");
+        assert_eq!(dev.state().unwrap(), MigState::Running);
+    }
+    assert_eq!(open_fds(), fds, "descriptors leaked (a ring kept by a drain that could not finish)");
+}

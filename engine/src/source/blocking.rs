@@ -114,7 +114,7 @@ fn next_packet(
             let bounds = Bounds::new(&run.abort, run.cfg.stall_timeout);
             match read_once(&Kernel, fd, payload, bounds) {
                 Ok(0) => {
-                    let blob = ctx.config()?;
+                    let blob = ctx.config(stream.bytes())?;
                     check_config_len(ctx.id, blob.len(), run.cfg.chunk_bytes).map_err(Error::Config)?;
                     payload[..blob.len()].copy_from_slice(&blob);
                     tallies.report.config_bytes = blob.len() as u64;

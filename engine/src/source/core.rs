@@ -111,11 +111,19 @@ pub(crate) struct Tallies {
     pub(crate) latency: Latency,
     pub(crate) zerocopy_bytes: u64,
     pub(crate) copied_bytes: u64,
+    /// Whether this device sent with SEND_ZC (the run's choice, unless it fell back).
+    pub(crate) zerocopy: bool,
 }
 
 impl Tallies {
     pub(crate) fn new(id: DeviceId) -> Tallies {
-        Tallies { report: SourceDeviceReport::empty(id), latency: Latency::new(), zerocopy_bytes: 0, copied_bytes: 0 }
+        Tallies {
+            report: SourceDeviceReport::empty(id),
+            latency: Latency::new(),
+            zerocopy_bytes: 0,
+            copied_bytes: 0,
+            zerocopy: false,
+        }
     }
 
     /// A data packet of `n` bytes was read (`chunk`: a full read).

@@ -54,6 +54,8 @@ pub(crate) struct DeviceCtx<'a, 'd: 'a> {
     dev: Option<&'d mut (dyn MigrationDevice + 'd)>,
     flags: MigFlags,
     raw_config: &'a [u8],
+    /// A raw stream's expected length (a regular file's size from its offset when added).
+    raw_len: Option<u64>,
     owned_fd: Option<OwnedFd>,
     raw_fd: Option<BorrowedFd<'a>>,
     applied: Command,
@@ -80,16 +82,19 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
         Ok(DeviceCtx::new(id, dev_no, control, abort, Some(dev), flags, &[], None, precopy_cap))
     }
 
-    /// A context for a raw readable stream (already in STOP_COPY, or a file) and its config.
+    /// A context for a raw readable stream (already in STOP_COPY, or a file) and its config;
+    /// `len`: the stream's length when known (a regular file's), checked before the config.
     pub(crate) fn raw(
         id: &'a DeviceId,
         dev_no: DeviceIndex,
         control: &'a DeviceControl,
         abort: &'a AbortHandle,
         fd: BorrowedFd<'a>,
-        config: &'a [u8],
+        (config, len): (&'a [u8], Option<u64>),
     ) -> DeviceCtx<'a, 'd> {
-        DeviceCtx::new(id, dev_no, control, abort, None, MigFlags::STOP_COPY, config, Some(fd), 0)
+        let mut ctx = DeviceCtx::new(id, dev_no, control, abort, None, MigFlags::STOP_COPY, config, Some(fd), 0);
+        ctx.raw_len = len;
+        ctx
     }
 
     #[allow(clippy::too_many_arguments)] // the two constructors above are the interface
@@ -112,6 +117,7 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
             dev,
             flags,
             raw_config,
+            raw_len: None,
             owned_fd: None,
             raw_fd,
             applied: Command::Prepare,
@@ -330,11 +336,18 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
         self.control.event(SessionEvent::DeviceDone(self.id.clone()));
     }
 
-    /// The config packet's payload, read after the data stream ended.
+    /// The config packet's payload, read after the data stream ended with `streamed` bytes.
+    /// The rule that guards a raw stream of known length: the config (which lets the
+    /// destination load the device) goes only after every byte the stream held when it was
+    /// added.
     ///
     /// # Errors
-    /// [`Error::Device`] when the device cannot produce it.
-    pub(crate) fn config(&mut self) -> Result<Vec<u8>> {
+    /// [`Error::Device`] when the device cannot produce it; [`Error::SourceChanged`] when a
+    /// raw stream of known length gave another number of bytes.
+    pub(crate) fn config(&mut self, streamed: u64) -> Result<Vec<u8>> {
+        if let Some(expected) = self.raw_len.filter(|&l| l != streamed) {
+            return Err(Error::SourceChanged { device: self.id.clone(), sent: streamed, expected });
+        }
         match self.dev.as_deref_mut() {
             Some(dev) => dev.save_config().map_err(|e| Error::Device { device: self.id.clone(), source: e }),
             None => Ok(self.raw_config.to_vec()),

@@ -131,7 +131,8 @@ impl<'a> Source<'a> {
     }
 
     /// Adds a raw readable stream (a data fd the VMM already put in STOP_COPY, or a saved
-    /// stream file) plus the config blob to send last.
+    /// stream file) plus the config blob to send last. A regular file must give the bytes it
+    /// holds now (see [`SourceSession::add_data_fd`]).
     pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a [u8]) -> &mut Self {
         self.session.add_data_fd(id, fd, config);
         self

@@ -25,7 +25,7 @@ use crate::Verdict;
 
 pub(crate) enum SourceKind<'a> {
     Device { dev: &'a mut dyn MigrationDevice, opts: DeviceOptions },
-    Fd { fd: BorrowedFd<'a>, config: &'a [u8] },
+    Fd { fd: BorrowedFd<'a>, config: &'a [u8], len: Option<u64> },
 }
 
 pub(crate) struct SourceDevice<'a> {
@@ -194,8 +194,14 @@ impl<'a> SourceSession<'a> {
 
     /// Adds a raw readable stream (a data fd the VMM already put in STOP_COPY, or a saved
     /// stream file) plus the config blob to send last. It is read from the switchover on.
+    ///
+    /// A regular file must give exactly the bytes from its offset to its size as `fstat(2)`
+    /// reports them now: if it is truncated (or grows) while it is sent, the run fails with
+    /// [`Error::SourceChanged`] and the config is not sent, so the destination never loads a
+    /// short stream.
     pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a [u8]) -> &mut Self {
-        self.devices.push(SourceDevice { id, kind: SourceKind::Fd { fd, config } });
+        let len = sys::file_remaining(fd);
+        self.devices.push(SourceDevice { id, kind: SourceKind::Fd { fd, config, len } });
         self
     }
 
@@ -392,7 +398,8 @@ fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Ve
     SourceReport {
         backend: run.backend,
         fallback_reason: run.fallback_reason,
-        zerocopy: run.zerocopy,
+        // `auto` falls back to copying sends per device when its pool cannot be pinned.
+        zerocopy: run.zerocopy && tallies.iter().all(|t| t.zerocopy),
         zerocopy_bytes: tallies.iter().map(|t| t.zerocopy_bytes).sum(),
         copied_bytes: tallies.iter().map(|t| t.copied_bytes).sum(),
         elapsed: run.elapsed,
@@ -667,7 +674,9 @@ fn run_device<'a>(
         SourceKind::Device { dev, opts } => {
             (DeviceCtx::device(&id, dev_no, control, &shared.abort, dev, cap), Some(opts.final_state))
         }
-        SourceKind::Fd { fd, config } => (Ok(DeviceCtx::raw(&id, dev_no, control, &shared.abort, fd, config)), None),
+        SourceKind::Fd { fd, config, len } => {
+            (Ok(DeviceCtx::raw(&id, dev_no, control, &shared.abort, fd, (config, len))), None)
+        }
     };
     let (result, dev) = match ctx {
         Ok(mut ctx) => {

@@ -31,11 +31,12 @@
 use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
+use crate::config::ZeroCopy;
 use crate::device_io::{classify, from_cqe, IoStep, Retries};
 use crate::error::{Error, Result};
 use crate::ids::{ChannelId, PacketIndex};
@@ -189,6 +190,9 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     next_poll: Option<Instant>,
     /// Whether the pool could be registered with the ring.
     buffers: Buffers,
+    /// Whether this device sends with SEND_ZC: the run's choice, unless its pool could not be
+    /// registered and the choice was only `auto`'s.
+    zerocopy: bool,
     chunk: usize,
 }
 
@@ -234,11 +238,18 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
     // after the ring, and only if `finish` reaped every operation.
     let buffers = match unsafe { ring.register_pool(&pool) } {
         Ok(()) => Buffers::Registered,
-        // ENOMEM: RLIMIT_MEMLOCK too low to pin the pool. Plain READ + copying SEND need no
-        // pinned memory.
-        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !run.zerocopy => Buffers::Unregistered,
-        Err(e) => return Err(Error::sys("IORING_REGISTER_BUFFERS (raise RLIMIT_MEMLOCK or use --zerocopy off)", e)),
+        // ENOMEM: RLIMIT_MEMLOCK too low to pin the pool (no CAP_IPC_LOCK). Plain READ and
+        // copying SEND need no pinned memory: only an explicit `zerocopy on` fails.
+        Err(_) if !(run.zerocopy && cfg.zerocopy == ZeroCopy::On) => Buffers::Unregistered,
+        Err(e) => {
+            return Err(Error::sys(
+                "IORING_REGISTER_BUFFERS for zero-copy sends (raise RLIMIT_MEMLOCK, e.g. `ulimit -l`, grant \
+                 CAP_IPC_LOCK, or use --zerocopy auto/off)",
+                e,
+            ))
+        }
     };
+    let zerocopy = run.zerocopy && buffers == Buffers::Registered;
     let mut files: Vec<i32> = run.channels.iter().map(|c| c.as_raw_fd()).collect();
     files.push(run.leases.waker(ctx.dev_no).as_fd().as_raw_fd());
     files.push(run.abort.as_fd().as_raw_fd());
@@ -265,6 +276,7 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         read_async: None,
         next_poll: None,
         buffers,
+        zerocopy,
         chunk: cfg.chunk_bytes,
     };
     let clock = StallClock::new();
@@ -273,6 +285,7 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
     r.and(drained)?;
     let mut t = std::mem::replace(&mut lp.tallies, Tallies::new(id));
     t.report.stop_copy_time = lp.ctx.stop_copy_start.elapsed();
+    t.zerocopy = lp.zerocopy;
     Ok(t)
 }
 
@@ -342,9 +355,11 @@ impl Driver for DeviceLoop<'_, '_, '_, '_> {
 
     fn stall_report(&self) -> String {
         format!(
-            "device {}: {} sends and {} reads in flight, {} packets ready without a channel",
+            "device {}: {} sends and {} reads in flight, {} zero-copy buffers the kernel has not given back \
+             (sent, unacknowledged by the peer), {} packets ready without a channel",
             self.ctx.id,
             self.table.count(|s| matches!(s, Slot::Sending { sent: false, .. })),
+            self.table.count(|s| matches!(s, Slot::Sending { sent: true, notif_due: true, .. })),
             usize::from(self.reading.is_some()),
             self.table.ready.len()
         )
@@ -575,7 +590,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
         // MSG_WAITALL: a short send must fail the request (and any link), never pass silently.
         // MSG_NOSIGNAL: a closed peer is an error code, not a SIGPIPE.
         let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
-        let e = if self.run.zerocopy {
+        let e = if self.zerocopy {
             opcode::SendZc::new(channel_file(ch), ptr, total)
                 .buf_index(Some(0))
                 .flags(flags)
@@ -600,7 +615,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
 
     fn queue_config(&mut self, idx: PacketIndex) -> Result<()> {
         let s = self.table.config_slot();
-        let blob = self.ctx.config()?;
+        let blob = self.ctx.config(self.stream.bytes())?;
         check_config_len(self.ctx.id, blob.len(), self.chunk).map_err(Error::Config)?;
         // SAFETY: the config slot is never used for data, and this runs once.
         let buf = unsafe { self.pool.slot_bytes_mut(s, 0, blob.len()) };
@@ -693,7 +708,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
             let op = format!("send packet {} of device {}", pkt.idx, self.ctx.id);
             return Err(Error::Channel { channel: ch, op, source });
         }
-        self.tallies.sent(self.run, ch, pkt.len, pkt.t0, !self.run.zerocopy);
+        self.tallies.sent(self.run, ch, pkt.len, pkt.t0, !self.zerocopy);
         self.run.leases.release(ch);
         self.table.slots[s] = Slot::Sending { pkt, ch, sent: true, notif_due: cqe.more };
         self.release_if_done(s);
@@ -736,8 +751,30 @@ impl DeviceLoop<'_, '_, '_, '_> {
         }
         if failed {
             self.run.abort.abort();
+            if self.zerocopy && self.uring.busy() {
+                // A SEND_ZC buffer comes back only when the peer acknowledged its bytes or the
+                // connection dropped them: a peer that stopped reading would hold them past
+                // any drain. The session failed and resets its channels anyway: reset them
+                // now, so the kernel frees their send queues and notifies.
+                for ch in &self.run.channels {
+                    disconnect(*ch);
+                }
+            }
         }
         let who = format!("device {}", self.ctx.id);
         uring::finish(self, &who)
     }
+}
+
+/// Drops a TCP connection at once: `connect(2)` to `AF_UNSPEC` runs the kernel's
+/// `tcp_disconnect`, which sends a reset and frees the send queue (and so gives back the SEND_ZC
+/// buffers in it), although the ring and the session still hold references to the socket. A
+/// socket of another kind, or one already closed, is left as it is.
+fn disconnect(fd: BorrowedFd<'_>) {
+    // SAFETY: `sockaddr` is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: `sa` is a valid `sockaddr` of the length given, alive for the call; `fd` is open
+    // (borrowed for the call); connect(2) reads the address and writes no memory.
+    let _ = unsafe { libc::connect(fd.as_raw_fd(), &sa, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
 }
