@@ -764,3 +764,36 @@ fn fault_closed_or_full_stdout_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// Under an ordinary 8 MiB RLIMIT_MEMLOCK without CAP_IPC_LOCK (`prlimit`, `setpriv`), a pool
+/// that cannot be pinned makes `--zerocopy auto` and `off` fall back to unregistered buffers
+/// and copying sends; only `--zerocopy on` fails, saying what to change.
+#[test]
+fn fault_zero_copy_under_an_ordinary_memlock_limit_falls_back_unless_on() {
+    let tools = ["prlimit", "setpriv"].iter().all(|t| Command::new(t).arg("--version").output().is_ok());
+    if !tools {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "prlimit and setpriv (util-linux) are needed under CI");
+        eprintln!("skipped: prlimit or setpriv (util-linux) missing");
+        return;
+    }
+    let uring = run(&["probe", "-J"]);
+    if json(&uring)["io_uring"]["available"] != true {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "io_uring unavailable under CI=true");
+        eprintln!("skipped: io_uring unavailable here; nothing is pinned on the blocking backend");
+        return;
+    }
+    for (z, ok) in [("auto", true), ("off", true), ("on", false)] {
+        let o = Command::new("prlimit")
+            .args(["--memlock=8388608", "setpriv", "--inh-caps", "-ipc_lock", "--bounding-set", "-ipc_lock", BIN])
+            .args(["loopback", "--size", "32M", "--chunk", "4M", "-P", "2", "--backend", "uring", "--zerocopy", z])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.success(), ok, "--zerocopy {z}: {}", text(&o));
+        if ok {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("zero-copy: off (SEND)"), "{z}: {}", text(&o));
+        } else {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("IORING_REGISTER_BUFFERS") && err.contains("RLIMIT_MEMLOCK"), "{err}");
+        }
+    }
+}

@@ -190,6 +190,20 @@ pub(crate) fn peer_ip(fd: BorrowedFd<'_>) -> Option<IpAddr> {
     socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).ok().as_ref().and_then(addr_ip)
 }
 
+/// Whether `ip` is this host's: a loopback address (127.0.0.0/8, ::1, a v4-mapped 127.x), or
+/// an address of one of its interfaces (`getifaddrs(3)`; a failure of it reads as "no").
+pub(crate) fn is_local_ip(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_loopback() {
+        return true;
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return false };
+    addrs.filter_map(|a| a.address).any(|a| addr_ip(&a) == Some(ip))
+}
+
 /// `shutdown(fd, SHUT_WR)`: the peer reads EOF after the bytes already queued.
 ///
 /// # Errors
@@ -385,5 +399,23 @@ mod tests {
         let e = EventFd::new().unwrap();
         assert_eq!(fd_kind(e.as_fd()), FdKind::Other);
         shutdown_write(c.as_fd()).unwrap();
+    }
+
+    #[test]
+    fn every_address_of_this_host_is_local() {
+        assert!(is_local_ip("127.3.4.5".parse().unwrap()));
+        assert!(is_local_ip("::1".parse().unwrap()));
+        assert!(is_local_ip("::ffff:127.0.0.1".parse().unwrap()));
+        // TEST-NET-3 is never a host's address.
+        assert!(!is_local_ip("203.0.113.7".parse().unwrap()));
+        let mine: Vec<IpAddr> =
+            nix::ifaddrs::getifaddrs().unwrap().filter_map(|a| a.address).filter_map(|a| addr_ip(&a)).collect();
+        assert!(!mine.is_empty());
+        for ip in mine {
+            assert!(is_local_ip(ip), "{ip} is an address of this host");
+            if let IpAddr::V4(v4) = ip {
+                assert!(is_local_ip(IpAddr::V6(v4.to_ipv6_mapped())), "{ip} v4-mapped");
+            }
+        }
     }
 }

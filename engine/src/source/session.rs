@@ -789,14 +789,11 @@ fn zerocopy_decision(backend: BackendKind, want: ZeroCopy, channels: &[OwnedFd])
     }
 }
 
-/// Whether a TCP socket's peer is on the loopback network (127.0.0.0/8, ::1, or a v4-mapped
-/// 127.x address), where SEND_ZC always falls back to copying.
+/// Whether a TCP socket's peer is this host: on the loopback network (127.0.0.0/8, ::1, or a
+/// v4-mapped 127.x address) or at any address of this host's interfaces (`getifaddrs(3)`), where
+/// SEND_ZC always falls back to copying.
 fn peer_is_loopback(fd: BorrowedFd<'_>) -> bool {
-    match sys::peer_ip(fd) {
-        Some(std::net::IpAddr::V6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
-        Some(ip) => ip.is_loopback(),
-        None => false,
-    }
+    sys::peer_ip(fd).is_some_and(sys::is_local_ip)
 }
 
 fn send_init(fd: BorrowedFd<'_>, p: &InitPacket) -> std::io::Result<()> {
