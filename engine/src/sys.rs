@@ -170,6 +170,19 @@ pub(crate) fn file_remaining(fd: BorrowedFd<'_>) -> Option<u64> {
     Some(size.saturating_sub(pos))
 }
 
+/// Sets `O_NONBLOCK` on a pipe or FIFO (`fcntl(2)` `F_SETFL`); anything else, or a failure,
+/// is left as it is.
+pub(crate) fn nonblocking_if_pipe(fd: BorrowedFd<'_>) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if fd_kind(fd) != FdKind::Pipe {
+        return;
+    }
+    if let Ok(bits) = fcntl(fd, FcntlArg::F_GETFL) {
+        let fl = OFlag::from_bits_truncate(bits) | OFlag::O_NONBLOCK;
+        let _ = fcntl(fd, FcntlArg::F_SETFL(fl));
+    }
+}
+
 /// Whether `fd` is a TCP-like stream socket (`AF_INET`/`AF_INET6`, `SOCK_STREAM`): the only
 /// kind SEND_ZC can avoid copying on.
 pub(crate) fn is_inet_stream(fd: BorrowedFd<'_>) -> bool {

@@ -246,3 +246,117 @@ fn hostile_zero_copy_to_a_peer_that_never_reads_fails_at_the_stall_timeout_witho
     }
     assert_eq!(open_fds(), fds, "descriptors leaked (a ring kept by a drain that could not finish)");
 }
+
+/// A packet that arrives slowly but steadily (1 MiB at 256 KiB/s, 4 s with a 1 s stall timeout)
+/// is progress, not a stall, on both backends: progress counts bytes, not whole packets.
+#[test]
+fn hostile_slow_but_steady_packet_is_not_a_stall() {
+    let _g = serial();
+    each_backend(|b| {
+        const LEN: usize = 1 << 20;
+        let cfg = SimConfig::new("d", LEN as u64, 11);
+        let rcfg = vfio_multifd::ReceiverConfig::new()
+            .max_packet_bytes(LEN)
+            .backend(b)
+            .return_path(false)
+            .stall_timeout(Duration::from_secs(1));
+        let (res, dests) = vfio_multifd_tests::receive_from(std::slice::from_ref(&cfg), 1, rcfg, |addr| {
+            let mut s = vfio_multifd_tests::RawSender::connect(addr, 1);
+            s.init(0, 0);
+            let data = vfio_multifd_tests::sim_bytes(11, 0, LEN);
+            let mut pkt = Vec::new();
+            let mut hdr = vec![0u8; vfio_multifd::wire::PACKET_OVERHEAD];
+            let v = vfio_multifd::wire::VfioPacketHeader { idx: 0, flags: 0 };
+            vfio_multifd::wire::encode_packet_header(&dev_id(0), v, LEN, &mut hdr).unwrap();
+            pkt.extend_from_slice(&hdr);
+            pkt.extend_from_slice(&data);
+            // 16 KiB every 62.5 ms: 256 KiB/s.
+            for piece in pkt.chunks(16 << 10) {
+                s.raw(0, piece);
+                std::thread::sleep(Duration::from_micros(62_500));
+            }
+            s.packet(0, &dev_id(0), 1, true, &SimDevice::expected_config(&cfg));
+            s.finish();
+        });
+        let rep = res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+        assert_eq!(rep.devices[0].data_bytes, LEN as u64, "{b:?}");
+        assert!(dests[0].resume_report().unwrap().verified_ok, "{b:?}");
+    });
+}
+
+/// The other side of byte progress: a packet that stops arriving half-way is a stall at the
+/// stall timeout on both backends, and the error says how much of it came.
+#[test]
+fn hostile_packet_that_stops_half_way_is_a_stall_naming_the_bytes() {
+    let _g = serial();
+    each_backend(|b| {
+        const LEN: usize = 1 << 20;
+        let cfg = SimConfig::new("d", LEN as u64, 11);
+        let rcfg = vfio_multifd::ReceiverConfig::new()
+            .max_packet_bytes(LEN)
+            .backend(b)
+            .return_path(false)
+            .stall_timeout(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let (res, _) = vfio_multifd_tests::receive_from(&[cfg], 1, rcfg, |addr| {
+            let mut s = vfio_multifd_tests::RawSender::connect(addr, 1);
+            s.init(0, 0);
+            let mut pkt = vec![0u8; vfio_multifd::wire::PACKET_OVERHEAD];
+            let v = vfio_multifd::wire::VfioPacketHeader { idx: 0, flags: 0 };
+            vfio_multifd::wire::encode_packet_header(&dev_id(0), v, LEN, &mut pkt).unwrap();
+            pkt.extend_from_slice(&vfio_multifd_tests::sim_bytes(11, 0, LEN / 2));
+            s.raw(0, &pkt);
+            // Stay connected, silent, until the receiver gave up.
+            std::thread::sleep(Duration::from_secs(4));
+        });
+        match res {
+            Err(Error::Timeout { what, .. }) => {
+                if b == Backend::Uring {
+                    assert!(what.contains(&format!("({} of {LEN} bytes)", LEN / 2)), "{b:?}: {what}");
+                }
+            }
+            other => panic!("{b:?}: expected a stall, got {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(6), "{b:?}");
+    });
+}
+
+/// A destination fd whose writes block (a pipe whose reader stopped reading, opened blocking):
+/// the receive fails at the stall timeout on both backends instead of hanging in write(2).
+#[test]
+fn fault_destination_pipe_whose_reader_stops_fails_at_the_stall_timeout() {
+    let _g = serial();
+    each_backend(|b| {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (c, s) = tcp_pairs(2);
+        let mut dev = SimDevice::new(SimConfig::new("d", 16 << 20, 3));
+        let mut config = Vec::new();
+        let t0 = Instant::now();
+        let (src, rx) = std::thread::scope(|sc_| {
+            let config = &mut config;
+            let w = &w;
+            let h = sc_.spawn(move || {
+                let rcfg = vfio_multifd::ReceiverConfig::new()
+                    .max_packet_bytes(CHUNK)
+                    .backend(b)
+                    .return_path(false)
+                    .stall_timeout(Duration::from_secs(1));
+                let mut rx = vfio_multifd::Receiver::new(rcfg).unwrap();
+                rx.add_data_fd(dev_id(0), std::os::fd::AsFd::as_fd(w), config);
+                rx.run(s)
+            });
+            let mut src = Source::new(sc(b, false), c).unwrap();
+            src.add_device(dev_id(0), &mut dev);
+            let src = src.run();
+            (src, h.join().unwrap())
+        });
+        let took = t0.elapsed();
+        drop(r);
+        match rx {
+            Err(Error::Timeout { after, .. }) => assert_eq!(after, Duration::from_secs(1)),
+            other => panic!("{b:?}: expected a stall, got {other:?}"),
+        }
+        assert!(src.is_err(), "{b:?}: the source succeeded");
+        assert!(took < Duration::from_secs(6), "{b:?}: took {took:?}");
+    });
+}

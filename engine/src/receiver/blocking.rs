@@ -197,6 +197,21 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
                     Admit::Accept(a) => break a,
                     Admit::Wait(_) => {
                         g.check_budget(shared.clock.idle_for(), reorder_wait(shared.run.cfg.stall_timeout))?;
+                        // Memory comes back only as the writers write: a destination whose
+                        // write does not progress (a sink pipe whose reader stopped, a resume
+                        // fd that blocks) stalls the receive here too.
+                        if shared.clock.idle_for() > shared.run.cfg.stall_timeout {
+                            return Err(shared.stalled(
+                                Some(&g),
+                                format!(
+                                    "channel {c}: packet {} of device {:?} instance {} waits for memory, and no \
+                                     device write finished meanwhile",
+                                    v.idx,
+                                    h.idstr_lossy(),
+                                    h.instance_id
+                                ),
+                            ));
+                        }
                         g = shared.wait(g);
                     }
                 }

@@ -275,7 +275,13 @@ impl<'a> Receiver<'a> {
 
     /// Expects a device whose stream goes to a writable fd (a RESUMING data fd the VMM owns, or
     /// a file); its config blob is stored into `config`.
+    ///
+    /// A pipe or FIFO is switched to `O_NONBLOCK` (on its open file description, so its other
+    /// users see it too): a blocking write to a pipe whose reader stopped would wait in the
+    /// kernel past any timeout, while a non-blocking one waits for `POLLOUT` under the stall
+    /// timeout.
     pub fn add_data_fd(&mut self, id: DeviceId, fd: BorrowedFd<'a>, config: &'a mut Vec<u8>) -> &mut Self {
+        crate::sys::nonblocking_if_pipe(fd);
         self.targets.push(Target {
             id,
             kind: TargetKind::Fd { fd, config },

@@ -17,9 +17,11 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
+use crate::backend::TICK;
 use crate::device_io::{classify, classify_write, from_cqe, IoStep, Retries};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex, PacketIndex};
@@ -40,6 +42,11 @@ const K_WRITE: u8 = Token::FIRST_DRIVER_KIND + 1;
 const K_WPOLL: u8 = Token::FIRST_DRIVER_KIND + 2;
 /// `READ` of this worker's kick eventfd.
 const K_KICK: u8 = Token::FIRST_DRIVER_KIND + 3;
+/// `ASYNC_CANCEL` of a long payload receive (index: the local channel), to collect its partial
+/// bytes: a `MSG_WAITALL` receive completes only when full, so a packet arriving slowly but
+/// steadily would otherwise look like a stall. The cancelled receive completes with the bytes it
+/// got (or `-ECANCELED` with none) and is submitted again for the rest.
+const K_HARVEST: u8 = Token::FIRST_DRIVER_KIND + 4;
 
 struct Shared<'r, 's, 'c, 'a, 'shared> {
     st: Mutex<RecvState<'r>>,
@@ -173,6 +180,9 @@ struct Worker<'w, 'r, 's, 'c, 'a, 'shared> {
     need_unpark: bool,
     registered: bool,
     retries: Retries,
+    /// Per local channel: when its payload receive was submitted, and whether a harvest
+    /// (`K_HARVEST`) was issued for it.
+    recv_since: Vec<Option<(Instant, bool)>>,
 }
 
 impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
@@ -230,6 +240,7 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         need_unpark: false,
         registered,
         retries: Retries::default(),
+        recv_since: vec![None; nloc],
     };
     let r =
         w.prepare().and_then(|()| uring::run(&mut w, &shared.run.abort, &shared.clock, shared.run.cfg.stall_timeout));
@@ -249,6 +260,7 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
         if std::mem::take(&mut self.need_unpark) {
             self.unpark()?;
         }
+        self.harvest()?;
         let own_writes = self.wr.iter().any(Option::is_some);
         let g = self.shared.lock();
         // A channel that never connected ends when the core gives up on it (every device
@@ -287,7 +299,17 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
             K_WRITE => self.on_write(DeviceIndex::new(tok.at()), c.res),
             // The poll's outcome shows in the write linked after it.
             K_WPOLL => Ok(()),
+            // The cancelled receive reports what it got.
+            K_HARVEST => Ok(()),
             k => Err(Error::internal(format!("receive completion of unknown kind {k}"))),
+        }
+    }
+
+    fn progress(&self, tok: Token, c: &Completion) -> bool {
+        match tok.kind {
+            K_HARVEST => false,
+            K_RECV => c.res != -libc::ECANCELED,
+            _ => true,
         }
     }
 
@@ -360,6 +382,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
             }
             Chan::Waiting | Chan::Parked | Chan::Closed => return Ok(()),
         };
+        self.recv_since[i] = matches!(self.ch[i], Chan::Payload { .. }).then(|| (Instant::now(), false));
         let e = opcode::Recv::new(types::Fixed(i as u32), ptr, len as u32)
             .flags(libc::MSG_WAITALL)
             .build()
@@ -367,8 +390,32 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         self.push(&[e])
     }
 
+    /// Cancels every payload receive in flight for longer than a quarter of the stall timeout
+    /// (once per submission), so its partial bytes count as progress (see [`K_HARVEST`]).
+    fn harvest(&mut self) -> Result<()> {
+        let after = (self.shared.run.cfg.stall_timeout / 4).max(TICK);
+        for i in 0..self.recv_since.len() {
+            let Some((t, false)) = self.recv_since[i] else { continue };
+            if t.elapsed() < after {
+                continue;
+            }
+            self.recv_since[i] = Some((t, true));
+            let e = opcode::AsyncCancel::new(Token::new(K_RECV, i, 0).encode())
+                .build()
+                .user_data(Token::new(K_HARVEST, i, 0).encode());
+            self.push(&[e])?;
+        }
+        Ok(())
+    }
+
     fn on_recv(&mut self, i: usize, res: i32) -> Result<()> {
         let gc = self.chans[i];
+        self.recv_since[i] = None;
+        if res == -libc::ECANCELED {
+            // A harvest found nothing received yet (only harvests cancel a receive while the
+            // loop runs): receive again.
+            return self.recv_next(i);
+        }
         let n = match classify(from_cqe(res)) {
             IoStep::Moved(n) => n,
             IoStep::End => return self.on_eof(i),

@@ -112,6 +112,12 @@ pub(crate) trait Driver {
     fn wait_limit(&self) -> Duration {
         TICK
     }
+    /// Whether a completion of a driver kind is progress for the stall clock (default: every
+    /// completion is). A driver's own bookkeeping operations (a cancel that collects a long
+    /// receive's partial bytes) say no, so that they never hide a stall.
+    fn progress(&self, _tok: Token, _c: &Completion) -> bool {
+        true
+    }
 }
 
 /// A ring plus the skeleton's accounting of what the kernel still owns.
@@ -233,9 +239,12 @@ pub(crate) fn run<D: Driver>(d: &mut D, abort: &AbortHandle, clock: &StallClock,
         let mut moved = false;
         loop {
             let n = d.uring().ring.reap_into(&mut batch);
-            moved |= n > 0;
             for i in 0..n {
-                let Some(tok) = d.uring().account(&batch[i]) else { continue };
+                let Some(tok) = d.uring().account(&batch[i]) else {
+                    moved = true;
+                    continue;
+                };
+                moved |= d.progress(tok, &batch[i]);
                 if let Err(e) = d.complete(tok, batch[i]) {
                     // The rest of this batch (and of the CQ) completed too: account it so that
                     // `finish` knows exactly what the kernel still holds.
