@@ -797,3 +797,27 @@ fn fault_zero_copy_under_an_ordinary_memlock_limit_falls_back_unless_on() {
         }
     }
 }
+
+/// SIGTERM to a `send` mid-stream on either backend: the engine aborts, the command says it
+/// was interrupted and exits 143; the receiver fails instead of loading a partial stream.
+#[test]
+fn fault_send_interrupted_by_sigterm_on_both_backends() {
+    for backend in ["uring", "blocking"] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let r = spawn_recv(&["--listen", &addr, "-P", "2", "--sim", "64G", "--backend", backend]);
+        let s = Command::new(BIN)
+            .args(["send", "--connect", &addr, "-P", "2", "--sim", "64G", "--backend", backend])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(&s, libc::SIGTERM);
+        let so = wait(s, Duration::from_secs(20));
+        let ro = wait(r, Duration::from_secs(80));
+        let err = String::from_utf8_lossy(&so.stderr);
+        assert_eq!(so.status.code(), Some(143), "{backend}: {}", text(&so));
+        assert!(err.contains("interrupted by SIGTERM") && !err.contains("panicked"), "{backend}: {err}");
+        assert_eq!(ro.status.code(), Some(1), "{backend}: the receiver did not fail: {}", text(&ro));
+    }
+}
