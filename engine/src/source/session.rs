@@ -783,10 +783,30 @@ fn zerocopy_decision(backend: BackendKind, want: ZeroCopy, channels: &[OwnedFd])
                     if supported { "a channel is not a TCP socket" } else { "the kernel lacks IORING_OP_SEND_ZC" }
                 )));
             }
-            let remote = channels.iter().all(|c| !peer_is_loopback(c.as_fd()));
+            let remote = assume_remote() || channels.iter().all(|c| !peer_is_loopback(c.as_fd()));
             Ok(all_tcp && supported && (z == ZeroCopy::On || remote))
         }
     }
+}
+
+#[cfg(test)]
+fn send_zc_supported_here() -> bool {
+    crate::uring::send_zc_supported()
+}
+
+/// Tests only: whether `auto` takes every peer as remote (to exercise SEND_ZC's fallbacks on
+/// one host).
+#[cfg(test)]
+static ASSUME_REMOTE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(test)]
+fn assume_remote() -> bool {
+    ASSUME_REMOTE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(not(test))]
+fn assume_remote() -> bool {
+    false
 }
 
 /// Whether a TCP socket's peer is this host: on the loopback network (127.0.0.0/8, ::1, or a
@@ -803,4 +823,85 @@ fn send_init(fd: BorrowedFd<'_>, p: &InitPacket) -> std::io::Result<()> {
     // A std stream over a duplicate of the fd: write_all handles partial writes and EINTR.
     let mut s = std::fs::File::from(sys::dup(fd)?);
     s.write_all(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::process::Command;
+
+    use vfio_migration::sim::{SimConfig, SimDevice};
+
+    use super::*;
+    use crate::{Backend, Receiver, ReceiverConfig};
+
+    const CHILD: &str = "VFMFD_MEMLOCK_CHILD";
+    const NAME: &str = "source::session::tests::zerocopy_auto_falls_back_when_the_pool_cannot_be_pinned";
+
+    /// One 32 MiB device in 4 MiB packets to a loopback receiver, `auto` taking the peer as
+    /// remote (so it chooses SEND_ZC).
+    fn send(z: ZeroCopy) -> Result<SourceReport> {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let cfg = SimConfig::new("d", 32 << 20, 4);
+        let mut dst = SimDevice::new(cfg.clone());
+        let mut src = SimDevice::new(cfg);
+        let id = DeviceId::new("0000:00:02.0/vfio", 0).unwrap();
+        std::thread::scope(|s| {
+            let (l, id2, dst) = (&l, id.clone(), &mut dst);
+            let h = s.spawn(move || {
+                let rcfg = ReceiverConfig::new().max_packet_bytes(4 << 20).backend(Backend::Uring);
+                let mut rx = Receiver::new(rcfg).unwrap();
+                rx.add_device_with(id2, dst, MigState::Running);
+                rx.run_listener(l, 2)
+            });
+            let chans = (0..2).map(|_| OwnedFd::from(TcpStream::connect(addr).unwrap())).collect();
+            let scfg = SourceConfig::new().chunk_bytes(4 << 20).backend(Backend::Uring).zerocopy(z);
+            let mut session = SourceSession::new(scfg, chans).unwrap();
+            session.add_device(id, &mut src);
+            let r = session.run(|c| c.switchover()).map(|((), rep)| rep);
+            // After a failure the receiver fails on its own: the source reset its channels.
+            let _ = h.join();
+            r
+        })
+    }
+
+    /// Under an ordinary 8 MiB RLIMIT_MEMLOCK without CAP_IPC_LOCK, a 5 x 4 MiB pool cannot be
+    /// pinned: `auto` (which chose SEND_ZC for a remote peer) falls back to copying sends from
+    /// unregistered buffers; only `on` fails. Runs itself again in a child under `prlimit` and
+    /// `setpriv` (limits and capabilities of the whole test process must not change).
+    #[test]
+    fn zerocopy_auto_falls_back_when_the_pool_cannot_be_pinned() {
+        if std::env::var_os(CHILD).is_none() {
+            if let Some(why) = crate::uring::uring_unavailable_reason() {
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "io_uring unavailable under CI=true: {why}");
+                eprintln!("skipped: io_uring unavailable: {why}");
+                return;
+            }
+            let exe = std::env::current_exe().unwrap();
+            let o = Command::new("prlimit")
+                .args(["--memlock=8388608", "setpriv", "--inh-caps", "-ipc_lock", "--bounding-set", "-ipc_lock"])
+                .arg(exe)
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output();
+            let Ok(o) = o else {
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "prlimit/setpriv (util-linux) missing under CI");
+                eprintln!("skipped: prlimit or setpriv (util-linux) missing");
+                return;
+            };
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success() && out.contains("1 passed"), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+            return;
+        }
+        ASSUME_REMOTE.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(super::send_zc_supported_here(), "the kernel lacks SEND_ZC");
+        let rep = send(ZeroCopy::Auto).unwrap_or_else(|e| panic!("auto: {e}"));
+        assert!(!rep.zerocopy, "auto must report the fallback to copying sends");
+        assert!(rep.copied_bytes >= 32 << 20 && rep.zerocopy_bytes == 0, "{rep:?}");
+        match send(ZeroCopy::On) {
+            Err(Error::Sys { op, .. }) => assert!(op.contains("RLIMIT_MEMLOCK"), "{op}"),
+            other => panic!("on: expected a registration error, got {other:?}"),
+        }
+    }
 }
