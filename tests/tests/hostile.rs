@@ -360,3 +360,38 @@ fn fault_destination_pipe_whose_reader_stops_fails_at_the_stall_timeout() {
         assert!(took < Duration::from_secs(6), "{b:?}: took {took:?}");
     });
 }
+
+/// Two devices, one quiet for three stall timeouts while the other streams: legal, and it
+/// completes on both backends (progress is receive-wide, not per device).
+#[test]
+fn hostile_quiet_device_while_another_streams_is_not_a_stall() {
+    let _g = serial();
+    each_backend(|b| {
+        const LEN: usize = 64 << 10;
+        let a = SimConfig::new("a", 24 * LEN as u64, 21);
+        let q = SimConfig::new("q", LEN as u64, 22);
+        let rcfg = vfio_multifd::ReceiverConfig::new()
+            .max_packet_bytes(LEN)
+            .backend(b)
+            .return_path(false)
+            .stall_timeout(Duration::from_secs(1));
+        let cfgs = [a.clone(), q.clone()];
+        let (res, dests) = vfio_multifd_tests::receive_from(&cfgs, 2, rcfg, |addr| {
+            let mut s = vfio_multifd_tests::RawSender::connect(addr, 2);
+            s.init(0, 0);
+            s.init(1, 1);
+            // The quiet device's data first, then nothing from it for 3 s.
+            s.packet(1, &dev_id(1), 0, false, &vfio_multifd_tests::sim_bytes(22, 0, LEN));
+            for i in 0..24u32 {
+                let off = u64::from(i) * LEN as u64;
+                s.packet(0, &dev_id(0), i, false, &vfio_multifd_tests::sim_bytes(21, off, LEN));
+                std::thread::sleep(Duration::from_millis(125));
+            }
+            s.packet(0, &dev_id(0), 24, true, &SimDevice::expected_config(&a));
+            s.packet(1, &dev_id(1), 1, true, &SimDevice::expected_config(&q));
+            s.finish();
+        });
+        res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+        assert!(dests.iter().all(|d| d.resume_report().unwrap().verified_ok), "{b:?}");
+    });
+}
