@@ -285,9 +285,10 @@ fn hostile_slow_but_steady_packet_is_not_a_stall() {
 }
 
 /// The other side of byte progress: a packet that stops arriving half-way is a stall at the
-/// stall timeout on both backends, and the error says how much of it came.
+/// stall timeout on both backends (the harvests that collect its partial bytes never count as
+/// progress by themselves), and the error names the packet.
 #[test]
-fn hostile_packet_that_stops_half_way_is_a_stall_naming_the_bytes() {
+fn hostile_packet_that_stops_half_way_is_a_stall_naming_the_packet() {
     let _g = serial();
     each_backend(|b| {
         const LEN: usize = 1 << 20;
@@ -307,13 +308,11 @@ fn hostile_packet_that_stops_half_way_is_a_stall_naming_the_bytes() {
             pkt.extend_from_slice(&vfio_multifd_tests::sim_bytes(11, 0, LEN / 2));
             s.raw(0, &pkt);
             // Stay connected, silent, until the receiver gave up.
-            std::thread::sleep(Duration::from_secs(4));
+            std::thread::sleep(Duration::from_millis(2500));
         });
         match res {
             Err(Error::Timeout { what, .. }) => {
-                if b == Backend::Uring {
-                    assert!(what.contains(&format!("({} of {LEN} bytes)", LEN / 2)), "{b:?}: {what}");
-                }
+                assert!(what.contains("packet 0 of device 0000:00:02.0/vfio"), "{b:?}: {what}");
             }
             other => panic!("{b:?}: expected a stall, got {other:?}"),
         }
