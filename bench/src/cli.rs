@@ -40,6 +40,9 @@ pub enum Cmd {
     Dump(crate::dump::DumpArgs),
     /// Relay TCP connections to another address and record each one (capture a migration).
     Tee(crate::tee::TeeArgs),
+    /// One process of the benchmark's process scenarios (used by `bench`).
+    #[command(hide = true)]
+    BenchPeer(crate::suite::peers::PeerArgs),
 }
 
 /// `auto|on|off` for zero-copy sends.

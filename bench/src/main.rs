@@ -69,6 +69,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench(a) => suite::run(a),
         Cmd::Dump(a) => dump::run(a),
         Cmd::Tee(a) => tee::run(a),
+        Cmd::BenchPeer(a) => suite::peers::run(a),
     }
 }
 

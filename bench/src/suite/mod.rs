@@ -8,6 +8,8 @@
 
 mod baselines;
 mod downtime;
+pub mod peers;
+mod procs;
 mod qemu;
 mod svg;
 
@@ -61,9 +63,30 @@ pub struct BenchArgs {
     /// (default 20s, 5s with --quick).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub max_precopy: Option<Duration>,
+    /// The process scenarios (each design as separate sender and receiver processes, files,
+    /// pipes and a pty at the ends): `also` after the in-process suite, `skip`, or `only`.
+    #[arg(long, value_enum, default_value_t)]
+    pub processes: Processes,
+    /// Only these process scenarios (comma-separated): file-1dev (1 device x 1 GiB, file to
+    /// file), file-4dev (4 x 256 MiB), pipe (1 x 1 GiB, FIFO to FIFO), pty-sink (1 x 32 MiB,
+    /// file to pty).
+    #[arg(long, value_delimiter = ',')]
+    pub scenario: Vec<String>,
     /// Also print the JSON on stdout.
     #[arg(short = 'J', long)]
     pub json: bool,
+}
+
+/// Whether the process scenarios run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Processes {
+    /// After the in-process suite.
+    #[default]
+    Also,
+    /// Not at all.
+    Skip,
+    /// Instead of the in-process suite and the downtime scenario.
+    Only,
 }
 
 /// The designs compared.
@@ -432,8 +455,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     for (d, why) in &skipped {
         eprintln!("bench: skipping {}: {why}", d.name());
     }
-    let pts = points(quick);
+    let pts = if a.processes == Processes::Only { Vec::new() } else { points(quick) };
     let loadavg = read_loadavg();
+    let machine0 = MachineSample::take();
     let started = std::time::Instant::now();
     eprintln!(
         "bench: {} points x {} designs x {reps} reps, {} per run{}",
@@ -443,7 +467,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if quick { " (quick)" } else { "" }
     );
     // Warm-up: one small run of each design (page cache, allocator, TCP autotuning).
-    for &d in &designs {
+    for &d in designs.iter().filter(|_| !pts.is_empty()) {
         run_once(d, BASE, (bytes / 4).max(4 << 20)).with_context(|| format!("warm-up of {}", d.name()))?;
     }
     let mut results = Vec::new();
@@ -499,8 +523,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         downtime_limit: a.downtime_limit,
         max_precopy: a.max_precopy.unwrap_or(Duration::from_secs(if quick { 5 } else { 20 })),
     };
-    let live_skipped: Option<String> = if a.no_downtime {
-        Some("--no-downtime".into())
+    let no_downtime = a.no_downtime || (a.processes == Processes::Only);
+    let live_skipped: Option<String> = if no_downtime {
+        Some(if a.processes == Processes::Only { "--processes only" } else { "--no-downtime" }.into())
     } else if designs.contains(&Design::EngineUringSend) {
         None
     } else if let Some((_, why)) = skipped.iter().find(|(d, _)| *d == Design::EngineUringSend) {
@@ -510,7 +535,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut downtime = Vec::new();
     let mut live: Vec<LiveResult> = Vec::new();
-    if !a.no_downtime {
+    if !no_downtime {
         let p = Point { channels: 4, devices: 4, chunk: 1 << 20 };
         let whole: Vec<Design> = designs.iter().copied().filter(|d| d.has_devices()).collect();
         let variants: Vec<Variant> = if live_skipped.is_none() { Variant::ALL.to_vec() } else { Vec::new() };
@@ -570,6 +595,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             );
         }
     }
+    let procs = if a.processes == Processes::Skip {
+        Vec::new()
+    } else {
+        let mut scs = procs::scenarios(quick);
+        if !a.scenario.is_empty() {
+            scs.retain(|sc| a.scenario.iter().any(|n| n == sc.name));
+            if scs.is_empty() {
+                bail!("--scenario {:?}: no such scenario", a.scenario);
+            }
+        }
+        procs::run_all(&scs, &procs::designs(&designs, quick), reps, started)?
+    };
+    let machine = MachineSample::take().json_since(&machine0);
     let targets = targets(&results);
     let doc = json!({
         "start": {
@@ -579,6 +617,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "loadavg": loadavg,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "capabilities": crate::probe::capabilities_json(),
+            "machine": machine0.json(),
             "config": {"quick": quick, "reps": reps, "bytes_per_run": bytes, "sim_max_read": 1 << 20,
                        "base_point": {"channels": BASE.channels, "devices": BASE.devices, "chunk": BASE.chunk},
                        "downtime": {"devices": 4, "size_per_device": dt_size, "channels": 4, "chunk": 1 << 20,
@@ -603,13 +642,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             .chain(live.iter().map(|l| l.json(live.iter().find(|x| x.variant == Variant::StopCopy))))
             .collect::<Vec<_>>(),
         "targets": targets,
+        "processes": procs.iter().map(procs::ScenarioResult::json).collect::<Vec<_>>(),
+        "machine": machine,
         "elapsed_seconds": started.elapsed().as_secs_f64(),
         "loadavg_end": read_loadavg(),
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let jp = a.out.join("latest.json");
     std::fs::write(&jp, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", jp.display()))?;
-    let md = markdown(&doc, &results, &downtime, &live, &scenario, quick, reps, bytes);
+    let mut md = markdown(&doc, &results, &downtime, &live, &scenario, quick, reps, bytes);
+    procs_markdown(&mut md, &doc, &procs);
     let mp = a.out.join("latest.md");
     std::fs::write(&mp, &md).with_context(|| format!("writing {}", mp.display()))?;
     let sp = a.out.join("throughput.svg");
@@ -624,6 +666,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ),
     )
     .with_context(|| format!("writing {}", sp.display()))?;
+    if !procs.is_empty() {
+        let pp = a.out.join("scenarios.svg");
+        std::fs::write(&pp, svg::scenarios(&procs_bars(&procs)))
+            .with_context(|| format!("writing {}", pp.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -794,4 +841,130 @@ fn markdown(
     }
     let _ = writeln!(s, "\n![throughput vs channels](throughput.svg)");
     s
+}
+
+/// The process scenarios' section of the Markdown report, with the machine's state.
+fn procs_markdown(s: &mut String, doc: &Value, procs: &[procs::ScenarioResult]) {
+    use std::fmt::Write;
+    if procs.is_empty() {
+        return;
+    }
+    let m = &doc["machine"];
+    let _ = writeln!(s, "\n## Process scenarios: each design as separate sender and receiver processes\n");
+    let _ = writeln!(
+        s,
+        "Loopback TCP, sources and sinks on tmpfs; pipes at their default size with separate producer and \
+         consumer processes; the pty (a character device without FMODE_NOWAIT, as a VFIO data fd) drained by a \
+         consumer on its master. Median of interleaved repetitions [min..max]; CPU and context switches are the \
+         sender's and receiver's whole processes (wait4 rusage, io-wq workers included); latency is the \
+         sender's, from a read's submission to its packet's send completing (min-copy: per chunk read + send)."
+    );
+    let _ = writeln!(
+        s,
+        "\nMachine: {:.1} GiB available memory at the start, load average {} at the start and {} at the end; \
+         other processes used {:.2} CPUs on average while the benchmark ran ({:.0}% of the machine).",
+        m["mem_available_start_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+        fmt_load(&doc["start"]["loadavg"]),
+        fmt_load(&doc["loadavg_end"]),
+        m["other_cpus_busy"].as_f64().unwrap_or(f64::NAN),
+        m["other_cpu_fraction"].as_f64().unwrap_or(f64::NAN) * 100.0
+    );
+    for p in procs {
+        p.markdown(s);
+    }
+    let _ = writeln!(s, "\n![process scenarios](scenarios.svg)");
+}
+
+fn fmt_load(v: &Value) -> String {
+    v.as_array().map_or("?".into(), |a| {
+        a.iter().map(|x| x.as_f64().map_or("?".into(), |f| format!("{f:.2}"))).collect::<Vec<_>>().join(" ")
+    })
+}
+
+/// `(scenario, design, median, min, max)` GiB/s for the scenarios' chart.
+fn procs_bars(procs: &[procs::ScenarioResult]) -> Vec<(String, &'static str, f64, f64, f64)> {
+    procs
+        .iter()
+        .flat_map(|p| {
+            p.results
+                .iter()
+                .map(move |r| (p.sc.name.to_owned(), r.design.name(), r.gibps.median, r.gibps.min, r.gibps.max))
+        })
+        .collect()
+}
+
+/// The machine's state: memory, and CPU time of all processes (`/proc/stat`) against this
+/// process's and its waited-for children's, to say how busy the rest of the machine was.
+#[derive(Debug, Clone, Copy)]
+struct MachineSample {
+    at: std::time::Instant,
+    mem_available: u64,
+    mem_free: u64,
+    /// Busy CPU seconds of the whole machine since boot.
+    busy: f64,
+    /// CPU seconds of this process and its reaped children.
+    own: f64,
+}
+
+impl MachineSample {
+    fn take() -> MachineSample {
+        let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kb = |k: &str| {
+            mem.lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(0, |v| v * 1024)
+        };
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu  user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+        let f: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse::<f64>().ok())
+            .collect();
+        // SAFETY: sysconf has no memory arguments.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let busy = f.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum::<f64>() / hz;
+        let own = rusage(libc::RUSAGE_SELF) + rusage(libc::RUSAGE_CHILDREN);
+        MachineSample {
+            at: std::time::Instant::now(),
+            mem_available: kb("MemAvailable:"),
+            mem_free: kb("MemFree:"),
+            busy,
+            own,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"mem_available_bytes": self.mem_available, "mem_free_bytes": self.mem_free})
+    }
+
+    /// The state at the end, and how much CPU other processes used since `start`.
+    fn json_since(&self, start: &MachineSample) -> Value {
+        let wall = self.at.duration_since(start.at).as_secs_f64().max(1e-9);
+        let other = ((self.busy - start.busy) - (self.own - start.own)).max(0.0);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        json!({
+            "mem_available_start_bytes": start.mem_available, "mem_free_start_bytes": start.mem_free,
+            "mem_available_end_bytes": self.mem_available, "mem_free_end_bytes": self.mem_free,
+            "other_cpu_seconds": other, "other_cpus_busy": other / wall, "other_cpu_fraction": other / wall / cpus,
+            "wall_seconds": wall,
+        })
+    }
+}
+
+/// User + system CPU seconds of `who` (`getrusage`).
+fn rusage(who: libc::c_int) -> f64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is live and exclusively borrowed for the call.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

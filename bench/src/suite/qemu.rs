@@ -75,7 +75,7 @@ struct ChanSlot {
     quit: bool,
 }
 
-struct SendState {
+pub(super) struct SendState {
     /// `multifd_send_mutex` (also holds `next_channel`).
     send_mutex: Mutex<usize>,
     /// `queue_job_mutex` of `multifd_queue_device_state()`.
@@ -85,6 +85,25 @@ struct SendState {
 }
 
 impl SendState {
+    pub(super) fn new(channels: usize) -> SendState {
+        SendState {
+            send_mutex: Mutex::new(0),
+            queue_job_mutex: Mutex::new(()),
+            channels_ready: Sem::new(0),
+            slots: (0..channels)
+                .map(|_| (Mutex::new(ChanSlot { data: None, pending_job: false, quit: false }), Condvar::new()))
+                .collect(),
+        }
+    }
+
+    /// Every device thread is done: channel threads finish their job and return.
+    pub(super) fn quit(&self) {
+        for (m, cv) in &self.slots {
+            lock(m).quit = true;
+            cv.notify_all();
+        }
+    }
+
     /// `multifd_queue_device_state()` + `multifd_send()`.
     fn queue(&self, id: &DeviceId, packet: &[u8], t_read: Instant, abort: &Abort) -> Result<()> {
         let _q = lock(&self.queue_job_mutex);
@@ -119,9 +138,18 @@ struct LoadBufs {
     load_buf_idx_last: u32,
 }
 
-struct DevLoad {
+pub(super) struct DevLoad {
     m: Mutex<LoadBufs>,
     ready: Condvar,
+}
+
+impl DevLoad {
+    pub(super) fn new() -> DevLoad {
+        DevLoad {
+            m: Mutex::new(LoadBufs { array: Vec::new(), load_buf_idx: 0, load_buf_idx_last: u32::MAX }),
+            ready: Condvar::new(),
+        }
+    }
 }
 
 /// `writev()` of header + payload, continued after partial writes.
@@ -181,20 +209,8 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
         let t = transition(d, MigState::Resuming).context("destination to RESUMING")?;
         dst_fds.push(t.data_fd.ok_or_else(|| anyhow!("no resume fd"))?);
     }
-    let loads: Vec<DevLoad> = (0..cfgs.len())
-        .map(|_| DevLoad {
-            m: Mutex::new(LoadBufs { array: Vec::new(), load_buf_idx: 0, load_buf_idx_last: u32::MAX }),
-            ready: Condvar::new(),
-        })
-        .collect();
-    let send = SendState {
-        send_mutex: Mutex::new(0),
-        queue_job_mutex: Mutex::new(()),
-        channels_ready: Sem::new(0),
-        slots: (0..channels)
-            .map(|_| (Mutex::new(ChanSlot { data: None, pending_job: false, quit: false }), Condvar::new()))
-            .collect(),
-    };
+    let loads: Vec<DevLoad> = (0..cfgs.len()).map(|_| DevLoad::new()).collect();
+    let send = SendState::new(channels);
     let devices_done = AtomicBool::new(false);
 
     let result: Result<Vec<Latency>> = std::thread::scope(|s| {
@@ -257,10 +273,7 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
             keep(&mut errs, h.join());
         }
         devices_done.store(true, Ordering::Release);
-        for (m, cv) in &send.slots {
-            lock(m).quit = true;
-            cv.notify_all();
-        }
+        send.quit();
         let mut hists = Vec::new();
         for h in chan_h {
             match h.join().unwrap_or_else(|_| Err(anyhow!("channel thread panicked"))) {
@@ -298,13 +311,30 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
 fn save_thread(d: &mut SimDevice, id: &DeviceId, chunk: usize, send: &SendState, abort: &Abort) -> Result<()> {
     let t = transition(d, MigState::StopCopy).context("source to STOP_COPY")?;
     let fd = t.data_fd.ok_or_else(|| anyhow!("no save fd"))?;
+    save_stream(fd.as_raw_fd(), id, chunk, || Ok(d.save_config()?), send, abort)?;
+    drop(fd);
+    // STOP_COPY -> STOP (vfio_save_cleanup()).
+    transition(d, MigState::Stop)?;
+    Ok(())
+}
+
+/// The loop of `vfio_multifd_save_complete_precopy_thread()`: reads `fd` until EOF into one
+/// reused packet buffer, queues every packet (copied), then the config packet from `config`.
+pub(super) fn save_stream(
+    fd: RawFd,
+    id: &DeviceId,
+    chunk: usize,
+    config: impl FnOnce() -> Result<Vec<u8>>,
+    send: &SendState,
+    abort: &Abort,
+) -> Result<()> {
     // packet = g_malloc0(12 + data_buffer_size), reused for every read.
     let mut packet = vec![0u8; VFIO_HEADER_LEN + chunk];
     let mut idx = 0u32;
     loop {
         abort.check()?;
         let t_read = Instant::now();
-        let n = io::read(fd.as_raw_fd(), &mut packet[VFIO_HEADER_LEN..]).context("reading state buffer")?;
+        let n = io::read(fd, &mut packet[VFIO_HEADER_LEN..]).context("reading state buffer")?;
         if n == 0 {
             break;
         }
@@ -313,19 +343,15 @@ fn save_thread(d: &mut SimDevice, id: &DeviceId, chunk: usize, send: &SendState,
         idx += 1;
     }
     // The config packet: idx = number of data packets, CONFIG_STATE.
-    let blob = d.save_config()?;
+    let blob = config()?;
     let mut cp = vec![0u8; VFIO_HEADER_LEN + blob.len()];
     VfioPacketHeader { idx, flags: VFIO_FLAG_CONFIG_STATE }.encode(&mut cp[..VFIO_HEADER_LEN])?;
     cp[VFIO_HEADER_LEN..].copy_from_slice(&blob);
-    send.queue(id, &cp, Instant::now(), abort)?;
-    drop(fd);
-    // STOP_COPY -> STOP (vfio_save_cleanup()).
-    transition(d, MigState::Stop)?;
-    Ok(())
+    send.queue(id, &cp, Instant::now(), abort)
 }
 
 /// `multifd_send_thread()` for device-state jobs.
-fn channel_thread(_c: usize, fd: RawFd, send: &SendState, abort: &Abort) -> Result<Latency> {
+pub(super) fn channel_thread(_c: usize, fd: RawFd, send: &SendState, abort: &Abort) -> Result<Latency> {
     let mut hist = Latency::new();
     let mut hdr = [0u8; DEVICE_STATE_HEADER_LEN];
     let (m, cv) = &send.slots[_c];
@@ -355,7 +381,7 @@ fn channel_thread(_c: usize, fd: RawFd, send: &SendState, abort: &Abort) -> Resu
 }
 
 /// `multifd_recv_thread()` + `multifd_device_state_recv()` + `vfio_multifd_load_state_buffer()`.
-fn recv_channel(fd: RawFd, ids: &[DeviceId], loads: &[DevLoad]) -> Result<()> {
+pub(super) fn recv_channel(fd: RawFd, ids: &[DeviceId], loads: &[DevLoad]) -> Result<()> {
     let mut hdr = [0u8; DEVICE_STATE_HEADER_LEN];
     loop {
         if !io::read_exact(fd, &mut hdr)? {
@@ -398,6 +424,16 @@ fn recv_channel(fd: RawFd, ids: &[DeviceId], loads: &[DevLoad]) -> Result<()> {
 
 /// `vfio_load_bufs_thread()`.
 fn load_thread(d: &mut SimDevice, fd: OwnedFd, l: &DevLoad, abort: &Abort) -> Result<()> {
+    let blob = load_stream(fd.as_raw_fd(), l, abort)?;
+    d.load_config(&blob)?;
+    drop(fd);
+    transition(d, MigState::Running).context("destination RESUMING -> RUNNING (stream verification)")?;
+    Ok(())
+}
+
+/// The loop of `vfio_load_bufs_thread()`: writes the buffers to `fd` in index order as they
+/// arrive; returns the config packet's blob.
+pub(super) fn load_stream(fd: RawFd, l: &DevLoad, abort: &Abort) -> Result<Vec<u8>> {
     let mut g = lock(&l.m);
     loop {
         abort.check()?;
@@ -412,16 +448,11 @@ fn load_thread(d: &mut SimDevice, fd: OwnedFd, l: &DevLoad, abort: &Abort) -> Re
         }
         let buf = g.array[idx].1.take().unwrap_or_default();
         drop(g);
-        io::write_all(fd.as_raw_fd(), &buf).with_context(|| format!("writing state buffer {idx}"))?;
+        io::write_all(fd, &buf).with_context(|| format!("writing state buffer {idx}"))?;
         drop(buf);
         g = lock(&l.m);
         g.load_buf_idx += 1;
     }
     let idx = g.load_buf_idx as usize;
-    let blob = g.array[idx].1.take().unwrap_or_default();
-    drop(g);
-    d.load_config(&blob)?;
-    drop(fd);
-    transition(d, MigState::Running).context("destination RESUMING -> RUNNING (stream verification)")?;
-    Ok(())
+    Ok(g.array[idx].1.take().unwrap_or_default())
 }
