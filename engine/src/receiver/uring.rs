@@ -4,9 +4,14 @@
 //! Channel `c` belongs to worker `c % W`. A worker has one `RECV` in flight per channel: first
 //! the 288 bytes of a packet header (into a small per-channel buffer), then the payload straight
 //! into the packet's registered blocks (one `RECV` per contiguous piece of its chain: usually
-//! one). Device writes (`WRITE_FIXED`, one in flight per device) are issued by
+//! one). Device writes (one in flight per device, one contiguous piece at a time) are issued by
 //! whichever worker made the next packet writable (by receiving it, or by finishing the write
-//! before it), and complete on that worker's ring; a short write continues where it stopped,
+//! before it), as the fd allows: `write(2)` on the worker itself for a regular file (io_uring
+//! would hand every buffered write on a filesystem without async buffered writes, such as tmpfs,
+//! to io-wq: a cross-thread hop per packet), a plain `WRITE_FIXED` for a pipe or socket
+//! (completed inline, or after a poll when the fd is full), and `WRITE_FIXED` with `IOSQE_ASYNC`
+//! for anything else (a VFIO resume fd has no `FMODE_NOWAIT`). A short write continues where it
+//! stopped,
 //! and an `EAGAIN` from an `O_NONBLOCK` resume fd waits for `POLLOUT` (a linked `POLL_ADD`)
 //! instead of spinning. A channel whose packet has no memory yet parks with its decoded header;
 //! a worker that frees memory kicks the others through their eventfds (see `reassembly` for why
@@ -148,6 +153,30 @@ enum Chan {
     Closed,
 }
 
+/// How a device's writes are issued, by what its fd supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteMode {
+    /// `IOSQE_ASYNC`: straight to io-wq (an fd without `FMODE_NOWAIT`, e.g. a VFIO resume fd,
+    /// whose non-blocking attempt would only fail first).
+    Async,
+    /// Submitted plainly: the kernel completes it inline, or arms a poll when the fd is full
+    /// (pipes, sockets).
+    Inline,
+    /// `write(2)` on this thread (a regular file: io_uring would hand every buffered write to
+    /// io-wq on filesystems without async buffered writes, such as tmpfs).
+    Sync,
+}
+
+/// A device's write mode, by its fd's kind.
+fn write_mode(fd: Option<std::os::fd::BorrowedFd<'_>>) -> WriteMode {
+    use crate::sys::FdKind;
+    match fd.map_or(FdKind::Other, crate::sys::fd_kind) {
+        FdKind::Other => WriteMode::Async,
+        FdKind::Regular => WriteMode::Sync,
+        FdKind::Pipe | FdKind::Socket => WriteMode::Inline,
+    }
+}
+
 /// A device write this worker has in flight.
 #[derive(Debug, Clone, Copy)]
 struct Write {
@@ -176,6 +205,10 @@ struct Worker<'w, 'r, 's, 'c, 'a, 'shared> {
     ch: Vec<Chan>,
     /// Writes this worker has in flight, per device.
     wr: Vec<Option<Write>>,
+    /// How each device's writes are issued, and its fd (for [`WriteMode::Sync`]).
+    wmode: Vec<(WriteMode, i32)>,
+    /// Results of synchronous writes, acted on in `pump` (never recursively).
+    sync_done: Vec<(DeviceIndex, i32)>,
     kick_buf: ManuallyDrop<Box<u64>>,
     need_unpark: bool,
     registered: bool,
@@ -219,8 +252,12 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     // Fixed files: channels 0..C (empty until connected), devices C..C+D, abort, kick.
     let present: Vec<Option<i32>> = chans.iter().map(|&c| shared.run.channels.get(c).map(|f| f.as_raw_fd())).collect();
     let mut files: Vec<i32> = present.iter().map(|f| f.unwrap_or(-1)).collect();
+    let mut wmode = Vec::with_capacity(ndev);
     for d in DeviceIndex::all(ndev) {
-        files.push(shared.target(d).data_fd().map_or(-1, |f| f.as_raw_fd()));
+        let t = shared.target(d);
+        let fd = t.data_fd().map_or(-1, |f| f.as_raw_fd());
+        wmode.push((write_mode(t.data_fd()), fd));
+        files.push(fd);
     }
     files.push(shared.run.abort.as_fd().as_raw_fd());
     files.push(shared.run.channels.kicks[me].as_fd().as_raw_fd());
@@ -236,6 +273,8 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         ch: present.iter().map(|f| if f.is_some() { Chan::Header { got: 0 } } else { Chan::Waiting }).collect(),
         chans,
         wr: vec![None; ndev],
+        wmode,
+        sync_done: Vec::with_capacity(ndev),
         kick_buf: ManuallyDrop::new(Box::new(0)),
         need_unpark: false,
         registered,
@@ -257,6 +296,9 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn pump(&mut self) -> Result<bool> {
+        while let Some((d, res)) = self.sync_done.pop() {
+            self.on_write(d, res)?;
+        }
         if std::mem::take(&mut self.need_unpark) {
             self.unpark()?;
         }
@@ -576,15 +618,31 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         self.wr[d.index()] = Some(Write { chunk: piece.len, ..w });
         let fd = self.device_file(d);
         let len = piece.len as u32;
-        // IOSQE_ASYNC: the copy into the device runs on an io-wq worker, in parallel with this
-        // ring's receives (a VFIO resume fd, having no FMODE_NOWAIT, goes there anyway).
+        let (mode, raw) = self.wmode[d.index()];
+        if mode == WriteMode::Sync && !poll_first {
+            // SAFETY: `ptr .. ptr + len` is one piece of the packet's blocks (`span_ptr` checked
+            // it lies in the pool), which only this write refers to until `written` frees them;
+            // the pool stays mapped for the whole receive and nothing writes the blocks meanwhile.
+            let buf = unsafe { std::slice::from_raw_parts(ptr.cast_const(), piece.len) };
+            // SAFETY: `raw` is the target's data fd, which the target keeps open for the whole
+            // receive (it is also registered with this ring).
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            let res = match crate::sys::FdIo::write(&crate::sys::Kernel, fd, buf) {
+                Ok(n) => n as i32,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            self.sync_done.push((d, res));
+            return Ok(());
+        }
         let e = if self.registered {
             opcode::WriteFixed::new(fd, ptr, len, 0).offset(u64::MAX).build()
         } else {
             opcode::Write::new(fd, ptr, len).offset(u64::MAX).build()
         }
-        .flags(squeue::Flags::ASYNC)
         .user_data(Token::new(K_WRITE, d.index(), 0).encode());
+        // IOSQE_ASYNC only for an fd that cannot do non-blocking I/O (a VFIO resume fd): its
+        // inline attempt would fail and go to io-wq anyway.
+        let e = if mode == WriteMode::Async { e.flags(squeue::Flags::ASYNC) } else { e };
         if !poll_first {
             return self.push(&[e]);
         }

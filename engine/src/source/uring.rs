@@ -5,7 +5,12 @@
 //! `SEND`/`SEND_ZC` of header + payload when a channel is idle at that moment; otherwise the
 //! read runs alone and the send follows when a channel is granted. One read is in flight at a
 //! time (stream fds share one position); the next one is submitted as soon as the previous
-//! completes, so reading chunk n+1 overlaps sending chunk n. The rules (indexes, accounting,
+//! completes, so reading chunk n+1 overlaps sending chunk n. How a read is issued depends on
+//! the data fd: a regular file is read with `read(2)` on this thread (io_uring would hand each
+//! buffered read of a filesystem without async buffered reads, such as tmpfs, to io-wq); a pipe
+//! or socket with a plain `READ_FIXED` (inline, or after a poll); anything else, a VFIO data fd
+//! without `FMODE_NOWAIT`, with `IOSQE_ASYNC` (io-wq). After a short read (a stream), the next
+//! read is not linked to a send: it would likely be short too, and its send cancelled. The rules (indexes, accounting,
 //! the config packet) come from `core`; the loop itself is the shared skeleton in `uring`.
 //!
 //! A slot's state is a [`Slot`] whose variants carry their data:
@@ -183,9 +188,12 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     poll_first: bool,
     retries: Retries,
     config_done: bool,
-    /// Whether reads of the data fd (by number) go to io-wq at once (an fd without
-    /// `FMODE_NOWAIT`); learnt at the first read of each data fd.
-    read_async: Option<(i32, bool)>,
+    /// The data fd's kind (by number): how its reads are issued (see
+    /// [`DeviceLoop::read_async`], [`DeviceLoop::read_sync`]).
+    data_kind: Option<(i32, FdKind)>,
+    /// The last read filled its chunk: link the next one to a send (after a short read of a
+    /// stream, the next is likely short too, and its linked send would only be cancelled).
+    link_reads: bool,
     /// An idle pre-copy asks the device again at this time.
     next_poll: Option<Instant>,
     /// Whether the pool could be registered with the ring.
@@ -273,7 +281,8 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         poll_first: false,
         retries: Retries::default(),
         config_done: false,
-        read_async: None,
+        data_kind: None,
+        link_reads: true,
         next_poll: None,
         buffers,
         zerocopy,
@@ -463,8 +472,13 @@ impl DeviceLoop<'_, '_, '_, '_> {
                 } else {
                     // Link a send only to a read that cannot push the stream past its cap: the
                     // cap is checked before anything is sent, as on the blocking backend.
+                    if self.read_sync() {
+                        self.sync_read(s)?;
+                        return self.schedule();
+                    }
                     let fits = self.stream.fits(self.chunk);
-                    let ch = if self.table.ready.is_empty() && fits { self.take_channel(false) } else { None };
+                    let link = self.table.ready.is_empty() && fits && self.link_reads;
+                    let ch = if link { self.take_channel(false) } else { None };
                     self.submit_read(s, ch)?;
                 }
             }
@@ -536,7 +550,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
             opcode::Read::new(fd, ptr, self.chunk as u32).offset(u64::MAX).build()
         }
         .user_data(Token::new(K_READ, s, gen).encode());
-        if self.read_async(data) {
+        if self.read_async() {
             rd = rd.flags(squeue::Flags::ASYNC);
         }
         self.reading = Some(s);
@@ -569,19 +583,48 @@ impl DeviceLoop<'_, '_, '_, '_> {
         }
     }
 
-    /// Pipes, sockets and regular files complete reads inline; anything else (a VFIO data fd
-    /// is an anon inode without FMODE_NOWAIT) would first fail a non-blocking attempt, so its
-    /// reads go straight to io-wq. Learnt once per data fd.
-    fn read_async(&mut self, fd: i32) -> bool {
-        match self.read_async {
-            Some((f, a)) if f == fd => a,
+    /// The data fd's kind, learnt once per data fd (by number).
+    fn data_kind(&mut self) -> FdKind {
+        let Some(fd) = self.ctx.data_fd() else { return FdKind::Other };
+        let raw = fd.as_raw_fd();
+        match self.data_kind {
+            Some((f, k)) if f == raw => k,
             _ => {
-                let kind = self.ctx.data_fd().map_or(FdKind::Other, sys::fd_kind);
-                let a = kind == FdKind::Other;
-                self.read_async = Some((fd, a));
-                a
+                let k = sys::fd_kind(fd);
+                self.data_kind = Some((raw, k));
+                k
             }
         }
+    }
+
+    /// Pipes and sockets complete reads inline (or arm a poll); anything else but a regular
+    /// file (a VFIO data fd is an anon inode without FMODE_NOWAIT) would first fail a
+    /// non-blocking attempt, so its reads go straight to io-wq.
+    fn read_async(&mut self) -> bool {
+        self.data_kind() == FdKind::Other
+    }
+
+    /// Regular files are read with `read(2)` on this thread: a buffered read of a filesystem
+    /// without async buffered reads (tmpfs) would go to io-wq, one cross-thread hop per chunk,
+    /// and it never waits for a peer.
+    fn read_sync(&mut self) -> bool {
+        self.data_kind() == FdKind::Regular
+    }
+
+    /// One `read(2)` into slot `s`'s payload, settled at once like an unlinked read.
+    fn sync_read(&mut self, s: usize) -> Result<()> {
+        let idx = self.stream.reserve().map_err(|l| self.limit_err(l))?;
+        let pkt = Packet { idx, len: self.chunk, flags: 0, t0: Instant::now() };
+        let fd = self.ctx.data_fd().ok_or_else(|| Error::internal("a read without a data fd"))?;
+        // SAFETY: slot `s` came from the free list: no operation refers to it.
+        let buf = unsafe { self.pool.slot_bytes_mut(s, 0, self.chunk) };
+        let res = match sys::FdIo::read(&sys::Kernel, fd, buf) {
+            Ok(n) => n as i32,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        };
+        self.reading = Some(s);
+        self.table.slots[s] = Slot::Reading { pkt, link: None, read: Some(res), send: None };
+        self.settle(s)
     }
 
     fn send_entry(&self, s: usize, ch: ChannelId, gen: u32, len: usize) -> squeue::Entry {
@@ -630,6 +673,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
             return Err(Error::internal("settle of a slot that is not reading"));
         };
         let Some(res) = read else { return Ok(()) };
+        self.link_reads = res == self.chunk as i32;
         match link {
             Some(ch) if res == self.chunk as i32 => {
                 // A full read: the kernel issued the linked send; the slot is now sending.
