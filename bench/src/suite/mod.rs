@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// file to pty).
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
+    /// Process scenarios: also run `engine-uring-alt`, the io_uring engine of another build of
+    /// vfio-multifd (e.g. before a change), interleaved with this one's.
+    #[arg(long, value_name = "PATH")]
+    pub compare_exe: Option<PathBuf>,
     /// Also print the JSON on stdout.
     #[arg(short = 'J', long)]
     pub json: bool,
@@ -104,6 +108,10 @@ pub enum Design {
     MinCopy,
     /// Loopback TCP memory to memory.
     RawTcp,
+    /// The engine on io_uring with SEND, from another build (`--compare-exe`): an alternative
+    /// measured in the same run.
+    #[value(skip)]
+    EngineUringAlt,
 }
 
 impl Design {
@@ -124,6 +132,7 @@ impl Design {
             Design::QemuStyle => "qemu-style",
             Design::MinCopy => "min-copy",
             Design::RawTcp => "raw-tcp",
+            Design::EngineUringAlt => "engine-uring-alt",
         }
     }
 
@@ -379,7 +388,7 @@ fn run_once(design: Design, p: Point, bytes: u64) -> Result<Rep> {
         Ok(Outcome { wall: r.wall, latency: Some(r.source.latency) })
     };
     let out = match design {
-        Design::EngineUringSend => engine(Backend::Uring, ZeroCopy::Off)?,
+        Design::EngineUringSend | Design::EngineUringAlt => engine(Backend::Uring, ZeroCopy::Off)?,
         Design::EngineUringZc => engine(Backend::Uring, ZeroCopy::On)?,
         Design::EngineBlocking => engine(Backend::Blocking, ZeroCopy::Off)?,
         Design::QemuStyle => qemu::run(&cfgs, p.channels, p.chunk, &abort)?,
@@ -605,7 +614,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 bail!("--scenario {:?}: no such scenario", a.scenario);
             }
         }
-        procs::run_all(&scs, &procs::designs(&designs, quick), reps, started)?
+        let mut ds = procs::designs(&designs, quick);
+        if a.compare_exe.is_some() && ds.contains(&Design::EngineUringSend) {
+            ds.insert(1, Design::EngineUringAlt);
+        }
+        procs::run_all(&scs, &ds, reps, started, a.compare_exe.as_deref())?
     };
     let machine = MachineSample::take().json_since(&machine0);
     let targets = targets(&results);

@@ -142,6 +142,7 @@ pub(super) fn run_all(
     designs: &[Design],
     reps: usize,
     started: Instant,
+    alt: Option<&Path>,
 ) -> Result<Vec<ScenarioResult>> {
     let dir = Scratch::new()?;
     let mut out = Vec::new();
@@ -149,14 +150,14 @@ pub(super) fn run_all(
         let sums = prepare_sources(&dir, sc)?;
         // Warm-up: one run of each design (page cache, TCP autotuning, binaries).
         for &d in designs {
-            run_once(&dir, sc, d, &sums).with_context(|| format!("{}: warm-up of {}", sc.name, d.name()))?;
+            run_once(&dir, sc, d, &sums, alt).with_context(|| format!("{}: warm-up of {}", sc.name, d.name()))?;
         }
         let mut per: Vec<Vec<ProcRep>> = designs.iter().map(|_| Vec::new()).collect();
         for rep in 0..reps {
             for k in 0..designs.len() {
                 let di = (k + rep) % designs.len();
                 let d = designs[di];
-                let r = run_once(&dir, sc, d, &sums).with_context(|| format!("{}: {}", sc.name, d.name()))?;
+                let r = run_once(&dir, sc, d, &sums, alt).with_context(|| format!("{}: {}", sc.name, d.name()))?;
                 per[di].push(r);
             }
         }
@@ -257,7 +258,15 @@ struct Proc {
 }
 
 fn spawn(role: &str, args: &[String], stdin: Option<OwnedFd>, err: PathBuf) -> Result<Proc> {
-    let exe = std::env::current_exe().context("locating the vfio-multifd binary")?;
+    spawn_exe(role, args, stdin, err, None)
+}
+
+/// Starts `role` from `exe` (default: this binary).
+fn spawn_exe(role: &str, args: &[String], stdin: Option<OwnedFd>, err: PathBuf, exe: Option<&Path>) -> Result<Proc> {
+    let exe = match exe {
+        Some(e) => e.to_path_buf(),
+        None => std::env::current_exe().context("locating the vfio-multifd binary")?,
+    };
     let mut c = Command::new(exe);
     c.args(args).stdout(Stdio::piped()).stderr(File::create(&err)?);
     c.stdin(stdin.map_or(Stdio::null(), Stdio::from));
@@ -386,7 +395,7 @@ fn commands(d: Design, sc: &Scenario, port: u16, srcs: &[PathBuf], dsts: &[PathB
         (tx, rx)
     };
     match d {
-        Design::EngineUringSend => engine("uring", "off"),
+        Design::EngineUringSend | Design::EngineUringAlt => engine("uring", "off"),
         Design::EngineUringZc => engine("uring", "on"),
         Design::EngineBlocking => engine("blocking", "off"),
         Design::QemuStyle => peer("qemu-send", "qemu-recv"),
@@ -395,7 +404,8 @@ fn commands(d: Design, sc: &Scenario, port: u16, srcs: &[PathBuf], dsts: &[PathB
 }
 
 /// One run of design `d` in `sc`.
-fn run_once(dir: &Scratch, sc: &Scenario, d: Design, sums: &[u64]) -> Result<ProcRep> {
+fn run_once(dir: &Scratch, sc: &Scenario, d: Design, sums: &[u64], alt: Option<&Path>) -> Result<ProcRep> {
+    let exe = if d == Design::EngineUringAlt { alt } else { None };
     let srcs: Vec<PathBuf> = (0..sc.devices).map(|i| src_path(dir, i)).collect();
     let dsts: Vec<PathBuf> = (0..sc.devices).map(|i| dst_path(dir, i)).collect();
     let mut aux: Vec<Proc> = Vec::new();
@@ -423,7 +433,7 @@ fn run_once(dir: &Scratch, sc: &Scenario, d: Design, sums: &[u64]) -> Result<Pro
         }
         let port = free_port()?;
         let (txa, rxa) = commands(d, sc, port, &srcs, &dsts);
-        let mut rx = spawn("receiver", &rxa, None, err("recv"))?;
+        let mut rx = spawn_exe("receiver", &rxa, None, err("recv"), exe)?;
         if let Err(e) = await_listen(port, &mut rx) {
             kill_all(vec![rx]);
             return Err(e);
@@ -446,7 +456,7 @@ fn run_once(dir: &Scratch, sc: &Scenario, d: Design, sums: &[u64]) -> Result<Pro
                 producers.push(spawn("producer", &a, None, err(&format!("produce{i}")))?);
             }
         }
-        let tx = match spawn("sender", &txa, None, err("send")) {
+        let tx = match spawn_exe("sender", &txa, None, err("send"), exe) {
             Ok(t) => wait(t),
             Err(e) => {
                 kill_all(producers);
