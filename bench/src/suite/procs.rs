@@ -143,13 +143,15 @@ pub(super) fn run_all(
     reps: usize,
     started: Instant,
     alt: Option<&Path>,
+    quick: bool,
 ) -> Result<Vec<ScenarioResult>> {
     let dir = Scratch::new()?;
     let mut out = Vec::new();
     for (si, sc) in scs.iter().enumerate() {
         let sums = prepare_sources(&dir, sc)?;
-        // Warm-up: one run of each design (page cache, TCP autotuning, binaries).
-        for &d in designs {
+        // Warm-up: one run of each design (page cache, TCP autotuning, binaries); the quick
+        // form warms up before the first scenario only.
+        for &d in designs.iter().filter(|_| !quick || si == 0) {
             run_once(&dir, sc, d, &sums, alt).with_context(|| format!("{}: warm-up of {}", sc.name, d.name()))?;
         }
         let mut per: Vec<Vec<ProcRep>> = designs.iter().map(|_| Vec::new()).collect();
