@@ -873,7 +873,7 @@ fn procs_markdown(s: &mut String, doc: &Value, procs: &[procs::ScenarioResult]) 
     let _ = writeln!(
         s,
         "Loopback TCP, sources and sinks on tmpfs; pipes at their default size with separate producer and \
-         consumer processes; the pty (a character device without FMODE_NOWAIT, as a VFIO data fd) drained by a \
+         consumer processes; the pty (a character device that the engine drives like a VFIO data fd, through io-wq) drained by a \
          consumer on its master. Median of interleaved repetitions [min..max]; CPU and context switches are the \
          sender's and receiver's whole processes (wait4 rusage, io-wq workers included); latency is the \
          sender's, from a read's submission to its packet's send completing (min-copy: per chunk read + send)."

@@ -30,8 +30,8 @@ pub(super) enum End {
     File,
     /// A FIFO with a producer (source) or consumer (sink) process, default pipe size.
     Pipe,
-    /// A pty with a consumer process on the master: a character device without
-    /// `FMODE_NOWAIT`, a stream with short writes (the semantics of a VFIO data fd).
+    /// A pty with a consumer process on the master: a character device that is a stream with
+    /// short writes, which the engine drives as it drives a VFIO data fd (io-wq).
     Pty,
 }
 
