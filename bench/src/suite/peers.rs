@@ -136,8 +136,15 @@ pub fn fill_block(seed: u64, i: u64, buf: &mut [u8]) {
 
 /// A position-dependent checksum of a byte stream, fed in pieces whose lengths are multiples
 /// of 8 (except the last).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Checksum(u64);
+
+impl Default for Checksum {
+    fn default() -> Self {
+        // FNV-1a's offset basis, fed 8-byte words.
+        Checksum(0xcbf2_9ce4_8422_2325)
+    }
+}
 
 impl Checksum {
     /// Adds `b`.
@@ -146,10 +153,10 @@ impl Checksum {
         let mut it = b.chunks_exact(8);
         for w in &mut it {
             let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-            h = h.rotate_left(5) ^ v;
+            h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
         }
         for &x in it.remainder() {
-            h = h.rotate_left(5) ^ u64::from(x);
+            h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
         }
         self.0 = h;
     }
@@ -575,5 +582,73 @@ pub fn checksum_file(p: &Path) -> Result<(u64, u64)> {
         if n < BLOCK {
             return Ok((total, sum.get()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(len: u64) -> File {
+        let f = tempfile_in_shm();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn tempfile_in_shm() -> File {
+        let dir = std::env::temp_dir();
+        let p = dir.join(format!("vfmfd-peers-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        f
+    }
+
+    #[test]
+    fn plan_covers_each_file_once_in_channel_ranges() {
+        let files = [file_of(10 << 20), file_of(4096 * 3 + 100)];
+        let plan = plan(&files, 4, false).unwrap();
+        for (d, f) in files.iter().enumerate() {
+            let mut segs: Vec<(u64, u64)> =
+                plan.iter().flatten().filter(|s| s.0 == d as u32).map(|s| (s.1, s.2)).collect();
+            segs.sort_unstable();
+            let mut at = 0;
+            for (off, len) in segs {
+                assert_eq!(off, at, "device {d}: ranges must be contiguous");
+                assert!(len > 0);
+                at += len;
+            }
+            assert_eq!(at, f.metadata().unwrap().len(), "device {d}: ranges must cover the file");
+        }
+    }
+
+    #[test]
+    fn plan_streams_one_device_per_channel() {
+        let files = [file_of(4096), file_of(4096)];
+        let plan = plan(&files, 4, true).unwrap();
+        assert_eq!(plan[0], vec![(0, 0, u64::MAX)]);
+        assert_eq!(plan[1], vec![(1, 0, u64::MAX)]);
+        assert!(plan[2].is_empty() && plan[3].is_empty());
+        let err = super::plan(&files, 1, true).unwrap_err().to_string();
+        assert!(err.contains("one stream device per channel"), "{err}");
+    }
+
+    #[test]
+    fn checksum_sees_order_and_blocks_differ() {
+        let (mut a, mut b) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+        fill_block(1, 0, &mut a);
+        fill_block(1, 1, &mut b);
+        assert_ne!(a, b);
+        let (mut x, mut y) = (Checksum::default(), Checksum::default());
+        x.add(&a);
+        x.add(&b);
+        y.add(&b);
+        y.add(&a);
+        assert_ne!(x.get(), y.get(), "swapped blocks must change the checksum");
+        // The same bytes fed in other 8-byte-multiple pieces give the same checksum.
+        let mut z = Checksum::default();
+        z.add(&a[..4096]);
+        z.add(&a[4096..]);
+        z.add(&b);
+        assert_eq!(x.get(), z.get());
     }
 }
