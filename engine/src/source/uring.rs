@@ -7,7 +7,9 @@
 //! time (stream fds share one position); the next one is submitted as soon as the previous
 //! completes, so reading chunk n+1 overlaps sending chunk n. How a read is issued depends on
 //! the data fd: a regular file is read with `read(2)` on this thread (io_uring would hand each
-//! buffered read of a filesystem without async buffered reads, such as tmpfs, to io-wq); a pipe
+//! buffered read of a filesystem without async buffered reads, such as tmpfs, to io-wq), only
+//! once a channel is in hand, and its send is submitted at once, while the data is still in
+//! this CPU's cache; a pipe
 //! or socket with a plain `READ_FIXED` (inline, or after a poll); anything else, a VFIO data fd
 //! without `FMODE_NOWAIT`, with `IOSQE_ASYNC` (io-wq). After a short read (a stream), the next
 //! read is not linked to a send: it would likely be short too, and its send cancelled. The rules (indexes, accounting,
@@ -473,8 +475,19 @@ impl DeviceLoop<'_, '_, '_, '_> {
                     // Link a send only to a read that cannot push the stream past its cap: the
                     // cap is checked before anything is sent, as on the blocking backend.
                     if self.read_sync() {
-                        self.sync_read(s)?;
-                        return self.schedule();
+                        // Read only with a channel in hand, and send at once: this thread
+                        // both reads and sends, so reading ahead would only let the data go
+                        // cold in the cache before its send copies it.
+                        if self.table.ready.is_empty() {
+                            if let Some(ch) = self.take_channel(true) {
+                                self.held.push(ch);
+                                self.sync_read(s)?;
+                                self.send_ready_now()?;
+                                return self.schedule();
+                            }
+                        }
+                        self.table.free.push(s);
+                        return Ok(());
                     }
                     let fits = self.stream.fits(self.chunk);
                     let link = self.table.ready.is_empty() && fits && self.link_reads;
@@ -609,6 +622,16 @@ impl DeviceLoop<'_, '_, '_, '_> {
     /// and it never waits for a peer.
     fn read_sync(&mut self) -> bool {
         self.data_kind() == FdKind::Regular
+    }
+
+    /// Submits the send of the oldest ready packet on a held channel right away (not at the
+    /// loop's next wait), so that it copies data this thread has just read.
+    fn send_ready_now(&mut self) -> Result<()> {
+        let Some(&s) = self.table.ready.front() else { return Ok(()) };
+        let Some(ch) = self.held.pop() else { return Ok(()) };
+        self.table.ready.pop_front();
+        self.submit_send(s, ch)?;
+        self.uring.submit()
     }
 
     /// One `read(2)` into slot `s`'s payload, settled at once like an unlinked read.

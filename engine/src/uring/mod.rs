@@ -187,6 +187,14 @@ impl Uring {
         Ok(())
     }
 
+    /// Submits what is queued now, without waiting.
+    ///
+    /// # Errors
+    /// The ring's errno.
+    pub(crate) fn submit(&mut self) -> Result<()> {
+        self.ring.submit().map_err(|e| Error::sys("io_uring_enter", e))
+    }
+
     fn arm_abort(&mut self) -> Result<()> {
         let e = opcode::PollAdd::new(types::Fixed(self.abort_fixed), libc::POLLIN as u32)
             .build()
