@@ -293,25 +293,43 @@ struct Exit {
     stderr: String,
 }
 
-fn wait(p: Proc) -> Exit {
+/// The longest any benchmark process may run: past it, it is killed and the run fails (a
+/// sink that never drains, a peer that never connects).
+const PROC_LIMIT: Duration = Duration::from_secs(300);
+
+fn wait(mut p: Proc) -> Exit {
     let pid = p.child.id() as libc::pid_t;
+    let deadline = Instant::now() + PROC_LIMIT;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut killed = false;
     let r = loop {
+        let flags = if killed { 0 } else { libc::WNOHANG };
         // SAFETY: `status` and `ru` are live and exclusively borrowed for the call; `pid` is our
         // own child, not yet reaped (std's `Child` is never waited for).
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-        if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+        let r = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
+        if r == 0 {
+            if Instant::now() > deadline {
+                let _ = p.child.kill();
+                killed = true;
+            } else {
+                std::thread::sleep(Duration::from_micros(250));
+            }
+            continue;
+        }
+        if r > 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             break r;
         }
     };
     let stdout = p.out.join().unwrap_or_default();
     let stderr = std::fs::read_to_string(&p.err).unwrap_or_default();
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let ok = r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let ok = r == pid && !killed && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     let status = if r != pid {
         format!("wait4: {}", std::io::Error::last_os_error())
+    } else if killed {
+        format!("killed after {} s", PROC_LIMIT.as_secs())
     } else if libc::WIFEXITED(status) {
         format!("exit status {}", libc::WEXITSTATUS(status))
     } else {
