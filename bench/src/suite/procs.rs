@@ -399,6 +399,8 @@ fn commands(d: Design, sc: &Scenario, port: u16, srcs: &[PathBuf], dsts: &[PathB
     let engine = |backend: &str, zc: &str| {
         let mut tx =
             s(&["send", "-c", &addr, "-P", &p, "--backend", backend, "--zerocopy", zc, "--chunk", &chunk, "-J"]);
+        // The sources are bare streams, with no config blob next to them.
+        tx.push("--no-config".into());
         tx.extend(paths(srcs, "--source"));
         let mut rx = s(&["recv", "-l", &addr, "-P", &p, "--backend", backend, "--max-packet", &chunk, "-J"]);
         rx.extend(paths(dsts, "--sink"));
