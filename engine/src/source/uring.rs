@@ -186,16 +186,13 @@ struct DeviceLoop<'s, 'c, 'a, 'd> {
     held: Vec<ChannelId>,
     /// The slot whose read chain is open (one read per data fd).
     reading: Option<usize>,
-    /// The last read said `EAGAIN`: the next one waits for `POLLIN` first.
-    poll_first: bool,
+    /// What the last read said about the next one: link it to a send, or wait for `POLLIN`.
+    last_read: LastRead,
     retries: Retries,
     config_done: bool,
     /// The data fd's kind (by number): how its reads are issued (see
     /// [`DeviceLoop::read_async`], [`DeviceLoop::read_sync`]).
     data_kind: Option<(i32, FdKind)>,
-    /// The last read filled its chunk: link the next one to a send (after a short read of a
-    /// stream, the next is likely short too, and its linked send would only be cancelled).
-    link_reads: bool,
     /// An idle pre-copy asks the device again at this time.
     next_poll: Option<Instant>,
     /// Whether the pool could be registered with the ring.
@@ -220,6 +217,18 @@ impl Drop for DeviceLoop<'_, '_, '_, '_> {
             ManuallyDrop::drop(&mut self.wake_bufs);
         }
     }
+}
+
+/// What the last read of the data fd said about the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LastRead {
+    /// It filled its chunk: the next read may be linked to a send.
+    Full,
+    /// It came back short (a stream): the next is likely short too, and a linked send would only
+    /// be cancelled, so it is not linked.
+    Short,
+    /// It said `EAGAIN`: the next one waits for `POLLIN` first (a linked `POLL_ADD`).
+    WouldBlock,
 }
 
 /// Whether the pool is registered with the ring.
@@ -280,11 +289,10 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         tallies: Tallies::new(id.clone()),
         held: Vec::with_capacity(run.channels.len()),
         reading: None,
-        poll_first: false,
+        last_read: LastRead::Full,
         retries: Retries::default(),
         config_done: false,
         data_kind: None,
-        link_reads: true,
         next_poll: None,
         buffers,
         zerocopy,
@@ -490,7 +498,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
                         return Ok(());
                     }
                     let fits = self.stream.fits(self.chunk);
-                    let link = self.table.ready.is_empty() && fits && self.link_reads;
+                    let link = self.table.ready.is_empty() && fits && self.last_read == LastRead::Full;
                     let ch = if link { self.take_channel(false) } else { None };
                     self.submit_read(s, ch)?;
                 }
@@ -567,7 +575,8 @@ impl DeviceLoop<'_, '_, '_, '_> {
             rd = rd.flags(squeue::Flags::ASYNC);
         }
         self.reading = Some(s);
-        if std::mem::take(&mut self.poll_first) {
+        if self.last_read == LastRead::WouldBlock {
+            self.last_read = LastRead::Short;
             // The fd said EAGAIN last time: wait until it is readable, then read. No send is
             // linked: the channel would sit idle for as long as the device takes.
             if let Some(ch) = link {
@@ -696,7 +705,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
             return Err(Error::internal("settle of a slot that is not reading"));
         };
         let Some(res) = read else { return Ok(()) };
-        self.link_reads = res == self.chunk as i32;
+        self.last_read = if res == self.chunk as i32 { LastRead::Full } else { LastRead::Short };
         match link {
             Some(ch) if res == self.chunk as i32 => {
                 // A full read: the kernel issued the linked send; the slot is now sending.
@@ -747,7 +756,7 @@ impl DeviceLoop<'_, '_, '_, '_> {
             }
             IoStep::End => self.stream.end(),
             IoStep::Retry => self.retries.again().map_err(|e| self.read_err(e))?,
-            IoStep::WaitReady => self.poll_first = true,
+            IoStep::WaitReady => self.last_read = LastRead::WouldBlock,
             IoStep::Fatal(e) => return Err(self.read_err(e)),
         }
         // Nothing was read: the index reserved for it stays unused.
