@@ -19,6 +19,21 @@ use vfio_multifd::AbortHandle;
 /// How long an interrupted transfer may take to put its devices back before the process exits.
 const GRACE: Duration = Duration::from_secs(15);
 
+/// Temporary outputs (a sink's `.partial-PID` file) to remove if a signal ends the process
+/// before a transfer is registered to wind down (and remove them itself).
+static PARTIAL: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes `path` if a signal ends the process outside a registered transfer, until
+/// [`forget_partial`].
+pub fn remove_on_signal(path: &std::path::Path) {
+    PARTIAL.lock().unwrap_or_else(|p| p.into_inner()).push(path.to_owned());
+}
+
+/// `path` is no longer partial (renamed into place, or removed).
+pub fn forget_partial(path: &std::path::Path) {
+    PARTIAL.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| p != path);
+}
+
 /// The running transfers' abort handles, by registration number.
 static HANDLES: Mutex<Vec<(u64, AbortHandle)>> = Mutex::new(Vec::new());
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -45,6 +60,10 @@ pub fn install() {
             CAUGHT.store(sig, Ordering::SeqCst);
             let handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
             if handles.is_empty() {
+                // No transfer to wind down (set-up, or between runs): what is partial goes now.
+                for p in PARTIAL.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    let _ = std::fs::remove_file(p);
+                }
                 std::process::exit(128 + sig);
             }
             eprintln!("vfio-multifd: interrupted ({}); stopping the transfer", name(sig));

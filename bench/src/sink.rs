@@ -63,6 +63,7 @@ impl Sink {
         let file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&partial).with_context(|| {
             format!("creating the sink's temporary file {} (is the directory writable?)", partial.display())
         })?;
+        crate::signals::remove_on_signal(&partial);
         Ok(Sink { path: path.to_owned(), partial: Some(partial), file })
     }
 
@@ -98,6 +99,7 @@ impl Sink {
             return Err(e).with_context(|| format!("writing the config blob {}", cpart.display()));
         }
         if let Some(p) = self.partial.take() {
+            crate::signals::forget_partial(&p);
             // Never a new stream next to an old config: the old config goes first.
             match std::fs::remove_file(&cp) {
                 Ok(()) => {}
@@ -125,6 +127,7 @@ impl Sink {
 impl Drop for Sink {
     fn drop(&mut self) {
         if let Some(p) = self.partial.take() {
+            crate::signals::forget_partial(&p);
             let _ = std::fs::remove_file(p);
         }
     }

@@ -642,7 +642,10 @@ fn fault_sink_failure_keeps_the_previous_save_and_leaves_no_partial_file() {
             .unwrap();
         // Wait until data is flowing into the temporary file.
         let t0 = Instant::now();
-        while !names(&d).iter().any(|n| n.contains(".partial-")) && t0.elapsed() < Duration::from_secs(20) {
+        let flowing = || {
+            names(&d).iter().any(|n| n.contains(".partial-") && std::fs::metadata(d.join(n)).is_ok_and(|m| m.len() > 0))
+        };
+        while !flowing() && t0.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(300));
