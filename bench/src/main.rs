@@ -77,10 +77,16 @@ fn main() {
     signals::install();
     let r = run();
     if let Some(sig) = signals::caught() {
-        // The engine has put the source devices back to RUNNING (or said which it could not).
-        let why = r.as_ref().err().map(|e| format!(": {e:#}")).unwrap_or_default();
-        eprintln!("vfio-multifd: interrupted by {}{why}", signals::name(sig));
-        std::process::exit(128 + sig);
+        if r.is_ok() {
+            // The signal came after the work was done (a sink already in place, a send
+            // already committed): the exit status says what happened, which is success.
+            eprintln!("vfio-multifd: {} arrived after the command had completed; ignored", signals::name(sig));
+        } else {
+            // The engine has put the source devices back to RUNNING (or said which it could not).
+            let why = r.as_ref().err().map(|e| format!(": {e:#}")).unwrap_or_default();
+            eprintln!("vfio-multifd: interrupted by {}{why}", signals::name(sig));
+            std::process::exit(128 + sig);
+        }
     }
     let r = r.and_then(|()| match out::failed() {
         Some(e) => Err(anyhow::Error::new(e).context("writing the report to standard output")),

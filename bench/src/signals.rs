@@ -1,5 +1,6 @@
-//! SIGINT and SIGTERM become the library's abort: the transfer stops, the source devices are
-//! put back to RUNNING by the engine, the command says "interrupted" and exits 130 or 143.
+//! SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session) become the library's abort:
+//! the transfer stops, the source devices are
+//! put back to RUNNING by the engine, the command says "interrupted" and exits 130, 143 or 129.
 //!
 //! [`install`] blocks both signals in the main thread before any other thread starts (threads
 //! inherit the mask) and reads them from a signalfd on a thread of its own. Each transfer
@@ -39,12 +40,13 @@ static HANDLES: Mutex<Vec<(u64, AbortHandle)>> = Mutex::new(Vec::new());
 static NEXT: AtomicU64 = AtomicU64::new(0);
 static CAUGHT: AtomicI32 = AtomicI32::new(0);
 
-/// Blocks SIGINT and SIGTERM and starts the thread that turns them into aborts. Call first in
+/// Blocks SIGINT, SIGTERM and SIGHUP and starts the thread that turns them into aborts. Call first in
 /// `main`.
 pub fn install() {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     if set.thread_block().is_err() {
         return; // keep the default behaviour
     }
@@ -112,6 +114,7 @@ pub fn name(sig: i32) -> &'static str {
     match sig {
         s if s == Signal::SIGINT as i32 => "SIGINT",
         s if s == Signal::SIGTERM as i32 => "SIGTERM",
+        s if s == Signal::SIGHUP as i32 => "SIGHUP",
         _ => "a signal",
     }
 }

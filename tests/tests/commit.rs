@@ -140,3 +140,96 @@ fn commit_silence_times_out_and_leaves_the_devices_stopped() {
         assert_eq!(dev.state().unwrap(), MigState::Stop, "{b:?}: never started without the commit");
     });
 }
+
+/// A source that closes channel 0 right after its last packet, before it could have seen a
+/// verdict, has not committed: the destination does not start.
+#[test]
+fn commit_fin_before_the_verdicts_is_no_commit() {
+    each_backend(|b| {
+        let cfg = SimConfig::new("dst0", (PACKETS * PKT) as u64, 17);
+        let (res, mut dests) = receive_from(std::slice::from_ref(&cfg), 2, rcfg(b, Duration::from_secs(5)), |addr| {
+            let mut s = RawSender::connect(addr, 2);
+            let mut init = [0u8; INIT_PACKET_LEN];
+            InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }.encode(&mut init).unwrap();
+            s.raw(0, &init);
+            s.init(1, 1);
+            s.chans[0].write_all(&stream(&cfg)).unwrap();
+            s.finish();
+            let _ = read_until_shut(&mut s.chans[0]);
+        });
+        match res {
+            Err(Error::NotCommitted { why }) => assert!(why.contains("before the verdicts"), "{b:?}: {why}"),
+            other => panic!("{b:?}: expected NotCommitted, got {other:?}"),
+        }
+        assert_eq!(dests.remove(0).state().unwrap(), MigState::Stop, "{b:?}: never started");
+    });
+}
+
+/// A destination that answers with `frames` (raw return-path frames) after reading the whole
+/// stream of one simulated source device; returns the source's result.
+fn source_against(b: Backend, frames: Vec<u8>) -> vfio_multifd::Result<()> {
+    use std::net::TcpListener;
+    use std::os::fd::OwnedFd;
+    use vfio_multifd::{DeviceOptions, Source, SourceConfig};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut chans: Vec<TcpStream> = (0..2).map(|_| l.accept().unwrap().0).collect();
+        // HELLO accepting the return path only: the source closes every channel after its data.
+        chans[0].write_all(&[0, T_HELLO as u8, 0, 2, 1, EXT_RETURN_PATH]).unwrap();
+        for c in &mut chans {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut sink = Vec::new();
+            c.read_to_end(&mut sink).unwrap();
+        }
+        chans[0].write_all(&frames).unwrap();
+    });
+    let socks: Vec<OwnedFd> = (0..2).map(|_| OwnedFd::from(TcpStream::connect(addr).unwrap())).collect();
+    let mut dev = SimDevice::new(SimConfig::new("src0", (PACKETS * PKT) as u64, 17));
+    let scfg = SourceConfig::new().chunk_bytes(PKT).backend(b).stall_timeout(Duration::from_secs(5));
+    let mut src = Source::new(scfg, socks)?;
+    src.add_device_with(dev_id(0), &mut dev, DeviceOptions { precopy: false, final_state: MigState::Stop });
+    let r = src.run().map(|_| ());
+    peer.join().unwrap();
+    r
+}
+
+/// `VERDICT` for device 0 with `status` (0 loaded, 1 failed) and `text`.
+fn verdict(status: u8, text: &str) -> Vec<u8> {
+    let id = dev_id(0);
+    let mut p = id.instance_id.to_be_bytes().to_vec();
+    p.push(id.idstr().len() as u8);
+    p.extend_from_slice(id.idstr().as_bytes());
+    p.push(status);
+    p.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    p.extend_from_slice(text.as_bytes());
+    let mut f = T_VERDICT.to_be_bytes().to_vec();
+    f.extend_from_slice(&(p.len() as u16).to_be_bytes());
+    f.extend(p);
+    f
+}
+
+fn shut(status: u8) -> Vec<u8> {
+    let mut f = T_SHUT.to_be_bytes().to_vec();
+    f.extend_from_slice(&[0, 1, status]);
+    f
+}
+
+/// A failed verdict followed by a "loaded" one for the same device, or a `SHUT` that reports
+/// a failure after "loaded": the source fails either way (the last word never overrides a
+/// failure).
+#[test]
+fn commit_a_later_message_never_turns_a_failure_into_success() {
+    each_backend(|b| {
+        let twice = [verdict(1, "oops"), verdict(0, ""), shut(0)].concat();
+        match source_against(b, twice) {
+            Err(Error::ReturnPath { what }) => assert!(what.contains("second verdict"), "{b:?}: {what}"),
+            other => panic!("{b:?}: two verdicts: expected a return-path error, got {other:?}"),
+        }
+        let shut_fails = [verdict(0, ""), shut(1)].concat();
+        match source_against(b, shut_fails) {
+            Err(Error::ReturnPath { what }) => assert!(what.contains("SHUT reports a failure"), "{b:?}: {what}"),
+            other => panic!("{b:?}: SHUT failure: expected a return-path error, got {other:?}"),
+        }
+    });
+}

@@ -395,13 +395,22 @@ impl<'a> Receiver<'a> {
         let mut reassembly = Reassembly::new(ids, budget, self.cfg.max_packet_bytes, false);
         let res = receive(&shared, backend, listener, socks, &mut reassembly, &mut self.targets);
         let res = res.and_then(|()| validate_targets(&mut self.targets));
+        let commit = shared.rp.get().is_some() && chans.features() & EXT_COMMIT != 0;
+        let ch0 = chans.get(ChannelId::new(0));
+        // With the commit, a FIN already there came before the source could see a verdict.
+        let early_fin =
+            commit && res.is_ok() && ch0.is_some_and(|c| crate::sys::peek(c, &mut [0u8; 1]).is_ok_and(|n| n == 0));
         if let Some(rp) = shared.rp.get() {
             send_verdicts(rp, &self.targets, &res)?;
         }
         res?;
-        let commit = shared.rp.get().is_some() && chans.features() & EXT_COMMIT != 0;
         if commit {
-            let ch0 = chans.get(ChannelId::new(0)).ok_or_else(|| Error::internal("a commit without channel 0"))?;
+            let ch0 = ch0.ok_or_else(|| Error::internal("a commit without channel 0"))?;
+            if early_fin {
+                return Err(Error::NotCommitted {
+                    why: "it closed channel 0 before the verdicts were sent, which is no commit".into(),
+                });
+            }
             wait_commit(ch0, self.cfg.stall_timeout, &self.abort)?;
         }
         start_targets(&mut self.targets)?;

@@ -146,6 +146,12 @@ impl RpState {
         if g.shut.is_none() {
             return Err(Error::ReturnPath { what: "the destination closed the return path before its verdict".into() });
         }
+        let every_loaded = g.verdicts.iter().all(|v| matches!(v, Some(Verdict::Loaded)));
+        if g.shut == Some(false) && every_loaded {
+            return Err(Error::ReturnPath {
+                what: "the destination's SHUT reports a failure although every verdict said loaded".into(),
+            });
+        }
         let missing = || Verdict::Failed { what: "the destination gave no verdict for this device".into() };
         Ok(Verdicts::Given(
             ids.iter().cloned().zip(g.verdicts.iter().map(|v| v.clone().unwrap_or_else(missing))).collect(),
@@ -171,7 +177,12 @@ impl RpState {
             }
             Message::Verdict { device, verdict } => {
                 let i = find(&device)?;
-                self.lock().verdicts[i] = Some(verdict);
+                let mut g = self.lock();
+                if g.verdicts[i].is_some() {
+                    // One verdict per device: a second could turn a failure into a success.
+                    return Err(Error::ReturnPath { what: format!("a second verdict for device {device}") });
+                }
+                g.verdicts[i] = Some(verdict);
             }
             Message::Shut { ok } => {
                 self.lock().shut = Some(ok);
