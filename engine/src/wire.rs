@@ -267,9 +267,11 @@ impl InitPacket {
         const W: &str = "init packet";
         check_magic_version(W, buf, INIT_PACKET_LEN)?;
         // An offer: the magic, our version, and feature bits we know (unknown bits, from a newer
-        // peer, are simply not accepted).
-        let offer = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { buf[30] & EXT_FEATURES } else { 0 };
-        let reserved_from = if buf[25..29] == EXT_MAGIC && buf[29] == EXT_VERSION { 31 } else { 25 };
+        // peer, are simply not accepted; nor is an offer of another extension version, which a
+        // newer peer may send: it gets no answer and goes on without the extension).
+        let ours = buf[25..29] == EXT_MAGIC;
+        let offer = if ours && buf[29] == EXT_VERSION { buf[30] & EXT_FEATURES } else { 0 };
+        let reserved_from = if ours { 31 } else { 25 };
         if let Some(off) = (reserved_from..INIT_PACKET_LEN).find(|&i| buf[i] != 0) {
             return Err(WireError::Reserved { what: W, offset: off, value: buf[off] });
         }
@@ -731,6 +733,10 @@ mod tests {
         // Unknown feature bits of a newer peer are not accepted, but not an error either.
         b[30] = 0x81;
         assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().offer, EXT_RETURN_PATH);
+        // Another extension version (a newer peer): no offer, no error.
+        b[29] = 2;
+        assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().offer, 0);
+        b[29] = EXT_VERSION;
         // Anything else in the unused bytes still is.
         b[31] = 1;
         assert!(matches!(InitPacket::decode(&b, 1, &uuid), Err(WireError::Reserved { offset: 31, .. })));
