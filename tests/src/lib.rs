@@ -114,6 +114,16 @@ pub fn assert_verified(m: &Migration) {
     assert_eq!(sent, got, "wire bytes sent and received");
 }
 
+/// Asserts that every destination in `dests` verified its whole stream and is RUNNING (for
+/// receives driven by a hand-written sender, where there is no source report).
+pub fn assert_dests_verified(dests: &[SimDevice]) {
+    for (i, d) in dests.iter().enumerate() {
+        let r = d.resume_report().expect("resumed");
+        assert!(r.verified_ok, "device {i}: {r:?}");
+        assert_eq!(d.state().ok(), Some(MigState::Running), "device {i}: destination state");
+    }
+}
+
 pub use vfio_migration::MigrationDevice;
 
 /// A hand-driven sender for protocol tests: writes init packets and device-state packets

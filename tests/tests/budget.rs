@@ -7,9 +7,8 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use vfio_migration::sim::{SimConfig, SimDevice};
-use vfio_migration::{MigState, MigrationDevice};
 use vfio_multifd::{Backend, BudgetStall, Error, ReceiverConfig};
-use vfio_multifd_tests::{dev_id, receive_from, sim_bytes, RawSender};
+use vfio_multifd_tests::{assert_dests_verified, dev_id, receive_from, sim_bytes, RawSender};
 
 const PKT: usize = 4096;
 
@@ -52,14 +51,6 @@ impl Stream {
     }
 }
 
-fn verified(dests: &[SimDevice]) {
-    for d in dests {
-        let r = d.resume_report().expect("resumed");
-        assert!(r.verified_ok, "{r:?}");
-        assert_eq!(d.state().unwrap(), MigState::Running);
-    }
-}
-
 /// Packet 70 comes first, far ahead of packet 0, on the only channel that carries data: the
 /// budget of two packets holds it, whatever the distance (the old receiver refused it for a
 /// hidden window of budget + devices + 1 indexes and failed with "0 of 2 packets held").
@@ -78,7 +69,7 @@ fn budget_far_ahead_packet_is_held() {
             s.finish();
         });
         let report = res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
-        verified(&dests);
+        assert_dests_verified(&dests);
         assert_eq!(report.devices[0].out_of_order_packets, 1, "{b:?}");
     }
 }
@@ -117,7 +108,7 @@ fn budget_shuffled_small_packets_complete() {
             s.finish();
         });
         res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
-        verified(&dests);
+        assert_dests_verified(&dests);
         assert!(budget / (16 * PKT) < 82, "the same memory in largest-packet slots would not hold the reorder");
     }
 }
@@ -234,6 +225,6 @@ fn budget_scattered_blocks_keep_every_byte() {
             s.finish();
         });
         res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
-        verified(&dests);
+        assert_dests_verified(&dests);
     }
 }

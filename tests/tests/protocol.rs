@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::{MigState, MigrationDevice};
 use vfio_multifd::{Backend, Error, Missing, ProtocolViolation, ReceiverConfig, Stage};
-use vfio_multifd_tests::{dev_id, receive_from, sim_bytes, RawSender};
+use vfio_multifd_tests::{assert_dests_verified, dev_id, receive_from, sim_bytes, RawSender};
 
 const PKT: usize = 4096;
 
@@ -33,14 +33,6 @@ fn send(s: &mut RawSender, c: usize, d: usize, idx: usize, packets: usize) {
     }
 }
 
-fn verified(dests: &[SimDevice]) {
-    for d in dests {
-        let r = d.resume_report().expect("resumed");
-        assert!(r.verified_ok, "{r:?}");
-        assert_eq!(d.state().unwrap(), MigState::Running);
-    }
-}
-
 /// Every packet of two devices in reverse index order, spread over four channels, with one
 /// channel stalled for a while: the receive budget is large enough, so it must complete.
 #[test]
@@ -63,7 +55,7 @@ fn reversed_and_stalled_channels_complete() {
             s.finish();
         });
         res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
-        verified(&dests);
+        assert_dests_verified(&dests);
     }
 }
 
@@ -90,7 +82,7 @@ fn tiny_budget_many_devices_never_deadlocks() {
             s.finish();
         });
         res.unwrap_or_else(|e| panic!("{b:?}: {e}"));
-        verified(&dests);
+        assert_dests_verified(&dests);
     }
 }
 
