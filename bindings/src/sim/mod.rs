@@ -200,6 +200,8 @@ pub struct SimDevice {
     core: Arc<DevCore>,
     save: Option<SaveSession>,
     resume: Option<ResumeSession>,
+    /// The last resume session after RESUMING→STOP, its consumer exiting (joined on drop).
+    retired: Option<ResumeSession>,
     arcs: Vec<(MigState, MigState)>,
     last_resume: Option<ResumeReport>,
     last_bytes_read: u64,
@@ -230,6 +232,7 @@ impl SimDevice {
             cfg,
             save: None,
             resume: None,
+            retired: None,
             arcs: Vec::new(),
             last_resume: None,
             last_bytes_read: 0,
@@ -350,7 +353,19 @@ impl SimDevice {
         }
     }
 
+    /// Ends the resume session whose consumer already closed its end (an accepted drain):
+    /// tells it to exit and joins it later, at the next resume session or the device's drop,
+    /// so that RESUMING→STOP does not wait for a thread to exit.
+    fn retire_resume(&mut self) {
+        if let Some(s) = self.resume.take() {
+            s.signal_stop();
+            self.last_resume = Some(s.report().0);
+            self.retired = Some(s);
+        }
+    }
+
     fn end_resume(&mut self) {
+        self.retired = None;
         if let Some(mut s) = self.resume.take() {
             s.stop();
             self.last_resume = Some(s.report().0);
@@ -421,7 +436,7 @@ impl SimDevice {
             return Err(self.err(format!("{op} ({why})"), libc::EINVAL));
         }
         let versions = s.take_versions();
-        self.end_resume();
+        self.retire_resume();
         if let (Some(v), Some(l)) = (versions, self.core.lock().live.as_mut()) {
             l.install(v);
         }

@@ -121,22 +121,7 @@ impl ResumeSession {
     /// Snapshot without draining: the report, and why the stream is not (yet) acceptable.
     pub(super) fn report(&self) -> (ResumeReport, Option<String>) {
         let c = self.shared.lock();
-        let size = self.size;
-        let why = if let Some(b) = c.first_bad {
-            Some(
-                c.why
-                    .clone()
-                    .unwrap_or_else(|| format!("resume stream content differs from the expected at offset {b}")),
-            )
-        } else if c.overflow {
-            Some(format!("resume stream is longer than the expected {size} bytes ({} written)", c.bytes))
-        } else if let Some(r) = &c.records {
-            r.incomplete().map(|why| format!("resume stream is short: {why}"))
-        } else if c.bytes != size {
-            Some(format!("resume stream is short: {} of {size} bytes", c.bytes))
-        } else {
-            None
-        };
+        let why = why_bad(&c, self.size);
         let rep = ResumeReport {
             bytes_written: c.bytes,
             verified_ok: why.is_none(),
@@ -151,7 +136,9 @@ impl ResumeSession {
         self.shared.lock().records.as_mut().map(|r| std::mem::take(&mut r.versions))
     }
 
-    /// Makes the consumer drain everything queued, then reports.
+    /// Makes the consumer drain everything queued, then reports (RESUMING→STOP). When the
+    /// stream is then acceptable, the consumer closes its end first, so that a write fails with
+    /// `EPIPE` as soon as the transition returned.
     pub(super) fn drain_and_report(&self) -> io::Result<(ResumeReport, Option<String>)> {
         let req = {
             let mut c = self.shared.lock();
@@ -175,12 +162,32 @@ impl ResumeSession {
         Ok(self.report())
     }
 
-    pub(super) fn stop(&mut self) {
+    /// Tells the consumer to exit, without waiting for it.
+    pub(super) fn signal_stop(&self) {
         self.shared.lock().stop = true;
         sys::eventfd_signal(&self.shared.wake);
+    }
+
+    pub(super) fn stop(&mut self) {
+        self.signal_stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Why the stream so far is not (yet) acceptable, if it is not.
+fn why_bad(c: &ResumeCtl, size: u64) -> Option<String> {
+    if let Some(b) = c.first_bad {
+        Some(c.why.clone().unwrap_or_else(|| format!("resume stream content differs from the expected at offset {b}")))
+    } else if c.overflow {
+        Some(format!("resume stream is longer than the expected {size} bytes ({} written)", c.bytes))
+    } else if let Some(r) = &c.records {
+        r.incomplete().map(|why| format!("resume stream is short: {why}"))
+    } else if c.bytes != size {
+        Some(format!("resume stream is short: {} of {size} bytes", c.bytes))
+    } else {
+        None
     }
 }
 
@@ -291,6 +298,11 @@ fn consume(sh: &ResumeShared, r: OwnedFd, p: &ConsumerParams) {
         if want > sh.lock().drained {
             read_some(&mut rfd, &mut eof, true);
             let mut c = sh.lock();
+            if why_bad(&c, size).is_none() {
+                // RESUMING→STOP will succeed: writers get EPIPE from its return on. (A failed
+                // one leaves the device in RESUMING with its file open, as mtty does.)
+                rfd = None;
+            }
             c.drained = want;
             drop(c);
             sh.cv.notify_all();
