@@ -217,9 +217,22 @@ impl<'c> Writer<'c> {
     /// # Errors
     /// [`Error::ReturnPath`] when the source stopped reading or the connection failed.
     pub(crate) fn send(&self, m: &Message) -> Result<()> {
-        let bytes = m.encode();
+        self.send_bytes(&m.encode())
+    }
+
+    /// Sends several messages in one write (one wake-up of the source's reader instead of
+    /// one per message), in order.
+    ///
+    /// # Errors
+    /// As [`Writer::send`].
+    pub(crate) fn send_batch(&self, msgs: &[Message]) -> Result<()> {
+        let bytes: Vec<u8> = msgs.iter().flat_map(Message::encode).collect();
+        self.send_bytes(&bytes)
+    }
+
+    fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
-        send_all(&Kernel, *fd, &bytes, Bounds::new(&self.abort, self.stall)).map_err(|f| match f {
+        send_all(&Kernel, *fd, bytes, Bounds::new(&self.abort, self.stall)).map_err(|f| match f {
             Fail::Aborted => Error::Aborted,
             Fail::Stalled => bad("the source stopped reading the return path"),
             Fail::Os(e) => bad(format!("sending on channel 0: {e}")),

@@ -101,7 +101,9 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
             });
         }
     });
-    shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
+    let r = shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish();
+    run.deferred.keep_pool(pool);
+    r
 }
 
 /// Maps a receive failure on channel `c` inside `stage`.
@@ -324,6 +326,7 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
                 g = shared.wait(g);
             }
         };
+        let complete = matches!(next, NextWrite::Config { .. });
         match next {
             NextWrite::Data { head, len, idx } => {
                 write_packet(shared, t, (head, len, idx), stream_off)?;
@@ -340,5 +343,9 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
         }
         shared.clock.touch();
         shared.cv.notify_all();
+        if complete {
+            // This device's own thread: its validation holds up no other device.
+            t.validate();
+        }
     }
 }

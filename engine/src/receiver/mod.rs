@@ -59,6 +59,8 @@ pub(crate) struct Target<'a> {
     pub(crate) reached_state: Option<MigState>,
     /// When the device finished loading (config applied, device moved on).
     pub(crate) loaded_at: Option<Instant>,
+    /// The outcome of RESUMING → STOP, once walked ([`Target::validate`]).
+    pub(crate) validated: Option<Result<()>>,
 }
 
 impl Target<'_> {
@@ -70,8 +72,8 @@ impl Target<'_> {
         }
     }
 
-    /// Applies the config blob: the device's stream is complete. The device stays in RESUMING
-    /// until every device is loaded (see [`finish_targets`]).
+    /// Applies the config blob: the device's stream is complete. [`Target::validate`] follows
+    /// (the backend calls it off its receive path).
     pub(crate) fn apply_config(&mut self, blob: &[u8]) -> Result<()> {
         self.config_bytes = blob.len() as u64;
         match &mut self.kind {
@@ -90,6 +92,22 @@ impl Target<'_> {
     /// One pass of [`finish_targets`]: STOP (every device), RUNNING_P2P (devices that are to
     /// run and have P2P) or RUNNING (devices that are to run). Records where the device got;
     /// the resume fd is closed once the device left RESUMING.
+    /// RESUMING → STOP as soon as this device's stream is complete (config applied), where the
+    /// kernel validates it: a device's validation overlaps the other devices' transfer. The
+    /// uAPI orders only that no device starts before every device is in STOP, which
+    /// [`start_targets`] keeps. Once per device; the outcome is kept for [`validate_targets`].
+    pub(crate) fn validate(&mut self) {
+        if self.validated.is_none() && self.loaded_at.is_some() {
+            self.validated = Some(self.walk(MigState::Stop));
+        }
+    }
+
+    /// Whether [`Target::validate`] has work to do once the stream is complete (a raw fd has
+    /// no state to walk).
+    pub(crate) fn is_device(&self) -> bool {
+        matches!(self.kind, TargetKind::Device { .. })
+    }
+
     fn walk(&mut self, pass: MigState) -> Result<()> {
         let TargetKind::Device { dev, wanted_state, fd } = &mut self.kind else { return Ok(()) };
         let flags = dev.migration_flags().map_err(|e| Error::Device { device: self.id.clone(), source: e })?;
@@ -112,40 +130,48 @@ impl Target<'_> {
     }
 }
 
-/// After every device is loaded: all RESUMING → STOP, where the kernel validates each stream.
-/// The devices are validated in parallel, one scoped thread each (a driver may take long to
-/// check and load its state, and the downtime runs meanwhile; the uAPI orders only that no
-/// device starts before all are in STOP). Every device is validated even after another failed;
-/// the first failure in device order is returned and the devices stay where it left them.
+/// After every device is loaded: the devices not yet validated ([`Target::validate`], as each
+/// stream completed) go RESUMING → STOP, where the kernel validates each stream, in parallel,
+/// one scoped thread each (a driver may take long to check and load its state, and the
+/// downtime runs meanwhile; the uAPI orders only that no device starts before all are in
+/// STOP). Every device is validated even after another failed; the first failure in device
+/// order is returned and the devices stay where it left them.
 ///
 /// # Errors
 /// [`Error::Device`] for the first device whose walk failed (a rejected stream fails
-/// RESUMING → STOP with the driver's errno).
+/// RESUMING → STOP with the driver's errno); [`Error::Internal`] for a device whose
+/// validation thread could not be spawned or panicked.
 fn validate_targets(targets: &mut [Target<'_>]) -> Result<()> {
-    let results: Vec<Result<()>> = if targets.len() < 2 {
-        targets.iter_mut().map(|t| t.walk(MigState::Stop)).collect()
-    } else {
+    let mut pending: Vec<&mut Target<'_>> = targets.iter_mut().filter(|t| t.validated.is_none()).collect();
+    if let Some((first, rest)) = pending.split_first_mut() {
         std::thread::scope(|s| {
-            let handles: Vec<_> = targets
+            // The first device on this thread, the others on one scoped thread each.
+            let handles: Vec<_> = rest
                 .iter_mut()
                 .map(|t| {
-                    let id = t.id.clone();
-                    let h = std::thread::Builder::new()
-                        .name("vfmfd-validate".into())
-                        .spawn_scoped(s, move || t.walk(MigState::Stop));
-                    (id, h)
+                    std::thread::Builder::new().name("vfmfd-validate".into()).spawn_scoped(s, move || walk_stop(t))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|(id, h)| match h {
-                    Ok(h) => h.join().unwrap_or_else(|_| Err(Error::internal(format!("validating {id} panicked")))),
-                    Err(e) => Err(Error::sys("spawn a validation thread", e)),
-                })
-                .collect()
+            walk_stop(first);
+            // A failed spawn or a panic leaves its device without an outcome: reported below.
+            for h in handles.into_iter().flatten() {
+                let _ = h.join();
+            }
+        });
+    }
+    let outcomes: Vec<Result<()>> = targets
+        .iter_mut()
+        .map(|t| {
+            t.validated.take().unwrap_or_else(|| {
+                Err(Error::internal(format!("the validation thread of {} could not be spawned or panicked", t.id)))
+            })
         })
-    };
-    results.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+        .collect();
+    outcomes.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+}
+
+fn walk_stop(t: &mut Target<'_>) {
+    t.validated = Some(t.walk(MigState::Stop));
 }
 
 /// After [`validate_targets`], P2P-safely, the devices that are to run: all to RUNNING_P2P,
@@ -224,6 +250,8 @@ pub(crate) struct RecvShared<'c> {
     pub(crate) progress: Progress,
     /// What did not fail the receive but should be known (bounded).
     pub(crate) warnings: Mutex<Warnings>,
+    /// Worker rings and the pool, released when the receiver returns (after the switchover).
+    pub(crate) deferred: crate::uring::Deferred,
 }
 
 impl RecvShared<'_> {
@@ -265,9 +293,9 @@ impl<'a> Receiver<'a> {
     }
 
     /// Expects a device: with every other device, it is walked to RESUMING before the channels
-    /// are read; its stream is written in order and its config loaded; once every device is
-    /// loaded, all go RESUMING → STOP (the kernel validates each stream there) and this one
-    /// stays in STOP for the VMM to start.
+    /// are read; its stream is written in order and its config loaded; then it goes RESUMING →
+    /// STOP (the kernel validates the stream there) while the other devices may still arrive,
+    /// and it stays in STOP for the VMM to start.
     pub fn add_device(&mut self, id: DeviceId, dev: &'a mut dyn MigrationDevice) -> &mut Self {
         self.add_device_with(id, dev, MigState::Stop)
     }
@@ -288,6 +316,7 @@ impl<'a> Receiver<'a> {
             short_writes: 0,
             reached_state: None,
             loaded_at: None,
+            validated: None,
         });
         self
     }
@@ -308,6 +337,7 @@ impl<'a> Receiver<'a> {
             short_writes: 0,
             reached_state: None,
             loaded_at: None,
+            validated: None,
         });
         self
     }
@@ -363,7 +393,8 @@ impl<'a> Receiver<'a> {
     ///
     /// # Errors
     /// The first failure, naming the channel, device and packet index. Devices are left where
-    /// the failure left them (RESUMING, typically), which a reset recovers.
+    /// the failure left them (RESUMING, typically; STOP for a device whose own stream was
+    /// complete and validated before), which a reset recovers.
     pub fn run(self, socks: Vec<OwnedFd>) -> Result<ReceiverReport> {
         let n = socks.len();
         self.run_with(None, n, socks)
@@ -389,6 +420,7 @@ impl<'a> Receiver<'a> {
             abort: self.abort.clone(),
             progress: self.progress.clone(),
             warnings: Mutex::new(Warnings::default()),
+            deferred: crate::uring::Deferred::default(),
         };
         let budget = self.cfg.budget_for(n);
         let ids = self.targets.iter().map(|t| t.id.clone()).collect();
@@ -415,24 +447,7 @@ impl<'a> Receiver<'a> {
         }
         start_targets(&mut self.targets)?;
         let devices_ready_after = started.elapsed();
-        let devices = self
-            .targets
-            .iter()
-            .zip(DeviceIndex::all(self.targets.len()))
-            .map(|(t, d)| {
-                let c = reassembly.counters(d);
-                ReceiverDeviceReport {
-                    id: t.id.clone(),
-                    data_bytes: c.data_bytes,
-                    packets: c.packets,
-                    out_of_order_packets: c.out_of_order,
-                    config_bytes: t.config_bytes,
-                    short_writes: t.short_writes,
-                    reached_state: t.reached_state,
-                    loaded_after: t.loaded_at.map(|t| t.saturating_duration_since(started)),
-                }
-            })
-            .collect();
+        let devices = device_reports(&self.targets, &reassembly, started);
         let warnings = std::mem::take(&mut *shared.warnings.lock().unwrap_or_else(|p| p.into_inner())).into_vec();
         Ok(ReceiverReport {
             backend,
@@ -447,6 +462,27 @@ impl<'a> Receiver<'a> {
             warnings,
         })
     }
+}
+
+/// Each device's part of the report; `loaded_after` counts from `started`.
+fn device_reports(targets: &[Target<'_>], reassembly: &Reassembly, started: Instant) -> Vec<ReceiverDeviceReport> {
+    targets
+        .iter()
+        .zip(DeviceIndex::all(targets.len()))
+        .map(|(t, d)| {
+            let c = reassembly.counters(d);
+            ReceiverDeviceReport {
+                id: t.id.clone(),
+                data_bytes: c.data_bytes,
+                packets: c.packets,
+                out_of_order_packets: c.out_of_order,
+                config_bytes: t.config_bytes,
+                short_writes: t.short_writes,
+                reached_state: t.reached_state,
+                loaded_after: t.loaded_at.map(|t| t.saturating_duration_since(started)),
+            }
+        })
+        .collect()
 }
 
 /// The receive itself: channel set-up on its own thread, next to the backend, for the whole
@@ -513,17 +549,19 @@ fn note_leftovers(shared: &RecvShared<'_>) {
 /// (else the error), then `SHUT`. Best effort after a failure: the source may be gone.
 fn send_verdicts(rp: &crate::rp::Writer<'_>, targets: &[Target<'_>], res: &Result<()>) -> Result<()> {
     let what = res.as_ref().err().map(ToString::to_string);
-    for t in targets {
-        let verdict = match &what {
-            None => Verdict::Loaded,
-            Some(e) => Verdict::Failed { what: e.clone() },
-        };
-        let r = rp.send(&Message::Verdict { device: t.id.clone(), verdict });
-        if res.is_ok() {
-            r?;
-        }
-    }
-    let r = rp.send(&Message::Shut { ok: res.is_ok() });
+    let mut msgs: Vec<Message> = targets
+        .iter()
+        .map(|t| {
+            let verdict = match &what {
+                None => Verdict::Loaded,
+                Some(e) => Verdict::Failed { what: e.clone() },
+            };
+            Message::Verdict { device: t.id.clone(), verdict }
+        })
+        .collect();
+    msgs.push(Message::Shut { ok: res.is_ok() });
+    // One write: the verdicts are a few hundred bytes, and each write would wake the source.
+    let r = rp.send_batch(&msgs);
     if res.is_ok() {
         r?;
     }

@@ -21,7 +21,7 @@ use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
@@ -62,6 +62,17 @@ struct Shared<'r, 's, 'c, 'a, 'shared> {
     run: &'s RecvShared<'c>,
     workers: usize,
     clock: StallClock,
+    /// Devices whose stream is complete (config applied), for their validators.
+    loaded: Mutex<Loaded>,
+    loaded_cv: Condvar,
+}
+
+/// What the validators wait for.
+struct Loaded {
+    /// Per device: its config was applied.
+    complete: Vec<bool>,
+    /// The receive ended: a validator whose device is not complete exits.
+    ended: bool,
 }
 
 impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
@@ -71,6 +82,34 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
 
     fn target(&self, d: DeviceIndex) -> MutexGuard<'_, &'shared mut Target<'a>> {
         self.targets[d.index()].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands device `d`, whose config was just applied, to its validator.
+    fn loaded(&self, d: DeviceIndex) {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).complete[d.index()] = true;
+        self.loaded_cv.notify_all();
+    }
+
+    /// The receive ended: validators of incomplete devices exit.
+    fn end_validators(&self) {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
+        self.loaded_cv.notify_all();
+    }
+
+    /// A device's validator, started with the workers (before the switchover): waits until
+    /// its stream is complete, then walks it RESUMING → STOP (`Target::validate`) off the
+    /// receive path, so a driver's check neither holds up a worker nor waits for the last
+    /// device.
+    fn validator(&self, d: DeviceIndex) {
+        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        while !g.complete[d.index()] {
+            if g.ended {
+                return;
+            }
+            g = self.loaded_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(g);
+        self.target(d).validate();
     }
 
     fn fail(&self, e: Error) {
@@ -98,6 +137,8 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
     }
     let pool = BufferPool::new(reassembly.block_count(), 0, reassembly.block_bytes())
         .map_err(|e| Error::sys("mmap receive pool", e))?;
+    let ndev = targets.len();
+    let devices: Vec<DeviceIndex> = DeviceIndex::all(ndev).filter(|d| targets[d.index()].is_device()).collect();
     let mut shared = Shared {
         st: Mutex::new(RecvState::new(reassembly, run.channels, &run.warnings)),
         targets: targets.iter_mut().map(Mutex::new).collect(),
@@ -106,8 +147,19 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         run,
         workers,
         clock: StallClock::new(),
+        loaded: Mutex::new(Loaded { complete: vec![false; ndev], ended: false }),
+        loaded_cv: Condvar::new(),
     };
     std::thread::scope(|s| {
+        // A validator that cannot be spawned leaves its device to `validate_targets`.
+        let validators: Vec<_> = devices
+            .iter()
+            .map(|&d| {
+                let shared = &shared;
+                std::thread::Builder::new().name("vfmfd-validate".into()).spawn_scoped(s, move || shared.validator(d))
+            })
+            .filter_map(std::result::Result::ok)
+            .collect();
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let shared = &shared;
@@ -128,11 +180,19 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
                 Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
             }
         }
+        shared.end_validators();
+        for v in validators {
+            // A validator that panicked left its device without an outcome: `validate_targets`
+            // reports it.
+            let _ = v.join();
+        }
     });
     if !shared.leaked.load(Ordering::SeqCst) {
-        // SAFETY: every worker has returned and reaped all its operations (none leaked), so
-        // nothing refers to the pool any more; it is dropped once, here.
-        unsafe { ManuallyDrop::drop(&mut shared.pool) };
+        // SAFETY: every worker has returned and reaped all its operations (none leaked), so no
+        // operation refers to the pool any more; it is taken once, here. The rings that
+        // registered it are released before it (`Deferred`'s order).
+        let pool = unsafe { ManuallyDrop::take(&mut shared.pool) };
+        run.deferred.keep_pool(pool);
     }
     shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
 }
@@ -226,10 +286,11 @@ impl Drop for Worker<'_, '_, '_, '_, '_, '_> {
             self.shared.leaked.store(true, Ordering::SeqCst);
             return;
         }
-        // SAFETY: dropped exactly once, here, after `finish` reaped every operation; the ring
-        // goes first.
+        // SAFETY: taken or dropped exactly once, here, after `finish` reaped every operation;
+        // the ring goes first. It is kept (registered buffers, files) until after the
+        // switchover, with nothing in flight.
         unsafe {
-            ManuallyDrop::drop(&mut self.uring);
+            self.shared.run.deferred.keep_ring(ManuallyDrop::take(&mut self.uring));
             ManuallyDrop::drop(&mut self.hdrs);
             ManuallyDrop::drop(&mut self.kick_buf);
         }
@@ -569,6 +630,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 Some(NextWrite::Config { head, len }) => {
                     self.apply_config(d, head, len)?;
                     self.written(d);
+                    self.shared.loaded(d);
                 }
             }
             // Memory was freed: this worker's parked channels retry after this batch.

@@ -91,6 +91,9 @@ pub(crate) struct SourceShared<'c> {
     pub(crate) progress: Progress,
     /// What the destination said on the return path (whether it accepted it, verdicts).
     pub(crate) rp: &'c rpath::RpState,
+    /// The device threads' rings and pools, released when the session returns (after the
+    /// verdicts), not inside the switchover.
+    pub(crate) deferred: crate::uring::Deferred,
 }
 
 impl<'a> Source<'a> {

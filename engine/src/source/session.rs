@@ -247,6 +247,7 @@ impl<'a> SourceSession<'a> {
             zerocopy,
             progress: self.progress.clone(),
             rp: &rp,
+            deferred: crate::uring::Deferred::default(),
         };
         let devices = std::mem::take(&mut self.devices);
         let mut ctl = self.control(&controls, &events, &rp);

@@ -209,11 +209,12 @@ impl Drop for DeviceLoop<'_, '_, '_, '_> {
             // The kernel may still write into these: leak them rather than free them.
             return;
         }
-        // SAFETY: dropped exactly once, here, and never used again; every operation was reaped
-        // (not leaked), and the ring goes first so the pool it registered is unmapped last.
+        // SAFETY: taken or dropped exactly once, here, and never used again; every operation
+        // was reaped (not leaked). The ring and the pool are kept idle until the session
+        // returns, the ring released first (`Deferred`'s order).
         unsafe {
-            ManuallyDrop::drop(&mut self.uring);
-            ManuallyDrop::drop(&mut self.pool);
+            self.run.deferred.keep_ring(ManuallyDrop::take(&mut self.uring));
+            self.run.deferred.keep_pool(ManuallyDrop::take(&mut self.pool));
             ManuallyDrop::drop(&mut self.wake_bufs);
         }
     }
