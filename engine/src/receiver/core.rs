@@ -165,11 +165,13 @@ impl<'r> RecvState<'r> {
 
     /// A write (or a config applied) freed memory. When that completed the last device, the
     /// receive is complete: every channel stops reading (a channel that is still open, as QEMU
-    /// leaves them, or never connected, is not waited for).
+    /// leaves them, or never connected, is not waited for), and so does channel set-up.
     pub(crate) fn freed(&mut self) {
         self.epoch += 1;
         if !self.complete && self.reassembly.all_finished() {
             self.complete = true;
+            // Channel set-up ends now (its thread exits meanwhile), not after the endgame.
+            self.channels.stop_accepting();
             let missing: Vec<String> = ChannelId::all(self.closed.len())
                 .filter(|&c| self.channels.get(c).is_none())
                 .map(|c| c.to_string())

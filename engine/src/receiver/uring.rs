@@ -67,12 +67,26 @@ struct Shared<'r, 's, 'c, 'a, 'shared> {
     loaded_cv: Condvar,
 }
 
-/// What the validators wait for.
+/// What the validators and the endgame wait for.
 struct Loaded {
     /// Per device: its config was applied.
     complete: Vec<bool>,
     /// The receive ended: a validator whose device is not complete exits.
     ended: bool,
+    /// Every device completed (the last config was applied).
+    all_complete: bool,
+    /// Workers that have returned (or panicked).
+    exited: usize,
+}
+
+/// Counts its worker as exited when dropped (also when the worker panics).
+struct ExitNote<'x>(&'x Mutex<Loaded>, &'x Condvar);
+
+impl Drop for ExitNote<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).exited += 1;
+        self.1.notify_all();
+    }
 }
 
 impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
@@ -88,6 +102,28 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     fn loaded(&self, d: DeviceIndex) {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).complete[d.index()] = true;
         self.loaded_cv.notify_all();
+    }
+
+    /// The last device completed: the endgame may run.
+    fn all_complete(&self) {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).all_complete = true;
+        self.loaded_cv.notify_all();
+    }
+
+    /// Waits until every device completed without a failure (true), or until all `spawned`
+    /// workers returned (false).
+    fn wait_complete(&self, spawned: usize) -> bool {
+        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if g.all_complete {
+                drop(g);
+                return !self.lock().failed();
+            }
+            if g.exited >= spawned {
+                return false;
+            }
+            g = self.loaded_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The receive ended: validators of incomplete devices exit.
@@ -115,6 +151,13 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     fn fail(&self, e: Error) {
         self.lock().fail(e);
         self.run.abort.abort();
+    }
+
+    /// Wakes every other worker.
+    fn kick_all_others(&self, me: usize) {
+        for w in (0..self.workers).filter(|&w| w != me) {
+            self.run.channels.kicks[w].signal();
+        }
     }
 
     /// Wakes every other worker that has a parked channel: memory was freed.
@@ -147,12 +190,12 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         run,
         workers,
         clock: StallClock::new(),
-        loaded: Mutex::new(Loaded { complete: vec![false; ndev], ended: false }),
+        loaded: Mutex::new(Loaded { complete: vec![false; ndev], ended: false, all_complete: false, exited: 0 }),
         loaded_cv: Condvar::new(),
     };
     std::thread::scope(|s| {
         // A validator that cannot be spawned leaves its device to `validate_targets`.
-        let validators: Vec<_> = devices
+        let mut validators: Vec<_> = devices
             .iter()
             .map(|&d| {
                 let shared = &shared;
@@ -160,24 +203,36 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
             })
             .filter_map(std::result::Result::ok)
             .collect();
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let shared = &shared;
-                std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
-                    if let Err(e) = worker(shared, w) {
-                        shared.fail(e);
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            match h {
-                Ok(h) => {
-                    if h.join().is_err() {
-                        shared.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
-                    }
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let shared = &shared;
+            let h = std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
+                let _note = ExitNote(&shared.loaded, &shared.loaded_cv);
+                if let Err(e) = worker(shared, w) {
+                    shared.fail(e);
                 }
+            });
+            match h {
+                Ok(h) => handles.push(h),
                 Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
+            }
+        }
+        if shared.wait_complete(handles.len()) {
+            // Every device is complete: the endgame (validation of the rest, verdicts) runs
+            // now, while the workers cancel their receives, close and exit. Nothing of a
+            // worker touches a device any more; each validator has walked its device.
+            shared.end_validators();
+            for v in std::mem::take(&mut validators) {
+                let _ = v.join();
+            }
+            let mut guards: Vec<_> =
+                shared.targets.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner())).collect();
+            let mut ts: Vec<&mut Target<'_>> = guards.iter_mut().map(|g| &mut ***g).collect();
+            crate::receiver::endgame(run, &mut ts);
+        }
+        for h in handles {
+            if h.join().is_err() {
+                shared.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
             }
         }
         shared.end_validators();
@@ -417,18 +472,9 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn retire(&mut self, tok: Token, c: Completion) {
-        // The skeleton's in-flight accounting is all a failed worker needs. After every device
-        // completed, a receive that still got bytes (or a reset) is worth a warning.
-        if tok.kind == K_RECV && c.res != 0 && c.res != -libc::ECANCELED {
-            let g = self.shared.lock();
-            if g.complete() {
-                let what = if c.res > 0 {
-                    format!("{} byte(s) received", c.res)
-                } else {
-                    format!("{}", crate::uring::cqe_error(c.res))
-                };
-                g.late(self.chans[tok.at()], &what);
-            }
+        // The skeleton's in-flight accounting is all a failed worker needs.
+        if tok.kind == K_RECV {
+            self.note_late(tok.at(), c.res);
         }
     }
 
@@ -511,9 +557,30 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         Ok(())
     }
 
+    /// After every device completed, a receive that still got bytes (or a reset) is worth a
+    /// warning, and is not read as packets; on channel 0 it is kept for the commit (the
+    /// source's FIN there is the commit; an EOF stays visible, a reset is reported once).
+    /// Returns whether it was such a receive.
+    fn note_late(&self, i: usize, res: i32) -> bool {
+        if res == 0 || res == -libc::ECANCELED || !self.shared.lock().complete() {
+            return false;
+        }
+        let what =
+            if res > 0 { format!("{res} byte(s) received") } else { format!("{}", crate::uring::cqe_error(res)) };
+        self.shared.lock().late(self.chans[i], &what);
+        if self.chans[i] == ChannelId::new(0) {
+            let got = usize::try_from(res).map_err(|_| crate::uring::cqe_error(res));
+            *self.shared.run.ch0_after.lock().unwrap_or_else(|p| p.into_inner()) = Some(got);
+        }
+        true
+    }
+
     fn on_recv(&mut self, i: usize, res: i32) -> Result<()> {
         let gc = self.chans[i];
         self.recv_since[i] = None;
+        if self.note_late(i, res) {
+            return Ok(());
+        }
         if res == -libc::ECANCELED {
             // A harvest found nothing received yet (only harvests cancel a receive while the
             // loop runs): receive again.
@@ -669,7 +736,14 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         let mut g = self.shared.lock();
         g.reassembly.written(d);
         g.freed();
-        self.shared.kick_others(self.me, &g);
+        if g.complete() {
+            // The last device is done: the other workers, waiting on receives that may never
+            // complete (the source holds its FINs until its devices are joined), end now.
+            self.shared.kick_all_others(self.me);
+            self.shared.all_complete();
+        } else {
+            self.shared.kick_others(self.me, &g);
+        }
     }
 
     fn submit_write(&mut self, d: DeviceIndex, poll_first: bool) -> Result<()> {
