@@ -194,17 +194,31 @@ pub struct DriveOpts {
     pub downtime_limit: Duration,
     /// Longest pre-copy.
     pub max_precopy: Duration,
+    /// A wait between the switchover decision and the vCPU stop (zero for the command). The
+    /// benchmark's fixed-cost variant waits so that no pre-copy data is still in flight or
+    /// being loaded at the destination when it measures a switchover that moves none.
+    pub settle: Duration,
 }
 
 impl Default for DriveOpts {
     fn default() -> Self {
-        DriveOpts { precopy: false, downtime_limit: Duration::from_millis(300), max_precopy: Duration::from_secs(60) }
+        DriveOpts {
+            precopy: false,
+            downtime_limit: Duration::from_millis(300),
+            max_precopy: Duration::from_secs(60),
+            settle: Duration::ZERO,
+        }
     }
 }
 
 impl From<&LiveArgs> for DriveOpts {
     fn from(a: &LiveArgs) -> Self {
-        DriveOpts { precopy: a.precopy, downtime_limit: a.downtime_limit, max_precopy: a.max_precopy }
+        DriveOpts {
+            precopy: a.precopy,
+            downtime_limit: a.downtime_limit,
+            max_precopy: a.max_precopy,
+            settle: Duration::ZERO,
+        }
     }
 }
 
@@ -246,6 +260,9 @@ pub fn drive(
     } else {
         (Trigger::Immediate, Duration::ZERO)
     };
+    if !o.settle.is_zero() {
+        std::thread::sleep(o.settle);
+    }
     line.set("  stopping the vCPUs".into());
     let t = Instant::now();
     stop_vcpus();

@@ -19,16 +19,22 @@ use super::{spread, Spread};
 use crate::live::{DriveOpts, Trigger};
 use crate::transfer::{run_engine_live, EngineParams, LiveParams};
 
-/// The two live-path variants.
+/// How long the fixed-cost variant waits after the switchover decision (every device's initial
+/// data acknowledged as written into its destination device) before it stops the vCPUs: the
+/// simulated destination devices still verify what sits in their pipes (up to 1 MiB each) for a
+/// few ms, which is pre-copy data still being loaded, not the switchover's fixed cost.
+const FIXED_COST_SETTLE: Duration = Duration::from_millis(200);
+
+/// The live-path variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Variant {
     /// Stop-and-copy: switch over as soon as the session is set up.
     StopCopy,
     /// Pre-copy of the whole image while the devices dirty pages, `auto` switchover.
     Precopy,
-    /// Pre-copy of the whole image of devices that dirty nothing: the switchover moves
-    /// (almost) no data, so its downtime is the switchover's fixed cost (state changes, the
-    /// configs, validation and start at the destination, the last messages).
+    /// Pre-copy of the whole image of devices that dirty nothing, then [`FIXED_COST_SETTLE`]:
+    /// the switchover moves no data, so its downtime is the switchover's fixed cost (state
+    /// changes, the configs, validation and start at the destination, the last messages).
     FixedCost,
 }
 
@@ -103,7 +109,13 @@ pub(super) fn run_once(v: Variant, s: &Scenario) -> Result<LiveRep> {
         stall: Duration::from_secs(30),
     };
     let live = LiveParams {
-        drive: DriveOpts { precopy, downtime_limit: s.downtime_limit, max_precopy: s.max_precopy },
+        drive: DriveOpts {
+            precopy,
+            downtime_limit: s.downtime_limit,
+            max_precopy: s.max_precopy,
+            // Nothing in flight: the switchover moves no data at all.
+            settle: if v == Variant::FixedCost { FIXED_COST_SETTLE } else { Duration::ZERO },
+        },
         dirty_rate: Some(if v == Variant::FixedCost { 0 } else { s.dirty_rate }),
         peer_dma: false,
     };

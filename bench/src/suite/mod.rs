@@ -826,8 +826,8 @@ fn markdown(
             "From the switchover call (source devices stopping) to the receiver returning: every destination device \
              loaded, validated (RESUMING -> STOP) and RUNNING. `engine-precopy` switches over once converged \
              (estimated switchover <= {}) or after {} of pre-copy. `engine-switchover-fixed-cost` pre-copies \
-             devices that dirty nothing, so its switchover moves no data: its downtime is the switchover's fixed \
-             cost. Same channels and process for all; simulated devices, loopback TCP.\n",
+             devices that dirty nothing and switches over 200 ms after the decision (nothing still in flight or \
+             being loaded), so its switchover moves no data: its downtime is the switchover's fixed cost. Same channels and process for all; simulated devices, loopback TCP.\n",
             crate::util::fmt_dur(sc.downtime_limit),
             crate::util::fmt_dur(sc.max_precopy)
         );
