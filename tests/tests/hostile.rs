@@ -360,6 +360,113 @@ fn fault_destination_pipe_whose_reader_stops_fails_at_the_stall_timeout() {
     });
 }
 
+/// A scratch regular file on tmpfs (`/dev/shm` when there is one), removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        let p = dir.join(format!("vfmfd-test-{}-{name}", std::process::id()));
+        std::fs::write(&p, b"").unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sends `devs` simulated devices over `channels` channels to a receiver that writes each
+/// device's stream into `sinks[i]`, with an out-of-order budget of `budget` bytes.
+fn send_into_fds(
+    b: Backend,
+    devs: &mut [SimDevice],
+    sinks: &[std::fs::File],
+    channels: usize,
+    budget: usize,
+) -> (vfio_multifd::Result<()>, vfio_multifd::Result<vfio_multifd::ReceiverReport>) {
+    let (c, s) = tcp_pairs(channels);
+    let mut configs: Vec<Vec<u8>> = sinks.iter().map(|_| Vec::new()).collect();
+    std::thread::scope(|sc_| {
+        let configs = &mut configs;
+        let h = sc_.spawn(move || {
+            let rcfg = vfio_multifd::ReceiverConfig::new()
+                .max_packet_bytes(CHUNK)
+                .budget_bytes(budget)
+                .backend(b)
+                .return_path(false)
+                .stall_timeout(Duration::from_secs(2));
+            let mut rx = vfio_multifd::Receiver::new(rcfg).unwrap();
+            for (i, (f, cfg)) in sinks.iter().zip(configs.iter_mut()).enumerate() {
+                rx.add_data_fd(dev_id(i), std::os::fd::AsFd::as_fd(f), cfg);
+            }
+            rx.run(s)
+        });
+        let mut src = Source::new(sc(b, false), c).unwrap();
+        for (i, d) in devs.iter_mut().enumerate() {
+            src.add_device(dev_id(i), d);
+        }
+        let src = src.run().map(|_| ());
+        (src, h.join().unwrap())
+    })
+}
+
+/// Four regular-file destinations (each written by its own writer thread on io_uring) over
+/// three channels, with a budget of one packet so that channels park and are kicked by the
+/// writers: every file holds exactly its device's stream, on both backends.
+#[test]
+fn hostile_file_destinations_with_a_one_packet_budget_are_written_whole() {
+    let _g = serial();
+    each_backend(|b| {
+        const SIZE: u64 = 3 << 20;
+        let cfgs: Vec<SimConfig> = (0..4).map(|i| SimConfig::new(format!("f{i}"), SIZE, 40 + i)).collect();
+        let mut devs: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+        let scratch: Vec<Scratch> = (0..4).map(|i| Scratch::new(&format!("whole{i}"))).collect();
+        let sinks: Vec<std::fs::File> =
+            scratch.iter().map(|s| std::fs::OpenOptions::new().write(true).open(&s.0).unwrap()).collect();
+        let (src, rx) = send_into_fds(b, &mut devs, &sinks, 3, CHUNK);
+        src.unwrap_or_else(|e| panic!("{b:?}: source: {e}"));
+        let report = rx.unwrap_or_else(|e| panic!("{b:?}: receiver: {e}"));
+        assert_eq!(report.devices.len(), 4);
+        for (i, (s, c)) in scratch.iter().zip(&cfgs).enumerate() {
+            let got = std::fs::read(&s.0).unwrap();
+            assert_eq!(got.len() as u64, SIZE, "{b:?}: device {i}: file length");
+            assert!(
+                got == vfio_multifd_tests::sim_bytes(c.seed, 0, SIZE as usize),
+                "{b:?}: device {i}: content differs"
+            );
+        }
+    });
+}
+
+/// A regular-file destination that refuses writes (opened read-only: `EBADF`): the receive
+/// fails with the device-write error naming the device, on both backends, and nothing hangs.
+#[test]
+fn fault_destination_file_that_refuses_writes_fails_with_a_device_write_error() {
+    let _g = serial();
+    each_backend(|b| {
+        let mut devs =
+            vec![SimDevice::new(SimConfig::new("a", 4 << 20, 51)), SimDevice::new(SimConfig::new("r", 4 << 20, 52))];
+        let scratch = [Scratch::new("ok"), Scratch::new("ro")];
+        let sinks = [
+            std::fs::OpenOptions::new().write(true).open(&scratch[0].0).unwrap(),
+            std::fs::File::open(&scratch[1].0).unwrap(),
+        ];
+        let t0 = Instant::now();
+        let (_src, rx) = send_into_fds(b, &mut devs, &sinks, 2, 2 * CHUNK);
+        match rx {
+            Err(Error::DeviceWrite { device, source, .. }) => {
+                assert_eq!(device, dev_id(1), "{b:?}");
+                assert_eq!(source.raw_os_error(), Some(libc::EBADF), "{b:?}");
+            }
+            other => panic!("{b:?}: expected a device write error, got {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(6), "{b:?}: took {:?}", t0.elapsed());
+    });
+}
+
 /// Two devices, one quiet for three stall timeouts while the other streams: legal, and it
 /// completes on both backends (progress is receive-wide, not per device).
 #[test]

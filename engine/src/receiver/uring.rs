@@ -1,21 +1,31 @@
 //! The io_uring destination: `W` worker threads, each with its own ring running the shared loop
-//! skeleton (`crate::uring`), sharing one registered pool and one [`RecvState`].
+//! skeleton (`crate::uring`), sharing one registered pool and one [`RecvState`]; plus one writer
+//! thread per device whose stream goes to a regular file.
 //!
 //! Channel `c` belongs to worker `c % W`. A worker has one `RECV` in flight per channel: first
 //! the 288 bytes of a packet header (into a small per-channel buffer), then the payload straight
 //! into the packet's registered blocks (one `RECV` per contiguous piece of its chain: usually
-//! one). Device writes (one in flight per device, one contiguous piece at a time) are issued by
-//! whichever worker made the next packet writable (by receiving it, or by finishing the write
-//! before it), as the fd allows: `write(2)` on the worker itself for a regular file (io_uring
-//! would hand every buffered write on a filesystem without async buffered writes, such as tmpfs,
-//! to io-wq: a cross-thread hop per packet), a plain `WRITE_FIXED` for a pipe or socket
-//! (completed inline, or after a poll when the fd is full), and `WRITE_FIXED` with `IOSQE_ASYNC`
-//! for anything else (a VFIO resume fd has no `FMODE_NOWAIT`). A short write continues where it
-//! stopped,
-//! and an `EAGAIN` from an `O_NONBLOCK` resume fd waits for `POLLOUT` (a linked `POLL_ADD`)
-//! instead of spinning. A channel whose packet has no memory yet parks with its decoded header;
-//! a worker that frees memory kicks the others through their eventfds (see `reassembly` for why
-//! that cannot deadlock).
+//! one). Device writes (one in flight per device, one contiguous piece at a time) go as the fd
+//! allows:
+//!
+//! * a regular file: `write(2)` on the device's own writer thread (`vfmfd-wr-D`), woken through
+//!   a condition variable by the worker that made its next packet writable. io_uring would hand
+//!   every buffered write on a filesystem without async buffered writes (tmpfs) to io-wq, a
+//!   cross-thread hop per packet; and a `write(2)` on the worker itself held up the receives of
+//!   that worker's channels for as long as it copied, so with several devices the channel
+//!   carrying the next in-order packet went unread while the others' packets filled the budget
+//!   and parked (same-run A/B, 4 devices into tmpfs files: 1.14x the throughput; the profile is
+//!   in README, Benchmarks);
+//! * a pipe or socket: a plain `WRITE_FIXED`, issued by whichever worker made the next packet
+//!   writable (by receiving it, or by finishing the write before it), completed inline or after
+//!   a poll when the fd is full;
+//! * anything else (a VFIO resume fd has no `FMODE_NOWAIT`): `WRITE_FIXED` with `IOSQE_ASYNC`.
+//!
+//! A short write continues where it stopped, and an `EAGAIN` from an `O_NONBLOCK` resume fd
+//! waits for `POLLOUT` (a linked `POLL_ADD`) instead of spinning. A channel whose packet has no
+//! memory yet parks with its decoded header; a worker or writer that frees memory kicks the
+//! workers with parked channels through their eventfds (see `reassembly` for why that cannot
+//! deadlock).
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
@@ -65,6 +75,11 @@ struct Shared<'r, 's, 'c, 'a, 'shared> {
     /// Devices whose stream is complete (config applied), for their validators.
     loaded: Mutex<Loaded>,
     loaded_cv: Condvar,
+    /// How each device's writes are issued (learnt once, from its fd's kind).
+    modes: Vec<WriteMode>,
+    /// Per device: wakes its writer thread ([`WriteMode::Thread`]) when a packet became
+    /// writable or the receive failed; unused for the other modes.
+    wake: Vec<Condvar>,
 }
 
 /// What the validators and the endgame wait for.
@@ -75,11 +90,11 @@ struct Loaded {
     ended: bool,
     /// Every device completed (the last config was applied).
     all_complete: bool,
-    /// Workers that have returned (or panicked).
+    /// Workers and writer threads that have returned (or panicked).
     exited: usize,
 }
 
-/// Counts its worker as exited when dropped (also when the worker panics).
+/// Counts its worker or writer thread as exited when dropped (also when it panics).
 struct ExitNote<'x>(&'x Mutex<Loaded>, &'x Condvar);
 
 impl Drop for ExitNote<'_> {
@@ -151,6 +166,26 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     fn fail(&self, e: Error) {
         self.lock().fail(e);
         self.run.abort.abort();
+        for cv in &self.wake {
+            cv.notify_all();
+        }
+    }
+
+    /// Device `d`'s packet was written (or applied) by worker `me` (`usize::MAX`: its writer
+    /// thread): frees its memory and wakes the workers that wait for that, or every worker once
+    /// the last device completed.
+    fn written(&self, me: usize, d: DeviceIndex) {
+        let mut g = self.lock();
+        g.reassembly.written(d);
+        g.freed();
+        if g.complete() {
+            // The last device is done: the other workers, waiting on receives that may never
+            // complete (the source holds its FINs until its devices are joined), end now.
+            self.kick_all_others(me);
+            self.all_complete();
+        } else {
+            self.kick_others(me, &g);
+        }
     }
 
     /// Wakes every other worker.
@@ -182,7 +217,10 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         .map_err(|e| Error::sys("mmap receive pool", e))?;
     let ndev = targets.len();
     let devices: Vec<DeviceIndex> = DeviceIndex::all(ndev).filter(|d| targets[d.index()].is_device()).collect();
+    let modes: Vec<WriteMode> = targets.iter().map(|t| write_mode(t.data_fd())).collect();
     let mut shared = Shared {
+        wake: modes.iter().map(|_| Condvar::new()).collect(),
+        modes,
         st: Mutex::new(RecvState::new(reassembly, run.channels, &run.warnings)),
         targets: targets.iter_mut().map(Mutex::new).collect(),
         pool: ManuallyDrop::new(pool),
@@ -217,6 +255,7 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
                 Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
             }
         }
+        spawn_writers(s, &shared, &mut handles);
         if shared.wait_complete(handles.len()) {
             // Every device is complete: the endgame (validation of the rest, verdicts) runs
             // now, while the workers cancel their receives, close and exit. Nothing of a
@@ -232,7 +271,7 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         }
         for h in handles {
             if h.join().is_err() {
-                shared.fail(Error::sys("receive worker", std::io::Error::other("panicked")));
+                shared.fail(Error::sys("receive thread", std::io::Error::other("panicked")));
             }
         }
         shared.end_validators();
@@ -250,6 +289,132 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         run.deferred.keep_pool(pool);
     }
     shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
+}
+
+/// Starts the writer thread of every device written by one ([`WriteMode::Thread`]); each counts
+/// as exited like a worker (`ExitNote`), and joins with the workers.
+fn spawn_writers<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    shared: &'scope Shared<'_, '_, '_, '_, '_>,
+    handles: &mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
+) {
+    for d in DeviceIndex::all(shared.modes.len()).filter(|d| shared.modes[d.index()] == WriteMode::Thread) {
+        let h = std::thread::Builder::new().name(format!("vfmfd-wr-{}", d.index())).spawn_scoped(s, move || {
+            let _note = ExitNote(&shared.loaded, &shared.loaded_cv);
+            if let Err(e) = writer(shared, d) {
+                shared.fail(e);
+            }
+        });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => shared.fail(Error::sys("spawn receive writer", e)),
+        }
+    }
+}
+
+/// Device `d`'s writer thread (a regular-file sink): writes its packets in index order as they
+/// become writable, frees their memory and kicks the workers with parked channels.
+fn writer(shared: &Shared<'_, '_, '_, '_, '_>, d: DeviceIndex) -> Result<()> {
+    let mut base = 0u64;
+    loop {
+        let next = {
+            let mut g = shared.lock();
+            loop {
+                if g.failed() || shared.run.abort.is_aborted() || g.reassembly.finished(d) {
+                    return Ok(());
+                }
+                if let Some(w) = g.reassembly.next_write(d) {
+                    break w;
+                }
+                // Every channel ended: nothing more can come for this device.
+                if g.all_closed() {
+                    return Ok(());
+                }
+                g = shared.wake[d.index()].wait_timeout(g, TICK).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        };
+        match next {
+            NextWrite::Data { head, len, idx } => {
+                write_packet(shared, d, (head, len, idx), base)?;
+                base += len as u64;
+                shared.run.progress.add(len as u64);
+            }
+            NextWrite::Config { head, len } => apply_config(shared, d, head, len)?,
+            NextWrite::Marker { .. } => {
+                let id = shared.lock().reassembly.id(d).clone();
+                shared.run.initial_data_loaded(&id)?;
+            }
+        }
+        shared.written(usize::MAX, d);
+        if matches!(next, NextWrite::Config { .. }) {
+            shared.loaded(d);
+        }
+        shared.clock.touch();
+    }
+}
+
+/// Writes data packet `idx` (chain `head`, `len` bytes, at stream offset `base`) to device `d`
+/// with `write(2)`, one contiguous piece at a time.
+fn write_packet(
+    shared: &Shared<'_, '_, '_, '_, '_>,
+    d: DeviceIndex,
+    (head, len, idx): (u32, usize, PacketIndex),
+    base: u64,
+) -> Result<()> {
+    use crate::blocking::{write_all, Bounds, Fail};
+    let mut t = shared.target(d);
+    let fd = t.data_fd().ok_or_else(|| Error::internal("a device is written outside RESUMING"))?;
+    let b = Bounds { abort: &shared.run.abort, stall: shared.run.cfg.stall_timeout, clock: Some(&shared.clock) };
+    let (mut off, mut short) = (0, 0);
+    let mut r = Ok(());
+    while off < len {
+        let p = shared.lock().reassembly.piece(head, off, true);
+        // SAFETY: the packet is Ready: its receives completed, and only this writer refers to
+        // its blocks until `written` frees them; the pool stays mapped for the whole receive.
+        let buf = unsafe { shared.pool.span(p.block as usize, p.at, p.len) };
+        r = write_all(&crate::sys::Kernel, fd, buf, b, &mut short).map_err(|(at, f)| (off + at, f));
+        if r.is_err() {
+            break;
+        }
+        off += p.len;
+    }
+    t.short_writes += short;
+    r.map_err(|(at, f)| match f {
+        Fail::Aborted => Error::Aborted,
+        Fail::Stalled => Error::Timeout {
+            what: format!("device {}: its sink accepts nothing", t.id),
+            after: shared.run.cfg.stall_timeout,
+        },
+        Fail::Os(source) => Error::DeviceWrite { device: t.id.clone(), idx, offset: base + at as u64, source },
+        Fail::Eof { .. } => Error::internal("a write reported an end of stream"),
+    })
+}
+
+/// Applies device `d`'s config blob, held in chain `head`: in place when the chain is one
+/// contiguous range (the usual case), else gathered into one buffer (once per device).
+fn apply_config(shared: &Shared<'_, '_, '_, '_, '_>, d: DeviceIndex, head: u32, len: usize) -> Result<()> {
+    let pieces: Vec<_> = {
+        let g = shared.lock();
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < len {
+            let p = g.reassembly.piece(head, off, true);
+            off += p.len;
+            out.push(p);
+        }
+        out
+    };
+    let one = |p: crate::receiver::reassembly::Piece| -> &[u8] {
+        // SAFETY: the config chain is Ready: its receives completed, and nothing else refers
+        // to its blocks until `written` frees them after this call.
+        unsafe { shared.pool.span(p.block as usize, p.at, p.len) }
+    };
+    let blob: std::borrow::Cow<'_, [u8]> = match pieces[..] {
+        [] => std::borrow::Cow::Borrowed(&[]),
+        [p] => std::borrow::Cow::Borrowed(one(p)),
+        _ => std::borrow::Cow::Owned(pieces.iter().flat_map(|&p| one(p).iter().copied()).collect()),
+    };
+    shared.target(d).apply_config(&blob)
 }
 
 /// A channel's receive state; each variant carries what that state needs.
@@ -277,9 +442,10 @@ enum WriteMode {
     /// Submitted plainly: the kernel completes it inline, or arms a poll when the fd is full
     /// (pipes, sockets).
     Inline,
-    /// `write(2)` on this thread (a regular file: io_uring would hand every buffered write to
-    /// io-wq on filesystems without async buffered writes, such as tmpfs).
-    Sync,
+    /// `write(2)` on the device's own writer thread (a regular file: io_uring would hand every
+    /// buffered write to io-wq on filesystems without async buffered writes, such as tmpfs, and
+    /// a write on a worker would hold up the receives of that worker's channels meanwhile).
+    Thread,
 }
 
 /// A device's write mode, by its fd's kind.
@@ -287,7 +453,7 @@ fn write_mode(fd: Option<std::os::fd::BorrowedFd<'_>>) -> WriteMode {
     use crate::sys::FdKind;
     match fd.map_or(FdKind::Other, crate::sys::fd_kind) {
         FdKind::Other => WriteMode::Async,
-        FdKind::Regular => WriteMode::Sync,
+        FdKind::Regular => WriteMode::Thread,
         FdKind::Pipe | FdKind::Socket => WriteMode::Inline,
     }
 }
@@ -320,10 +486,6 @@ struct Worker<'w, 'r, 's, 'c, 'a, 'shared> {
     ch: Vec<Chan>,
     /// Writes this worker has in flight, per device.
     wr: Vec<Option<Write>>,
-    /// How each device's writes are issued, and its fd (for [`WriteMode::Sync`]).
-    wmode: Vec<(WriteMode, i32)>,
-    /// Results of synchronous writes, acted on in `pump` (never recursively).
-    sync_done: Vec<(DeviceIndex, i32)>,
     kick_buf: ManuallyDrop<Box<u64>>,
     need_unpark: bool,
     registered: bool,
@@ -368,12 +530,8 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     // Fixed files: channels 0..C (empty until connected), devices C..C+D, abort, kick.
     let present: Vec<Option<i32>> = chans.iter().map(|&c| shared.run.channels.get(c).map(|f| f.as_raw_fd())).collect();
     let mut files: Vec<i32> = present.iter().map(|f| f.unwrap_or(-1)).collect();
-    let mut wmode = Vec::with_capacity(ndev);
     for d in DeviceIndex::all(ndev) {
-        let t = shared.target(d);
-        let fd = t.data_fd().map_or(-1, |f| f.as_raw_fd());
-        wmode.push((write_mode(t.data_fd()), fd));
-        files.push(fd);
+        files.push(shared.target(d).data_fd().map_or(-1, |f| f.as_raw_fd()));
     }
     files.push(shared.run.abort.as_fd().as_raw_fd());
     files.push(shared.run.channels.kicks[me].as_fd().as_raw_fd());
@@ -389,8 +547,6 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
         ch: present.iter().map(|f| if f.is_some() { Chan::Header { got: 0 } } else { Chan::Waiting }).collect(),
         chans,
         wr: vec![None; ndev],
-        wmode,
-        sync_done: Vec::with_capacity(ndev),
         kick_buf: ManuallyDrop::new(Box::new(0)),
         need_unpark: false,
         registered,
@@ -412,9 +568,6 @@ impl Driver for Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn pump(&mut self) -> Result<bool> {
-        while let Some((d, res)) = self.sync_done.pop() {
-            self.on_write(d, res)?;
-        }
         if std::mem::take(&mut self.need_unpark) {
             self.unpark()?;
         }
@@ -676,6 +829,11 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
     }
 
     fn try_write(&mut self, d: DeviceIndex) -> Result<()> {
+        if self.shared.modes[d.index()] == WriteMode::Thread {
+            // Its writer thread writes it (the state changed under the lock before this).
+            self.shared.wake[d.index()].notify_one();
+            return Ok(());
+        }
         loop {
             let (next, base) = {
                 let mut g = self.shared.lock();
@@ -695,7 +853,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                     self.written(d);
                 }
                 Some(NextWrite::Config { head, len }) => {
-                    self.apply_config(d, head, len)?;
+                    apply_config(self.shared, d, head, len)?;
                     self.written(d);
                     self.shared.loaded(d);
                 }
@@ -705,45 +863,8 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         }
     }
 
-    /// Applies device `d`'s config blob, held in chain `head`: in place when the chain is one
-    /// contiguous range (the usual case), else gathered into one buffer (once per device).
-    fn apply_config(&mut self, d: DeviceIndex, head: u32, len: usize) -> Result<()> {
-        let pieces: Vec<_> = {
-            let g = self.shared.lock();
-            let mut out = Vec::new();
-            let mut off = 0;
-            while off < len {
-                let p = g.reassembly.piece(head, off, true);
-                off += p.len;
-                out.push(p);
-            }
-            out
-        };
-        let one = |p: crate::receiver::reassembly::Piece| -> &[u8] {
-            // SAFETY: the config chain is Ready: its receives completed, and nothing else refers
-            // to its blocks until `written` frees them after this call.
-            unsafe { self.shared.pool.span(p.block as usize, p.at, p.len) }
-        };
-        let blob: std::borrow::Cow<'_, [u8]> = match pieces[..] {
-            [] => std::borrow::Cow::Borrowed(&[]),
-            [p] => std::borrow::Cow::Borrowed(one(p)),
-            _ => std::borrow::Cow::Owned(pieces.iter().flat_map(|&p| one(p).iter().copied()).collect()),
-        };
-        self.shared.target(d).apply_config(&blob)
-    }
-
     fn written(&mut self, d: DeviceIndex) {
-        let mut g = self.shared.lock();
-        g.reassembly.written(d);
-        g.freed();
-        if g.complete() {
-            // The last device is done: the other workers, waiting on receives that may never
-            // complete (the source holds its FINs until its devices are joined), end now.
-            self.shared.kick_all_others(self.me);
-            self.shared.all_complete();
-        } else {
-            self.shared.kick_others(self.me, &g);
-        }
+        self.shared.written(self.me, d);
     }
 
     fn submit_write(&mut self, d: DeviceIndex, poll_first: bool) -> Result<()> {
@@ -754,22 +875,7 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
         self.wr[d.index()] = Some(Write { chunk: piece.len, ..w });
         let fd = self.device_file(d);
         let len = piece.len as u32;
-        let (mode, raw) = self.wmode[d.index()];
-        if mode == WriteMode::Sync && !poll_first {
-            // SAFETY: `ptr .. ptr + len` is one piece of the packet's blocks (`span_ptr` checked
-            // it lies in the pool), which only this write refers to until `written` frees them;
-            // the pool stays mapped for the whole receive and nothing writes the blocks meanwhile.
-            let buf = unsafe { std::slice::from_raw_parts(ptr.cast_const(), piece.len) };
-            // SAFETY: `raw` is the target's data fd, which the target keeps open for the whole
-            // receive (it is also registered with this ring).
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-            let res = match crate::sys::FdIo::write(&crate::sys::Kernel, fd, buf) {
-                Ok(n) => n as i32,
-                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-            };
-            self.sync_done.push((d, res));
-            return Ok(());
-        }
+        let mode = self.shared.modes[d.index()];
         let e = if self.registered {
             opcode::WriteFixed::new(fd, ptr, len, 0).offset(u64::MAX).build()
         } else {
