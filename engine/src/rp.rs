@@ -230,9 +230,25 @@ impl<'c> Writer<'c> {
         self.send_bytes(&bytes)
     }
 
+    /// Sends the verdicts of a receive that failed, even when the failure raised the run's
+    /// abort (it usually did): bounded by `limit` alone, so that the source hears the cause
+    /// rather than a reset.
+    ///
+    /// # Errors
+    /// As [`Writer::send`], without [`Error::Aborted`].
+    pub(crate) fn send_batch_after_failure(&self, msgs: &[Message], limit: Duration) -> Result<()> {
+        let bytes: Vec<u8> = msgs.iter().flat_map(Message::encode).collect();
+        let unaborted = AbortHandle::new().map_err(|e| bad(format!("eventfd: {e}")))?;
+        self.send_with(&bytes, &unaborted, limit)
+    }
+
     fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
+        self.send_with(bytes, &self.abort, self.stall)
+    }
+
+    fn send_with(&self, bytes: &[u8], abort: &AbortHandle, limit: Duration) -> Result<()> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
-        send_all(&Kernel, *fd, bytes, Bounds::new(&self.abort, self.stall)).map_err(|f| match f {
+        send_all(&Kernel, *fd, bytes, Bounds::new(abort, limit)).map_err(|f| match f {
             Fail::Aborted => Error::Aborted,
             Fail::Stalled => bad("the source stopped reading the return path"),
             Fail::Os(e) => bad(format!("sending on channel 0: {e}")),

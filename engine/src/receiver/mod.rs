@@ -61,6 +61,8 @@ pub(crate) struct Target<'a> {
     pub(crate) loaded_at: Option<Instant>,
     /// The outcome of RESUMING → STOP, once walked ([`Target::validate`]).
     pub(crate) validated: Option<Result<()>>,
+    /// [`validate_targets`] took the outcome: the device is not walked again.
+    collected: bool,
 }
 
 impl Target<'_> {
@@ -97,9 +99,17 @@ impl Target<'_> {
     /// uAPI orders only that no device starts before every device is in STOP, which
     /// [`start_targets`] keeps. Once per device; the outcome is kept for [`validate_targets`].
     pub(crate) fn validate(&mut self) {
-        if self.validated.is_none() && self.loaded_at.is_some() {
-            self.validated = Some(self.walk(MigState::Stop));
+        if self.validated.is_none() && !self.collected && self.loaded_at.is_some() {
+            self.validated = Some(self.walk_stop_once());
         }
+    }
+
+    /// RESUMING → STOP; a driver that panics there fails this device (its validation is not
+    /// tried again), not the whole receive.
+    fn walk_stop_once(&mut self) -> Result<()> {
+        let id = self.id.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.walk(MigState::Stop)))
+            .unwrap_or_else(|_| Err(Error::internal(format!("validating {id} panicked (RESUMING -> STOP)"))))
     }
 
     /// Whether [`Target::validate`] has work to do once the stream is complete (a raw fd has
@@ -155,10 +165,13 @@ pub(crate) fn endgame(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>]) 
             .channels
             .get(ChannelId::new(0))
             .is_some_and(|c| crate::sys::peek(c, &mut [0u8; 1]).is_ok_and(|n| n == 0));
-    let verdicts = shared
-        .rp
-        .get()
-        .map_or(Ok(()), |rp| send_verdicts(rp, targets.iter().map(|t| &t.id), validation.as_ref().err()));
+    // A FIN before the verdicts is no commit: the verdicts say so, so that no source that
+    // reads them reports success while these devices stay stopped.
+    let early = early_fin.then(|| Error::NotCommitted {
+        why: "it closed channel 0 before the verdicts were sent, which is no commit".into(),
+    });
+    let failure = validation.as_ref().err().or(early.as_ref());
+    let verdicts = shared.rp.get().map_or(Ok(()), |rp| send_verdicts(rp, targets.iter().map(|t| &t.id), failure));
     *shared.endgame.lock().unwrap_or_else(|p| p.into_inner()) = Some(Endgame { validation, early_fin, verdicts });
 }
 
@@ -195,6 +208,7 @@ fn validate_targets(targets: &mut [&mut Target<'_>]) -> Result<()> {
     let outcomes: Vec<Result<()>> = targets
         .iter_mut()
         .map(|t| {
+            t.collected = true;
             t.validated.take().unwrap_or_else(|| {
                 Err(Error::internal(format!("the validation thread of {} could not be spawned or panicked", t.id)))
             })
@@ -204,7 +218,7 @@ fn validate_targets(targets: &mut [&mut Target<'_>]) -> Result<()> {
 }
 
 fn walk_stop(t: &mut Target<'_>) {
-    t.validated = Some(t.walk(MigState::Stop));
+    t.validated = Some(t.walk_stop_once());
 }
 
 /// After [`validate_targets`], P2P-safely, the devices that are to run: all to RUNNING_P2P,
@@ -238,7 +252,17 @@ fn wait_commit(
         // A worker's receive already took it.
         Some(Ok(_)) => Ok(()),
         Some(Err(e)) => Err(Fail::Os(e)),
-        None => recv_exact(&Kernel, ch0, &mut b, Bounds::new(abort, limit)),
+        // What is already there first: a commit queued wins over an abort raised meanwhile
+        // (the source, which saw "loaded" verdicts, has reported success). A socket error is
+        // reported once, by this peek if it is pending: it is the answer then.
+        None => match crate::sys::peek(ch0, &mut b) {
+            Ok(0) => return Ok(()),
+            Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                Err(Fail::Os(e))
+            }
+            // Bytes (taken, as before) or nothing yet.
+            _ => recv_exact(&Kernel, ch0, &mut b, Bounds::new(abort, limit)),
+        },
     };
     let why = match got {
         Err(Fail::Eof { .. }) => return Ok(()),
@@ -373,6 +397,7 @@ impl<'a> Receiver<'a> {
             reached_state: None,
             loaded_at: None,
             validated: None,
+            collected: false,
         });
         self
     }
@@ -394,6 +419,7 @@ impl<'a> Receiver<'a> {
             reached_state: None,
             loaded_at: None,
             validated: None,
+            collected: false,
         });
         self
     }
@@ -632,8 +658,12 @@ fn note_leftovers(shared: &RecvShared<'_>) {
     }
 }
 
+/// How long failure verdicts may wait for room on channel 0 (they are best effort).
+const FAILURE_VERDICTS_WAIT: Duration = Duration::from_secs(2);
+
 /// Tells the source, per device, whether it was loaded, validated and put in its final state
-/// (else the error), then `SHUT`. Best effort after a failure: the source may be gone.
+/// (else the error), then `SHUT`. Best effort after a failure (at most
+/// [`FAILURE_VERDICTS_WAIT`], even after the abort): the source may be gone.
 fn send_verdicts<'t>(
     rp: &crate::rp::Writer<'_>,
     ids: impl Iterator<Item = &'t DeviceId>,
@@ -651,9 +681,10 @@ fn send_verdicts<'t>(
         .collect();
     msgs.push(Message::Shut { ok: failure.is_none() });
     // One write: the verdicts are a few hundred bytes, and each write would wake the source.
-    let r = rp.send_batch(&msgs);
     if failure.is_none() {
-        r?;
+        return rp.send_batch(&msgs);
     }
+    // Best effort, and even after the abort the failure raised: the source may be gone.
+    let _ = rp.send_batch_after_failure(&msgs, FAILURE_VERDICTS_WAIT);
     Ok(())
 }

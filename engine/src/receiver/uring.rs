@@ -148,9 +148,9 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     }
 
     /// A device's validator, started with the workers (before the switchover): waits until
-    /// its stream is complete, then walks it RESUMING → STOP (`Target::validate`) off the
-    /// receive path, so a driver's check neither holds up a worker nor waits for the last
-    /// device.
+    /// its stream is complete, then walks it RESUMING → STOP (`Target::validate`, once per
+    /// device whoever comes first: this or the endgame) off the receive path, so a driver's
+    /// check neither holds up a worker nor waits for the last device.
     fn validator(&self, d: DeviceIndex) {
         let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         while !g.complete[d.index()] {
@@ -233,7 +233,7 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
     };
     std::thread::scope(|s| {
         // A validator that cannot be spawned leaves its device to `validate_targets`.
-        let mut validators: Vec<_> = devices
+        let validators: Vec<_> = devices
             .iter()
             .map(|&d| {
                 let shared = &shared;
@@ -259,11 +259,10 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         if shared.wait_complete(handles.len()) {
             // Every device is complete: the endgame (validation of the rest, verdicts) runs
             // now, while the workers cancel their receives, close and exit. Nothing of a
-            // worker touches a device any more; each validator has walked its device.
+            // worker touches a device any more. A validator still walking its device holds
+            // its lock until done; one that did not start yet finds it validated (the
+            // validators are not joined first: a thread's exit took up to 1 ms here).
             shared.end_validators();
-            for v in std::mem::take(&mut validators) {
-                let _ = v.join();
-            }
             let mut guards: Vec<_> =
                 shared.targets.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner())).collect();
             let mut ts: Vec<&mut Target<'_>> = guards.iter_mut().map(|g| &mut ***g).collect();
@@ -345,10 +344,10 @@ fn writer(shared: &Shared<'_, '_, '_, '_, '_>, d: DeviceIndex) -> Result<()> {
                 shared.run.initial_data_loaded(&id)?;
             }
         }
-        shared.written(usize::MAX, d);
         if matches!(next, NextWrite::Config { .. }) {
             shared.loaded(d);
         }
+        shared.written(usize::MAX, d);
         shared.clock.touch();
     }
 }
@@ -854,8 +853,10 @@ impl Worker<'_, '_, '_, '_, '_, '_> {
                 }
                 Some(NextWrite::Config { head, len }) => {
                     apply_config(self.shared, d, head, len)?;
-                    self.written(d);
+                    // Its validator first: `written` may complete the receive and start the
+                    // endgame.
                     self.shared.loaded(d);
+                    self.written(d);
                 }
             }
             // Memory was freed: this worker's parked channels retry after this batch.
