@@ -353,9 +353,9 @@ impl SimDevice {
         }
     }
 
-    /// Ends the resume session whose consumer already closed its end (an accepted drain):
-    /// tells it to exit and joins it later, at the next resume session or the device's drop,
-    /// so that RESUMING→STOP does not wait for a thread to exit.
+    /// Ends the resume session after an accepted drain: tells its consumer to exit (it closes
+    /// the read end, and writers get `EPIPE`) and joins it later, at the next arc out of STOP or
+    /// the device's drop, so that RESUMING→STOP does not wait for a thread.
     fn retire_resume(&mut self) {
         if let Some(s) = self.resume.take() {
             s.signal_stop();
@@ -387,6 +387,10 @@ impl SimDevice {
                 self.set_state(MigState::Error);
             }
             return Err(self.err(format!("{op} (injected fault)"), f.errno));
+        }
+        if from == Stop {
+            // The consumer retired by RESUMING→STOP has exited by now (its end is closed).
+            self.retired = None;
         }
         let mut fd = None;
         match (from, to) {
@@ -430,7 +434,7 @@ impl SimDevice {
         let Some(s) = &self.resume else {
             return Err(self.err(op, libc::EINVAL));
         };
-        let (rep, why) = s.drain_and_report().map_err(|e| self.sys(op, e))?;
+        let (rep, why) = s.drain_and_report();
         self.last_resume = Some(rep);
         if let Some(why) = why {
             return Err(self.err(format!("{op} ({why})"), libc::EINVAL));

@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,6 @@ pub struct ResumeReport {
 #[derive(Debug, Default)]
 struct ResumeCtl {
     stop: bool,
-    drain_req: u64,
-    drained: u64,
     bytes: u64,
     first_bad: Option<u64>,
     /// Why the stream is bad, where more can be said than "content differs".
@@ -46,13 +44,20 @@ struct ResumeCtl {
 #[derive(Debug)]
 struct ResumeShared {
     ctl: Mutex<ResumeCtl>,
-    cv: Condvar,
+    /// The pipe's read end. Held across a read and the accounting of what it read, by the
+    /// consumer (one chunk at a time) or by RESUMING→STOP (which drains what is queued itself,
+    /// without waking the consumer); only the consumer closes it.
+    rfd: Mutex<Option<Arc<OwnedFd>>>,
     wake: EventFd,
 }
 
 impl ResumeShared {
     fn lock(&self) -> MutexGuard<'_, ResumeCtl> {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rfd(&self) -> MutexGuard<'_, Option<Arc<OwnedFd>>> {
+        self.rfd.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -68,6 +73,8 @@ pub(super) struct ResumeSession {
     /// Bytes accepted by [`SimDevice::write_data`](crate::MigrationDevice::write_data) (raw
     /// writes are not counted here).
     accepted: AtomicU64,
+    /// What the consumer checks against, for the drain in RESUMING→STOP.
+    params: ConsumerParams,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -85,23 +92,28 @@ impl ResumeSession {
         // portion (the destination's config must say the same as the source's).
         let pause = cfg.precopy_bytes.min(cfg.size);
         let records = cfg.is_live().then(|| LiveStreamParser::new(cfg.seed, cfg.size, pause));
-        let ctl = ResumeCtl { records, ..Default::default() };
-        let shared = Arc::new(ResumeShared { ctl: Mutex::new(ctl), cv: Condvar::new(), wake: sys::eventfd()? });
-        let sh = Arc::clone(&shared);
+        let mut ctl = ResumeCtl { records, ..Default::default() };
         let p = ConsumerParams {
             seed: cfg.seed,
             size: cfg.size,
             fail_at: cfg.write_error_at,
             throughput: cfg.resume_throughput_bytes_per_sec.filter(|&r| r > 0),
         };
+        if p.fail_at == Some(0) {
+            ctl.closed = true;
+        }
+        let rfd = Mutex::new((p.fail_at != Some(0)).then(|| Arc::new(r)));
+        let shared = Arc::new(ResumeShared { ctl: Mutex::new(ctl), rfd, wake: sys::eventfd()? });
+        let sh = Arc::clone(&shared);
         let thread =
-            std::thread::Builder::new().name(format!("sim-resume-{}", cfg.name)).spawn(move || consume(&sh, r, &p))?;
+            std::thread::Builder::new().name(format!("sim-resume-{}", cfg.name)).spawn(move || consume(&sh, &p))?;
         let s = ResumeSession {
             shared,
             id,
             size: cfg.size,
             bounded: !cfg.is_live(),
             accepted: AtomicU64::new(0),
+            params: p,
             thread: Some(thread),
         };
         Ok((s, w))
@@ -136,30 +148,31 @@ impl ResumeSession {
         self.shared.lock().records.as_mut().map(|r| std::mem::take(&mut r.versions))
     }
 
-    /// Makes the consumer drain everything queued, then reports (RESUMING→STOP). When the
-    /// stream is then acceptable, the consumer closes its end first, so that a write fails with
-    /// `EPIPE` as soon as the transition returned.
-    pub(super) fn drain_and_report(&self) -> io::Result<(ResumeReport, Option<String>)> {
-        let req = {
-            let mut c = self.shared.lock();
-            c.drain_req += 1;
-            c.drain_req
-        };
-        sys::eventfd_signal(&self.shared.wake);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut c = self.shared.lock();
-        while c.drained < req {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+    /// Drains everything queued in the pipe on the caller's thread (as a driver consumes the
+    /// rest of what was written when it leaves RESUMING), then reports. The consumer is not
+    /// woken: it is between two chunks while this holds the read end.
+    pub(super) fn drain_and_report(&self) -> (ResumeReport, Option<String>) {
+        let ConsumerParams { seed, size, fail_at, .. } = self.params;
+        let rfd = self.shared.rfd();
+        if let Some(fd) = rfd.as_ref() {
+            let mut buf = vec![0u8; 64 << 10];
+            // Bounded: a pipe holds at most its capacity, and nothing writes meanwhile.
+            for _ in 0..1_000_000 {
+                let cap = read_cap(&self.shared, fail_at, buf.len());
+                match sys::SysOps::read(&sys::Kernel, fd.as_fd(), &mut buf[..cap]) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if !take_chunk(&self.shared, seed, size, fail_at, &buf[..n]) {
+                            break; // the consumer closes its end (`closed`)
+                        }
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(_) => break, // EAGAIN: empty
+                }
             }
-            c = match self.shared.cv.wait_timeout(c, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
         }
-        drop(c);
-        Ok(self.report())
+        drop(rfd);
+        self.report()
     }
 
     /// Tells the consumer to exit, without waiting for it.
@@ -249,89 +262,92 @@ fn pace_wait(rate: Option<u64>, since: Option<Instant>, bytes: u64) -> Option<Du
     due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
 }
 
-/// The consumer thread's body: drain the pipe, verify, count; answer drain requests. A paced
-/// consumer takes at most one pipe's worth per step and then waits for its rate; a drain
-/// request (RESUMING→STOP) takes what is queued at once.
-fn consume(sh: &ResumeShared, r: OwnedFd, p: &ConsumerParams) {
-    let ConsumerParams { seed, size, fail_at, throughput } = *p;
+/// How much the next read may take: a chunk, or up to the injected write error.
+fn read_cap(sh: &ResumeShared, fail_at: Option<u64>, buf: usize) -> usize {
+    let bytes = sh.lock().bytes;
+    let cap = fail_at.map_or(buf as u64, |f| f.saturating_sub(bytes).min(buf as u64));
+    cap.max(1) as usize
+}
+
+/// What one step of the consumer found.
+enum Took {
+    /// A chunk (or nothing yet): the pipe is open.
+    Open,
+    /// End of file: every writer closed.
+    Eof,
+    /// The read end is closed.
+    Closed,
+}
+
+/// The consumer reads what is queued now (one chunk) under the read end's lock, and closes the
+/// end when the stream is over-long or the injected write error is reached.
+fn consume_some(sh: &ResumeShared, p: &ConsumerParams, buf: &mut [u8]) -> Took {
+    let mut rfd = sh.rfd();
+    loop {
+        if sh.lock().closed {
+            *rfd = None; // writers now get EPIPE
+        }
+        let Some(fd) = rfd.as_ref() else { return Took::Closed };
+        let cap = read_cap(sh, p.fail_at, buf.len());
+        match sys::SysOps::read(&sys::Kernel, fd.as_fd(), &mut buf[..cap]) {
+            Ok(0) => return Took::Eof,
+            Ok(n) => {
+                if !take_chunk(sh, p.seed, p.size, p.fail_at, &buf[..n]) {
+                    *rfd = None;
+                    return Took::Closed;
+                }
+                return Took::Open;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(_) => return Took::Open, // EAGAIN: empty for now
+        }
+    }
+}
+
+/// The consumer thread's body: drain the pipe, verify, count. A paced consumer takes at most one
+/// pipe's worth per step and then waits for its rate (RESUMING→STOP drains the rest itself,
+/// [`ResumeSession::drain_and_report`]).
+fn consume(sh: &ResumeShared, p: &ConsumerParams) {
     let mut paced_since: Option<Instant> = None;
     let mut buf = vec![0u8; 1 << 20];
-    let mut rfd = Some(r);
-    if fail_at == Some(0) {
-        sh.lock().closed = true;
-        rfd = None;
-    }
-    let mut eof = false;
-    // Reads what is queued now; returns when the pipe is empty (EAGAIN) or closed.
-    let mut read_some = |rfd: &mut Option<OwnedFd>, eof: &mut bool, until_empty: bool| {
-        while let Some(fd) = rfd.as_ref() {
-            let bytes = sh.lock().bytes;
-            let cap = fail_at.map_or(buf.len() as u64, |f| f.saturating_sub(bytes).min(buf.len() as u64));
-            let cap = cap.max(1) as usize;
-            match sys::SysOps::read(&sys::Kernel, fd.as_fd(), &mut buf[..cap]) {
-                Ok(0) => {
-                    *eof = true;
-                    return;
-                }
-                Ok(n) => {
-                    if !take_chunk(sh, seed, size, fail_at, &buf[..n]) {
-                        *rfd = None; // writers now get EPIPE
-                        return;
-                    }
-                    if !until_empty {
-                        return;
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(_) => return, // EAGAIN: empty for now
-            }
-        }
-    };
+    let mut open = true;
     loop {
-        let (stop, want) = {
-            let c = sh.lock();
-            (c.stop, c.drain_req)
-        };
-        if stop {
+        if sh.lock().stop {
+            // The read end closes with it: writers now get EPIPE.
+            *sh.rfd() = None;
             return;
         }
-        if want > sh.lock().drained {
-            read_some(&mut rfd, &mut eof, true);
-            let mut c = sh.lock();
-            if why_bad(&c, size).is_none() {
-                // RESUMING→STOP will succeed: writers get EPIPE from its return on. (A failed
-                // one leaves the device in RESUMING with its file open, as mtty does.)
-                rfd = None;
-            }
-            c.drained = want;
-            drop(c);
-            sh.cv.notify_all();
-            continue;
-        }
-        if paced_since.is_none() && throughput.is_some() && sh.lock().bytes > 0 {
+        if paced_since.is_none() && p.throughput.is_some() && sh.lock().bytes > 0 {
             paced_since = Some(Instant::now());
         }
-        if let Some(wait) = pace_wait(throughput, paced_since, sh.lock().bytes) {
+        if let Some(wait) = pace_wait(p.throughput, paced_since, sh.lock().bytes) {
             // A slow device: nothing more is taken from the pipe until it is due, so the
             // writer sees the pipe fill up. Control requests still wake it.
             let _ = sys::poll(&mut [PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN)], Some(wait));
             sys::eventfd_drain(&sh.wake);
             continue;
         }
+        // A reference of its own keeps the read end open while it is polled without the lock
+        // (only this thread closes it, by dropping the shared one and then this one).
+        let data_fd = if open { sh.rfd().clone() } else { None };
         let (woken, readable) = {
             let wake = PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN);
             // The pipe is polled only while it is open and not at EOF.
-            let data = rfd.as_ref().filter(|_| !eof).map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            let data = data_fd.as_ref().map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN));
             let n = if data.is_some() { 2 } else { 1 };
             let mut fds = [wake.clone(), data.unwrap_or(wake)];
             let _ = sys::poll(&mut fds[..n], None);
             (sys::ready(&fds[0]), n == 2 && sys::ready(&fds[1]))
         };
+        drop(data_fd);
         if woken {
             sys::eventfd_drain(&sh.wake);
         }
         if readable {
-            read_some(&mut rfd, &mut eof, false);
+            match consume_some(sh, p, &mut buf) {
+                Took::Open => {}
+                Took::Eof | Took::Closed => open = false,
+            }
         }
     }
 }
