@@ -3,7 +3,7 @@
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vfio_migration::{recover, transition, MigFlags, MigState, MigrationDevice};
@@ -251,14 +251,17 @@ impl<'a> SourceSession<'a> {
         };
         let devices = std::mem::take(&mut self.devices);
         let mut ctl = self.control(&controls, &events, &rp);
+        let park = Park::new(ids.len());
         let (driven, outcomes, verdicts, all_sent) = std::thread::scope(|s| {
+            // Released when this closure ends, even by a panic: the scope then joins them.
+            let _release = ReleaseOnDrop(&park);
             let reader = self.cfg.return_path.then(|| {
                 let (fd, rp, ids, controls, abort) = (shared.channels[0], &rp, &ids, &controls, &self.abort);
                 s.spawn(move || rpath::read(fd, rp, ids, controls, abort))
             });
-            let handles = spawn_devices(s, &shared, backend, devices, &controls);
+            let handles = spawn_devices(s, &shared, backend, devices, &controls, &park);
             let driven = ctl.drive(drive);
-            let outcomes = join_devices(handles, &shared);
+            let outcomes = collect_devices(handles, &park, &shared);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
             if all_sent {
                 // With the two-phase commit, channel 0's FIN waits for the verdicts.
@@ -267,12 +270,20 @@ impl<'a> SourceSession<'a> {
             // Success is reported only for what the destination says it loaded, if it says.
             let verdicts =
                 if all_sent { rp.verdicts(&ids, self.cfg.stall_timeout, &self.abort) } else { Ok(Verdicts::None) };
+            // The commit as soon as the verdicts allow it (the destination's devices start on
+            // it), before any thread of this session is joined.
+            let verdicts = if all_sent { commit_if_loaded(&shared.channels, &rp, verdicts) } else { verdicts };
             rp.stop();
-            drop(reader);
+            // Channel 0 has one reader at a time: the return path's, then the close's.
+            if let Some(Err(_)) = reader.map(std::thread::ScopedJoinHandle::join) {
+                shared.abort.abort();
+            }
+            let verdicts =
+                if all_sent { closing(&shared.channels, &rp, verdicts, &self.cfg, &self.abort) } else { verdicts };
+            // Only now, with the destination done: the device threads' exits.
+            park.release();
             (driven, outcomes, verdicts, all_sent)
         });
-        let verdicts =
-            if all_sent { closing(&shared.channels, &rp, verdicts, &self.cfg, &self.abort) } else { verdicts };
         let (verdicts, destination_err) = judge(verdicts);
         close::before_close(&shared.channels, !all_sent || destination_err.is_some());
         let counters = &shared.counters;
@@ -336,6 +347,23 @@ fn commit(ch0: BorrowedFd<'_>) -> Result<()> {
     })
 }
 
+/// Whether every verdict says loaded.
+fn all_loaded(v: &Verdicts) -> bool {
+    matches!(v, Verdicts::Given(v) if v.iter().all(|(_, x)| *x == Verdict::Loaded))
+}
+
+/// With the two-phase commit, once every verdict says loaded: channel 0's FIN, the commit.
+///
+/// # Errors
+/// The verdicts' error, or [`Error::Channel`] when the FIN cannot be sent.
+fn commit_if_loaded(channels: &[BorrowedFd<'_>], rp: &RpState, verdicts: Result<Verdicts>) -> Result<Verdicts> {
+    let verdicts = verdicts?;
+    if rp.commit() && all_loaded(&verdicts) {
+        commit(channels[0])?;
+    }
+    Ok(verdicts)
+}
+
 /// After every packet was sent and the write sides shut down: with the two-phase commit, once
 /// every verdict says loaded, channel 0's FIN commits; then reads every channel to the
 /// destination's EOF (see `close`), so that closing destroys nothing it has not read. Its
@@ -349,13 +377,9 @@ fn closing(
     abort: &AbortHandle,
 ) -> Result<Verdicts> {
     let verdicts = verdicts?;
-    if rp.commit() {
-        let loaded = matches!(&verdicts, Verdicts::Given(v) if v.iter().all(|(_, x)| *x == Verdict::Loaded));
-        if !loaded {
-            // `judge` reports the failure; no commit, and the close is a reset.
-            return Ok(verdicts);
-        }
-        commit(channels[0])?;
+    if rp.commit() && !all_loaded(&verdicts) {
+        // `judge` reports the failure; no commit, and the close is a reset.
+        return Ok(verdicts);
     }
     let closed =
         rp.unexpected().map_or(Ok(()), Err).and_then(|()| close::await_eof(channels, cfg.stall_timeout, abort));
@@ -618,7 +642,73 @@ struct Outcome<'a> {
     dev: Option<(&'a mut dyn MigrationDevice, MigState)>,
 }
 
-type Handle<'s, 'a> = std::thread::ScopedJoinHandle<'s, Outcome<'a>>;
+type Handle<'s> = std::thread::ScopedJoinHandle<'s, ()>;
+
+/// Where the device threads leave their outcome and then wait until the session releases them
+/// (after the commit): their exit (a ring's task teardown in the kernel) would otherwise take
+/// CPU from the switchover's last steps here and at a destination on the same host.
+struct Park<'a> {
+    st: Mutex<ParkState<'a>>,
+    cv: Condvar,
+}
+
+struct ParkState<'a> {
+    outcomes: Vec<Option<Outcome<'a>>>,
+    released: bool,
+}
+
+impl<'a> Park<'a> {
+    fn new(n: usize) -> Park<'a> {
+        Park {
+            st: Mutex::new(ParkState { outcomes: (0..n).map(|_| None).collect(), released: false }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkState<'a>> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deliver(&self, no: usize, o: Outcome<'a>) {
+        self.lock().outcomes[no] = Some(o);
+        self.cv.notify_all();
+    }
+
+    fn wait_release(&self) {
+        let mut g = self.lock();
+        while !g.released {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn release(&self) {
+        self.lock().released = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until device `no`'s thread delivered its outcome, and takes it.
+    fn take(&self, no: usize) -> Option<Outcome<'a>> {
+        let mut g = self.lock();
+        loop {
+            if let Some(o) = g.outcomes[no].take() {
+                return Some(o);
+            }
+            if g.released {
+                return None;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Releases the parked device threads when dropped (the scope's end, or a panic through it).
+struct ReleaseOnDrop<'p, 'a>(&'p Park<'a>);
+
+impl Drop for ReleaseOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
 
 fn spawn_devices<'s, 'e, 'a: 's>(
     s: &'s std::thread::Scope<'s, 'e>,
@@ -626,16 +716,27 @@ fn spawn_devices<'s, 'e, 'a: 's>(
     backend: BackendKind,
     devices: Vec<SourceDevice<'a>>,
     controls: &'s [DeviceControl],
-) -> Vec<(DeviceId, std::io::Result<Handle<'s, 'a>>)> {
+    park: &'s Park<'a>,
+) -> Vec<(DeviceId, std::io::Result<Handle<'s>>)> {
     devices
         .into_iter()
         .zip(controls)
         .enumerate()
         .map(|(no, (d, control))| {
             let id = d.id.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("vfmfd-src-{no}"))
-                .spawn_scoped(s, move || run_device(shared, backend, DeviceIndex::new(no), d, control));
+            let h = std::thread::Builder::new().name(format!("vfmfd-src-{no}")).spawn_scoped(s, move || {
+                let id = d.id.clone();
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_device(shared, backend, DeviceIndex::new(no), d, control)
+                }))
+                .unwrap_or_else(|_| {
+                    shared.abort.abort();
+                    let e = Error::sys("device thread", std::io::Error::other("panicked"));
+                    Outcome { id, result: Err(e), dev: None }
+                });
+                park.deliver(no, out);
+                park.wait_release();
+            });
             if h.is_err() {
                 shared.abort.abort();
                 control.fail();
@@ -645,16 +746,19 @@ fn spawn_devices<'s, 'e, 'a: 's>(
         .collect()
 }
 
-fn join_devices<'a>(
-    handles: Vec<(DeviceId, std::io::Result<Handle<'_, 'a>>)>,
+/// Every device thread's outcome, as each delivers it (the threads stay parked until released).
+fn collect_devices<'a>(
+    handles: Vec<(DeviceId, std::io::Result<Handle<'_>>)>,
+    park: &Park<'a>,
     shared: &SourceShared<'_>,
 ) -> Vec<Outcome<'a>> {
     handles
         .into_iter()
-        .map(|(id, h)| match h {
-            Ok(h) => h.join().unwrap_or_else(|_| {
+        .enumerate()
+        .map(|(no, (id, h))| match h {
+            Ok(_) => park.take(no).unwrap_or_else(|| {
                 shared.abort.abort();
-                Outcome { id, result: Err(Error::sys("device thread", std::io::Error::other("panicked"))), dev: None }
+                Outcome { id, result: Err(Error::internal("a device thread ended without its outcome")), dev: None }
             }),
             Err(e) => Outcome { id, result: Err(Error::sys("spawn device thread", e)), dev: None },
         })
