@@ -840,11 +840,9 @@ fn markdown(
             let trig: Vec<String> = l.triggers.iter().map(|(t, n)| format!("{t} x{n}")).collect();
             let _ = writeln!(
                 s,
-                "| {} | {:.0} [{:.0}..{:.0}] | {} | {:.2} [{:.2}..{:.2}] | {} | {} | {:.2} [{:.2}..{:.2}] | {} |",
+                "| {} | {} | {} | {:.2} [{:.2}..{:.2}] | {} | {} | {:.2} [{:.2}..{:.2}] | {} |",
                 l.variant.name(),
-                l.ms.median,
-                l.ms.min,
-                l.ms.max,
+                fmt_downtime(&l.ms),
                 l.estimated_ms.map_or("-".to_owned(), |e| format!("{:.0}", e.median)),
                 l.precopy_seconds.median,
                 l.precopy_seconds.min,
@@ -986,4 +984,11 @@ fn rusage(who: libc::c_int) -> f64 {
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// A downtime spread in ms: whole ms, or two decimals under 10 ms (the switchover's fixed
+/// cost is a few ms, where whole ms hide what a change did).
+fn fmt_downtime(ms: &Spread) -> String {
+    let p = if ms.max < 10.0 { 2 } else { 0 };
+    format!("{:.p$} [{:.p$}..{:.p$}]", ms.median, ms.min, ms.max)
 }
