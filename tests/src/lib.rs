@@ -383,3 +383,26 @@ pub fn live_migrate_devices<R>(
     });
     LiveMigration { source, receiver, sources, dests, log }
 }
+
+/// Reads return-path frames from channel 0 (as a raw source) until `SHUT` (type 4, DESIGN 7.3),
+/// at most 10 s; returns the frame types seen, in order, and `SHUT`'s status byte (0: every
+/// device loaded).
+///
+/// # Panics
+/// When the stream ends or times out before `SHUT`.
+pub fn read_until_shut_status(s: &mut std::net::TcpStream) -> (Vec<u16>, u8) {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut seen = Vec::new();
+    loop {
+        let mut h = [0u8; 4];
+        s.read_exact(&mut h).expect("a return-path frame header");
+        let (t, n) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
+        let mut p = vec![0u8; usize::from(n)];
+        s.read_exact(&mut p).expect("a return-path payload");
+        seen.push(t);
+        if t == 4 {
+            return (seen, p.first().copied().unwrap_or(u8::MAX));
+        }
+    }
+}

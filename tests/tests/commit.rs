@@ -50,19 +50,8 @@ fn read_until_shut(s: &mut TcpStream) -> Vec<u16> {
 
 /// The frame types up to `SHUT`, and whether `SHUT` said every device loaded.
 fn read_until_shut_status(s: &mut TcpStream) -> (Vec<u16>, bool) {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let mut h = [0u8; 4];
-        s.read_exact(&mut h).expect("a return-path frame header");
-        let (t, n) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
-        let mut p = vec![0u8; usize::from(n)];
-        s.read_exact(&mut p).expect("a return-path payload");
-        seen.push(t);
-        if t == T_SHUT {
-            return (seen, p == [0]);
-        }
-    }
+    let (seen, status) = vfio_multifd_tests::read_until_shut_status(s);
+    (seen, status == 0)
 }
 
 /// What the raw source does once it has every verdict.

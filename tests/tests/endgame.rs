@@ -51,17 +51,7 @@ fn offer_commit(s: &mut RawSender) {
 
 /// Reads return-path frames until SHUT; returns SHUT's status byte.
 fn read_until_shut(s: &mut TcpStream) -> u8 {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    loop {
-        let mut h = [0u8; 4];
-        s.read_exact(&mut h).expect("a return-path frame header");
-        let (t, n) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
-        let mut p = vec![0u8; usize::from(n)];
-        s.read_exact(&mut p).expect("a return-path payload");
-        if t == 4 {
-            return p[0];
-        }
-    }
+    vfio_multifd_tests::read_until_shut_status(s).1
 }
 
 /// Runs a real source and a receiver over `channels` loopback channels; `watch` gets the
@@ -390,7 +380,9 @@ fn endgame_sixteen_mixed_targets_few_channels_no_leaks() {
         }
         // The sims' consumer threads are joined on drop; give exiting threads a moment.
         let t0 = std::time::Instant::now();
-        while vfio_multifd_tests::threads() > threads && t0.elapsed() < Duration::from_secs(2) {
+        while (vfio_multifd_tests::threads() > threads || vfio_multifd_tests::open_fds() != fds)
+            && t0.elapsed() < Duration::from_secs(2)
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(vfio_multifd_tests::open_fds(), fds, "{b:?}: fds leaked");

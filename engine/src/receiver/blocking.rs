@@ -10,7 +10,7 @@ use crate::blocking::{recv_exact, write_all, Bounds, Fail};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex};
 use crate::pool::{BufferPool, SpanGuard, SpanLocks};
-use crate::receiver::core::{reorder_wait, RecvState};
+use crate::receiver::core::{reorder_wait, RecvState, WriterNext};
 use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Piece, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::sys::Kernel;
@@ -310,15 +310,10 @@ fn writer_thread(shared: &Shared<'_, '_, '_>, d: DeviceIndex, t: &mut Target<'_>
         let next = {
             let mut g = shared.lock();
             loop {
-                if g.failed() || shared.run.abort.is_aborted() || g.reassembly.finished(d) {
-                    return Ok(());
-                }
-                if let Some(w) = g.reassembly.next_write(d) {
-                    break w;
-                }
-                // Every channel closed and nothing more can come for this device.
-                if g.all_closed() {
-                    return Ok(());
+                match g.writer_next(d, shared.run.abort.is_aborted()) {
+                    WriterNext::Write(w) => break w,
+                    WriterNext::End => return Ok(()),
+                    WriterNext::Wait => {}
                 }
                 if shared.clock.idle_for() > shared.run.cfg.stall_timeout {
                     return Err(shared.stalled(Some(&g), format!("device {}: no packet to write", t.id)));

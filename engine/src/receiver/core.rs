@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::error::{BudgetStall, Error, Missing, Result};
-use crate::ids::ChannelId;
+use crate::ids::{ChannelId, DeviceIndex};
 use crate::receiver::accept::Channels;
-use crate::receiver::reassembly::{Admit, Admitted, Reassembly, Refusal};
+use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly, Refusal};
 use crate::wire::{DeviceStateHeader, VfioPacketHeader};
 
 /// Most warnings kept word for word; the rest are counted.
@@ -343,6 +343,22 @@ impl<'r> RecvState<'r> {
         Error::keep_root_cause(&mut self.err, e);
     }
 
+    /// What device `d`'s writer thread does next (both backends' writer threads): write the
+    /// next packet in index order, wait for it, or end (its stream is complete, the receive
+    /// failed or was aborted, or every channel ended and nothing more can come).
+    pub(crate) fn writer_next(&mut self, d: DeviceIndex, aborted: bool) -> WriterNext {
+        if self.failed() || aborted || self.reassembly.finished(d) {
+            return WriterNext::End;
+        }
+        if let Some(w) = self.reassembly.next_write(d) {
+            return WriterNext::Write(w);
+        }
+        if self.all_closed() {
+            return WriterNext::End;
+        }
+        WriterNext::Wait
+    }
+
     /// Whether a failure was recorded.
     pub(crate) fn failed(&self) -> bool {
         self.err.is_some()
@@ -369,6 +385,16 @@ impl<'r> RecvState<'r> {
         }
         self.reassembly.incomplete_error().map_or(Ok(()), Err)
     }
+}
+
+/// A writer thread's next step ([`RecvState::writer_next`]).
+pub(crate) enum WriterNext {
+    /// Write (or apply) this.
+    Write(NextWrite),
+    /// Nothing writable yet.
+    Wait,
+    /// The writer is done.
+    End,
 }
 
 /// Errors about what a channel delivered (as opposed to local or device failures).

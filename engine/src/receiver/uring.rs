@@ -41,7 +41,7 @@ use crate::device_io::{classify, classify_write, from_cqe, IoStep, Retries};
 use crate::error::{Error, Result, Stage};
 use crate::ids::{ChannelId, DeviceIndex, PacketIndex};
 use crate::pool::BufferPool;
-use crate::receiver::core::{reorder_wait, RecvState};
+use crate::receiver::core::{reorder_wait, RecvState, WriterNext};
 use crate::receiver::reassembly::{Admit, Admitted, NextWrite, Reassembly};
 use crate::receiver::{RecvShared, Target};
 use crate::uring::{
@@ -319,15 +319,10 @@ fn writer(shared: &Shared<'_, '_, '_, '_, '_>, d: DeviceIndex) -> Result<()> {
         let next = {
             let mut g = shared.lock();
             loop {
-                if g.failed() || shared.run.abort.is_aborted() || g.reassembly.finished(d) {
-                    return Ok(());
-                }
-                if let Some(w) = g.reassembly.next_write(d) {
-                    break w;
-                }
-                // Every channel ended: nothing more can come for this device.
-                if g.all_closed() {
-                    return Ok(());
+                match g.writer_next(d, shared.run.abort.is_aborted()) {
+                    WriterNext::Write(w) => break w,
+                    WriterNext::End => return Ok(()),
+                    WriterNext::Wait => {}
                 }
                 g = shared.wake[d.index()].wait_timeout(g, TICK).unwrap_or_else(|p| p.into_inner()).0;
             }
