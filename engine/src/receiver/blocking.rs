@@ -192,7 +192,8 @@ fn channel_thread(shared: &Shared<'_, '_, '_>, c: ChannelId) -> Result<()> {
         let a = {
             let mut g = shared.lock();
             loop {
-                if g.failed() {
+                // The abort too: a writer stops at it, and memory then never comes back.
+                if g.failed() || shared.run.abort.is_aborted() {
                     return Err(Error::Aborted);
                 }
                 match g.admit(c, &h, v)? {
