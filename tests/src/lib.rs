@@ -205,9 +205,14 @@ pub fn receive_from<F: FnOnce(std::net::SocketAddr)>(
     (res, dests)
 }
 
-/// Number of threads of this process.
+/// Number of threads of this process, not counting the kernel's io_uring workers (`iou-wrk-*`,
+/// `iou-sqp-*`): io-wq starts them on demand and they exit by themselves only after being idle
+/// for a while, so they come and go across tests without being anyone's leak.
 pub fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    dir.filter_map(std::result::Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).map_or(true, |c| !c.starts_with("iou-")))
+        .count()
 }
 
 /// Why the io_uring backend cannot run on this machine, or `None` if it can. The only place
