@@ -148,8 +148,14 @@ impl RawSender {
 
     /// Sends a valid init packet with id `id` and the all-zero UUID on channel `c`.
     pub fn init(&mut self, c: usize, id: u8) {
+        self.init_offering(c, id, 0);
+    }
+
+    /// As [`RawSender::init`], offering the extension bits `offer` (on channel 0, the return
+    /// path and the commit: `wire::EXT_RETURN_PATH | wire::EXT_COMMIT`).
+    pub fn init_offering(&mut self, c: usize, id: u8, offer: u8) {
         let mut b = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
-        vfio_multifd::wire::InitPacket { uuid: [0; 16], id, offer: 0 }.encode(&mut b).unwrap();
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id, offer }.encode(&mut b).unwrap();
         self.raw(c, &b);
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::{MigState, MigrationDevice};
-use vfio_multifd::wire::{InitPacket, EXT_COMMIT, EXT_RETURN_PATH, INIT_PACKET_LEN, PACKET_OVERHEAD};
+use vfio_multifd::wire::{EXT_COMMIT, EXT_RETURN_PATH, PACKET_OVERHEAD};
 use vfio_multifd::{Backend, Error, ReceiverConfig};
 use vfio_multifd_tests::{dev_id, each_backend, receive_from, sim_bytes, RawSender};
 
@@ -71,9 +71,7 @@ fn run(b: Backend, then: Then, stall: Duration) -> (vfio_multifd::Result<vfio_mu
     let cfg = SimConfig::new("dst0", (PACKETS * PKT) as u64, 17);
     let (res, mut dests) = receive_from(std::slice::from_ref(&cfg), 2, rcfg(b, stall), |addr| {
         let mut s = RawSender::connect(addr, 2);
-        let mut init = [0u8; INIT_PACKET_LEN];
-        InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }.encode(&mut init).unwrap();
-        s.raw(0, &init);
+        s.init_offering(0, 0, EXT_RETURN_PATH | EXT_COMMIT);
         s.init(1, 1);
         s.chans[0].write_all(&stream(&cfg)).unwrap();
         s.chans[1].shutdown(Shutdown::Write).unwrap();
@@ -144,9 +142,7 @@ fn commit_fin_before_the_verdicts_is_no_commit() {
         let cfg = SimConfig::new("dst0", (PACKETS * PKT) as u64, 17);
         let (res, mut dests) = receive_from(std::slice::from_ref(&cfg), 2, rcfg(b, Duration::from_secs(5)), |addr| {
             let mut s = RawSender::connect(addr, 2);
-            let mut init = [0u8; INIT_PACKET_LEN];
-            InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }.encode(&mut init).unwrap();
-            s.raw(0, &init);
+            s.init_offering(0, 0, EXT_RETURN_PATH | EXT_COMMIT);
             s.init(1, 1);
             s.chans[0].write_all(&stream(&cfg)).unwrap();
             s.finish();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use vfio_migration::sim::{ArcFault, FaultLeave, SimConfig, SimDevice};
 use vfio_migration::{MigState, MigrationDevice};
-use vfio_multifd::wire::{InitPacket, EXT_COMMIT, EXT_RETURN_PATH, INIT_PACKET_LEN, PACKET_OVERHEAD};
+use vfio_multifd::wire::{EXT_COMMIT, EXT_RETURN_PATH, PACKET_OVERHEAD};
 use vfio_multifd::{Backend, Error, Receiver, ReceiverConfig, SourceConfig};
 use vfio_multifd_tests::{dev_id, each_backend, migrate_with, receive_from, sim_bytes, RawSender};
 
@@ -44,9 +44,7 @@ fn packet(dev: usize, idx: u32, config: bool, data: &[u8]) -> Vec<u8> {
 }
 
 fn offer_commit(s: &mut RawSender) {
-    let mut init = [0u8; INIT_PACKET_LEN];
-    InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }.encode(&mut init).unwrap();
-    s.raw(0, &init);
+    s.init_offering(0, 0, EXT_RETURN_PATH | EXT_COMMIT);
 }
 
 /// Reads return-path frames until SHUT; returns SHUT's status byte.
