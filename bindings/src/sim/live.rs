@@ -375,6 +375,20 @@ impl LiveImage {
         }
     }
 
+    /// In STOP_COPY (`running` false): whether the stream has nothing left to produce, as
+    /// [`LiveImage::plan`] would find with `finale` (everything held is released first, as
+    /// `plan` does).
+    pub(super) fn finale_empty(&mut self, running: bool) -> bool {
+        let size = self.size;
+        let Some(t) = &mut self.track else { return true };
+        if !t.release_all {
+            t.release_all = true;
+            t.queue.extend(t.held.drain(..));
+            t.queue_bytes += std::mem::take(&mut t.held_bytes);
+        }
+        !running && t.base_reserved >= size && t.queue.is_empty()
+    }
+
     /// How long an idle producer waits before it looks for new dirtying by itself: only in
     /// PRE_COPY with continuous release and background dirtying (otherwise new records come
     /// with a wake-up: a guest write, PRECOPY_INFO, a state change).

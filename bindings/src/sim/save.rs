@@ -33,6 +33,11 @@ struct SaveShared {
     done: AtomicBool,
     /// Wakes the producer (control changed, or new dirty records).
     wake: Arc<EventFd>,
+    /// A live producer's end of the fd while it waits for work with nothing in flight; the
+    /// device may close it there (`enter_stop_copy`) to end the stream without a wake-up.
+    parked: Mutex<Option<Output>>,
+    /// The producer may be bypassed so (a live stream without `truncate_at` or a read error).
+    may_bypass: bool,
 }
 
 /// Parameters the producer thread needs.
@@ -121,6 +126,8 @@ impl SaveSession {
             inflight: AtomicU64::new(0),
             done: AtomicBool::new(false),
             wake: Arc::new(sys::eventfd()?),
+            parked: Mutex::new(None),
+            may_bypass: core.is_some() && !socket && cfg.truncate_at.is_none(),
         });
         let params = ProducerParams {
             seed: cfg.seed,
@@ -172,6 +179,8 @@ impl SaveSession {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // A producer stopped while it waited leaves its end here: close it.
+        drop(self.shared.parked.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(c) = &self.core {
             if let Some(l) = &mut c.lock().live {
                 l.track = None;
@@ -179,9 +188,28 @@ impl SaveSession {
         }
     }
 
-    /// PRE_COPY(_P2P) → STOP_COPY: the same stream continues to the end.
+    /// PRE_COPY(_P2P) → STOP_COPY: the same stream continues to the end. When a live
+    /// device's producer waits with nothing in flight and nothing is left to produce, the
+    /// stream ends here, on the caller's thread (as a driver that saves its last state in the
+    /// state change itself): the producer's wake-up would add to the switchover.
     pub(super) fn enter_stop_copy(&self) {
         self.shared.finale.store(true, Ordering::Release);
+        if self.shared.may_bypass {
+            if let Some(core) = &self.core {
+                let mut g = core.lock();
+                g.tick();
+                let running = is_running(g.state);
+                let at_end = g.live.as_mut().is_some_and(|l| l.finale_empty(running));
+                let mut parked = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+                if at_end && parked.is_some() {
+                    // EOF for the reader once it has drained the pipe. The producer stays
+                    // parked until the session ends (`stop_producer` wakes it).
+                    drop(parked.take());
+                    self.shared.done.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }
         sys::eventfd_signal(&self.shared.wake);
     }
 
@@ -373,7 +401,7 @@ fn produce(sh: &SaveShared, p: &ProducerParams, out: Output) {
 
 /// The producer thread's body for a live device: it asks the device's books what comes next
 /// (base bytes, dirty records, nothing for now, or the end) and writes it.
-fn produce_live(sh: &SaveShared, p: &ProducerParams, core: &DevCore, out: Output) {
+fn produce_live(sh: &SaveShared, p: &ProducerParams, core: &DevCore, mut out: Output) {
     let mut buf = Vec::with_capacity(p.chunk);
     let start = Instant::now();
     let mut produced = 0u64;
@@ -396,7 +424,13 @@ fn produce_live(sh: &SaveShared, p: &ProducerParams, core: &DevCore, out: Output
         let plan = next_plan(sh, core, finale, (cap - produced).min(p.chunk as u64));
         match plan {
             Plan::Idle(t) => {
+                // Nothing in flight: the device may end the stream meanwhile.
+                *sh.parked.lock().unwrap_or_else(|q| q.into_inner()) = Some(out);
                 wait_wake(&sh.wake, t);
+                let Some(o) = sh.parked.lock().unwrap_or_else(|q| q.into_inner()).take() else {
+                    return; // the device ended the stream
+                };
+                out = o;
                 continue;
             }
             Plan::Eof => return,
