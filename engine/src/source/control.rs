@@ -1,11 +1,12 @@
 //! How the session's controller (the VMM's thread) and the device threads talk: a command
 //! mailbox per device with an eventfd that wakes the device's loop, an acknowledgement the
-//! controller waits for, and the device's live status.
+//! controller waits for (set-up done), and the device's live status.
 //!
-//! Commands only move forward (`Prepare` → `PreCopy` → `Quiesce` → `StopCopy`), and a device
-//! thread applies them only between I/O steps, so a state change never races a read of the
-//! same device. The controller waits for *every* device to acknowledge `Quiesce` before it
-//! sends any `StopCopy`: that barrier is the P2P ordering rule.
+//! Commands only move forward (`Prepare` → `PreCopy` → `Quiesce` → `StopCopy`). The controller
+//! makes each command's state changes itself, on every device, before it posts the command
+//! (`device::DeviceSlot`): every device is quiesced before any goes to STOP_COPY, which is the
+//! P2P ordering rule. A device thread takes over what a change left (a data fd, what it may
+//! read now) between I/O steps.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -201,10 +202,18 @@ impl DeviceControl {
         self.events.push(e);
     }
 
-    /// Asks the device to move on to `c` (never backwards) and wakes its loop.
+    /// Tells the device thread that the session moved on to `c` (never backwards) and wakes
+    /// its loop.
     pub(crate) fn command(&self, c: Command) {
-        self.want.fetch_max(c as u8, Ordering::SeqCst);
+        self.post(c);
         self.waker.signal();
+    }
+
+    /// As [`DeviceControl::command`], without the wake-up: for a change after which the
+    /// device thread has nothing to do (it learns of it with the next command, or when it
+    /// next looks).
+    pub(crate) fn post(&self, c: Command) {
+        self.want.fetch_max(c as u8, Ordering::SeqCst);
     }
 
     /// The next command to apply after `applied`, if one is waiting. `PreCopy` is optional
@@ -235,10 +244,13 @@ impl DeviceControl {
         self.cv.notify_all();
     }
 
-    /// The device failed: every waiter gives up on it.
+    /// The device failed: every waiter gives up on it (once: its event is reported once).
     pub(crate) fn fail(&self) {
-        *self.lock_ack() = Ack::Failed;
+        let was = std::mem::replace(&mut *self.lock_ack(), Ack::Failed);
         self.cv.notify_all();
+        if was == Ack::Failed {
+            return;
+        }
         let id = {
             let mut st = self.status();
             st.phase = SourcePhase::Failed;

@@ -1,6 +1,6 @@
-//! One source device as its thread sees it: the device (or a raw fd), its data fd, and the
-//! phase machine that applies the controller's commands. The state changes of a session are
-//! written here once, for both backends:
+//! One source device: the state changes of a session, which the controller makes
+//! ([`DeviceSlot::change`]), and the device as its thread sees it ([`DeviceCtx`]: its data fd,
+//! what it may read now). Written once, for both backends:
 //!
 //! | command | device with the flag | state change (uAPI) |
 //! |---|---|---|
@@ -13,6 +13,7 @@
 //! (`Source::add_data_fd`) is walked by its owner; for it the commands only change what is read.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use vfio_migration::{transition, MigFlags, MigState, MigrationDevice, ReadOutcome};
@@ -43,21 +44,230 @@ pub(crate) enum PrecopyStep {
     Idle,
 }
 
+/// A device the session walks, shared by the controller (the VMM's thread), which makes every
+/// state change of the session itself (`change`), and the device's thread, which reads the
+/// device's data and config between them. The lock serialises the two, so a state change
+/// never races a pre-copy read or a `PRECOPY_INFO` of the same device.
+///
+/// The controller makes the changes, one device after the other, as QEMU does at `vm_stop`:
+/// a hand-off to the device threads and back costs two thread wake-ups per device and phase,
+/// which on a busy 2-CPU host is most of a switchover that moves no data.
+pub(crate) struct DeviceSlot<'d> {
+    id: DeviceId,
+    walk: Mutex<Walk<'d>>,
+}
+
+/// A device after its session: its id, the device (if the engine walks it) with where a
+/// successful session leaves it, and the error of a state change that failed.
+pub(crate) type Walked<'d> = (DeviceId, Option<(&'d mut (dyn MigrationDevice + 'd), MigState)>, Option<Error>);
+
+/// What the lock of a [`DeviceSlot`] guards.
+struct Walk<'d> {
+    /// `None` for a raw data fd (walked by its owner: the commands only change what is read).
+    dev: Option<&'d mut (dyn MigrationDevice + 'd)>,
+    flags: MigFlags,
+    /// Where a successful session leaves the device (`None` for a raw data fd).
+    final_state: Option<MigState>,
+    /// The last command whose state change was made.
+    made: Command,
+    /// RUNNING → PRE_COPY gave the save data fd (handed to the device thread).
+    precopy_fd: bool,
+    /// A data fd a state change created, until the device thread takes it.
+    handoff: Option<OwnedFd>,
+    /// A state change that failed: the device's own error, the session's root cause.
+    failure: Option<Error>,
+}
+
+impl<'d> DeviceSlot<'d> {
+    /// A device the engine walks, in RUNNING; `final_state`: where a successful session
+    /// leaves it.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when its migration flags cannot be read.
+    pub(crate) fn device(
+        id: DeviceId,
+        dev: &'d mut (dyn MigrationDevice + 'd),
+        final_state: MigState,
+    ) -> Result<DeviceSlot<'d>> {
+        let flags = dev.migration_flags().map_err(|e| Error::Device { device: id.clone(), source: e })?;
+        Ok(DeviceSlot::new(id, Some(dev), flags, Some(final_state)))
+    }
+
+    /// A raw data stream, walked by its owner.
+    pub(crate) fn raw(id: DeviceId) -> DeviceSlot<'d> {
+        DeviceSlot::new(id, None, MigFlags::STOP_COPY, None)
+    }
+
+    fn new(
+        id: DeviceId,
+        dev: Option<&'d mut (dyn MigrationDevice + 'd)>,
+        flags: MigFlags,
+        final_state: Option<MigState>,
+    ) -> DeviceSlot<'d> {
+        let walk =
+            Walk { dev, flags, final_state, made: Command::Prepare, precopy_fd: false, handoff: None, failure: None };
+        DeviceSlot { id, walk: Mutex::new(walk) }
+    }
+
+    /// The device's id.
+    pub(crate) fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Walk<'d>> {
+        self.walk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device (if the engine walks it), where a successful session leaves it, and the
+    /// error of a state change that failed.
+    pub(crate) fn into_parts(self) -> Walked<'d> {
+        let w = self.walk.into_inner().unwrap_or_else(|p| p.into_inner());
+        (self.id, w.dev.zip(w.final_state), w.failure)
+    }
+
+    /// Makes the state change of command `c` (the table above) on the controller's thread;
+    /// the caller then tells the device thread (`DeviceControl::command`). A command already
+    /// made (or skipped: `PreCopy` is optional) is not made again.
+    ///
+    /// # Errors
+    /// [`Error::Aborted`] when the session was aborted before the change, or when the change
+    /// failed: the device's own error is then kept for the session's result, the device is
+    /// marked failed and the session aborted.
+    pub(crate) fn change(&self, c: Command, control: &DeviceControl, abort: &AbortHandle) -> Result<()> {
+        let mut w = self.lock();
+        if w.made >= c {
+            return Ok(());
+        }
+        if abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
+        match w.make(&self.id, c, control) {
+            Ok(()) => {
+                w.made = c;
+                drop(w);
+                control.status().phase = match c {
+                    Command::Prepare => SourcePhase::Prepared,
+                    Command::PreCopy => SourcePhase::PreCopy,
+                    Command::Quiesce => SourcePhase::Quiesced,
+                    Command::StopCopy => SourcePhase::StopCopy,
+                };
+                Ok(())
+            }
+            Err(e) => {
+                w.failure.get_or_insert(e);
+                drop(w);
+                abort.abort();
+                control.fail();
+                Err(Error::Aborted)
+            }
+        }
+    }
+}
+
+impl Walk<'_> {
+    fn make(&mut self, id: &DeviceId, c: Command, control: &DeviceControl) -> Result<()> {
+        let protocol = |dev: &dyn MigrationDevice, what: &str| Error::Device {
+            device: id.clone(),
+            source: vfio_migration::Error::Protocol { device: dev.name().to_owned(), what: what.into() },
+        };
+        let flags = self.flags;
+        let Some(dev) = self.dev.as_deref_mut() else { return Ok(()) };
+        let walk = |dev: &mut dyn MigrationDevice, to: MigState| {
+            transition(dev, to).map(|t| t.data_fd).map_err(|e| Error::Device { device: id.clone(), source: e })
+        };
+        match c {
+            Command::Prepare => {}
+            Command::PreCopy => {
+                control.status().stop_copy_size = dev.stop_copy_size().ok();
+                if flags.contains(MigFlags::PRE_COPY) {
+                    let fd = walk(dev, MigState::PreCopy)?
+                        .ok_or_else(|| protocol(dev, "RUNNING -> PRE_COPY gave no data fd"))?;
+                    control.status().precopy = true;
+                    refresh_status(id, dev, fd.as_fd(), control)?;
+                    self.precopy_fd = true;
+                    self.handoff = Some(fd);
+                } else {
+                    // No pre-copy stream: no initial data to wait for (QEMU does not count such
+                    // a device for switchover-ack either).
+                    control.status().initial_data_sent = true;
+                }
+            }
+            Command::Quiesce => {
+                if flags.contains(MigFlags::P2P) {
+                    let target = if self.precopy_fd { MigState::PreCopyP2p } else { MigState::RunningP2p };
+                    if walk(dev, target)?.is_some() {
+                        return Err(protocol(dev, "a walk to a P2P state created a data fd"));
+                    }
+                }
+            }
+            Command::StopCopy => {
+                match (walk(dev, MigState::StopCopy)?, self.precopy_fd) {
+                    // Only a walk through STOP makes a new fd: the pre-copy stream would be lost.
+                    (Some(_), true) => return Err(protocol(dev, "PRE_COPY -> STOP_COPY created a new data fd")),
+                    (Some(fd), false) => self.handoff = Some(fd),
+                    (None, true) => {}
+                    (None, false) => {
+                        return Err(protocol(
+                            dev,
+                            "the device was already in STOP_COPY: its data stream was started by someone else",
+                        ))
+                    }
+                }
+                let mut st = control.status();
+                st.initial_bytes = 0;
+                st.dirty_bytes = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads PRECOPY_INFO and MIG_DATA_SIZE into the status; returns how many bytes may be read
+/// now. Marks the initial data sent once PRECOPY_INFO reports none left.
+fn refresh_status(
+    id: &DeviceId,
+    dev: &dyn MigrationDevice,
+    fd: BorrowedFd<'_>,
+    control: &DeviceControl,
+) -> Result<u64> {
+    let info = dev.precopy_info(fd).map_err(|e| Error::Device { device: id.clone(), source: e })?;
+    let size = dev.stop_copy_size().ok();
+    let mut st = control.status();
+    st.initial_bytes = info.initial_bytes;
+    st.dirty_bytes = info.dirty_bytes;
+    st.stop_copy_size = size.or(st.stop_copy_size);
+    drop(st);
+    if info.initial_bytes == 0 {
+        initial_data_sent(control);
+    }
+    Ok(info.initial_bytes.saturating_add(info.dirty_bytes))
+}
+
+/// Marks the initial data as read and queued (once), with its event.
+fn initial_data_sent(control: &DeviceControl) {
+    let mut st = control.status();
+    if !st.initial_data_sent {
+        st.initial_data_sent = true;
+        let id = st.id.clone();
+        drop(st);
+        control.event(SessionEvent::InitialDataSent(id));
+    }
+}
+
 /// What a backend's device loop reads from and reports to.
-/// `'a`: what the device thread borrows for its run; `'d`: the device itself, handed back at the
-/// end for the session's epilogue.
+/// `'a`: what the device thread borrows for its run; `'d`: the device itself.
 pub(crate) struct DeviceCtx<'a, 'd: 'a> {
     pub(crate) id: &'a DeviceId,
     pub(crate) dev_no: DeviceIndex,
     pub(crate) control: &'a DeviceControl,
     abort: &'a AbortHandle,
-    dev: Option<&'d mut (dyn MigrationDevice + 'd)>,
-    flags: MigFlags,
+    slot: &'a DeviceSlot<'d>,
     raw_config: &'a [u8],
     /// A raw stream's expected length (a regular file's size from its offset when added).
     raw_len: Option<u64>,
     owned_fd: Option<OwnedFd>,
     raw_fd: Option<BorrowedFd<'a>>,
+    /// The last command taken over from the controller.
     applied: Command,
     phase: SourcePhase,
     marker_sent: bool,
@@ -66,56 +276,47 @@ pub(crate) struct DeviceCtx<'a, 'd: 'a> {
 }
 
 impl<'a, 'd> DeviceCtx<'a, 'd> {
-    /// A context for a device the engine walks.
-    ///
-    /// # Errors
-    /// [`Error::Device`] when its migration flags cannot be read.
+    /// A context for a device the engine walks (the controller makes its state changes).
     pub(crate) fn device(
-        id: &'a DeviceId,
+        slot: &'a DeviceSlot<'d>,
         dev_no: DeviceIndex,
         control: &'a DeviceControl,
         abort: &'a AbortHandle,
-        dev: &'d mut (dyn MigrationDevice + 'd),
         precopy_cap: u64,
-    ) -> Result<DeviceCtx<'a, 'd>> {
-        let flags = dev.migration_flags().map_err(|e| Error::Device { device: id.clone(), source: e })?;
-        Ok(DeviceCtx::new(id, dev_no, control, abort, Some(dev), flags, &[], None, precopy_cap))
+    ) -> DeviceCtx<'a, 'd> {
+        DeviceCtx::new(slot, dev_no, control, abort, &[], None, precopy_cap)
     }
 
     /// A context for a raw readable stream (already in STOP_COPY, or a file) and its config;
     /// `len`: the stream's length when known (a regular file's), checked before the config.
     pub(crate) fn raw(
-        id: &'a DeviceId,
+        slot: &'a DeviceSlot<'d>,
         dev_no: DeviceIndex,
         control: &'a DeviceControl,
         abort: &'a AbortHandle,
         fd: BorrowedFd<'a>,
         (config, len): (&'a [u8], Option<u64>),
     ) -> DeviceCtx<'a, 'd> {
-        let mut ctx = DeviceCtx::new(id, dev_no, control, abort, None, MigFlags::STOP_COPY, config, Some(fd), 0);
+        let mut ctx = DeviceCtx::new(slot, dev_no, control, abort, config, Some(fd), 0);
         ctx.raw_len = len;
         ctx
     }
 
-    #[allow(clippy::too_many_arguments)] // the two constructors above are the interface
     fn new(
-        id: &'a DeviceId,
+        slot: &'a DeviceSlot<'d>,
         dev_no: DeviceIndex,
         control: &'a DeviceControl,
         abort: &'a AbortHandle,
-        dev: Option<&'d mut (dyn MigrationDevice + 'd)>,
-        flags: MigFlags,
         raw_config: &'a [u8],
         raw_fd: Option<BorrowedFd<'a>>,
         precopy_cap: u64,
     ) -> DeviceCtx<'a, 'd> {
         DeviceCtx {
-            id,
+            id: &slot.id,
             dev_no,
             control,
             abort,
-            dev,
-            flags,
+            slot,
             raw_config,
             raw_len: None,
             owned_fd: None,
@@ -128,11 +329,10 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
         }
     }
 
-    /// Gives the device back (for the session's epilogue), closing the data fd first: the save
-    /// session ends with the walk that follows.
-    pub(crate) fn into_device(mut self) -> Option<&'d mut (dyn MigrationDevice + 'd)> {
+    /// Closes the data fd: the save session ends with the walk that follows (the session's
+    /// epilogue).
+    pub(crate) fn close_data_fd(&mut self) {
         self.owned_fd = None;
-        self.dev.take()
     }
 
     /// The fd to read: the save data fd, or the raw stream.
@@ -153,126 +353,61 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
         Error::Device { device: self.id.clone(), source: e }
     }
 
-    /// Applies every command waiting for this device, in order; returns whether any was
-    /// applied.
+    /// Takes over every state change the controller made since the last call, in order: the
+    /// data fd a change created, and what may be read now. Returns whether there was any.
     ///
     /// # Errors
-    /// [`Error::Aborted`] when the session was aborted before a state change;
-    /// [`Error::Device`] when a state change failed.
+    /// [`Error::Aborted`] when the session was aborted.
     pub(crate) fn apply_commands(&mut self) -> Result<bool> {
         let mut any = false;
         while let Some(c) = self.control.pending(self.applied) {
             if self.abort.is_aborted() {
                 return Err(Error::Aborted);
             }
-            self.apply(c)?;
+            // The fd of RUNNING → PRE_COPY, or of STOP → STOP_COPY (a device without
+            // PRE_COPY); a device thread that missed `PreCopy` gets its fd with `Quiesce`.
+            if let Some(fd) = self.slot.lock().handoff.take() {
+                self.owned_fd = Some(fd);
+            }
+            self.phase = match c {
+                Command::Prepare => SourcePhase::Prepared,
+                Command::PreCopy => SourcePhase::PreCopy,
+                Command::Quiesce => SourcePhase::Quiesced,
+                Command::StopCopy => {
+                    self.stop_copy_start = Instant::now();
+                    SourcePhase::StopCopy
+                }
+            };
             self.applied = c;
-            self.control.status().phase = self.phase;
             self.control.ack(c);
             any = true;
         }
         Ok(any)
     }
 
-    fn apply(&mut self, c: Command) -> Result<()> {
-        match c {
-            Command::Prepare => {}
-            Command::PreCopy => {
-                if let Some(dev) = self.dev.as_deref() {
-                    self.control.status().stop_copy_size = dev.stop_copy_size().ok();
-                }
-                if self.flags.contains(MigFlags::PRE_COPY) && self.dev.is_some() {
-                    let fd = self.walk(MigState::PreCopy)?;
-                    self.owned_fd = Some(fd.ok_or_else(|| self.protocol("RUNNING -> PRE_COPY gave no data fd"))?);
-                    self.control.status().precopy = true;
-                    self.refresh_status()?;
-                } else {
-                    // No pre-copy stream: no initial data to wait for (QEMU does not count such
-                    // a device for switchover-ack either).
-                    self.control.status().initial_data_sent = true;
-                }
-                self.phase = SourcePhase::PreCopy;
-            }
-            Command::Quiesce => {
-                if self.flags.contains(MigFlags::P2P) && self.dev.is_some() {
-                    let target = if self.owned_fd.is_some() { MigState::PreCopyP2p } else { MigState::RunningP2p };
-                    if self.walk(target)?.is_some() {
-                        return Err(self.protocol("a walk to a P2P state created a data fd"));
-                    }
-                }
-                self.phase = SourcePhase::Quiesced;
-            }
-            Command::StopCopy => {
-                if self.dev.is_some() {
-                    match (self.walk(MigState::StopCopy)?, &self.owned_fd) {
-                        (Some(_), Some(_)) => {
-                            // Only a walk through STOP makes a new fd: the pre-copy stream would
-                            // be lost.
-                            return Err(self.protocol("PRE_COPY -> STOP_COPY created a new data fd"));
-                        }
-                        (Some(fd), None) => self.owned_fd = Some(fd),
-                        (None, Some(_)) => {}
-                        (None, None) => {
-                            return Err(self.protocol(
-                                "the device was already in STOP_COPY: its data stream was started by someone else",
-                            ))
-                        }
-                    }
-                }
-                self.phase = SourcePhase::StopCopy;
-                self.stop_copy_start = Instant::now();
-                let mut st = self.control.status();
-                st.initial_bytes = 0;
-                st.dirty_bytes = 0;
-            }
-        }
-        Ok(())
-    }
-
-    fn walk(&mut self, to: MigState) -> Result<Option<OwnedFd>> {
-        let id = self.id;
-        let dev = self.dev.as_deref_mut().ok_or_else(|| Error::internal("walk of a raw fd"))?;
-        transition(dev, to).map(|t| t.data_fd).map_err(|e| Error::Device { device: id.clone(), source: e })
-    }
-
-    fn protocol(&self, what: &str) -> Error {
-        let device = self.dev.as_deref().map_or_else(|| self.id.to_string(), |d| d.name().to_owned());
-        self.derr(vfio_migration::Error::Protocol { device, what: what.into() })
-    }
-
-    /// Reads PRECOPY_INFO and MIG_DATA_SIZE into the status; returns how many bytes may be
-    /// read now.
-    fn refresh_status(&mut self) -> Result<u64> {
-        let (Some(dev), Some(fd)) = (self.dev.as_deref(), self.owned_fd.as_ref()) else { return Ok(0) };
-        let info = dev.precopy_info(fd.as_fd()).map_err(|e| Error::Device { device: self.id.clone(), source: e })?;
-        let size = dev.stop_copy_size().ok();
-        let mut st = self.control.status();
-        st.initial_bytes = info.initial_bytes;
-        st.dirty_bytes = info.dirty_bytes;
-        st.stop_copy_size = size.or(st.stop_copy_size);
-        drop(st);
-        if info.initial_bytes == 0 {
-            self.initial_data_sent();
-        }
-        Ok(info.initial_bytes.saturating_add(info.dirty_bytes))
-    }
-
     /// Reads at most `buf.len()` bytes of pre-copy data (initial and dirty), bounded by what
-    /// PRECOPY_INFO reports as available and by the pre-copy byte cap.
+    /// PRECOPY_INFO reports as available and by the pre-copy byte cap. Nothing is read once
+    /// the controller moved the device on (the next [`DeviceCtx::apply_commands`] takes it
+    /// over).
     ///
     /// # Errors
     /// [`Error::Device`] for a failed ioctl or read.
     pub(crate) fn precopy_read(&mut self, buf: &mut [u8]) -> Result<PrecopyStep> {
-        let avail = self.refresh_status()?;
+        let slot = self.slot;
+        let w = slot.lock();
+        let (Some(dev), Some(fd), Command::PreCopy) = (w.dev.as_deref(), self.owned_fd.as_ref(), w.made) else {
+            return Ok(PrecopyStep::Idle);
+        };
+        let avail = refresh_status(self.id, dev, fd.as_fd(), self.control)?;
         let room = self.precopy_cap.saturating_sub(self.control.status().precopy_bytes);
         let want = buf.len().min(usize::try_from(avail.min(room)).unwrap_or(usize::MAX));
         if want == 0 {
             self.control.status().precopy_rounds += 1;
             return Ok(PrecopyStep::Idle);
         }
-        let (Some(dev), Some(fd)) = (self.dev.as_deref(), self.owned_fd.as_ref()) else { return Ok(PrecopyStep::Idle) };
         match dev.read_data(fd.as_fd(), &mut buf[..want]) {
             Ok(ReadOutcome::Data(n)) => {
+                drop(w);
                 let mut st = self.control.status();
                 st.precopy_bytes += n as u64;
                 let from_initial = st.initial_bytes.min(n as u64);
@@ -281,32 +416,22 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
                 let initial_done = st.initial_bytes == 0;
                 drop(st);
                 if initial_done {
-                    self.initial_data_sent();
+                    initial_data_sent(self.control);
                 }
                 Ok(PrecopyStep::Data(n))
             }
             // The temporary end of the pre-copy stream (ENOMSG; mtty's 0): nothing for now.
             Ok(ReadOutcome::Eof | ReadOutcome::NoMsg) => {
+                drop(w);
                 let mut st = self.control.status();
                 st.initial_bytes = 0;
                 st.dirty_bytes = 0;
                 st.precopy_rounds += 1;
                 drop(st);
-                self.initial_data_sent();
+                initial_data_sent(self.control);
                 Ok(PrecopyStep::Idle)
             }
             Err(e) => Err(self.derr(e)),
-        }
-    }
-
-    /// Marks the initial data as read and queued (once), with its event.
-    fn initial_data_sent(&self) {
-        let mut st = self.control.status();
-        if !st.initial_data_sent {
-            st.initial_data_sent = true;
-            let id = st.id.clone();
-            drop(st);
-            self.control.event(SessionEvent::InitialDataSent(id));
         }
     }
 
@@ -348,9 +473,33 @@ impl<'a, 'd> DeviceCtx<'a, 'd> {
         if let Some(expected) = self.raw_len.filter(|&l| l != streamed) {
             return Err(Error::SourceChanged { device: self.id.clone(), sent: streamed, expected });
         }
-        match self.dev.as_deref_mut() {
+        match self.slot.lock().dev.as_deref_mut() {
             Some(dev) => dev.save_config().map_err(|e| Error::Device { device: self.id.clone(), source: e }),
             None => Ok(self.raw_config.to_vec()),
         }
+    }
+}
+
+/// The controller's view of the devices: their state changes by device number. (It keeps the
+/// devices' own lifetime out of the VMM's [`crate::SessionControl`].)
+pub(crate) trait Walker: Sync {
+    /// [`DeviceSlot::change`] of device `no`.
+    ///
+    /// # Errors
+    /// As [`DeviceSlot::change`].
+    fn change(&self, no: usize, c: Command, control: &DeviceControl, abort: &AbortHandle) -> Result<()>;
+}
+
+impl Walker for Vec<DeviceSlot<'_>> {
+    fn change(&self, no: usize, c: Command, control: &DeviceControl, abort: &AbortHandle) -> Result<()> {
+        self.get(no)
+            .ok_or_else(|| Error::internal("a state change of a device that does not exist"))?
+            .change(c, control, abort)
+    }
+}
+
+impl std::fmt::Debug for dyn Walker + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Walker")
     }
 }

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChannelId, DeviceIndex};
 use crate::source::control::{Command, DeviceControl, DeviceStatus, Events, SessionEvent};
 use crate::source::core::Tallies;
-use crate::source::device::DeviceCtx;
+use crate::source::device::{DeviceCtx, DeviceSlot, Walker};
 use crate::source::lease::ChannelLeases;
 use crate::source::rpath::{self, RpState, Verdicts};
 use crate::source::{blocking, close, uring, DeviceOptions, SourceShared};
@@ -229,9 +229,10 @@ impl<'a> SourceSession<'a> {
         let started = Instant::now();
         let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
         let zerocopy = zerocopy_decision(backend, self.cfg.zerocopy, &self.channels)?;
+        let (slots, streams) = slots(std::mem::take(&mut self.devices))?;
         self.send_inits()?;
         let events = Arc::new(Events::new().map_err(|e| Error::sys("eventfd", e))?);
-        let ids: Vec<DeviceId> = self.devices.iter().map(|d| d.id.clone()).collect();
+        let ids: Vec<DeviceId> = slots.iter().map(|d| d.id().clone()).collect();
         let controls = ids
             .iter()
             .map(|id| DeviceControl::new(id.clone(), events.clone()))
@@ -249,8 +250,7 @@ impl<'a> SourceSession<'a> {
             rp: &rp,
             deferred: crate::uring::Deferred::default(),
         };
-        let devices = std::mem::take(&mut self.devices);
-        let mut ctl = self.control(&controls, &events, &rp);
+        let mut ctl = self.control(&controls, &events, &rp, &slots);
         let park = Park::new(ids.len());
         let (driven, outcomes, verdicts, all_sent) = std::thread::scope(|s| {
             // Released when this closure ends, even by a panic: the scope then joins them.
@@ -259,7 +259,7 @@ impl<'a> SourceSession<'a> {
                 let (fd, rp, ids, controls, abort) = (shared.channels[0], &rp, &ids, &controls, &self.abort);
                 s.spawn(move || rpath::read(fd, rp, ids, controls, abort))
             });
-            let handles = spawn_devices(s, &shared, backend, devices, &controls, &park);
+            let handles = spawn_devices(s, &shared, backend, (&slots, streams), &controls, &park);
             let driven = ctl.drive(drive);
             let outcomes = collect_devices(handles, &park, &shared);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
@@ -288,8 +288,9 @@ impl<'a> SourceSession<'a> {
         close::before_close(&shared.channels, !all_sent || destination_err.is_some());
         let counters = &shared.counters;
         let channels = ChannelId::all(counters.len()).map(|c| counters[c.index()].report(c)).collect();
-        let epilogue = epilogue(outcomes, driven.is_err(), destination_err);
-        if let Some(payload) = ctl.panicked.take() {
+        let panicked = ctl.panicked.take();
+        let epilogue = epilogue(outcomes, slots, driven.is_err(), destination_err);
+        if let Some(payload) = panicked {
             // Every device is back (or Unrecovered was reported to no one): let the panic go on.
             std::panic::resume_unwind(payload);
         }
@@ -305,9 +306,16 @@ impl<'a> SourceSession<'a> {
     }
 
     /// The VMM's handle on the running session.
-    fn control<'s>(&'s self, controls: &'s [DeviceControl], events: &'s Events, rp: &'s RpState) -> SessionControl<'s> {
+    fn control<'s>(
+        &'s self,
+        controls: &'s [DeviceControl],
+        events: &'s Events,
+        rp: &'s RpState,
+        walker: &'s (dyn Walker + 's),
+    ) -> SessionControl<'s> {
         SessionControl {
             controls,
+            walker,
             events,
             abort: &self.abort,
             progress: &self.progress,
@@ -439,6 +447,8 @@ fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Ve
 #[derive(Debug)]
 pub struct SessionControl<'s> {
     controls: &'s [DeviceControl],
+    /// The state changes, which this (the VMM's) thread makes.
+    walker: &'s (dyn Walker + 's),
     events: &'s Events,
     abort: &'s AbortHandle,
     progress: &'s Progress,
@@ -460,7 +470,7 @@ impl SessionControl<'_> {
     /// offered, for the destination's answer (at most [`HELLO_WAIT`]: a destination that
     /// accepts answers as soon as it has read the init packets; a QEMU peer never does).
     fn prepared(&self) -> Result<()> {
-        self.command_all(Command::Prepare)?;
+        self.wait_prepared()?;
         if self.offered {
             self.rp.wait_enabled(HELLO_WAIT.min(self.limit), self.abort);
         }
@@ -494,12 +504,27 @@ impl SessionControl<'_> {
         driven
     }
 
-    /// Sends `c` to every device and waits for every acknowledgement (the barrier).
-    fn command_all(&self, c: Command) -> Result<()> {
-        for d in self.controls {
-            d.command(c);
+    /// Waits until every device thread finished its set-up (`Command::Prepare`).
+    fn wait_prepared(&self) -> Result<()> {
+        self.controls.iter().try_for_each(|d| d.wait_ack(Command::Prepare, self.abort, self.limit))
+    }
+
+    /// Makes the state change of `c` on every device, in device order, on this thread, then
+    /// tells the device threads. Told one by one, a woken device thread would take the CPU
+    /// from the changes still to make (a woken thread tends to preempt its waker); after
+    /// `Quiesce` they have nothing to do, so they are not woken at all.
+    fn change_all(&self, c: Command) -> Result<()> {
+        let made = self.controls.iter().enumerate().try_for_each(|(no, d)| self.walker.change(no, c, d, self.abort));
+        if made.is_ok() {
+            for d in self.controls {
+                if c == Command::Quiesce {
+                    d.post(c);
+                } else {
+                    d.command(c);
+                }
+            }
         }
-        self.controls.iter().try_for_each(|d| d.wait_ack(c, self.abort, self.limit))
+        made
     }
 
     /// Starts pre-copy: every device with PRE_COPY goes RUNNING → PRE_COPY and streams its
@@ -517,7 +542,7 @@ impl SessionControl<'_> {
         // The rate baseline is taken first: a small device's initial data may be sent before
         // every device has acknowledged the command.
         let started = (Instant::now(), self.progress.bytes());
-        self.command_all(Command::PreCopy)?;
+        self.change_all(Command::PreCopy)?;
         self.precopy_started = Some(started);
         Ok(())
     }
@@ -533,8 +558,8 @@ impl SessionControl<'_> {
         if self.switched {
             return Err(Error::Usage { what: "switchover called twice" });
         }
-        self.command_all(Command::Quiesce)?;
-        self.command_all(Command::StopCopy)?;
+        self.change_all(Command::Quiesce)?;
+        self.change_all(Command::StopCopy)?;
         self.switched = true;
         Ok(())
     }
@@ -635,11 +660,35 @@ impl SessionControl<'_> {
     }
 }
 
-/// What a device thread hands back: its outcome and the device, for the epilogue.
-struct Outcome<'a> {
-    id: DeviceId,
+/// What a device thread hands back.
+struct Outcome {
     result: Result<Tallies>,
-    dev: Option<(&'a mut dyn MigrationDevice, MigState)>,
+}
+
+/// A raw stream a device thread reads (`SourceSession::add_data_fd`): fd, config, length.
+type RawStream<'a> = (BorrowedFd<'a>, &'a [u8], Option<u64>);
+
+/// Splits the devices into what the controller walks (a slot per device, in order) and what
+/// their threads read from a raw stream.
+///
+/// # Errors
+/// [`Error::Device`] when a device's migration flags cannot be read.
+fn slots(devices: Vec<SourceDevice<'_>>) -> Result<(Vec<DeviceSlot<'_>>, Vec<Option<RawStream<'_>>>)> {
+    let mut slots = Vec::with_capacity(devices.len());
+    let mut streams = Vec::with_capacity(devices.len());
+    for SourceDevice { id, kind } in devices {
+        match kind {
+            SourceKind::Device { dev, opts } => {
+                slots.push(DeviceSlot::device(id, dev, opts.final_state)?);
+                streams.push(None);
+            }
+            SourceKind::Fd { fd, config, len } => {
+                slots.push(DeviceSlot::raw(id));
+                streams.push(Some((fd, config, len)));
+            }
+        }
+    }
+    Ok((slots, streams))
 }
 
 type Handle<'s> = std::thread::ScopedJoinHandle<'s, ()>;
@@ -647,29 +696,29 @@ type Handle<'s> = std::thread::ScopedJoinHandle<'s, ()>;
 /// Where the device threads leave their outcome and then wait until the session releases them
 /// (after the commit): their exit (a ring's task teardown in the kernel) would otherwise take
 /// CPU from the switchover's last steps here and at a destination on the same host.
-struct Park<'a> {
-    st: Mutex<ParkState<'a>>,
+struct Park {
+    st: Mutex<ParkState>,
     cv: Condvar,
 }
 
-struct ParkState<'a> {
-    outcomes: Vec<Option<Outcome<'a>>>,
+struct ParkState {
+    outcomes: Vec<Option<Outcome>>,
     released: bool,
 }
 
-impl<'a> Park<'a> {
-    fn new(n: usize) -> Park<'a> {
+impl Park {
+    fn new(n: usize) -> Park {
         Park {
             st: Mutex::new(ParkState { outcomes: (0..n).map(|_| None).collect(), released: false }),
             cv: Condvar::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ParkState<'a>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkState> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn deliver(&self, no: usize, o: Outcome<'a>) {
+    fn deliver(&self, no: usize, o: Outcome) {
         self.lock().outcomes[no] = Some(o);
         self.cv.notify_all();
     }
@@ -687,7 +736,7 @@ impl<'a> Park<'a> {
     }
 
     /// Waits until device `no`'s thread delivered its outcome, and takes it.
-    fn take(&self, no: usize) -> Option<Outcome<'a>> {
+    fn take(&self, no: usize) -> Option<Outcome> {
         let mut g = self.lock();
         loop {
             if let Some(o) = g.outcomes[no].take() {
@@ -702,9 +751,9 @@ impl<'a> Park<'a> {
 }
 
 /// Releases the parked device threads when dropped (the scope's end, or a panic through it).
-struct ReleaseOnDrop<'p, 'a>(&'p Park<'a>);
+struct ReleaseOnDrop<'p>(&'p Park);
 
-impl Drop for ReleaseOnDrop<'_, '_> {
+impl Drop for ReleaseOnDrop<'_> {
     fn drop(&mut self) {
         self.0.release();
     }
@@ -714,97 +763,90 @@ fn spawn_devices<'s, 'e, 'a: 's>(
     s: &'s std::thread::Scope<'s, 'e>,
     shared: &'s SourceShared<'_>,
     backend: BackendKind,
-    devices: Vec<SourceDevice<'a>>,
+    (slots, streams): (&'s [DeviceSlot<'a>], Vec<Option<RawStream<'a>>>),
     controls: &'s [DeviceControl],
-    park: &'s Park<'a>,
-) -> Vec<(DeviceId, std::io::Result<Handle<'s>>)> {
-    devices
-        .into_iter()
+    park: &'s Park,
+) -> Vec<std::io::Result<Handle<'s>>> {
+    slots
+        .iter()
+        .zip(streams)
         .zip(controls)
         .enumerate()
-        .map(|(no, (d, control))| {
-            let id = d.id.clone();
+        .map(|(no, ((slot, stream), control))| {
             let h = std::thread::Builder::new().name(format!("vfmfd-src-{no}")).spawn_scoped(s, move || {
-                let id = d.id.clone();
-                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_device(shared, backend, DeviceIndex::new(no), d, control)
-                }))
-                .unwrap_or_else(|_| {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_device(shared, backend, DeviceIndex::new(no), (slot, stream), control, park);
+                }));
+                if ran.is_err() {
                     shared.abort.abort();
                     let e = Error::sys("device thread", std::io::Error::other("panicked"));
-                    Outcome { id, result: Err(e), dev: None }
-                });
-                park.deliver(no, out);
-                park.wait_release();
+                    park.deliver(no, Outcome { result: Err(e) });
+                    park.wait_release();
+                }
             });
             if h.is_err() {
                 shared.abort.abort();
                 control.fail();
             }
-            (id, h)
+            h
         })
         .collect()
 }
 
 /// Every device thread's outcome, as each delivers it (the threads stay parked until released).
-fn collect_devices<'a>(
-    handles: Vec<(DeviceId, std::io::Result<Handle<'_>>)>,
-    park: &Park<'a>,
-    shared: &SourceShared<'_>,
-) -> Vec<Outcome<'a>> {
+fn collect_devices(handles: Vec<std::io::Result<Handle<'_>>>, park: &Park, shared: &SourceShared<'_>) -> Vec<Outcome> {
     handles
         .into_iter()
         .enumerate()
-        .map(|(no, (id, h))| match h {
+        .map(|(no, h)| match h {
             Ok(_) => park.take(no).unwrap_or_else(|| {
                 shared.abort.abort();
-                Outcome { id, result: Err(Error::internal("a device thread ended without its outcome")), dev: None }
+                Outcome { result: Err(Error::internal("a device thread ended without its outcome")) }
             }),
-            Err(e) => Outcome { id, result: Err(Error::sys("spawn device thread", e)), dev: None },
+            Err(e) => Outcome { result: Err(Error::sys("spawn device thread", e)) },
         })
         .collect()
 }
 
-/// One device's thread: its context, the backend's loop from set-up to the last packet.
-fn run_device<'a>(
+/// One device's thread: its context, the backend's loop from set-up to the last packet. Its
+/// outcome goes to `park` as soon as it is known, and the thread then waits there until the
+/// session releases it (after the commit): what is left (the ring's drain, the thread's exit)
+/// would otherwise take CPU from the switchover's last steps, here and at a destination on
+/// the same host.
+fn run_device(
     shared: &SourceShared<'_>,
     backend: BackendKind,
     dev_no: DeviceIndex,
-    d: SourceDevice<'a>,
+    (slot, stream): (&DeviceSlot<'_>, Option<RawStream<'_>>),
     control: &DeviceControl,
-) -> Outcome<'a> {
-    let SourceDevice { id, kind } = d;
+    park: &Park,
+) {
     let cap = shared.cfg.precopy_max_bytes;
-    let (ctx, final_state) = match kind {
-        SourceKind::Device { dev, opts } => {
-            (DeviceCtx::device(&id, dev_no, control, &shared.abort, dev, cap), Some(opts.final_state))
-        }
-        SourceKind::Fd { fd, config, len } => {
-            (Ok(DeviceCtx::raw(&id, dev_no, control, &shared.abort, fd, (config, len))), None)
-        }
+    let mut ctx = match stream {
+        None => DeviceCtx::device(slot, dev_no, control, &shared.abort, cap),
+        Some((fd, config, len)) => DeviceCtx::raw(slot, dev_no, control, &shared.abort, fd, (config, len)),
     };
-    let (result, dev) = match ctx {
-        Ok(mut ctx) => {
-            let started = Instant::now();
-            let r = match backend {
-                BackendKind::Uring => uring::run(shared, &mut ctx),
-                BackendKind::Blocking => blocking::run(shared, &mut ctx),
-            };
-            let r = r.map(|mut t| {
-                t.report.precopy_bytes = control.status().precopy_bytes;
-                t.report.elapsed = started.elapsed();
-                t
-            });
-            (r, ctx.into_device())
+    let started = Instant::now();
+    let report = |result: Result<Tallies>| {
+        let result = result.map(|mut t| {
+            t.report.precopy_bytes = control.status().precopy_bytes;
+            t.report.elapsed = started.elapsed();
+            t
+        });
+        shared.leases.withdraw(dev_no);
+        if result.is_err() {
+            shared.abort.abort();
+            control.fail();
         }
-        Err(e) => (Err(e), None),
+        park.deliver(dev_no.index(), Outcome { result });
+        park.wait_release();
     };
-    shared.leases.withdraw(dev_no);
-    if result.is_err() {
-        shared.abort.abort();
-        control.fail();
+    match backend {
+        BackendKind::Uring => uring::run(shared, &mut ctx, report),
+        BackendKind::Blocking => report(blocking::run(shared, &mut ctx)),
     }
-    Outcome { id: id.clone(), result, dev: dev.zip(final_state) }
+    // The session's epilogue walks the device only after this thread ended.
+    ctx.close_data_fd();
 }
 
 /// After every device thread ended: on success each device goes to its final state (STOP by
@@ -812,17 +854,29 @@ fn run_device<'a>(
 /// (`drive_failed`), every device goes back to RUNNING, P2P-safely, and the root cause comes
 /// back ([`Error::Aborted`] when no device failed on its own). `destination`: the destination
 /// failed a device (or its verdict could not be had), so the source must carry on too.
-fn epilogue(outcomes: Vec<Outcome<'_>>, drive_failed: bool, destination: Option<Error>) -> Result<Vec<Tallies>> {
-    if drive_failed || destination.is_some() || outcomes.iter().any(|o| o.result.is_err()) {
+fn epilogue(
+    outcomes: Vec<Outcome>,
+    slots: Vec<DeviceSlot<'_>>,
+    drive_failed: bool,
+    destination: Option<Error>,
+) -> Result<Vec<Tallies>> {
+    let walked: Vec<_> = slots.into_iter().map(DeviceSlot::into_parts).collect();
+    let failed = walked.iter().any(|(_, _, failure)| failure.is_some());
+    if failed || drive_failed || destination.is_some() || outcomes.iter().any(|o| o.result.is_err()) {
         let mut cause: Option<Error> = destination;
-        let mut devs = Vec::with_capacity(outcomes.len());
+        let mut devs = Vec::with_capacity(walked.len());
+        for (id, dev, failure) in walked {
+            if let Some(e) = failure {
+                Error::keep_root_cause(&mut cause, e);
+            }
+            if let Some((dev, _)) = dev {
+                devs.push((id, dev));
+            }
+        }
         for o in outcomes {
             if let Err(e) = o.result {
                 // Keep the root cause, not the "aborted" echoes it caused in other threads.
                 Error::keep_root_cause(&mut cause, e);
-            }
-            if let Some((dev, _)) = o.dev {
-                devs.push((o.id, dev));
             }
         }
         let cause = cause.unwrap_or(Error::Aborted);
@@ -832,9 +886,9 @@ fn epilogue(outcomes: Vec<Outcome<'_>>, drive_failed: bool, destination: Option<
         });
     }
     let mut tallies = Vec::with_capacity(outcomes.len());
-    for o in outcomes {
-        if let Some((dev, state)) = o.dev {
-            transition(dev, state).map_err(|e| Error::Device { device: o.id.clone(), source: e })?;
+    for ((id, dev, _), o) in walked.into_iter().zip(outcomes) {
+        if let Some((dev, state)) = dev {
+            transition(dev, state).map_err(|e| Error::Device { device: id.clone(), source: e })?;
         }
         tallies.push(o.result?);
     }

@@ -247,8 +247,42 @@ fn channel_file(ch: ChannelId) -> types::Fixed {
     types::Fixed(u32::from(ch.get()))
 }
 
-/// Runs one device's transfer on io_uring.
-pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result<Tallies> {
+/// Runs one device's transfer on io_uring and hands its outcome to `report`: on success as soon
+/// as the last packet was sent, before the ring gives back its idle operations (their cancel
+/// and reap took up to 2 ms here, in the downtime; `report` may wait for the session's end
+/// meanwhile); on failure after that drain.
+pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>, report: impl FnOnce(Result<Tallies>)) {
+    let mut lp = match setup(run, ctx) {
+        Ok(lp) => lp,
+        Err(e) => return report(Err(e)),
+    };
+    let clock = StallClock::new();
+    match lp.prepare().and_then(|()| uring::run(&mut lp, &run.abort, &clock, run.cfg.stall_timeout)) {
+        Ok(()) => {
+            let mut t = std::mem::replace(&mut lp.tallies, Tallies::new(lp.ctx.id.clone()));
+            t.report.stop_copy_time = lp.ctx.stop_copy_start.elapsed();
+            t.zerocopy = lp.zerocopy;
+            report(Ok(t));
+            // Only eventfd reads and the abort poll are left, nothing that carries data: a
+            // ring that does not give them back is leaked on purpose (`finish`).
+            let _ = lp.finish(false);
+        }
+        Err(e) => {
+            // The loop's failure is the outcome; a drain that timed out only leaks the ring.
+            let _ = lp.finish(true);
+            report(Err(e));
+        }
+    }
+}
+
+/// The ring, the pool and the loop of one device.
+///
+/// # Errors
+/// [`Error::Sys`] when the ring or the pool cannot be set up.
+fn setup<'s, 'c, 'a, 'd>(
+    run: &'s SourceShared<'c>,
+    ctx: &'s mut DeviceCtx<'a, 'd>,
+) -> Result<DeviceLoop<'s, 'c, 'a, 'd>> {
     let cfg = run.cfg;
     let nslots = cfg.buffers_for(run.zerocopy) + 1;
     let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| Error::sys(describe_setup_error(&e), e))?;
@@ -279,7 +313,7 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
     let _ = ring.limit_workers(2, 2);
     let id = ctx.id.clone();
     let abort_fixed = run.channels.len() as u32 + 1;
-    let mut lp = DeviceLoop {
+    let lp = DeviceLoop {
         uring: ManuallyDrop::new(Uring::new(ring, abort_fixed)),
         pool: ManuallyDrop::new(pool),
         wake_bufs: ManuallyDrop::new(Box::new([0; 2])),
@@ -299,14 +333,7 @@ pub(crate) fn run(run: &SourceShared<'_>, ctx: &mut DeviceCtx<'_, '_>) -> Result
         zerocopy,
         chunk: cfg.chunk_bytes,
     };
-    let clock = StallClock::new();
-    let r = lp.prepare().and_then(|()| uring::run(&mut lp, &run.abort, &clock, cfg.stall_timeout));
-    let drained = lp.finish(r.is_err());
-    r.and(drained)?;
-    let mut t = std::mem::replace(&mut lp.tallies, Tallies::new(id));
-    t.report.stop_copy_time = lp.ctx.stop_copy_start.elapsed();
-    t.zerocopy = lp.zerocopy;
-    Ok(t)
+    Ok(lp)
 }
 
 impl Driver for DeviceLoop<'_, '_, '_, '_> {
