@@ -148,6 +148,9 @@ pub(crate) struct Endgame {
     early_fin: bool,
     /// Sending the verdicts (an error only after a successful validation).
     verdicts: Result<()>,
+    /// The commit wait and the start ([`commit_and_start`]), when the backend ran them
+    /// ([`finish_early`]).
+    started: Option<Result<()>>,
 }
 
 /// The steps after every device is complete and before the commit, written once for both
@@ -172,7 +175,8 @@ pub(crate) fn endgame(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>]) 
     });
     let failure = validation.as_ref().err().or(early.as_ref());
     let verdicts = shared.rp.get().map_or(Ok(()), |rp| send_verdicts(rp, targets.iter().map(|t| &t.id), failure));
-    *shared.endgame.lock().unwrap_or_else(|p| p.into_inner()) = Some(Endgame { validation, early_fin, verdicts });
+    *shared.endgame.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(Endgame { validation, early_fin, verdicts, started: None });
 }
 
 /// After every device is loaded: the devices not yet validated ([`Target::validate`], as each
@@ -221,12 +225,43 @@ fn walk_stop(t: &mut Target<'_>) {
     t.validated = Some(t.walk_stop_once());
 }
 
+/// After a successful [`endgame`], with every receive done: [`commit_and_start`], its outcome
+/// kept in the endgame's. The io_uring backend runs it before its threads exit (their exits
+/// would otherwise fall into the downtime); else [`Receiver::run`] runs it.
+pub(crate) fn finish_early(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>]) {
+    let mut g = shared.endgame.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(end) = g.as_mut() else { return };
+    if end.validation.is_ok() && end.verdicts.is_ok() && end.started.is_none() {
+        end.started = Some(commit_and_start(shared, targets, end.early_fin));
+    }
+}
+
+/// With the two-phase commit, waits for it ([`wait_commit`]; `early_fin`: the FIN came before
+/// the verdicts, which is none); then starts the devices ([`start_targets`]).
+///
+/// # Errors
+/// [`Error::NotCommitted`], [`Error::Aborted`], or a device's failure to start.
+fn commit_and_start(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>], early_fin: bool) -> Result<()> {
+    if shared.commit_negotiated() {
+        let ch0 =
+            shared.channels.get(ChannelId::new(0)).ok_or_else(|| Error::internal("a commit without channel 0"))?;
+        if early_fin {
+            return Err(Error::NotCommitted {
+                why: "it closed channel 0 before the verdicts were sent, which is no commit".into(),
+            });
+        }
+        let taken = shared.ch0_after.lock().unwrap_or_else(|p| p.into_inner()).take();
+        wait_commit(ch0, taken, shared.cfg.stall_timeout, &shared.abort)?;
+    }
+    start_targets(targets)
+}
+
 /// After [`validate_targets`], P2P-safely, the devices that are to run: all to RUNNING_P2P,
 /// then all to RUNNING (uAPI §2; QEMU's `vm_start` order).
 ///
 /// # Errors
 /// [`Error::Device`] for the first device that failed; the others stay where they are.
-fn start_targets(targets: &mut [Target<'_>]) -> Result<()> {
+fn start_targets(targets: &mut [&mut Target<'_>]) -> Result<()> {
     for pass in [MigState::RunningP2p, MigState::Running] {
         for t in targets.iter_mut() {
             t.walk(pass)?;
@@ -513,17 +548,10 @@ impl<'a> Receiver<'a> {
         let end = conclude(&shared, &mut self.targets, res)?;
         end.verdicts?;
         end.validation?;
-        if shared.commit_negotiated() {
-            let ch0 = chans.get(ChannelId::new(0)).ok_or_else(|| Error::internal("a commit without channel 0"))?;
-            if end.early_fin {
-                return Err(Error::NotCommitted {
-                    why: "it closed channel 0 before the verdicts were sent, which is no commit".into(),
-                });
-            }
-            let taken = shared.ch0_after.lock().unwrap_or_else(|p| p.into_inner()).take();
-            wait_commit(ch0, taken, self.cfg.stall_timeout, &self.abort)?;
+        match end.started {
+            Some(started) => started?,
+            None => commit_and_start(&shared, &mut self.targets.iter_mut().collect::<Vec<_>>(), end.early_fin)?,
         }
-        start_targets(&mut self.targets)?;
         let devices_ready_after = started.elapsed();
         let devices = device_reports(&self.targets, &reassembly, started);
         let warnings = std::mem::take(&mut *shared.warnings.lock().unwrap_or_else(|p| p.into_inner())).into_vec();

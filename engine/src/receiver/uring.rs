@@ -74,7 +74,14 @@ struct Shared<'r, 's, 'c, 'a, 'shared> {
     clock: StallClock,
     /// Devices whose stream is complete (config applied), for their validators.
     loaded: Mutex<Loaded>,
+    /// Wakes the endgame's wait ([`Shared::wait_complete`]).
     loaded_cv: Condvar,
+    /// Per device: wakes its validator (one each: a completion wakes no other thread).
+    validate_cv: Vec<Condvar>,
+    /// The receive's threads may exit (they wait for it after their work, see `run`), and
+    /// what wakes them.
+    released: Mutex<bool>,
+    release_cv: Condvar,
     /// How each device's writes are issued (learnt once, from its fd's kind).
     modes: Vec<WriteMode>,
     /// Per device: wakes its writer thread ([`WriteMode::Thread`]) when a packet became
@@ -92,14 +99,29 @@ struct Loaded {
     all_complete: bool,
     /// Workers and writer threads that have returned (or panicked).
     exited: usize,
+    /// The worker of channel 0 (worker 0) has returned: nothing of it reads channel 0 any more.
+    ch0_released: bool,
+}
+
+/// Releases the threads of the receive when dropped (the scope's end, or a panic through it).
+struct ReleaseOnDrop<'x, 'r, 's, 'c, 'a, 'shared>(&'x Shared<'r, 's, 'c, 'a, 'shared>);
+
+impl Drop for ReleaseOnDrop<'_, '_, '_, '_, '_, '_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }
 
 /// Counts its worker or writer thread as exited when dropped (also when it panics).
-struct ExitNote<'x>(&'x Mutex<Loaded>, &'x Condvar);
+/// `.2`: the thread is the worker of channel 0.
+struct ExitNote<'x>(&'x Mutex<Loaded>, &'x Condvar, bool);
 
 impl Drop for ExitNote<'_> {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).exited += 1;
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.exited += 1;
+        g.ch0_released |= self.2;
+        drop(g);
         self.1.notify_all();
     }
 }
@@ -116,7 +138,7 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     /// Hands device `d`, whose config was just applied, to its validator.
     fn loaded(&self, d: DeviceIndex) {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).complete[d.index()] = true;
-        self.loaded_cv.notify_all();
+        self.validate_cv[d.index()].notify_one();
     }
 
     /// The last device completed: the endgame may run.
@@ -141,10 +163,52 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
         }
     }
 
+    /// Waits until the worker of channel 0 has returned (what it took from channel 0 after the
+    /// last device completed is then in `ch0_after`), or every thread (`spawned`) has.
+    fn wait_ch0_released(&self, spawned: usize) {
+        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        while !g.ch0_released && g.exited < spawned {
+            g = self.loaded_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Holds a thread of the receive, its work done, until [`Shared::release`]: a thread's
+    /// exit took 0.1 to 0.4 ms of CPU each here (`perf sched` on this 2-CPU VM), which would
+    /// otherwise fall into the downtime.
+    fn wait_release(&self) {
+        let mut g = self.released.lock().unwrap_or_else(|p| p.into_inner());
+        while !*g {
+            g = self.release_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Lets every thread of the receive exit.
+    fn release(&self) {
+        *self.released.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.release_cv.notify_all();
+    }
+
+    /// Every device is complete: the endgame (validation of the rest, verdicts) runs now,
+    /// while the workers cancel their receives and return; then, once no worker reads channel
+    /// 0 any more (what it took from it is known), the commit and the start, before any thread
+    /// of the receive exits. Nothing of a worker touches a device any more. A validator still
+    /// walking its device holds its lock until done; one that did not start yet finds it
+    /// validated.
+    fn endgame(&self, spawned: usize) {
+        self.end_validators();
+        let mut guards: Vec<_> = self.targets.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        let mut ts: Vec<&mut Target<'_>> = guards.iter_mut().map(|g| &mut ***g).collect();
+        crate::receiver::endgame(self.run, &mut ts);
+        self.wait_ch0_released(spawned);
+        crate::receiver::finish_early(self.run, &mut ts);
+    }
+
     /// The receive ended: validators of incomplete devices exit.
     fn end_validators(&self) {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
-        self.loaded_cv.notify_all();
+        for cv in &self.validate_cv {
+            cv.notify_one();
+        }
     }
 
     /// A device's validator, started with the workers (before the switchover): waits until
@@ -157,7 +221,7 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
             if g.ended {
                 return;
             }
-            g = self.loaded_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = self.validate_cv[d.index()].wait(g).unwrap_or_else(|p| p.into_inner());
         }
         drop(g);
         self.target(d).validate();
@@ -228,46 +292,41 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         run,
         workers,
         clock: StallClock::new(),
-        loaded: Mutex::new(Loaded { complete: vec![false; ndev], ended: false, all_complete: false, exited: 0 }),
+        loaded: Mutex::new(Loaded {
+            complete: vec![false; ndev],
+            ended: false,
+            all_complete: false,
+            exited: 0,
+            ch0_released: false,
+        }),
         loaded_cv: Condvar::new(),
+        validate_cv: (0..ndev).map(|_| Condvar::new()).collect(),
+        released: Mutex::new(false),
+        release_cv: Condvar::new(),
     };
     std::thread::scope(|s| {
+        // Whatever happens in this closure (a panic too), the threads are let go before the
+        // scope joins them.
+        let _release = ReleaseOnDrop(&shared);
         // A validator that cannot be spawned leaves its device to `validate_targets`.
         let validators: Vec<_> = devices
             .iter()
             .map(|&d| {
                 let shared = &shared;
-                std::thread::Builder::new().name("vfmfd-validate".into()).spawn_scoped(s, move || shared.validator(d))
+                std::thread::Builder::new().name("vfmfd-validate".into()).spawn_scoped(s, move || {
+                    shared.validator(d);
+                    shared.wait_release();
+                })
             })
             .filter_map(std::result::Result::ok)
             .collect();
         let mut handles = Vec::with_capacity(workers);
-        for w in 0..workers {
-            let shared = &shared;
-            let h = std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
-                let _note = ExitNote(&shared.loaded, &shared.loaded_cv);
-                if let Err(e) = worker(shared, w) {
-                    shared.fail(e);
-                }
-            });
-            match h {
-                Ok(h) => handles.push(h),
-                Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
-            }
-        }
+        spawn_workers(s, &shared, &mut handles);
         spawn_writers(s, &shared, &mut handles);
         if shared.wait_complete(handles.len()) {
-            // Every device is complete: the endgame (validation of the rest, verdicts) runs
-            // now, while the workers cancel their receives, close and exit. Nothing of a
-            // worker touches a device any more. A validator still walking its device holds
-            // its lock until done; one that did not start yet finds it validated (the
-            // validators are not joined first: a thread's exit took up to 1 ms here).
-            shared.end_validators();
-            let mut guards: Vec<_> =
-                shared.targets.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner())).collect();
-            let mut ts: Vec<&mut Target<'_>> = guards.iter_mut().map(|g| &mut ***g).collect();
-            crate::receiver::endgame(run, &mut ts);
+            shared.endgame(handles.len());
         }
+        shared.release();
         for h in handles {
             if h.join().is_err() {
                 shared.fail(Error::sys("receive thread", std::io::Error::other("panicked")));
@@ -290,6 +349,30 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
     shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish()
 }
 
+/// Starts the receive workers; each counts as exited when it returns (`ExitNote`), and then
+/// waits for the release.
+fn spawn_workers<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    shared: &'scope Shared<'_, '_, '_, '_, '_>,
+    handles: &mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
+) {
+    for w in 0..shared.workers {
+        let h = std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
+            {
+                let _note = ExitNote(&shared.loaded, &shared.loaded_cv, w == 0);
+                if let Err(e) = worker(shared, w) {
+                    shared.fail(e);
+                }
+            }
+            shared.wait_release();
+        });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
+        }
+    }
+}
+
 /// Starts the writer thread of every device written by one ([`WriteMode::Thread`]); each counts
 /// as exited like a worker (`ExitNote`), and joins with the workers.
 fn spawn_writers<'scope>(
@@ -299,10 +382,13 @@ fn spawn_writers<'scope>(
 ) {
     for d in DeviceIndex::all(shared.modes.len()).filter(|d| shared.modes[d.index()] == WriteMode::Thread) {
         let h = std::thread::Builder::new().name(format!("vfmfd-wr-{}", d.index())).spawn_scoped(s, move || {
-            let _note = ExitNote(&shared.loaded, &shared.loaded_cv);
-            if let Err(e) = writer(shared, d) {
-                shared.fail(e);
+            {
+                let _note = ExitNote(&shared.loaded, &shared.loaded_cv, false);
+                if let Err(e) = writer(shared, d) {
+                    shared.fail(e);
+                }
             }
+            shared.wait_release();
         });
         match h {
             Ok(h) => handles.push(h),
