@@ -353,9 +353,10 @@ impl SimDevice {
         }
     }
 
-    /// Ends the resume session after an accepted drain: tells its consumer to exit (it closes
-    /// the read end, and writers get `EPIPE`) and joins it later, at the next arc out of STOP or
-    /// the device's drop, so that RESUMING→STOP does not wait for a thread.
+    /// Ends the resume session after an accepted drain: tells its consumer to close the read
+    /// end (writers then get `EPIPE`) and joins it later, at the next STOP→RESUMING or the
+    /// device's drop, so that neither RESUMING→STOP nor starting the device waits for a thread
+    /// (or pays for its exit).
     fn retire_resume(&mut self) {
         if let Some(s) = self.resume.take() {
             s.signal_stop();
@@ -389,8 +390,11 @@ impl SimDevice {
             return Err(self.err(format!("{op} (injected fault)"), f.errno));
         }
         if from == Stop {
-            // The consumer retired by RESUMING→STOP has exited by now (its end is closed).
-            self.retired = None;
+            // The consumer retired by RESUMING→STOP closed its end by now (writes to the old
+            // fd fail with EPIPE); it is joined later, so its exit costs nothing here.
+            if let Some(r) = &self.retired {
+                r.wait_end_closed(std::time::Duration::from_secs(5));
+            }
         }
         let mut fd = None;
         match (from, to) {
