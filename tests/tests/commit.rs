@@ -226,3 +226,54 @@ fn commit_a_later_message_never_turns_a_failure_into_success() {
         }
     });
 }
+
+/// Device `dev`'s whole stream (data packets, then its config) as wire bytes.
+fn stream_of(dev: usize, cfg: &SimConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    for idx in 0..=PACKETS {
+        let config = idx == PACKETS;
+        let data = if config { SimDevice::expected_config(cfg) } else { sim_bytes(cfg.seed, (idx * PKT) as u64, PKT) };
+        let mut b = vec![0u8; PACKET_OVERHEAD];
+        let v = vfio_multifd::wire::VfioPacketHeader { idx: idx as u32, flags: u32::from(config) };
+        vfio_multifd::wire::encode_packet_header(&dev_id(dev), v, data.len(), &mut b).unwrap();
+        b.extend_from_slice(&data);
+        out.extend(b);
+    }
+    out
+}
+
+/// Bytes on channel 0 that are no packet, after every packet was admitted but while a device
+/// was still being written, spoil the channel that carries the commit: the FIN that follows the
+/// verdicts is no commit, the verdicts say so, and the devices stay stopped.
+#[test]
+fn commit_after_stray_bytes_on_channel_0_is_no_commit() {
+    each_backend(|b| {
+        let c0 = SimConfig::new("dst0", (PACKETS * PKT) as u64, 17);
+        // A slow device behind a small pipe: its writes take about a second.
+        let c1 = SimConfig::new("dst1", (PACKETS * PKT) as u64, 18)
+            .with_resume_throughput((PACKETS * PKT) as u64)
+            .with_resume_pipe_bytes(4096);
+        let cfgs = [c0.clone(), c1.clone()];
+        let (res, dests) = receive_from(&cfgs, 2, rcfg(b, Duration::from_secs(5)), |addr| {
+            let mut s = RawSender::connect(addr, 2);
+            s.init_offering(0, 0, EXT_RETURN_PATH | EXT_COMMIT);
+            s.init(1, 1);
+            s.chans[0].write_all(&stream_of(0, &c0)).unwrap();
+            s.chans[1].write_all(&stream_of(1, &c1)).unwrap();
+            // Every packet is admitted by now; device 1 is still being written.
+            std::thread::sleep(Duration::from_millis(300));
+            s.chans[0].write_all(&[0xA5; PACKET_OVERHEAD]).unwrap();
+            let (_, ok) = read_until_shut_status(&mut s.chans[0]);
+            assert!(!ok, "{b:?}: SHUT after stray bytes on channel 0 must say failed");
+            s.chans[0].shutdown(Shutdown::Write).unwrap();
+            s.chans[1].shutdown(Shutdown::Write).unwrap();
+        });
+        match res {
+            Err(Error::NotCommitted { why }) => assert!(why.contains("channel 0"), "{b:?}: {why}"),
+            other => panic!("{b:?}: expected NotCommitted, got {other:?}"),
+        }
+        for (i, d) in dests.iter().enumerate() {
+            assert_eq!(d.state().unwrap(), MigState::Stop, "{b:?}: device {i} never started");
+        }
+    });
+}

@@ -58,6 +58,9 @@ pub(crate) struct Channels {
     /// The extension features agreed on with the source (`HELLO` sent; `wire::EXT_*`), 0 until
     /// channel 0 offered them: initial-data markers are allowed once the return path is agreed.
     features: AtomicU8,
+    /// Channel 0 ended with a failure of what it delivered (bytes that are no packet, a reset)
+    /// while the receive ran: with the two-phase commit, no FIN after it is a commit.
+    ch0_failure: OnceLock<String>,
 }
 
 impl Channels {
@@ -77,6 +80,7 @@ impl Channels {
             stopped: AtomicBool::new(false),
             readers_done: AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?,
             features: AtomicU8::new(0),
+            ch0_failure: OnceLock::new(),
         })
     }
 
@@ -98,6 +102,19 @@ impl Channels {
     /// Whether the return path was agreed on.
     pub(crate) fn rp_agreed(&self) -> bool {
         self.features() & EXT_RETURN_PATH != 0
+    }
+
+    /// Records that channel `c` ended with the input failure `why` (kept for channel 0, the
+    /// first one only: see `ch0_failure`).
+    pub(crate) fn input_failed(&self, c: ChannelId, why: &str) {
+        if c == ChannelId::new(0) {
+            let _ = self.ch0_failure.set(why.to_owned());
+        }
+    }
+
+    /// How channel 0 failed while the receive ran, if it did.
+    pub(crate) fn ch0_failure(&self) -> Option<&str> {
+        self.ch0_failure.get().map(String::as_str)
     }
 
     /// The extension features agreed on with the source.

@@ -235,6 +235,8 @@ impl<'r> RecvState<'r> {
         if !is_channel_input(&e) {
             return Err(e);
         }
+        // Channel 0 carries the commit (a FIN): after this, none can come on it.
+        self.channels.input_failed(ch, &e.to_string());
         if self.complete || self.reassembly.all_finished() {
             self.warn(format!("{e} (after every device completed; ignored)"));
         } else if self.excusable(ch, &e) {

@@ -144,8 +144,9 @@ impl Target<'_> {
 pub(crate) struct Endgame {
     /// Every device validated (RESUMING → STOP), or the first failure.
     validation: Result<()>,
-    /// With the commit: channel 0's FIN was there before the verdicts were sent (no commit).
-    early_fin: bool,
+    /// With the commit: why no FIN on channel 0 can be the commit any more (it came before the
+    /// verdicts were sent, or channel 0 failed before them).
+    no_commit: Option<String>,
     /// Sending the verdicts (an error only after a successful validation).
     verdicts: Result<()>,
     /// The commit wait and the start ([`commit_and_start`]), when the backend ran them
@@ -161,22 +162,32 @@ pub(crate) struct Endgame {
 /// [`RecvShared::endgame`].
 pub(crate) fn endgame(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>]) {
     let validation = validate_targets(targets);
-    // With the commit, a FIN already there came before the source could see a verdict.
-    let early_fin = validation.is_ok()
-        && shared.commit_negotiated()
-        && shared
-            .channels
-            .get(ChannelId::new(0))
-            .is_some_and(|c| crate::sys::peek(c, &mut [0u8; 1]).is_ok_and(|n| n == 0));
-    // A FIN before the verdicts is no commit: the verdicts say so, so that no source that
-    // reads them reports success while these devices stay stopped.
-    let early = early_fin.then(|| Error::NotCommitted {
-        why: "it closed channel 0 before the verdicts were sent, which is no commit".into(),
-    });
+    let no_commit = if validation.is_ok() && shared.commit_negotiated() { no_commit(shared) } else { None };
+    // The verdicts say so, so that no source that reads them reports success while these
+    // devices stay stopped.
+    let early = no_commit.clone().map(|why| Error::NotCommitted { why });
     let failure = validation.as_ref().err().or(early.as_ref());
     let verdicts = shared.rp.get().map_or(Ok(()), |rp| send_verdicts(rp, targets.iter().map(|t| &t.id), failure));
     *shared.endgame.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(Endgame { validation, early_fin, verdicts, started: None });
+        Some(Endgame { validation, no_commit, verdicts, started: None });
+}
+
+/// With the commit, before the verdicts: why no later FIN on channel 0 can be the commit, if
+/// none can. A FIN already there came before the source could see a verdict; a failure of
+/// channel 0 (bytes that are no packet, a reset) while devices were still loading leaves no
+/// channel the commit could come on.
+fn no_commit(shared: &RecvShared<'_>) -> Option<String> {
+    let early_fin = shared
+        .channels
+        .get(ChannelId::new(0))
+        .is_some_and(|c| crate::sys::peek(c, &mut [0u8; 1]).is_ok_and(|n| n == 0));
+    if early_fin {
+        return Some("it closed channel 0 before the verdicts were sent, which is no commit".into());
+    }
+    shared
+        .channels
+        .ch0_failure()
+        .map(|e| format!("channel 0, which carries the commit, failed before the verdicts: {e}"))
 }
 
 /// After every device is loaded: the devices not yet validated ([`Target::validate`], as each
@@ -232,23 +243,21 @@ pub(crate) fn finish_early(shared: &RecvShared<'_>, targets: &mut [&mut Target<'
     let mut g = shared.endgame.lock().unwrap_or_else(|p| p.into_inner());
     let Some(end) = g.as_mut() else { return };
     if end.validation.is_ok() && end.verdicts.is_ok() && end.started.is_none() {
-        end.started = Some(commit_and_start(shared, targets, end.early_fin));
+        end.started = Some(commit_and_start(shared, targets, end.no_commit.as_deref()));
     }
 }
 
-/// With the two-phase commit, waits for it ([`wait_commit`]; `early_fin`: the FIN came before
-/// the verdicts, which is none); then starts the devices ([`start_targets`]).
+/// With the two-phase commit, waits for it ([`wait_commit`]; `no_commit`: why none can come,
+/// [`no_commit`]); then starts the devices ([`start_targets`]).
 ///
 /// # Errors
 /// [`Error::NotCommitted`], [`Error::Aborted`], or a device's failure to start.
-fn commit_and_start(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>], early_fin: bool) -> Result<()> {
+fn commit_and_start(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>], no_commit: Option<&str>) -> Result<()> {
     if shared.commit_negotiated() {
         let ch0 =
             shared.channels.get(ChannelId::new(0)).ok_or_else(|| Error::internal("a commit without channel 0"))?;
-        if early_fin {
-            return Err(Error::NotCommitted {
-                why: "it closed channel 0 before the verdicts were sent, which is no commit".into(),
-            });
+        if let Some(why) = no_commit {
+            return Err(Error::NotCommitted { why: why.to_owned() });
         }
         let taken = shared.ch0_after.lock().unwrap_or_else(|p| p.into_inner()).take();
         wait_commit(ch0, taken, shared.cfg.stall_timeout, &shared.abort)?;
@@ -550,7 +559,9 @@ impl<'a> Receiver<'a> {
         end.validation?;
         match end.started {
             Some(started) => started?,
-            None => commit_and_start(&shared, &mut self.targets.iter_mut().collect::<Vec<_>>(), end.early_fin)?,
+            None => {
+                commit_and_start(&shared, &mut self.targets.iter_mut().collect::<Vec<_>>(), end.no_commit.as_deref())?
+            }
         }
         let devices_ready_after = started.elapsed();
         let devices = device_reports(&self.targets, &reassembly, started);
