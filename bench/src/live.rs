@@ -389,8 +389,8 @@ fn phase_name(p: SourcePhase) -> &'static str {
 /// Where the downtime of a run was measured to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DowntimeEnd {
-    /// `loopback`: the receiver returned: every destination device loaded, validated and
-    /// RUNNING (its verdicts sent).
+    /// `loopback`: every destination device loaded, validated and RUNNING (the receiver's
+    /// `on_started` hook, where a VMM resumes its vCPUs; the receiver's teardown follows).
     DestinationRunning,
     /// `send` with a return path: the session returned after the destination's last
     /// message, which it sends once its devices are loaded, validated and in their final state.
@@ -433,6 +433,8 @@ pub struct Summary {
     pub downtime: Duration,
     /// Where it was measured to.
     pub end: DowntimeEnd,
+    /// `loopback`: from the same start to the receiver's return (its teardown included).
+    pub to_receiver_return: Option<Duration>,
     /// Device bytes read in PRE_COPY (engine report, all devices).
     pub precopy_bytes: u64,
     /// Device bytes sent after `switchover()` was called.
@@ -453,6 +455,7 @@ impl Summary {
             sw,
             opts,
             end,
+            to_receiver_return: None,
         }
     }
 
@@ -484,6 +487,7 @@ impl Summary {
             "trigger": self.sw.trigger.name(),
             "downtime_ms": ms(self.downtime),
             "downtime_measured_to": self.end.name(),
+            "receiver_returned_ms": self.to_receiver_return.map(ms),
             "switchover_call_ms": ms(self.sw.switchover_call),
             "vcpu_stop_ms": ms(self.sw.vcpu_stop),
             "precopy_seconds": self.sw.precopy_time.as_secs_f64(),

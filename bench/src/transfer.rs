@@ -198,11 +198,17 @@ pub fn run_engine_live(
         rcfg = rcfg.budget_bytes(b);
     }
     let ids: Vec<DeviceId> = (0..p.devices).map(|i| device_id(i, &[], &[])).collect::<Result<_>>()?;
+    // The end of the downtime: every destination device RUNNING (before the receiver's
+    // teardown, as a VMM resumes its vCPUs then).
+    let running_at: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let mut rx = Receiver::new(rcfg).context("creating the receiver")?;
     let _signals = crate::signals::register(rx.abort_handle());
     for (i, d) in dsts.iter_mut().enumerate() {
         rx.add_device_with(ids[i].clone(), d, MigState::Running);
     }
+    rx.on_started(|| {
+        let _ = running_at.set(Instant::now());
+    });
     let progress = rx.progress();
     let rx_abort = rx.abort_handle();
     // Dirty records make the stream longer than the image: no total then.
@@ -269,7 +275,10 @@ pub fn run_engine_live(
             }
         }
     }
-    let switchover = Summary::new(sw, opts, &source, rx_end, DowntimeEnd::DestinationRunning);
+    let stopped_at = sw.stopped_at;
+    let mut switchover =
+        Summary::new(sw, opts, &source, running_at.get().copied().unwrap_or(rx_end), DowntimeEnd::DestinationRunning);
+    switchover.to_receiver_return = Some(rx_end.saturating_duration_since(stopped_at));
     Ok(EngineRun {
         source,
         receiver,

@@ -177,3 +177,61 @@ fn each_device_is_validated_as_soon_as_its_stream_is_complete() {
         );
     });
 }
+
+/// `Receiver::on_started` runs once, on success, when every device is RUNNING and before the
+/// receiver returns (a VMM resumes its vCPUs there); never when the receive fails.
+#[test]
+fn on_started_runs_once_with_every_device_running_and_never_on_failure() {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    use vfio_migration::sim::{Fabric, SimDevice};
+    use vfio_migration::MigState;
+    use vfio_multifd::{DeviceOptions, Receiver, Source};
+    use vfio_multifd_tests::{dev_id, each_backend, tcp_pairs};
+
+    each_backend(|b| {
+        for fail in [false, true] {
+            let size = 1 << 20;
+            let src_cfgs = [SimConfig::new("a", size, 21), SimConfig::new("b", size, 22)];
+            let dst_b = if fail { src_cfgs[1].clone().with_write_error_at(300_000) } else { src_cfgs[1].clone() };
+            let mut sources: Vec<SimDevice> = src_cfgs.iter().cloned().map(SimDevice::new).collect();
+            let fabric = Fabric::new();
+            let mut dests: Vec<SimDevice> =
+                [src_cfgs[0].clone(), dst_b].into_iter().map(|c| SimDevice::new(c).with_fabric(&fabric)).collect();
+            let (c, s) = tcp_pairs(2);
+            let seen: Mutex<Vec<(Instant, Vec<MigState>)>> = Mutex::new(Vec::new());
+            let (receiver, returned) = std::thread::scope(|sc| {
+                let (dests, fabric, seen) = (&mut dests, &fabric, &seen);
+                let rx = sc.spawn(move || {
+                    let mut r = Receiver::new(rcfg(b)).expect("receiver");
+                    for (i, d) in dests.iter_mut().enumerate() {
+                        r.add_device_with(dev_id(i), d, MigState::Running);
+                    }
+                    r.on_started(move || {
+                        let states = fabric.devices().into_iter().map(|(_, s)| s).collect();
+                        seen.lock().unwrap().push((Instant::now(), states));
+                    });
+                    let res = r.run(s);
+                    (res, Instant::now())
+                });
+                let mut src = Source::new(scfg(b, ZeroCopy::Off), c).expect("source");
+                for (i, d) in sources.iter_mut().enumerate() {
+                    src.add_device_with(dev_id(i), d, DeviceOptions::default());
+                }
+                let _ = src.run();
+                rx.join().expect("receiver thread")
+            });
+            let seen = seen.into_inner().unwrap();
+            if fail {
+                assert!(receiver.is_err(), "{b:?}: the receive must fail");
+                assert!(seen.is_empty(), "{b:?}: on_started ran for a failed receive");
+                continue;
+            }
+            receiver.unwrap_or_else(|e| panic!("{b:?}: receiver: {e}"));
+            assert_eq!(seen.len(), 1, "{b:?}: on_started runs exactly once");
+            let (at, states) = &seen[0];
+            assert_eq!(states, &[MigState::Running, MigState::Running], "{b:?}: every device RUNNING at the hook");
+            assert!(*at <= returned, "{b:?}: the hook runs before the receiver returns");
+        }
+    });
+}

@@ -3,10 +3,12 @@
 //! ([`run_engine_live`], as `loopback` runs it).
 //!
 //! Both variants measure the downtime the same way: from just before `switchover()` (the
-//! source devices stop from there on) to the receiver returning, once every destination device
-//! is loaded, validated (RESUMING -> STOP) and RUNNING (`downtime_measured_to` =
-//! `destination_running`). Set-up (connect, init packets, rings, device threads) happens before,
-//! while the devices run, and is not part of it.
+//! source devices stop from there on) to the moment every destination device is loaded,
+//! validated (RESUMING -> STOP) and RUNNING, the receiver's `on_started` hook, where a VMM
+//! resumes its vCPUs (`downtime_measured_to` = `destination_running`). The receiver's teardown
+//! after it (threads joined, rings and memory released) is reported apart, to the receiver's
+//! return. Set-up (connect, init packets, rings, device threads) happens before, while the
+//! devices run, and is not part of it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -75,6 +77,8 @@ pub(super) struct Scenario {
 pub(super) struct LiveRep {
     /// Switchover call -> every destination device loaded, validated, RUNNING.
     pub(super) downtime: Duration,
+    /// Switchover call -> the receiver returned (its teardown included).
+    pub(super) to_return: Duration,
     /// Pre-copy start -> the switchover decision.
     pub(super) precopy_time: Duration,
     /// Device bytes read in PRE_COPY, all devices.
@@ -126,6 +130,7 @@ pub(super) fn run_once(v: Variant, s: &Scenario) -> Result<LiveRep> {
     let sw = &r.switchover;
     Ok(LiveRep {
         downtime: sw.downtime,
+        to_return: sw.to_receiver_return.unwrap_or(sw.downtime),
         precopy_time: sw.sw.precopy_time,
         precopy_bytes: sw.precopy_bytes,
         switchover_bytes: sw.switchover_bytes,
@@ -142,6 +147,8 @@ pub(super) struct LiveResult {
     pub(super) variant: Variant,
     /// Downtime, ms.
     pub(super) ms: Spread,
+    /// Switchover call to the receiver's return, ms.
+    pub(super) to_return_ms: Spread,
     pub(super) precopy_seconds: Spread,
     pub(super) precopy_bytes: Spread,
     pub(super) switchover_bytes: Spread,
@@ -162,6 +169,7 @@ pub(super) fn aggregate(variant: Variant, reps: Vec<LiveRep>) -> LiveResult {
     LiveResult {
         variant,
         ms: f(|r| r.downtime.as_secs_f64() * 1000.0),
+        to_return_ms: f(|r| r.to_return.as_secs_f64() * 1000.0),
         precopy_seconds: f(|r| r.precopy_time.as_secs_f64()),
         precopy_bytes: f(|r| r.precopy_bytes as f64),
         switchover_bytes: f(|r| r.switchover_bytes as f64),
@@ -184,6 +192,7 @@ impl LiveResult {
             "ms": self.ms.json(),
             "measured_from": "switchover_call",
             "downtime_measured_to": "destination_running",
+            "receiver_returned_ms": self.to_return_ms.json(),
             "backend": "uring",
             "mode": if self.variant == Variant::StopCopy { "stop-copy" } else { "precopy" },
             "precopy_seconds": self.precopy_seconds.json(),
@@ -195,6 +204,7 @@ impl LiveResult {
             "state_digests_verified": true,
             "reps": self.reps.iter().map(|r| json!({
                 "downtime_ms": r.downtime.as_secs_f64() * 1000.0,
+                "receiver_returned_ms": r.to_return.as_secs_f64() * 1000.0,
                 "precopy_seconds": r.precopy_time.as_secs_f64(),
                 "precopy_bytes": r.precopy_bytes,
                 "switchover_bytes": r.switchover_bytes,

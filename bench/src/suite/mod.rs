@@ -823,8 +823,10 @@ fn markdown(
         );
         let _ = writeln!(
             s,
-            "From the switchover call (source devices stopping) to the receiver returning: every destination device \
-             loaded, validated (RESUMING -> STOP) and RUNNING. `engine-precopy` switches over once converged \
+            "From the switchover call (source devices stopping) to every destination device loaded, validated \
+             (RESUMING -> STOP) and RUNNING: the receiver's `on_started` hook, where a VMM resumes its vCPUs. \
+             `to receiver return` adds the receiver's teardown after it (threads joined, rings and memory \
+             released). `engine-precopy` switches over once converged \
              (estimated switchover <= {}) or after {} of pre-copy. `engine-switchover-fixed-cost` pre-copies \
              devices that dirty nothing and switches over 200 ms after the decision (nothing still in flight or \
              being loaded), so its switchover moves no data: its downtime is the switchover's fixed cost. Same channels and process for all; simulated devices, loopback TCP.\n",
@@ -833,16 +835,17 @@ fn markdown(
         );
         let _ = writeln!(
             s,
-            "| variant | downtime ms | estimated ms | pre-copy s | moved in pre-copy | moved at switchover | whole migration s | switched over on |"
+            "| variant | downtime ms | to receiver return ms | estimated ms | pre-copy s | moved in pre-copy | moved at switchover | whole migration s | switched over on |"
         );
-        let _ = writeln!(s, "|---|---|---:|---|---:|---:|---|---|");
+        let _ = writeln!(s, "|---|---|---|---:|---|---:|---:|---|---|");
         for l in live {
             let trig: Vec<String> = l.triggers.iter().map(|(t, n)| format!("{t} x{n}")).collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.2} [{:.2}..{:.2}] | {} | {} | {:.2} [{:.2}..{:.2}] | {} |",
+                "| {} | {} | {} | {} | {:.2} [{:.2}..{:.2}] | {} | {} | {:.2} [{:.2}..{:.2}] | {} |",
                 l.variant.name(),
                 fmt_downtime(&l.ms),
+                fmt_downtime(&l.to_return_ms),
                 l.estimated_ms.map_or("-".to_owned(), |e| format!("{:.0}", e.median)),
                 l.precopy_seconds.median,
                 l.precopy_seconds.min,

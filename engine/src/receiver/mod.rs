@@ -262,7 +262,13 @@ fn commit_and_start(shared: &RecvShared<'_>, targets: &mut [&mut Target<'_>], no
         let taken = shared.ch0_after.lock().unwrap_or_else(|p| p.into_inner()).take();
         wait_commit(ch0, taken, shared.cfg.stall_timeout, &shared.abort)?;
     }
-    start_targets(targets)
+    start_targets(targets)?;
+    let _ = shared.ready_at.set(Instant::now());
+    let hook = shared.on_started.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(f) = hook {
+        f();
+    }
+    Ok(())
 }
 
 /// After [`validate_targets`], P2P-safely, the devices that are to run: all to RUNNING_P2P,
@@ -340,7 +346,11 @@ pub struct Receiver<'a> {
     targets: Vec<Target<'a>>,
     abort: AbortHandle,
     progress: Progress,
+    on_started: Option<StartedHook<'a>>,
 }
+
+/// What [`Receiver::on_started`] calls.
+type StartedHook<'a> = Box<dyn FnOnce() + Send + 'a>;
 
 impl std::fmt::Debug for Receiver<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -371,6 +381,10 @@ pub(crate) struct RecvShared<'c> {
     /// or an error such as a reset), for the commit: the io_uring workers may still have a
     /// receive there while the verdicts go out, and a reset is reported only once.
     pub(crate) ch0_after: Mutex<Option<std::result::Result<usize, std::io::Error>>>,
+    /// [`Receiver::on_started`]'s hook, until called.
+    on_started: Mutex<Option<StartedHook<'c>>>,
+    /// When every device reached its final state.
+    ready_at: OnceLock<Instant>,
 }
 
 impl RecvShared<'_> {
@@ -413,7 +427,7 @@ impl<'a> Receiver<'a> {
     /// eventfd creation failures (for the abort handle: the process is out of descriptors).
     pub fn new(cfg: ReceiverConfig) -> Result<Receiver<'a>> {
         let abort = AbortHandle::new().map_err(|e| Error::sys("eventfd", e))?;
-        Ok(Receiver { cfg, targets: Vec::new(), abort, progress: Progress::default() })
+        Ok(Receiver { cfg, targets: Vec::new(), abort, progress: Progress::default(), on_started: None })
     }
 
     /// Expects a device: with every other device, it is walked to RESUMING before the channels
@@ -476,6 +490,18 @@ impl<'a> Receiver<'a> {
     /// A handle to watch the bytes written to devices so far from any thread.
     pub fn progress(&self) -> Progress {
         self.progress.clone()
+    }
+
+    /// Calls `f` once, after a successful receive, as soon as every device is validated and in
+    /// its final state (started, for devices added to run; after the commit when one was
+    /// agreed) and before the receive's threads are joined and its rings and memory released:
+    /// the end of the destination's share of the downtime. A VMM resumes its vCPUs here rather
+    /// than when [`Receiver::run`] returns, which adds that teardown (0.3 to 0.6 ms with four
+    /// devices on a 2-CPU VM). It runs on the receive's thread and must not block; it is not
+    /// called when the receive fails.
+    pub fn on_started(&mut self, f: impl FnOnce() + Send + 'a) -> &mut Self {
+        self.on_started = Some(Box::new(f));
+        self
     }
 
     /// Takes `channels` channels from `listener` and runs. Connections are validated
@@ -549,6 +575,8 @@ impl<'a> Receiver<'a> {
             deferred: crate::uring::Deferred::default(),
             endgame: Mutex::new(None),
             ch0_after: Mutex::new(None),
+            on_started: Mutex::new(self.on_started.take()),
+            ready_at: OnceLock::new(),
         };
         let budget = self.cfg.budget_for(n);
         let ids = self.targets.iter().map(|t| t.id.clone()).collect();
@@ -563,7 +591,7 @@ impl<'a> Receiver<'a> {
                 commit_and_start(&shared, &mut self.targets.iter_mut().collect::<Vec<_>>(), end.no_commit.as_deref())?
             }
         }
-        let devices_ready_after = started.elapsed();
+        let devices_ready_after = shared.ready_at.get().map_or_else(|| started.elapsed(), |t| *t - started);
         let devices = device_reports(&self.targets, &reassembly, started);
         let warnings = std::mem::take(&mut *shared.warnings.lock().unwrap_or_else(|p| p.into_inner())).into_vec();
         Ok(ReceiverReport {
