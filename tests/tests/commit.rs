@@ -23,17 +23,7 @@ fn rcfg(b: Backend, stall: Duration) -> ReceiverConfig {
 
 /// Device 0's whole stream (data packets, then its config) as wire bytes.
 fn stream(cfg: &SimConfig) -> Vec<u8> {
-    let mut out = Vec::new();
-    for idx in 0..=PACKETS {
-        let config = idx == PACKETS;
-        let data = if config { SimDevice::expected_config(cfg) } else { sim_bytes(cfg.seed, (idx * PKT) as u64, PKT) };
-        let mut b = vec![0u8; PACKET_OVERHEAD];
-        let v = vfio_multifd::wire::VfioPacketHeader { idx: idx as u32, flags: u32::from(config) };
-        vfio_multifd::wire::encode_packet_header(&dev_id(0), v, data.len(), &mut b).unwrap();
-        b.extend_from_slice(&data);
-        out.extend(b);
-    }
-    out
+    stream_of(0, cfg)
 }
 
 /// Return-path message types read back (`rp.rs`): HELLO, VERDICT, SHUT.

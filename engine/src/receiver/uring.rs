@@ -357,15 +357,7 @@ fn spawn_workers<'scope>(
     handles: &mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
 ) {
     for w in 0..shared.workers {
-        let h = std::thread::Builder::new().name(format!("vfmfd-rx-{w}")).spawn_scoped(s, move || {
-            {
-                let _note = ExitNote(&shared.loaded, &shared.loaded_cv, w == 0);
-                if let Err(e) = worker(shared, w) {
-                    shared.fail(e);
-                }
-            }
-            shared.wait_release();
-        });
+        let h = spawn_counted(s, shared, format!("vfmfd-rx-{w}"), w == 0, move || worker(shared, w));
         match h {
             Ok(h) => handles.push(h),
             Err(e) => shared.fail(Error::sys("spawn receive worker", e)),
@@ -374,27 +366,40 @@ fn spawn_workers<'scope>(
 }
 
 /// Starts the writer thread of every device written by one ([`WriteMode::Thread`]); each counts
-/// as exited like a worker (`ExitNote`), and joins with the workers.
+/// as exited like a worker, and joins with the workers.
 fn spawn_writers<'scope>(
     s: &'scope std::thread::Scope<'scope, '_>,
     shared: &'scope Shared<'_, '_, '_, '_, '_>,
     handles: &mut Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
 ) {
     for d in DeviceIndex::all(shared.modes.len()).filter(|d| shared.modes[d.index()] == WriteMode::Thread) {
-        let h = std::thread::Builder::new().name(format!("vfmfd-wr-{}", d.index())).spawn_scoped(s, move || {
-            {
-                let _note = ExitNote(&shared.loaded, &shared.loaded_cv, false);
-                if let Err(e) = writer(shared, d) {
-                    shared.fail(e);
-                }
-            }
-            shared.wait_release();
-        });
+        let h = spawn_counted(s, shared, format!("vfmfd-wr-{}", d.index()), false, move || writer(shared, d));
         match h {
             Ok(h) => handles.push(h),
             Err(e) => shared.fail(Error::sys("spawn receive writer", e)),
         }
     }
+}
+
+/// A worker or writer thread running `body`: its failure fails the receive, its return counts
+/// as exited (`ExitNote`; `ch0`: it is the worker of channel 0), and it then waits for the
+/// release.
+fn spawn_counted<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    shared: &'scope Shared<'_, '_, '_, '_, '_>,
+    name: String,
+    ch0: bool,
+    body: impl FnOnce() -> Result<()> + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, ()>> {
+    std::thread::Builder::new().name(name).spawn_scoped(s, move || {
+        {
+            let _note = ExitNote(&shared.loaded, &shared.loaded_cv, ch0);
+            if let Err(e) = body() {
+                shared.fail(e);
+            }
+        }
+        shared.wait_release();
+    })
 }
 
 /// Device `d`'s writer thread (a regular-file sink): writes its packets in index order as they
