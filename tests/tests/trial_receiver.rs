@@ -216,3 +216,46 @@ fn trial_reset_after_the_verdicts_starts_nothing() {
         assert!(matches!(o.res, Err(Error::NotCommitted { .. })), "{b:?}: {:?}", o.res.as_ref().err());
     });
 }
+
+/// What a hostile source can put on channel 0 after every packet was admitted while device 1
+/// is still being written, before it reads the verdicts and sends the FIN: none of it may let
+/// the devices start.
+#[test]
+fn trial_stray_input_on_channel_0_before_the_verdicts_never_starts() {
+    let init = || {
+        let mut b = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }
+            .encode(&mut b)
+            .unwrap();
+        b.to_vec()
+    };
+    let packet = |dev: usize, idx: u32, config: bool, len: usize| {
+        let mut b = vec![0u8; PACKET_OVERHEAD];
+        let v = vfio_multifd::wire::VfioPacketHeader { idx, flags: u32::from(config) };
+        vfio_multifd::wire::encode_packet_header(&dev_id(dev), v, len, &mut b).unwrap();
+        b.extend(std::iter::repeat_n(0x33u8, len));
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a second init packet", init()),
+        ("a packet of device 0 after its config", packet(0, PACKETS as u32 + 1, false, 16)),
+        ("a second config of device 0", packet(0, PACKETS as u32, true, 64)),
+        ("a duplicate packet of device 1", packet(1, 0, false, PKT)),
+        ("a packet of an unknown device", packet(7, 0, false, 16)),
+        ("half a header", packet(0, 9, false, 0)[..PACKET_OVERHEAD / 2].to_vec()),
+    ];
+    each_backend(|b| {
+        for (what, bytes) in &cases {
+            let o = against(b, true, |mut s, _| {
+                std::thread::sleep(Duration::from_millis(250));
+                s.raw(0, bytes);
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _ = read_until_shut_status(&mut s.chans[0]);
+                }));
+                s.finish();
+                linger(s);
+            });
+            assert_not_started(&format!("{b:?}: {what}"), &o);
+        }
+    });
+}
