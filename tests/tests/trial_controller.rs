@@ -188,3 +188,60 @@ fn trial_fault_on_each_controller_arc_names_the_device_and_recovers_all() {
         }
     });
 }
+
+/// A raw data fd that never ends (a pipe whose writer stays open, with part of a stream in
+/// it) among live devices: the session fails within the stall timeout and every device is
+/// back in RUNNING.
+#[test]
+fn trial_raw_stream_without_eof_times_out_and_recovers() {
+    each_backend(|b| {
+        let cfgs = mixed(MigFlags::ALL, None);
+        let mut sources: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+        let mut dests: Vec<SimDevice> = cfgs.iter().cloned().map(SimDevice::new).collect();
+        let raw_cfg = SimConfig::new("raw", 64 << 10, 99).with_flags(MigFlags::STOP_COPY);
+        dests.push(SimDevice::new(raw_cfg.clone()));
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let head = vfio_multifd_tests::sim_bytes(99, 0, 4096);
+        nix::unistd::write(&w, &head).unwrap();
+        let config = SimDevice::expected_config(&raw_cfg);
+        let (c, s) = tcp_pairs(3);
+        let t0 = Instant::now();
+        let (source, receiver) = std::thread::scope(|scope| {
+            let dests = &mut dests;
+            let rx = scope.spawn(move || {
+                let mut rx = Receiver::new(rc(b)).unwrap();
+                for (i, d) in dests.iter_mut().enumerate() {
+                    rx.add_device_with(dev_id(i), d, MigState::Running);
+                }
+                rx.run(s)
+            });
+            let mut session = SourceSession::new(sc(b), c).unwrap();
+            let n = sources.len();
+            for (i, d) in sources.iter_mut().enumerate() {
+                session.add_device(dev_id(i), d);
+            }
+            session.add_data_fd(dev_id(n), r.as_fd(), &config);
+            let source = session.run(|ctl| {
+                ctl.start_precopy()?;
+                ctl.switchover()
+            });
+            (source.map(|_| ()), rx.join().unwrap())
+        });
+        let took = t0.elapsed();
+        drop(w);
+        assert!(source.is_err() && receiver.is_err(), "{b:?}");
+        assert!(took < STALL + Duration::from_secs(3), "{b:?}: took {took:?}");
+        for (i, d) in sources.iter().enumerate() {
+            assert_eq!(d.state().unwrap(), MigState::Running, "{b:?}: device {i}");
+        }
+        // The stall report must say what the device waits for: its read of the pipe, and no
+        // zero-copy buffer (loopback sends copy).
+        match &source {
+            Err(Error::Timeout { what, .. }) if b == Backend::Uring => {
+                assert!(what.contains("1 reads in flight") && what.contains(" 0 zero-copy buffers"), "{what}");
+            }
+            Err(Error::Timeout { what, .. }) => assert!(what.contains("gave nothing to read"), "{what}"),
+            other => panic!("{b:?}: expected a stall timeout, got {:?}", other.as_ref().err()),
+        }
+    });
+}
