@@ -14,6 +14,8 @@ use vfio_multifd_tests::{dev_id, each_backend, tcp_pairs, Logged, StateLog};
 
 const CHUNK: usize = 64 * 1024;
 const STALL: Duration = Duration::from_secs(5);
+/// The stall timeout of the trials that wait for it.
+const SHORT: Duration = Duration::from_secs(2);
 
 fn sc(b: Backend) -> SourceConfig {
     SourceConfig::new().backend(b).chunk_bytes(CHUNK).stall_timeout(STALL)
@@ -209,13 +211,13 @@ fn trial_raw_stream_without_eof_times_out_and_recovers() {
         let (source, receiver) = std::thread::scope(|scope| {
             let dests = &mut dests;
             let rx = scope.spawn(move || {
-                let mut rx = Receiver::new(rc(b)).unwrap();
+                let mut rx = Receiver::new(rc(b).stall_timeout(SHORT)).unwrap();
                 for (i, d) in dests.iter_mut().enumerate() {
                     rx.add_device_with(dev_id(i), d, MigState::Running);
                 }
                 rx.run(s)
             });
-            let mut session = SourceSession::new(sc(b), c).unwrap();
+            let mut session = SourceSession::new(sc(b).stall_timeout(SHORT), c).unwrap();
             let n = sources.len();
             for (i, d) in sources.iter_mut().enumerate() {
                 session.add_device(dev_id(i), d);
@@ -230,7 +232,7 @@ fn trial_raw_stream_without_eof_times_out_and_recovers() {
         let took = t0.elapsed();
         drop(w);
         assert!(source.is_err() && receiver.is_err(), "{b:?}");
-        assert!(took < STALL + Duration::from_secs(3), "{b:?}: took {took:?}");
+        assert!(took < SHORT + Duration::from_secs(3), "{b:?}: took {took:?}");
         for (i, d) in sources.iter().enumerate() {
             assert_eq!(d.state().unwrap(), MigState::Running, "{b:?}: device {i}");
         }
