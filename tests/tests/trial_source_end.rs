@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::{MigFlags, MigState, MigrationDevice};
 use vfio_multifd::wire::{EXT_COMMIT, EXT_RETURN_PATH, EXT_VERSION, INIT_PACKET_LEN};
-use vfio_multifd::{Backend, Error, SourceConfig, SourceSession};
+use vfio_multifd::{Error, SourceConfig, SourceSession};
 use vfio_multifd_tests::{dev_id, each_backend};
 
 /// A destination that accepts the return path and the commit, reads everything, and never
