@@ -78,3 +78,36 @@ fn trial_cancel_while_waiting_for_the_verdicts_does_not_commit() {
         }
     });
 }
+
+/// The destination committed and runs the devices; then a source device's walk to its final
+/// state (STOP_COPY -> STOP) fails. A VMM that reads an ordinary failure resumes its guest on
+/// the source (QEMU does on a failed migration), and both sides would run the VM: the result
+/// must not look like a failed migration whose devices are back in RUNNING.
+#[test]
+fn trial_final_state_failure_after_the_commit_is_not_a_failed_migration() {
+    each_backend(|b| {
+        let cfg = SimConfig::new("f", 256 << 10, 4).with_fail_arc(vfio_migration::sim::ArcFault {
+            from: MigState::StopCopy,
+            to: MigState::Stop,
+            errno: libc::EIO,
+            leave: vfio_migration::sim::FaultLeave::Stay,
+        });
+        let m = vfio_multifd_tests::live_migrate(
+            &[cfg],
+            2,
+            SourceConfig::new().backend(b),
+            vfio_multifd::ReceiverConfig::new().backend(b),
+            |ctl| ctl.switchover(),
+        );
+        m.receiver.as_ref().unwrap_or_else(|e| panic!("{b:?}: receiver: {e}"));
+        assert_eq!(m.dests[0].state().unwrap(), MigState::Running, "{b:?}: the destination runs the device");
+        match &m.source {
+            Ok(_) => {}
+            Err(e) => panic!(
+                "{b:?}: the source reports a failed migration after the destination committed and runs \
+                 the device (source device in {}): {e}",
+                m.sources[0].state().unwrap()
+            ),
+        }
+    });
+}
