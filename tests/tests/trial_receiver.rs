@@ -52,6 +52,11 @@ struct Out {
 /// Two devices (device 1 slow to write, about a second, when `slow`), two channels offering
 /// the commit; `play` is the hostile source.
 fn against(b: Backend, slow: bool, play: impl FnOnce(RawSender, &AbortHandle)) -> Out {
+    against_with(b, slow, None, play)
+}
+
+/// As [`against`], with `workers` receive workers on io_uring (default: one per CPU).
+fn against_with(b: Backend, slow: bool, workers: Option<usize>, play: impl FnOnce(RawSender, &AbortHandle)) -> Out {
     let c0 = SimConfig::new("dst0", (PACKETS * PKT) as u64, 17);
     let mut c1 = SimConfig::new("dst1", (PACKETS * PKT) as u64, 18);
     if slow {
@@ -64,7 +69,8 @@ fn against(b: Backend, slow: bool, play: impl FnOnce(RawSender, &AbortHandle)) -
     let t0 = Instant::now();
     let res = std::thread::scope(|sc| {
         let (dests, l, started) = (&mut dests, &l, &started);
-        let mut r = Receiver::new(rcfg(b)).unwrap();
+        let cfg = workers.map_or_else(|| rcfg(b), |w| rcfg(b).workers(w));
+        let mut r = Receiver::new(cfg).unwrap();
         let abort = r.abort_handle();
         let h = sc.spawn(move || {
             for (i, d) in dests.iter_mut().enumerate() {
@@ -257,5 +263,32 @@ fn trial_stray_input_on_channel_0_before_the_verdicts_never_starts() {
             });
             assert_not_started(&format!("{b:?}: {what}"), &o);
         }
+    });
+}
+
+/// One io_uring worker serving both channels (the worker of channel 0 is the only one): the
+/// commit, a reset of channel 1 before it, and bytes after the verdicts behave as with more.
+#[test]
+fn trial_one_worker_commit_paths() {
+    each_backend(|b| {
+        let o = against_with(b, true, Some(1), |mut s, _| {
+            std::thread::sleep(Duration::from_millis(200));
+            reset(&s.chans[1]);
+            let c1 = s.chans.remove(1);
+            drop(c1);
+            let (_, st) = read_until_shut_status(&mut s.chans[0]);
+            assert_eq!(st, 0, "{b:?}");
+            s.chans[0].shutdown(Shutdown::Write).unwrap();
+            linger(s);
+        });
+        o.res.as_ref().unwrap_or_else(|e| panic!("{b:?}: {e}"));
+        assert!(o.started, "{b:?}");
+        let o = against_with(b, true, Some(1), |mut s, _| {
+            let _ = read_until_shut_status(&mut s.chans[0]);
+            s.raw(0, &[1]);
+            s.finish();
+            linger(s);
+        });
+        assert_not_started(&format!("{b:?} one worker, bytes after verdicts"), &o);
     });
 }
