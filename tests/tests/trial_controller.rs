@@ -245,3 +245,29 @@ fn trial_raw_stream_without_eof_times_out_and_recovers() {
         }
     });
 }
+
+/// A device whose pre-copy read fails (its save stream breaks inside the initial data) while
+/// the VMM waits for the initial data: the session's error is that device's read error, not
+/// the `Aborted` the VMM's wait saw, and every device is back in RUNNING.
+#[test]
+fn trial_precopy_read_error_names_the_device() {
+    each_backend(|b| {
+        for raw in [false, true] {
+            let mut cfgs = mixed(MigFlags::ALL, None);
+            cfgs[2] = cfgs[2].clone().with_read_error_at(64 << 10);
+            let what = format!("{b:?} raw={raw}");
+            let r = run_case(b, &cfgs, raw, |ctl| {
+                ctl.start_precopy()?;
+                ctl.wait_initial_data()?;
+                ctl.switchover()
+            });
+            match &r.source {
+                Err(Error::DeviceRead { device, .. } | Error::Device { device, .. }) => {
+                    assert_eq!(*device, dev_id(2), "{what}");
+                }
+                other => panic!("{what}: expected device 2's read error, got {:?}", other.as_ref().err()),
+            }
+            assert_all_back(&what, &r);
+        }
+    });
+}
