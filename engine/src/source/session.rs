@@ -896,20 +896,24 @@ fn epilogue(
 }
 
 /// Every device back to RUNNING: those with P2P to RUNNING_P2P first, then all to RUNNING, so
-/// that no device runs (and can DMA) while a peer is still stopped. Returns the first device
-/// that could not be put back and why.
+/// that no device runs (and can DMA) while a peer is still stopped. A device that cannot reach
+/// RUNNING_P2P (it is left stopped or in ERROR) goes to RUNNING before the others, while they
+/// are still in RUNNING_P2P. Returns the first device that could not be put back into RUNNING
+/// and why; a failed RUNNING_P2P step of a device that then reached RUNNING is no such failure.
 fn recover_all(mut devs: Vec<(DeviceId, &mut dyn MigrationDevice)>) -> Result<(), (DeviceId, vfio_migration::Error)> {
-    let mut first: Option<(DeviceId, vfio_migration::Error)> = None;
-    for (id, dev) in devs.iter_mut() {
+    let mut p2p_failed = vec![false; devs.len()];
+    for ((_, dev), failed) in devs.iter_mut().zip(&mut p2p_failed) {
         let p2p = dev.migration_flags().is_ok_and(|f| f.contains(MigFlags::P2P));
         let running = dev.state().is_ok_and(|s| s == MigState::Running);
         if p2p && !running {
-            if let Err(e) = recover(&mut **dev, MigState::RunningP2p) {
-                first.get_or_insert((id.clone(), e));
-            }
+            *failed = recover(&mut **dev, MigState::RunningP2p).is_err();
         }
     }
-    for (id, dev) in devs.iter_mut() {
+    let order: Vec<usize> =
+        (0..devs.len()).filter(|&i| p2p_failed[i]).chain((0..devs.len()).filter(|&i| !p2p_failed[i])).collect();
+    let mut first: Option<(DeviceId, vfio_migration::Error)> = None;
+    for i in order {
+        let (id, dev) = &mut devs[i];
         if let Err(e) = recover(&mut **dev, MigState::Running) {
             first.get_or_insert((id.clone(), e));
         }

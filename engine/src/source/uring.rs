@@ -406,8 +406,8 @@ impl Driver for DeviceLoop<'_, '_, '_, '_> {
              (sent, unacknowledged by the peer), {} packets ready without a channel",
             self.ctx.id,
             self.table.count(|s| matches!(s, Slot::Sending { sent: false, .. })),
-            self.table.count(|s| matches!(s, Slot::Sending { sent: true, notif_due: true, .. })),
             usize::from(self.reading.is_some()),
+            self.table.count(|s| matches!(s, Slot::Sending { sent: true, notif_due: true, .. })),
             self.table.ready.len()
         )
     }
