@@ -426,7 +426,7 @@ pub fn report_json(
                 json!({"idstr": d.id.idstr(), "instance_id": d.id.instance_id, "data_bytes": d.data_bytes,
                    "precopy_bytes": d.precopy_bytes, "packets": d.packets, "short_reads": d.short_reads,
                    "config_bytes": d.config_bytes, "stop_copy_seconds": d.stop_copy_time.as_secs_f64(),
-                   "seconds": d.elapsed.as_secs_f64()})
+                   "seconds": d.elapsed.as_secs_f64(), "final_state_error": d.final_state_error})
             })
             .collect();
     }
@@ -520,6 +520,9 @@ pub fn print_text(s: Option<&SourceReport>, r: Option<&ReceiverReport>, wall: Du
                 d.config_bytes,
                 d.stop_copy_time.as_secs_f64()
             );
+            if let Some(e) = &d.final_state_error {
+                println!("  warning: {} did not reach its final state after the migration succeeded: {e}", d.id);
+            }
         }
     }
     if let Some(r) = r {

@@ -182,6 +182,11 @@ pub struct SourceDeviceReport {
     pub stop_copy_time: Duration,
     /// Whole time on this device's thread.
     pub elapsed: Duration,
+    /// The migration succeeded (every byte sent and, with the two-phase commit, the
+    /// destination committed: it may run the VM now), but this device did not reach the
+    /// session's final state (`DeviceOptions::final_state`): why. It is stopped or in ERROR and
+    /// must not be resumed here; reset it. `None` when it got there (or is a raw stream).
+    pub final_state_error: Option<String>,
 }
 
 impl SourceDeviceReport {
@@ -195,6 +200,7 @@ impl SourceDeviceReport {
             config_bytes: 0,
             stop_copy_time: Duration::ZERO,
             elapsed: Duration::ZERO,
+            final_state_error: None,
         }
     }
 }

@@ -102,7 +102,13 @@ fn trial_final_state_failure_after_the_commit_is_not_a_failed_migration() {
         m.receiver.as_ref().unwrap_or_else(|e| panic!("{b:?}: receiver: {e}"));
         assert_eq!(m.dests[0].state().unwrap(), MigState::Running, "{b:?}: the destination runs the device");
         match &m.source {
-            Ok(_) => {}
+            Ok((_, rep)) => {
+                let why = rep.devices[0].final_state_error.as_deref();
+                assert!(
+                    why.is_some_and(|w| w.contains("STOP")),
+                    "{b:?}: the report says which device and why: {why:?}"
+                );
+            }
             Err(e) => panic!(
                 "{b:?}: the source reports a failed migration after the destination committed and runs \
                  the device (source device in {}): {e}",

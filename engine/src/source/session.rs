@@ -272,7 +272,8 @@ impl<'a> SourceSession<'a> {
                 if all_sent { rp.verdicts(&ids, self.cfg.stall_timeout, &self.abort) } else { Ok(Verdicts::None) };
             // The commit as soon as the verdicts allow it (the destination's devices start on
             // it), before any thread of this session is joined.
-            let verdicts = if all_sent { commit_if_loaded(&shared.channels, &rp, verdicts) } else { verdicts };
+            let verdicts =
+                if all_sent { commit_if_loaded(&shared.channels, &rp, verdicts, &self.abort) } else { verdicts };
             rp.stop();
             // Channel 0 has one reader at a time: the return path's, then the close's.
             if let Some(Err(_)) = reader.map(std::thread::ScopedJoinHandle::join) {
@@ -364,9 +365,19 @@ fn all_loaded(v: &Verdicts) -> bool {
 ///
 /// # Errors
 /// The verdicts' error, or [`Error::Channel`] when the FIN cannot be sent.
-fn commit_if_loaded(channels: &[BorrowedFd<'_>], rp: &RpState, verdicts: Result<Verdicts>) -> Result<Verdicts> {
+fn commit_if_loaded(
+    channels: &[BorrowedFd<'_>],
+    rp: &RpState,
+    verdicts: Result<Verdicts>,
+    abort: &AbortHandle,
+) -> Result<Verdicts> {
     let verdicts = verdicts?;
     if rp.commit() && all_loaded(&verdicts) {
+        // A session cancelled up to here does not commit: its devices go back to RUNNING, and
+        // the destination, which sees a reset instead, leaves its own stopped.
+        if abort.is_aborted() {
+            return Err(Error::Aborted);
+        }
         commit(channels[0])?;
     }
     Ok(verdicts)
@@ -885,12 +896,18 @@ fn epilogue(
             Err((device, source)) => Error::Unrecovered { device, cause: Box::new(cause), source },
         });
     }
+    // The migration succeeded: the destination may run the VM by now. A device that does not
+    // reach its final state is reported with it, not as a failed migration (a VMM resumes its
+    // guest on a failed one), and every device is walked.
     let mut tallies = Vec::with_capacity(outcomes.len());
     for ((id, dev, _), o) in walked.into_iter().zip(outcomes) {
+        let mut t = o.result?;
         if let Some((dev, state)) = dev {
-            transition(dev, state).map_err(|e| Error::Device { device: id.clone(), source: e })?;
+            if let Err(e) = transition(dev, state) {
+                t.report.final_state_error = Some(Error::Device { device: id, source: e }.to_string());
+            }
         }
-        tallies.push(o.result?);
+        tallies.push(t);
     }
     Ok(tallies)
 }
