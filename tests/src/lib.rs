@@ -183,6 +183,22 @@ pub fn sim_bytes(seed: u64, off: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Device `dev`'s whole stream as wire bytes: `packets` data packets of `pkt` bytes of `cfg`'s
+/// content (indexes 0..packets), then its config packet.
+pub fn device_stream(dev: usize, cfg: &SimConfig, packets: usize, pkt: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for idx in 0..=packets {
+        let config = idx == packets;
+        let data = if config { SimDevice::expected_config(cfg) } else { sim_bytes(cfg.seed, (idx * pkt) as u64, pkt) };
+        let mut b = vec![0u8; vfio_multifd::wire::PACKET_OVERHEAD];
+        let v = vfio_multifd::wire::VfioPacketHeader { idx: idx as u32, flags: u32::from(config) };
+        vfio_multifd::wire::encode_packet_header(&dev_id(dev), v, data.len(), &mut b).expect("encode a packet header");
+        b.extend_from_slice(&data);
+        out.extend(b);
+    }
+    out
+}
+
 /// Runs a receiver for destination sims `cfgs` on a loopback listener with `channels`
 /// channels; `drive` gets the listener address and plays the sender. Returns the receiver's
 /// result and the destination devices.
@@ -274,8 +290,12 @@ impl StateLog {
     }
 }
 
+/// Called after each successful SET of a [`Logged`] device: its number, from, to.
+pub type AfterSet = std::sync::Arc<dyn Fn(usize, MigState, MigState) + Send + Sync>;
+
 /// A [`SimDevice`] whose every SET is written into a shared [`StateLog`] (the order checker of
-/// the live-migration tests: P2P before any stop, RUNNING_P2P before RUNNING).
+/// the live-migration tests: P2P before any stop, RUNNING_P2P before RUNNING), and that calls
+/// `after` after each successful one (to time a cancel exactly).
 #[allow(missing_debug_implementations)]
 pub struct Logged<'a> {
     /// The device.
@@ -284,6 +304,8 @@ pub struct Logged<'a> {
     pub no: usize,
     /// The shared log.
     pub log: StateLog,
+    /// Called after each successful SET.
+    pub after: Option<AfterSet>,
 }
 
 impl MigrationDevice for Logged<'_> {
@@ -300,6 +322,9 @@ impl MigrationDevice for Logged<'_> {
         let from = self.dev.state()?;
         let r = self.dev.set_state_raw(target);
         self.log.0.lock().expect("log").push((self.no, from, target));
+        if let (Ok(_), Some(f)) = (&r, &self.after) {
+            f(self.no, from, target);
+        }
         r
     }
     fn stop_copy_size(&self) -> vfio_migration::Result<u64> {
@@ -383,7 +408,7 @@ pub fn live_migrate_devices<R>(
             r.run(s)
         });
         let mut logged: Vec<Logged<'_>> =
-            sources.iter_mut().enumerate().map(|(no, dev)| Logged { dev, no, log: log.clone() }).collect();
+            sources.iter_mut().enumerate().map(|(no, dev)| Logged { dev, no, log: log.clone(), after: None }).collect();
         let mut session = vfio_multifd::SourceSession::new(scfg, c).expect("session");
         for (i, d) in logged.iter_mut().enumerate() {
             session.add_device(dev_id(i), d);

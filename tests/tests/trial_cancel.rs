@@ -4,7 +4,7 @@
 //! destination device started, the right error, no fd or thread left. One test function, so
 //! the fd and thread counts are this test's own.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,62 +19,6 @@ const CHUNK: usize = 64 * 1024;
 const STALL: Duration = Duration::from_secs(5);
 
 type Hook = Arc<dyn Fn(usize, MigState, MigState, &AbortHandle) + Send + Sync>;
-
-/// A simulated device that calls a hook after each successful SET.
-struct Hooked<'a> {
-    dev: &'a mut SimDevice,
-    no: usize,
-    hook: Hook,
-    abort: Arc<OnceLock<AbortHandle>>,
-}
-
-impl MigrationDevice for Hooked<'_> {
-    fn name(&self) -> &str {
-        self.dev.name()
-    }
-    fn migration_flags(&self) -> vfio_migration::Result<MigFlags> {
-        self.dev.migration_flags()
-    }
-    fn state(&self) -> vfio_migration::Result<MigState> {
-        self.dev.state()
-    }
-    fn set_state_raw(&mut self, target: MigState) -> vfio_migration::Result<Option<OwnedFd>> {
-        let from = self.dev.state()?;
-        let r = self.dev.set_state_raw(target)?;
-        if let Some(a) = self.abort.get() {
-            (self.hook)(self.no, from, target, a);
-        }
-        Ok(r)
-    }
-    fn stop_copy_size(&self) -> vfio_migration::Result<u64> {
-        self.dev.stop_copy_size()
-    }
-    fn precopy_info(&self, fd: std::os::fd::BorrowedFd<'_>) -> vfio_migration::Result<vfio_migration::PrecopyInfo> {
-        self.dev.precopy_info(fd)
-    }
-    fn enable_precopy_info_v2(&mut self) -> vfio_migration::Result<bool> {
-        self.dev.enable_precopy_info_v2()
-    }
-    fn reset(&mut self) -> vfio_migration::Result<()> {
-        self.dev.reset()
-    }
-    fn read_data(
-        &self,
-        fd: std::os::fd::BorrowedFd<'_>,
-        buf: &mut [u8],
-    ) -> vfio_migration::Result<vfio_migration::ReadOutcome> {
-        self.dev.read_data(fd, buf)
-    }
-    fn write_data(&self, fd: std::os::fd::BorrowedFd<'_>, buf: &[u8]) -> vfio_migration::Result<usize> {
-        self.dev.write_data(fd, buf)
-    }
-    fn save_config(&mut self) -> vfio_migration::Result<Vec<u8>> {
-        self.dev.save_config()
-    }
-    fn load_config(&mut self, blob: &[u8]) -> vfio_migration::Result<()> {
-        self.dev.load_config(blob)
-    }
-}
 
 /// Four devices (every flag; STOP_COPY only; P2P without PRE_COPY; PRE_COPY without P2P), the
 /// last one slow (`slow`: bytes per second), plus a raw data fd.
@@ -128,10 +72,19 @@ fn run_case<R>(
             r.on_started(move || started.store(true, std::sync::atomic::Ordering::SeqCst));
             r.run(s)
         });
-        let mut hooked: Vec<Hooked<'_>> = sources
+        let after: vfio_multifd_tests::AfterSet = {
+            let (hook, abort) = (hook.clone(), abort.clone());
+            Arc::new(move |no, from, to| {
+                if let Some(a) = abort.get() {
+                    hook(no, from, to, a);
+                }
+            })
+        };
+        let log = vfio_multifd_tests::StateLog::default();
+        let mut hooked: Vec<vfio_multifd_tests::Logged<'_>> = sources
             .iter_mut()
             .enumerate()
-            .map(|(no, dev)| Hooked { dev, no, hook: hook.clone(), abort: abort.clone() })
+            .map(|(no, dev)| vfio_multifd_tests::Logged { dev, no, log: log.clone(), after: Some(after.clone()) })
             .collect();
         let scfg = SourceConfig::new().backend(b).chunk_bytes(CHUNK).stall_timeout(STALL);
         let mut session = SourceSession::new(scfg, c).expect("session");

@@ -87,7 +87,7 @@ fn run_case<R>(
             r.run(s)
         });
         let mut logged: Vec<Logged<'_>> =
-            sources.iter_mut().enumerate().map(|(no, dev)| Logged { dev, no, log: log.clone() }).collect();
+            sources.iter_mut().enumerate().map(|(no, dev)| Logged { dev, no, log: log.clone(), after: None }).collect();
         let mut session = SourceSession::new(sc(b), c).expect("session");
         let n = logged.len();
         for (i, d) in logged.iter_mut().enumerate() {

@@ -12,7 +12,7 @@ use vfio_migration::sim::{SimConfig, SimDevice};
 use vfio_migration::{MigState, MigrationDevice};
 use vfio_multifd::wire::{EXT_COMMIT, EXT_RETURN_PATH, PACKET_OVERHEAD};
 use vfio_multifd::{AbortHandle, Backend, Error, Receiver, ReceiverConfig, ReceiverReport};
-use vfio_multifd_tests::{dev_id, each_backend, read_until_shut_status, sim_bytes, RawSender};
+use vfio_multifd_tests::{dev_id, each_backend, read_until_shut_status, RawSender};
 
 const PKT: usize = 4096;
 const PACKETS: usize = 5;
@@ -24,17 +24,7 @@ fn rcfg(b: Backend) -> ReceiverConfig {
 
 /// Device `dev`'s whole stream (data packets, then its config) as wire bytes.
 fn stream_of(dev: usize, cfg: &SimConfig) -> Vec<u8> {
-    let mut out = Vec::new();
-    for idx in 0..=PACKETS {
-        let config = idx == PACKETS;
-        let data = if config { SimDevice::expected_config(cfg) } else { sim_bytes(cfg.seed, (idx * PKT) as u64, PKT) };
-        let mut b = vec![0u8; PACKET_OVERHEAD];
-        let v = vfio_multifd::wire::VfioPacketHeader { idx: idx as u32, flags: u32::from(config) };
-        vfio_multifd::wire::encode_packet_header(&dev_id(dev), v, data.len(), &mut b).unwrap();
-        b.extend_from_slice(&data);
-        out.extend(b);
-    }
-    out
+    vfio_multifd_tests::device_stream(dev, cfg, PACKETS, PKT)
 }
 
 fn reset(s: &TcpStream) {
