@@ -227,14 +227,29 @@ pub fn receive_from<F: FnOnce(std::net::SocketAddr)>(
     (res, dests)
 }
 
-/// Number of threads of this process, not counting the kernel's io_uring workers (`iou-wrk-*`,
-/// `iou-sqp-*`): io-wq starts them on demand and they exit by themselves only after being idle
-/// for a while, so they come and go across tests without being anyone's leak.
+/// Number of live threads the engine (`vfmfd-*`) and the simulated devices (`sim-*`) started:
+/// every thread they start is named so. Other threads are not counted: the test harness starts
+/// and ends its own (one per running test, even while it waits for a `serial()` lock) on its own
+/// schedule, and the kernel's io_uring workers (`iou-wrk-*`, `iou-sqp-*`) come and go on
+/// demand, so neither is anyone's leak.
 pub fn threads() -> usize {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
     dir.filter_map(std::result::Result::ok)
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).map_or(true, |c| !c.starts_with("iou-")))
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("vfmfd-") || c.starts_with("sim-"))
+        })
         .count()
+}
+
+/// Names of the threads [`threads`] counts, for a leak message.
+pub fn thread_names() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    dir.filter_map(std::result::Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim_end().to_owned())
+        .filter(|c| c.starts_with("vfmfd-") || c.starts_with("sim-"))
+        .collect()
 }
 
 /// Why the io_uring backend cannot run on this machine, or `None` if it can. The only place

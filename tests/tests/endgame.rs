@@ -386,7 +386,12 @@ fn endgame_sixteen_mixed_targets_few_channels_no_leaks() {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(vfio_multifd_tests::open_fds(), fds, "{b:?}: fds leaked");
-        assert_eq!(vfio_multifd_tests::threads(), threads, "{b:?}: threads leaked");
+        assert_eq!(
+            vfio_multifd_tests::threads(),
+            threads,
+            "{b:?}: threads leaked: {:?}",
+            vfio_multifd_tests::thread_names()
+        );
     });
 }
 

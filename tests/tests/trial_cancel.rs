@@ -240,5 +240,5 @@ fn trial_cancel_and_drive_failure_at_every_point_leak_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(open_fds(), fds, "file descriptors leaked");
-    assert_eq!(threads(), thr, "threads leaked");
+    assert_eq!(threads(), thr, "threads leaked: {:?}", vfio_multifd_tests::thread_names());
 }

@@ -57,5 +57,5 @@ fn trial_on_started_panic_leaks_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(open_fds(), fds, "file descriptors leaked");
-    assert_eq!(threads(), thr, "threads leaked");
+    assert_eq!(threads(), thr, "threads leaked: {:?}", vfio_multifd_tests::thread_names());
 }

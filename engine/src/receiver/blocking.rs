@@ -84,21 +84,29 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
         clock: StallClock::new(),
     };
     std::thread::scope(|s| {
+        // A thread that cannot be spawned fails the receive (the others see the abort and
+        // return); the scope joins those that were.
         for c in ChannelId::all(run.channels.count()) {
             let shared = &shared;
-            s.spawn(move || {
+            let h = std::thread::Builder::new().name(format!("vfmfd-rx-{}", c.index())).spawn_scoped(s, move || {
                 if let Err(e) = channel_thread(shared, c) {
                     shared.channel_failed(c, e);
                 }
             });
+            if let Err(e) = h {
+                shared.fail(Error::sys("spawn receive channel thread", e));
+            }
         }
         for (t, d) in targets.iter_mut().zip(DeviceIndex::all(usize::MAX)) {
             let shared = &shared;
-            s.spawn(move || {
+            let h = std::thread::Builder::new().name(format!("vfmfd-wr-{}", d.index())).spawn_scoped(s, move || {
                 if let Err(e) = writer_thread(shared, d, t) {
                     shared.fail(e);
                 }
             });
+            if let Err(e) = h {
+                shared.fail(Error::sys("spawn receive writer", e));
+            }
         }
     });
     let r = shared.st.into_inner().unwrap_or_else(|p| p.into_inner()).finish();

@@ -92,6 +92,16 @@ impl RpState {
         self.enabled()
     }
 
+    /// The reader thread could not be started (`e`, from the spawn): the return path ends
+    /// before it began, and [`RpState::unexpected`] fails the session with the reason.
+    pub(crate) fn reader_not_started(&self, e: &std::io::Error) {
+        let mut g = self.lock();
+        g.ended = true;
+        g.error = Some(format!("could not start the return-path reader thread: {e}"));
+        drop(g);
+        self.cv.notify_all();
+    }
+
     /// Stops the reader.
     pub(crate) fn stop(&self) {
         self.stop.signal();

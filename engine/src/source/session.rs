@@ -257,7 +257,10 @@ impl<'a> SourceSession<'a> {
             let _release = ReleaseOnDrop(&park);
             let reader = self.cfg.return_path.then(|| {
                 let (fd, rp, ids, controls, abort) = (shared.channels[0], &rp, &ids, &controls, &self.abort);
-                s.spawn(move || rpath::read(fd, rp, ids, controls, abort))
+                let h = std::thread::Builder::new()
+                    .name("vfmfd-rpath".into())
+                    .spawn_scoped(s, move || rpath::read(fd, rp, ids, controls, abort));
+                h.inspect_err(|e| rp.reader_not_started(e)).ok()
             });
             let handles = spawn_devices(s, &shared, backend, (&slots, streams), &controls, &park);
             let driven = ctl.drive(drive);
@@ -276,7 +279,7 @@ impl<'a> SourceSession<'a> {
                 if all_sent { commit_if_loaded(&shared.channels, &rp, verdicts, &self.abort) } else { verdicts };
             rp.stop();
             // Channel 0 has one reader at a time: the return path's, then the close's.
-            if let Some(Err(_)) = reader.map(std::thread::ScopedJoinHandle::join) {
+            if let Some(Err(_)) = reader.flatten().map(std::thread::ScopedJoinHandle::join) {
                 shared.abort.abort();
             }
             let verdicts =
