@@ -607,18 +607,35 @@ impl Reassembly {
         assert!(self.free_blocks >= self.budget_blocks - self.ooo_blocks + idle_reserves * per_max);
     }
 
+    /// The first index of device `d` at or above its next write whose payload is not complete:
+    /// not admitted, or admitted with its payload still arriving (the packet a stalled device
+    /// really waits for; `lowest_missing` skips a packet whose header came). Walks at most the
+    /// held packets.
+    fn first_unready(&self, d: usize) -> u32 {
+        let mut i = self.devs[d].next_write;
+        while i < self.devs[d].lowest_missing
+            && self.held.get(&key(d, i)).is_some_and(|&h| self.info[h as usize].is_some_and(|h| h.ready))
+        {
+            i += 1;
+        }
+        i
+    }
+
     /// The first incomplete device, as an error.
     pub(crate) fn incomplete_error(&self) -> Option<Error> {
         let at = |i: u32| PacketIndex::new(i).unwrap_or(PacketIndex::MAX);
-        self.devs.iter().find(|d| !d.finished).map(|d| Error::Incomplete {
-            device: d.id.clone(),
-            missing: match d.config_idx {
-                None if d.next_write == 0 && d.lowest_missing == 0 => Missing::Everything,
-                None => Missing::Config { written: d.next_write, next: at(d.lowest_missing) },
+        let d = self.devs.iter().position(|d| !d.finished)?;
+        let dev = &self.devs[d];
+        let next = self.first_unready(d);
+        Some(Error::Incomplete {
+            device: dev.id.clone(),
+            missing: match dev.config_idx {
+                None if dev.next_write == 0 && dev.lowest_missing == 0 => Missing::Everything,
+                None => Missing::Config { written: dev.next_write, next: at(next) },
                 Some(c) => Missing::Packet {
-                    idx: at(d.lowest_missing),
+                    idx: at(next),
                     config_idx: PacketIndex::new(c).unwrap_or(PacketIndex::MAX),
-                    written: d.next_write,
+                    written: dev.next_write,
                 },
             },
         })
@@ -626,17 +643,16 @@ impl Reassembly {
 
     /// Which incomplete device waits for which packet, for an error report.
     pub(crate) fn waits_report(&self) -> String {
-        let parts: Vec<String> = self
-            .devs
-            .iter()
-            .filter(|d| !d.finished)
+        let parts: Vec<String> = (0..self.devs.len())
+            .filter(|&d| !self.devs[d].finished)
             .map(|d| {
+                let dev = &self.devs[d];
                 format!(
                     "{} waits for packet {} ({} written{})",
-                    d.id,
-                    d.lowest_missing,
-                    d.next_write,
-                    if d.reserve_busy { ", its reserve busy" } else { "" }
+                    dev.id,
+                    self.first_unready(d),
+                    dev.next_write,
+                    if dev.reserve_busy { ", its reserve busy" } else { "" }
                 )
             })
             .collect();
@@ -711,6 +727,29 @@ mod tests {
         assert!(r.finished(DeviceIndex::new(0)));
         assert_eq!(r.counters(DeviceIndex::new(0)).out_of_order, 1);
         assert!(r.all_finished());
+    }
+
+    /// A packet whose header came but whose payload is still arriving is what the device waits
+    /// for: the stall and incomplete reports name it, not the first index never announced.
+    #[test]
+    fn reports_name_the_packet_still_arriving() {
+        let id = ids(1);
+        let mut r = Reassembly::new(id.clone(), 8 * B, B, false);
+        let a0 = accept(offer(&mut r, &id[0], 0, false));
+        r.received(a0);
+        assert_eq!(drain(&mut r, 0), vec![0]);
+        let _a1 = accept(offer(&mut r, &id[0], 1, false)); // header only: payload arriving
+        let a2 = accept(offer(&mut r, &id[0], 2, false));
+        r.received(a2);
+        let c = accept(offer(&mut r, &id[0], 3, true));
+        r.received(c);
+        match r.incomplete_error() {
+            Some(Error::Incomplete { missing: Missing::Packet { idx, config_idx, written }, .. }) => {
+                assert_eq!((idx.get(), config_idx.get(), written), (1, 3, 1));
+            }
+            other => panic!("expected packet 1 missing, got {other:?}"),
+        }
+        assert!(r.waits_report().contains("waits for packet 1 (1 written"), "{}", r.waits_report());
     }
 
     fn violation(r: Result<Admit>) -> ProtocolViolation {
