@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vfio_migration::MigState;
 use vfio_multifd::wire::Uuid;
 
-use crate::util::{parse_duration, parse_size, parse_size_usize};
+use crate::util::{parse_duration, parse_size, parse_size_usize, parse_timeout};
 
 /// Migrates VFIO device state over parallel QEMU-compatible multifd channels, and measures it.
 #[derive(Debug, Parser)]
@@ -146,9 +146,10 @@ pub struct CommonArgs {
     /// Seconds between JSON intervals.
     #[arg(short = 'i', long, default_value_t = 1.0, value_parser = parse_interval)]
     pub interval: f64,
-    /// Seconds without progress before the transfer fails.
-    #[arg(long, default_value_t = 60)]
-    pub stall_timeout: u64,
+    /// Time without progress before the transfer fails: seconds, or with a unit (90, 500ms,
+    /// 1.5s, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    pub stall_timeout: Duration,
 }
 
 /// `loopback` options.
@@ -240,9 +241,9 @@ pub struct SendArgs {
     /// QEMU leaves them STOP).
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
     pub final_state: MigState,
-    /// Seconds to keep retrying the connection.
-    #[arg(long, default_value_t = 10)]
-    pub connect_timeout: u64,
+    /// How long to keep retrying the connection: seconds, or with a unit (10, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub connect_timeout: Duration,
     /// Transfer options.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -291,9 +292,9 @@ pub struct RecvArgs {
     /// State to leave destination devices in once loaded.
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
     pub final_state: MigState,
-    /// Seconds to wait for all channels to connect.
-    #[arg(long, default_value_t = 60)]
-    pub accept_timeout: u64,
+    /// How long to wait for all channels to connect: seconds, or with a unit (60, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    pub accept_timeout: Duration,
     /// Transfer options.
     #[command(flatten)]
     pub common: CommonArgs,

@@ -62,13 +62,27 @@ pub fn install() {
             CAUGHT.store(sig, Ordering::SeqCst);
             let handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
             if handles.is_empty() {
-                // No transfer to wind down (set-up, or between runs): what is partial goes now.
+                // No transfer to wind down (set-up: connect retries, a FIFO's reader; or
+                // between runs): what is partial goes now, and the command says why it ends.
+                let mut removed = Vec::new();
                 for p in PARTIAL.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    let _ = std::fs::remove_file(p);
+                    if std::fs::remove_file(p).is_ok() {
+                        removed.push(p.display().to_string());
+                    }
                 }
+                let removed = if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; removed the partial output {}", removed.join(", "))
+                };
+                eprintln!(
+                    "vfio-multifd: interrupted by {} while no transfer was running (still setting up, or between \
+                     runs){removed}; exiting",
+                    name(sig)
+                );
                 std::process::exit(128 + sig);
             }
-            eprintln!("vfio-multifd: interrupted ({}); stopping the transfer", name(sig));
+            eprintln!("vfio-multifd: interrupted by {}; stopping the transfer", name(sig));
             for (_, h) in handles.iter() {
                 h.abort();
             }

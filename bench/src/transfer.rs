@@ -320,7 +320,7 @@ pub fn loopback(a: &LoopbackArgs) -> Result<()> {
         zerocopy: a.zerocopy.into(),
         backend: a.common.backend.into(),
         budget: a.budget,
-        stall: Duration::from_secs(a.common.stall_timeout),
+        stall: a.common.stall_timeout,
     };
     if a.size == 0 {
         bail!("--size 0: each device needs at least one byte of state");
@@ -668,13 +668,12 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
         .zerocopy(a.zerocopy.into())
         .backend(a.common.backend.into())
         .uuid(a.common.uuid.unwrap_or([0; 16]))
-        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
+        .stall_timeout(a.common.stall_timeout)
         .return_path(!a.no_return_path);
     // Every setting is checked before a connection is opened: the receiver never sees a source
     // that connects and then gives up.
-    cfg.validate(a.common.channels, n)
-        .context("invalid sender settings (see -P, --chunk, --stall-timeout, the devices)")?;
-    let chans = connect_channels(&a.connect, a.common.channels, Duration::from_secs(a.connect_timeout))?;
+    cfg.validate(a.common.channels, n).context("invalid sender settings")?;
+    let chans = connect_channels(&a.connect, a.common.channels, a.connect_timeout)?;
     let mut session = SourceSession::new(cfg, chans).context("setting up the source")?;
     let _signals = crate::signals::register(session.abort_handle());
     let dev_opts = DeviceOptions { precopy: a.live.precopy, final_state: a.final_state };
@@ -804,8 +803,8 @@ fn recv_config(a: &RecvArgs) -> ReceiverConfig {
         .max_packet_bytes(a.max_packet)
         .backend(a.common.backend.into())
         .uuid(a.common.uuid.unwrap_or([0; 16]))
-        .stall_timeout(Duration::from_secs(a.common.stall_timeout))
-        .accept_timeout(Duration::from_secs(a.accept_timeout))
+        .stall_timeout(a.common.stall_timeout)
+        .accept_timeout(a.accept_timeout)
         .return_path(!a.no_return_path);
     if let Some(b) = a.budget {
         cfg = cfg.budget_bytes(b);
@@ -832,7 +831,15 @@ fn recv_failure_hint(e: &vfio_multifd::Error, sinks: &[(DeviceId, PathBuf)], rea
         }
         _ => None,
     };
-    if let Some(len) = too_large {
+    if let Some(len) = too_large.filter(|&l| l > vfio_multifd::MAX_CHUNK_BYTES) {
+        hint += &format!(
+            " (a packet of {} is above the largest a vfio-multifd source sends ({}; QEMU's are at most 1 MiB, \
+             VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE): the stream is corrupt, or the peer is not a multifd device-state \
+             source; check what connects to this port)",
+            fmt_bytes(len as u64),
+            fmt_bytes(vfio_multifd::MAX_CHUNK_BYTES as u64)
+        );
+    } else if let Some(len) = too_large {
         hint += &format!(
             " (the source's --chunk is above this receiver's --max-packet: raise --max-packet to at least {}, \
              or lower the source's --chunk)",
@@ -856,15 +863,14 @@ pub fn recv(a: &RecvArgs, order: &[DevOpt]) -> Result<()> {
     let cfg = recv_config(a);
     // Every setting is checked before the port is bound: a source never connects to a receiver
     // that cannot run (it would only see a broken pipe).
-    cfg.validate(a.common.channels, n).context(
-        "invalid receiver settings (the receive pool is (budget + devices) x --max-packet, at most 1 GiB: \
-         lower --max-packet, -P or --budget; see also --stall-timeout, --accept-timeout and the device count)",
-    )?;
+    // The engine's message names the setting, its value and its bounds (the pool's says which
+    // flags make it).
+    cfg.validate(a.common.channels, n).context("invalid receiver settings")?;
     // Sinks first: a FIFO waits for its reader before the port listens (a sender must not
     // connect to a receiver that cannot write).
     let mut sinks = Vec::with_capacity(n);
     for i in 0..n {
-        sinks.push(a.sink.get(i).map(|p| Sink::open(p, Duration::from_secs(a.accept_timeout))).transpose()?);
+        sinks.push(a.sink.get(i).map(|p| Sink::open(p, a.accept_timeout)).transpose()?);
     }
     let mut sinks = sinks.into_iter();
     let listener = TcpListener::bind(&a.listen)

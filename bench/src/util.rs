@@ -79,6 +79,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a timeout: a bare number is seconds (`90`, `0.5`), else a duration with a unit as
+/// [`parse_duration`] takes (`500ms`, `2m`); at most a day. Zero passes here: what it means
+/// (`--connect-timeout 0`: one attempt) or why it is refused (a zero stall timeout, by the
+/// engine's settings check) is the option's to say.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=86_400.0).contains(&secs) => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("timeout {s:?} is out of range (0 to 86400 s)")),
+        Err(_) => parse_duration(t)?,
+    };
+    if d > Duration::from_secs(86_400) {
+        return Err(format!("timeout {s:?} is longer than a day (86400 s)"));
+    }
+    Ok(d)
+}
+
 /// A duration in milliseconds, for reports.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -366,6 +383,20 @@ mod tests {
         assert!(parse_duration("3x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("ms").is_err());
         assert_eq!(fmt_dur(Duration::from_micros(1500)), "1.50 ms");
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("0"), Ok(Duration::ZERO));
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("2d").unwrap_err().contains("unknown unit"));
+        assert!(parse_timeout("25h").unwrap_err().contains("longer than a day"));
+        assert!(parse_timeout("1e9").is_err());
     }
 
     #[test]

@@ -459,6 +459,27 @@ fn interrupted_transfer_exits_with_the_signal() {
     }
 }
 
+/// A signal while `send` still retries its connection (nothing listens): the command says it
+/// was interrupted before any transfer ran and exits 128 + the signal, at once.
+#[test]
+fn interrupted_while_connecting_says_so() {
+    let port = free_port();
+    let c = Command::new(BIN)
+        .args(["send", "--connect", &format!("127.0.0.1:{port}"), "--sim", "1M", "--connect-timeout", "30s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send");
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&c, libc::SIGINT);
+    let t0 = Instant::now();
+    let out = c.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted by SIGINT while no transfer was running"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?} to stop", t0.elapsed());
+}
+
 /// Impossible receiver settings are refused before the port is bound (the port here is held by
 /// the test, so a late check would fail on the bind instead), and impossible sender settings
 /// before anything connects (nothing listens here: a late check would retry for 10 s).
@@ -506,6 +527,35 @@ fn chunk_above_max_packet_gets_a_hint_and_no_reset_advice_for_sims() {
     let err = String::from_utf8_lossy(&ro.stderr);
     assert!(err.contains("raise --max-packet to at least 1.00 MiB"), "{err}");
     assert!(!err.contains("dev reset"), "no real device was used: {err}");
+}
+
+/// A packet header whose size field is corrupt (near 4 GiB): `recv` says the stream is corrupt
+/// or the peer is not a source, not to raise --max-packet to 4 GiB.
+#[test]
+fn corrupt_packet_size_is_called_corrupt() {
+    use vfio_multifd::wire::{encode_packet_header, InitPacket, VfioPacketHeader, INIT_PACKET_LEN, PACKET_OVERHEAD};
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = spawn_recv(&["--listen", &addr, "-P", "1", "--sim", "1M", "--stall-timeout", "10"]);
+    let t = Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() > Duration::from_secs(20) => panic!("connect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let mut init = [0u8; INIT_PACKET_LEN];
+    InitPacket { uuid: [0; 16], id: 0, offer: 0 }.encode(&mut init).unwrap();
+    let id = vfio_multifd::DeviceId::new("0000:00:02.0/vfio", 0).unwrap();
+    let mut hdr = vec![0u8; PACKET_OVERHEAD];
+    encode_packet_header(&id, VfioPacketHeader { idx: 0, flags: 0 }, 4096, &mut hdr).unwrap();
+    hdr[272..276].copy_from_slice(&0xfff0_0000u32.to_be_bytes()); // next_packet_size
+    s.write_all(&init).unwrap();
+    s.write_all(&hdr).unwrap();
+    let ro = wait(r, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&ro.stderr);
+    assert!(!ro.status.success(), "{err}");
+    assert!(err.contains("the stream is corrupt") && !err.contains("raise --max-packet"), "{err}");
 }
 
 /// A hand-driven source that sends a whole stream of one device, one more packet, and leaves

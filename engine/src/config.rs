@@ -191,7 +191,7 @@ fn validate_common(channels: usize, devices: usize, t: Duration) -> Result<(), S
         return Err(format!("{devices} devices outside 1..={MAX_DEVICES}"));
     }
     if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
-        return Err(format!("stall timeout {t:?} outside 100 ms ..= 1 h"));
+        return Err(format!("stall timeout {t:?} outside 100 ms ..= 1 h (stall_timeout)"));
     }
     Ok(())
 }
@@ -317,7 +317,10 @@ impl ReceiverConfig {
             )));
         }
         if self.accept_timeout < Duration::from_millis(100) || self.accept_timeout > Duration::from_secs(3600) {
-            return Err(Error::Config(format!("accept timeout {:?} outside 100 ms ..= 1 h", self.accept_timeout)));
+            return Err(Error::Config(format!(
+                "accept timeout {:?} outside 100 ms ..= 1 h (accept_timeout)",
+                self.accept_timeout
+            )));
         }
         validate_common(channels, devices, self.stall_timeout).map_err(Error::Config)?;
         let pool = self.pool_bytes(channels, devices);
