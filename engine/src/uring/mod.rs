@@ -275,7 +275,9 @@ pub(crate) fn run<D: Driver>(d: &mut D, abort: &AbortHandle, clock: &StallClock,
         if d.pump()? {
             return Ok(());
         }
-        let wait = d.wait_limit().min(TICK);
+        // Never past the stall deadline (a TICK-long wait would overshoot it by up to a TICK).
+        let to_stall = stall.saturating_sub(clock.idle_for()) + Duration::from_millis(1);
+        let wait = d.wait_limit().min(TICK).min(to_stall);
         d.uring().ring.submit_and_wait(wait).map_err(|e| Error::sys("io_uring_enter", e))?;
         let mut moved = false;
         loop {
