@@ -355,6 +355,25 @@ pub enum Error {
         /// The receiver's channel count.
         expected: usize,
     },
+    /// Channel set-up did not complete within the accept timeout
+    /// ([`crate::ReceiverConfig::accept_timeout`], counted from the start of set-up): fewer
+    /// channels than expected sent a valid init packet. Other channels may have streamed
+    /// meanwhile; this is not a stall.
+    #[error(
+        "channel set-up incomplete at the accept timeout ({after:?} from its start): {connected} of {expected} \
+         channel(s) connected with a valid init packet; {what}"
+    )]
+    ChannelSetup {
+        /// Channels that connected with a valid init packet.
+        connected: usize,
+        /// The receiver's channel count.
+        expected: usize,
+        /// The missing channels, the connections still inside their init packet and those
+        /// dropped as not channels.
+        what: String,
+        /// The accept timeout.
+        after: Duration,
+    },
     /// Valid framing, but the packet breaks the transfer's rules.
     #[error("channel {channel}: {}{violation}", device.as_ref().map(|d| format!("device {d}: ")).unwrap_or_default())]
     Protocol {

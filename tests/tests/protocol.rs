@@ -151,7 +151,7 @@ fn bad_init_packets_give_clear_errors() {
             rcfg(b).accept_timeout(Duration::from_millis(500)),
             1,
             |s| s.raw(0, &[0u8; 64]),
-            |e| matches!(e, Error::Timeout { .. }) && e.to_string().contains("bad magic"),
+            |e| matches!(e, Error::ChannelSetup { .. }) && e.to_string().contains("bad magic"),
         );
         expect_err(b, 1, |s| s.init(0, 1), |e| matches!(e, Error::ChannelCount { id: 1, expected: 1, .. }));
         expect_err(

@@ -437,12 +437,7 @@ impl Acceptor<'_, '_> {
             (0..n).filter(|&c| self.s.channels.socks[c].get().is_none()).take(8).map(|c| c.to_string()).collect();
         let waiting: Vec<String> =
             self.pending.iter().map(|p| format!("{} ({} of {INIT_PACKET_LEN} bytes)", p.name(), p.got)).collect();
-        let mut what = format!(
-            "setting up channels: {got} of {n} connected with a valid init packet within the accept timeout \
-             (counted from the start of channel set-up, {:.1?} ago); missing channel(s) {}",
-            self.start.elapsed(),
-            missing.join(", ")
-        );
+        let mut what = format!("missing channel(s) {}", missing.join(", "));
         if !waiting.is_empty() {
             what += &format!("; still waiting for the init packet of {}", waiting.join(", "));
         }
@@ -453,7 +448,7 @@ impl Acceptor<'_, '_> {
                 what += &format!(", first: {first}");
             }
         }
-        Error::Timeout { what, after: self.s.cfg.accept_timeout }
+        Error::ChannelSetup { connected: got, expected: n, what, after: self.s.cfg.accept_timeout }
     }
 }
 
