@@ -791,6 +791,7 @@ fn fault_sink_fifo_whose_reader_stops_fails_at_the_stall_timeout() {
         let err = String::from_utf8_lossy(&ro.stderr);
         assert_eq!(ro.status.code(), Some(1), "{backend}: {}", text(&ro));
         assert!(err.contains("timed out after 2s"), "{backend}: {err}");
+        assert!(err.contains("its write of packet 0 to its data fd has not finished"), "{backend}: {err}");
         assert!(took < Duration::from_secs(12), "{backend}: took {took:?}");
         assert!(!so.status.success(), "{backend}: the sender succeeded: {}", text(&so));
     }

@@ -309,10 +309,16 @@ impl<'r> RecvState<'r> {
     /// Who waits for what, for a stall error: the first incomplete device, then every channel
     /// (the first [`MAX_REPORTED_CHANNELS`]) with its state.
     pub(crate) fn stall_report(&self) -> String {
-        let dev = match self.reassembly.incomplete_error() {
+        let mut dev = match self.reassembly.incomplete_error() {
             Some(Error::Incomplete { device, missing }) => format!("device {device}: {}", waiting_for(&missing)),
             _ => "every device complete".to_string(),
         };
+        if let Some((device, idx)) = self.reassembly.write_in_flight() {
+            dev = format!(
+                "device {device}: its write of packet {idx} to its data fd has not finished (the device, or the \
+                 reader of a pipe or FIFO it writes to, stopped taking data); {dev}"
+            );
+        }
         let n = self.closed.len();
         let mut chans: Vec<String> = ChannelId::all(n).take(MAX_REPORTED_CHANNELS).map(|c| self.describe(c)).collect();
         if n > MAX_REPORTED_CHANNELS {

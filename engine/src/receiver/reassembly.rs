@@ -641,6 +641,12 @@ impl Reassembly {
         })
     }
 
+    /// The first device whose write to its data fd is in flight, with the packet index being
+    /// written: in a stall, a device (or a sink's reader) that stopped taking data.
+    pub(crate) fn write_in_flight(&self) -> Option<(&DeviceId, u32)> {
+        self.devs.iter().find(|d| d.writing && !d.finished).map(|d| (&d.id, d.next_write))
+    }
+
     /// Which incomplete device waits for which packet, for an error report.
     pub(crate) fn waits_report(&self) -> String {
         let parts: Vec<String> = (0..self.devs.len())
