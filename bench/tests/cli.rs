@@ -164,7 +164,7 @@ fn probe_reports_the_host() {
 #[test]
 fn bad_arguments_say_what_to_do() {
     let o = run(&["loopback", "--size", "12Q"]);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2), "the parser's refusal exits 2 (README): {}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown unit"), "{}", text(&o));
     let o = run(&["send", "--connect", "127.0.0.1:1", "--sim", "1M", "--idstr", "a/vfio", "--idstr", "b/vfio"]);
     assert!(!o.status.success());
