@@ -545,7 +545,7 @@ fn corrupt_packet_size_is_called_corrupt() {
         }
     };
     let mut init = [0u8; INIT_PACKET_LEN];
-    InitPacket { uuid: [0; 16], id: 0, offer: 0 }.encode(&mut init).unwrap();
+    InitPacket { uuid: [0; 16], id: 0, offer: 0, devices: 0 }.encode(&mut init).unwrap();
     let id = vfio_multifd::DeviceId::new("0000:00:02.0/vfio", 0).unwrap();
     let mut hdr = vec![0u8; PACKET_OVERHEAD];
     encode_packet_header(&id, VfioPacketHeader { idx: 0, flags: 0 }, 4096, &mut hdr).unwrap();
@@ -591,7 +591,7 @@ fn sink_is_complete_when_channels_stay_open_after_the_last_packet() {
     for c in 0..2u8 {
         let mut s = connect();
         let mut init = [0u8; INIT_PACKET_LEN];
-        InitPacket { uuid: [0; 16], id: c, offer: 0 }.encode(&mut init).unwrap();
+        InitPacket { uuid: [0; 16], id: c, offer: 0, devices: 0 }.encode(&mut init).unwrap();
         s.write_all(&init).unwrap();
         chans.push(s);
     }

@@ -25,7 +25,7 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn init(id: u8) -> Vec<u8> {
     let mut b = vec![0u8; 64];
-    InitPacket { uuid: [0; 16], id, offer: 0 }.encode(&mut b).unwrap();
+    InitPacket { uuid: [0; 16], id, offer: 0, devices: 0 }.encode(&mut b).unwrap();
     b
 }
 

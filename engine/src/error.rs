@@ -374,6 +374,20 @@ pub enum Error {
         /// The accept timeout.
         after: Duration,
     },
+    /// The source announced (in its return-path offer, `wire::InitPacket::devices`) that it
+    /// migrates a number of devices other than the number this receiver expects: one side
+    /// would wait for a device the other never sends, or get one it does not know.
+    #[error(
+        "the source migrates {source_devices} device(s), but this destination expects {expected}: both sides must \
+         migrate the same devices (same idstr and instance_id, in any order); check the device lists of both \
+         commands"
+    )]
+    DeviceCount {
+        /// The source's device count (from its init packet).
+        source_devices: usize,
+        /// The receiver's device count.
+        expected: usize,
+    },
     /// Valid framing, but the packet breaks the transfer's rules.
     #[error("channel {channel}: {}{violation}", device.as_ref().map(|d| format!("device {d}: ")).unwrap_or_default())]
     Protocol {
@@ -445,7 +459,10 @@ pub enum Error {
         why: String,
     },
     /// A packet names a device the receiver does not expect.
-    #[error("channel {channel}: packet for unknown device {idstr:?} instance {instance_id}")]
+    #[error(
+        "channel {channel}: packet for unknown device {idstr:?} instance {instance_id}: this destination does not \
+         expect it; both sides must migrate the same devices (same idstr and instance_id)"
+    )]
     UnknownDevice {
         /// The channel.
         channel: ChannelId,

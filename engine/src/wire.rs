@@ -235,6 +235,11 @@ pub struct InitPacket {
     /// vfio-multifd extension features offered (`EXT_*` bits); 0 = none, and then the packet
     /// is byte-for-byte QEMU's.
     pub offer: u8,
+    /// With an offer only (byte 31, after the feature bits): how many devices the source
+    /// migrates, `1..=`[`crate::MAX_DEVICES`], so that a destination expecting another number
+    /// fails at once instead of waiting for a device that never comes; 0 = not given (a source
+    /// before this field, or no offer). Ignored without an offer.
+    pub devices: u8,
 }
 
 impl InitPacket {
@@ -254,6 +259,7 @@ impl InitPacket {
             b[25..29].copy_from_slice(&EXT_MAGIC);
             b[29] = EXT_VERSION;
             b[30] = self.offer;
+            b[31] = self.devices;
         }
         Ok(())
     }
@@ -269,9 +275,12 @@ impl InitPacket {
         // An offer: the magic, our version, and feature bits we know (unknown bits, from a newer
         // peer, are simply not accepted; nor is an offer of another extension version, which a
         // newer peer may send: it gets no answer and goes on without the extension).
+        // Byte 31 of an offer is the source's device count (0: not given); a destination before
+        // it reads a non-zero byte 31 as a reserved byte set and fails at once.
         let ours = buf[25..29] == EXT_MAGIC;
         let offer = if ours && buf[29] == EXT_VERSION { buf[30] & EXT_FEATURES } else { 0 };
-        let reserved_from = if ours { 31 } else { 25 };
+        let devices = if offer != 0 { buf[31] } else { 0 };
+        let reserved_from = if ours { 32 } else { 25 };
         if let Some(off) = (reserved_from..INIT_PACKET_LEN).find(|&i| buf[i] != 0) {
             return Err(WireError::Reserved { what: W, offset: off, value: buf[off] });
         }
@@ -284,7 +293,7 @@ impl InitPacket {
         if usize::from(id) >= channels {
             return Err(WireError::BadChannelId { id, channels });
         }
-        Ok(InitPacket { uuid, id, offer })
+        Ok(InitPacket { uuid, id, offer, devices })
     }
 }
 
@@ -548,18 +557,18 @@ mod tests {
     fn init_packet_golden() {
         let uuid = parse_uuid("00112233-4455-6677-8899-aabbccddeeff").unwrap();
         let mut buf = [0xffu8; 64];
-        InitPacket { uuid, id: 3, offer: 0 }.encode(&mut buf).unwrap();
+        InitPacket { uuid, id: 3, offer: 0, devices: 0 }.encode(&mut buf).unwrap();
         let mut want = hex("11223344 00000001 00112233445566778899aabbccddeeff 03");
         want.resize(64, 0);
         assert_eq!(buf.to_vec(), want);
-        assert_eq!(InitPacket::decode(&buf, 4, &uuid).unwrap(), InitPacket { uuid, id: 3, offer: 0 });
+        assert_eq!(InitPacket::decode(&buf, 4, &uuid).unwrap(), InitPacket { uuid, id: 3, offer: 0, devices: 0 });
     }
 
     #[test]
     fn init_packet_errors() {
         let uuid = [0u8; 16];
         let mut good = [0u8; 64];
-        InitPacket { uuid, id: 1, offer: 0 }.encode(&mut good).unwrap();
+        InitPacket { uuid, id: 1, offer: 0, devices: 0 }.encode(&mut good).unwrap();
         assert!(matches!(InitPacket::decode(&good[..63], 2, &uuid), Err(WireError::Short { .. })));
         let mut b = good;
         b[0] = 0x12;
@@ -664,7 +673,7 @@ mod tests {
         }
         let qemu = hex(QEMU_10_0_13_INIT_1);
         let p = InitPacket::decode(&qemu, 2, &[0; 16]).unwrap();
-        assert_eq!(p, InitPacket { uuid: [0; 16], id: 1, offer: 0 });
+        assert_eq!(p, InitPacket { uuid: [0; 16], id: 1, offer: 0, devices: 0 });
         let mut ours = [0x5au8; INIT_PACKET_LEN];
         p.encode(&mut ours).unwrap();
         assert_eq!(ours.to_vec(), qemu);
@@ -727,7 +736,7 @@ mod tests {
     fn init_packet_extension_offer() {
         let uuid = [7u8; 16];
         let mut b = [0u8; 64];
-        InitPacket { uuid, id: 0, offer: EXT_RETURN_PATH }.encode(&mut b).unwrap();
+        InitPacket { uuid, id: 0, offer: EXT_RETURN_PATH, devices: 0 }.encode(&mut b).unwrap();
         assert_eq!(&b[25..31], b"VFMX\x01\x01");
         assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().offer, EXT_RETURN_PATH);
         // Unknown feature bits of a newer peer are not accepted, but not an error either.
@@ -737,12 +746,23 @@ mod tests {
         b[29] = 2;
         assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().offer, 0);
         b[29] = EXT_VERSION;
-        // Anything else in the unused bytes still is.
-        b[31] = 1;
-        assert!(matches!(InitPacket::decode(&b, 1, &uuid), Err(WireError::Reserved { offset: 31, .. })));
+        // Byte 31: the source's device count (0: not given).
+        b[31] = 3;
+        assert_eq!(InitPacket::decode(&b, 1, &uuid).unwrap().devices, 3);
+        // Anything else in the unused bytes still is an error.
+        b[32] = 1;
+        assert!(matches!(InitPacket::decode(&b, 1, &uuid), Err(WireError::Reserved { offset: 32, .. })));
+        b[32] = 0;
+        b[30] = EXT_RETURN_PATH;
+        let mut c = [0u8; 64];
+        InitPacket { uuid, id: 0, offer: EXT_RETURN_PATH, devices: 3 }.encode(&mut c).unwrap();
+        assert_eq!(c, b, "the count is encoded at byte 31");
+        // A count without an offer is not encoded (the packet stays QEMU's).
+        InitPacket { uuid, id: 0, offer: 0, devices: 3 }.encode(&mut c).unwrap();
+        assert!(c[25..].iter().all(|&x| x == 0));
         // No offer: byte-for-byte QEMU's packet.
         let mut q = [0u8; 64];
-        InitPacket { uuid, id: 0, offer: 0 }.encode(&mut q).unwrap();
+        InitPacket { uuid, id: 0, offer: 0, devices: 0 }.encode(&mut q).unwrap();
         assert!(q[25..].iter().all(|&x| x == 0));
     }
 

@@ -155,7 +155,7 @@ impl RawSender {
     /// path and the commit: `wire::EXT_RETURN_PATH | wire::EXT_COMMIT`).
     pub fn init_offering(&mut self, c: usize, id: u8, offer: u8) {
         let mut b = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
-        vfio_multifd::wire::InitPacket { uuid: [0; 16], id, offer }.encode(&mut b).unwrap();
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id, offer, devices: 0 }.encode(&mut b).unwrap();
         self.raw(c, &b);
     }
 

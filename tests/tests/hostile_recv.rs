@@ -159,7 +159,7 @@ fn hostile_data_before_the_second_channel_connects() {
         let (res, dests) = receive_from(std::slice::from_ref(&cfg), 2, rc, |addr| {
             let mut c0 = TcpStream::connect(addr).expect("connect channel 0");
             let mut init = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
-            vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: 0 }.encode(&mut init).unwrap();
+            vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: 0, devices: 0 }.encode(&mut init).unwrap();
             c0.write_all(&init).unwrap();
             for idx in 0..packets {
                 let data = sim_bytes(cfg.seed, (idx * chunk) as u64, chunk);
@@ -167,7 +167,7 @@ fn hostile_data_before_the_second_channel_connects() {
                     .expect("channel 0 is read before channel 1 exists");
             }
             let mut c1 = TcpStream::connect(addr).expect("connect channel 1");
-            vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 1, offer: 0 }.encode(&mut init).unwrap();
+            vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 1, offer: 0, devices: 0 }.encode(&mut init).unwrap();
             c1.write_all(&init).unwrap();
             c1.write_all(&packet_bytes(packets as u32, true, &SimDevice::expected_config(&cfg))).unwrap();
             let _ = c0.shutdown(std::net::Shutdown::Write);
@@ -337,7 +337,7 @@ fn hostile_accepted_sockets_with_a_bad_init_packet_fail_at_once() {
         let (clients, servers) = vfio_multifd_tests::tcp_pairs(2);
         let mut c: Vec<TcpStream> = clients.into_iter().map(TcpStream::from).collect();
         let mut init = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
-        vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: 0 }.encode(&mut init).unwrap();
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: 0, devices: 0 }.encode(&mut init).unwrap();
         c[0].write_all(&init).unwrap();
         c[1].write_all(&[0u8; vfio_multifd::wire::INIT_PACKET_LEN]).unwrap();
         let mut dst = SimDevice::new(sim(2));

@@ -220,7 +220,7 @@ fn trial_reset_after_the_verdicts_starts_nothing() {
 fn trial_stray_input_on_channel_0_before_the_verdicts_never_starts() {
     let init = || {
         let mut b = [0u8; vfio_multifd::wire::INIT_PACKET_LEN];
-        vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT }
+        vfio_multifd::wire::InitPacket { uuid: [0; 16], id: 0, offer: EXT_RETURN_PATH | EXT_COMMIT, devices: 0 }
             .encode(&mut b)
             .unwrap();
         b.to_vec()

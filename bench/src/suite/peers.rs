@@ -312,7 +312,7 @@ fn qemu_send(a: &SendPeer) -> Result<Value> {
     let tx = connect(&a.connect, a.channels)?;
     for (c, s) in tx.iter().enumerate() {
         let mut init = [0u8; INIT_PACKET_LEN];
-        InitPacket { uuid: [0; 16], id: c as u8, offer: 0 }.encode(&mut init)?;
+        InitPacket { uuid: [0; 16], id: c as u8, offer: 0, devices: 0 }.encode(&mut init)?;
         io::write_all(s.as_raw_fd(), &init)?;
     }
     let abort = Abort::default();

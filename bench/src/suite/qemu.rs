@@ -185,7 +185,7 @@ pub fn run(cfgs: &[SimConfig], channels: usize, chunk: usize, abort: &Abort) -> 
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         let mut init = [0u8; INIT_PACKET_LEN];
-        InitPacket { uuid: [0; 16], id: c as u8, offer: 0 }.encode(&mut init)?;
+        InitPacket { uuid: [0; 16], id: c as u8, offer: 0, devices: 0 }.encode(&mut init)?;
         io::write_all(s.as_raw_fd(), &init)?;
         tx.push(s.into());
         let (r, _) = l.accept()?;

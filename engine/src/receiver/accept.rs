@@ -13,10 +13,12 @@
 //! packet at once (the oldest is dropped for a newer one). A connection with the multifd magic
 //! but an invalid init packet (version, UUID, reserved bytes, a duplicate id) is a misconfigured
 //! source and fails the receive at once, as does a channel id at or above the channel count
-//! ([`Error::ChannelCount`]). Once every channel is in, the listener is still watched until the
-//! receive ends, so an extra channel is caught even after the data started. On sockets the
-//! caller accepted itself ([`crate::Receiver::run`]) every problem is an error: they are the
-//! channels, there is nothing else to wait for.
+//! ([`Error::ChannelCount`]) and a device count in channel 0's offer other than the receiver's
+//! ([`Error::DeviceCount`], after `HELLO`, so that the source hears why in the verdicts). Once
+//! every channel is in, the listener is still watched until the receive ends, so an extra
+//! channel is caught even after the data started. On sockets the caller accepted itself
+//! ([`crate::Receiver::run`]) every problem is an error: they are the channels, there is
+//! nothing else to wait for.
 
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -230,9 +232,9 @@ struct Acceptor<'a, 'c> {
 /// listener, until every given socket is a channel.
 ///
 /// # Errors
-/// [`Error::Timeout`] when fewer than N channels had a valid init packet by the accept
-/// timeout (naming the connections dropped), [`Error::ChannelCount`], [`Error::InitPacket`],
-/// [`Error::Protocol`] (a channel id twice), and, for sockets the caller accepted,
+/// [`Error::ChannelSetup`] when fewer than N channels had a valid init packet by the accept
+/// timeout (naming the connections dropped), [`Error::ChannelCount`], [`Error::DeviceCount`],
+/// [`Error::InitPacket`], [`Error::Protocol`] (a channel id twice), and, for sockets the caller accepted,
 /// [`Error::ConnectionClosed`] and [`Error::Connection`]. The caller aborts the receive on an
 /// error.
 pub(crate) fn run(s: &RecvShared<'_>, listener: Option<&TcpListener>, socks: Vec<OwnedFd>) -> Result<()> {
@@ -243,6 +245,13 @@ pub(crate) fn run(s: &RecvShared<'_>, listener: Option<&TcpListener>, socks: Vec
         (0u32..).zip(socks).map(|(conn, sock)| Pending::new(sock, conn, String::new())).collect();
     let mut a = Acceptor { s, listener, next_conn: pending.len() as u32, pending, dropped: 0, start: Instant::now() };
     let r = a.run();
+    if r.is_err() {
+        // Closed only when the receive returns, after the failure verdicts: a connection closed
+        // now with unread input would reset, and the source would see that reset before the
+        // verdicts that say why (at most `channels + MAX_STRAYS` sockets).
+        let mut held = s.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.extend(a.pending.drain(..).map(|p| p.sock));
+    }
     if let Some(l) = listener {
         let _ = l.set_nonblocking(false);
     }
@@ -417,6 +426,10 @@ impl Acceptor<'_, '_> {
             chans.features.store(accepted, Ordering::SeqCst);
             w.send(&Message::Hello { features: accepted })?;
         }
+        if channel.get() == 0 {
+            // After HELLO: the source then reads the verdicts that say why (`conclude`).
+            check_devices(init.devices, self.s.devices)?;
+        }
         self.s.channels.publish(channel);
         Ok(())
     }
@@ -450,6 +463,18 @@ impl Acceptor<'_, '_> {
         }
         Error::ChannelSetup { connected: got, expected: n, what, after: self.s.cfg.accept_timeout }
     }
+}
+
+/// The source's device count from channel 0's offer (`InitPacket::devices`; 0: not given, a
+/// source before the field or one that offered nothing) against the receiver's `expected`.
+///
+/// # Errors
+/// [`Error::DeviceCount`] when they differ.
+fn check_devices(given: u8, expected: usize) -> Result<()> {
+    if given != 0 && usize::from(given) != expected {
+        return Err(Error::DeviceCount { source_devices: usize::from(given), expected });
+    }
+    Ok(())
 }
 
 /// Accept errors that concern one connection, not the listener (out of descriptors is not one:

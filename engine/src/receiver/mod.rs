@@ -364,6 +364,8 @@ impl std::fmt::Debug for Receiver<'_> {
 /// Shared context of one receive.
 pub(crate) struct RecvShared<'c> {
     pub(crate) cfg: &'c ReceiverConfig,
+    /// How many devices this receiver expects.
+    pub(crate) devices: usize,
     /// Channel sockets by channel id, published as their init packets are validated.
     pub(crate) channels: &'c Channels,
     /// The return path on channel 0, once the source offered it and this side accepted.
@@ -383,6 +385,9 @@ pub(crate) struct RecvShared<'c> {
     pub(crate) ch0_after: Mutex<Option<std::result::Result<usize, std::io::Error>>>,
     /// [`Receiver::on_started`]'s hook, until called.
     on_started: Mutex<Option<StartedHook<'c>>>,
+    /// Connections that were not channels yet when channel set-up failed, closed when the
+    /// receive returns (after the failure verdicts; `accept::run`).
+    pub(crate) held: Mutex<Vec<OwnedFd>>,
     /// When every device reached its final state.
     ready_at: OnceLock<Instant>,
 }
@@ -566,6 +571,7 @@ impl<'a> Receiver<'a> {
         let chans = Channels::new(n, workers)?;
         let shared = RecvShared {
             cfg: &self.cfg,
+            devices: self.targets.len(),
             channels: &chans,
             rp: OnceLock::new(),
             counters: (0..n).map(|_| ChannelCounters::default()).collect(),
@@ -576,6 +582,7 @@ impl<'a> Receiver<'a> {
             endgame: Mutex::new(None),
             ch0_after: Mutex::new(None),
             on_started: Mutex::new(self.on_started.take()),
+            held: Mutex::new(Vec::new()),
             ready_at: OnceLock::new(),
         };
         let budget = self.cfg.budget_for(n);

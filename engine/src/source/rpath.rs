@@ -20,6 +20,13 @@ struct Inner {
     verdicts: Vec<Option<Verdict>>,
     /// `SHUT`'s status, once it came.
     shut: Option<bool>,
+    /// A `SHUT` reporting a failure came while the session still ran (not aborted): the
+    /// destination failed first (a device count or id it does not expect, a stream it
+    /// rejected), and the reader aborted the session with its reason.
+    failed_first: bool,
+    /// The first failed verdict for a device this source does not migrate (the two sides'
+    /// device lists differ): the destination's reason, kept for the session's error.
+    foreign: Option<(DeviceId, String)>,
     /// Why the reader stopped early (a broken message, a read error).
     error: Option<String>,
     ended: bool,
@@ -41,6 +48,10 @@ pub(crate) struct RpState {
     /// Tells the reader to stop.
     stop: EventFd,
 }
+
+/// Most bytes the reader still takes from channel 0 once the session is aborted (the verdicts of
+/// a destination that failed first: 64 devices of at most ~1.3 KiB each).
+const DRAIN_AFTER_ABORT: usize = 256 << 10;
 
 /// The destination's verdicts, after the session.
 #[derive(Debug)]
@@ -162,13 +173,21 @@ impl RpState {
                 what: "the destination's SHUT reports a failure although every verdict said loaded".into(),
             });
         }
-        let missing = || Verdict::Failed { what: "the destination gave no verdict for this device".into() };
-        Ok(Verdicts::Given(
-            ids.iter().cloned().zip(g.verdicts.iter().map(|v| v.clone().unwrap_or_else(missing))).collect(),
-        ))
+        Ok(given(&g, ids))
     }
 
-    fn handle(&self, m: Message, ids: &[DeviceId], controls: &[DeviceControl]) -> Result<bool> {
+    /// After the reader stopped, on a session that did not send everything: the destination's
+    /// verdicts if its `SHUT` said it failed, and whether it failed first (its `SHUT` aborted
+    /// the session: its reason is the session's error); else [`Verdicts::None`].
+    pub(crate) fn early(&self, ids: &[DeviceId]) -> (Verdicts, bool) {
+        let g = self.lock();
+        match g.shut {
+            Some(false) => (given(&g, ids), g.failed_first),
+            _ => (Verdicts::None, false),
+        }
+    }
+
+    fn handle(&self, m: Message, ids: &[DeviceId], controls: &[DeviceControl], abort: &AbortHandle) -> Result<bool> {
         let find = |d: &DeviceId| {
             ids.iter()
                 .position(|x| x == d)
@@ -185,6 +204,11 @@ impl RpState {
                 c.status().initial_data_acked = true;
                 c.event(SessionEvent::InitialDataAcked(device));
             }
+            Message::Verdict { device, verdict: Verdict::Failed { what } } if !ids.contains(&device) => {
+                // The destination expects a device this source does not migrate: keep its
+                // reason (the first), which the source's error reports.
+                self.lock().foreign.get_or_insert((device, what));
+            }
             Message::Verdict { device, verdict } => {
                 let i = find(&device)?;
                 let mut g = self.lock();
@@ -195,7 +219,15 @@ impl RpState {
                 g.verdicts[i] = Some(verdict);
             }
             Message::Shut { ok } => {
-                self.lock().shut = Some(ok);
+                let mut g = self.lock();
+                g.shut = Some(ok);
+                if !ok && !abort.is_aborted() {
+                    // The destination failed while this session still runs (it may still be
+                    // sending, to a destination that no longer reads): stop it now.
+                    g.failed_first = true;
+                    abort.abort();
+                }
+                drop(g);
                 self.cv.notify_all();
                 return Ok(true);
             }
@@ -204,8 +236,25 @@ impl RpState {
     }
 }
 
+/// Per device, in the session's order, what the destination said; a device without a verdict
+/// failed to get one (with the destination's reason for a device of its own, if it gave one).
+fn given(g: &Inner, ids: &[DeviceId]) -> Verdicts {
+    let missing = || {
+        let what = "the destination gave no verdict for this device".to_owned();
+        Verdict::Failed {
+            what: match &g.foreign {
+                Some((d, why)) => format!("{what}; of its device {d}, which this source does not migrate: {why}"),
+                None => what,
+            },
+        }
+    };
+    Verdicts::Given(ids.iter().cloned().zip(g.verdicts.iter().map(|v| v.clone().unwrap_or_else(missing))).collect())
+}
+
 /// The reader thread: channel 0's incoming bytes, until `SHUT`, the peer's EOF, an error, or
-/// [`RpState::stop`].
+/// [`RpState::stop`]. Once the session is aborted it still takes what is already queued (at
+/// most [`DRAIN_AFTER_ABORT`] bytes, without waiting): a destination that failed first sent
+/// its verdicts before it closed, and they say why.
 pub(crate) fn read(
     fd: BorrowedFd<'_>,
     st: &RpState,
@@ -220,14 +269,17 @@ pub(crate) fn read(
         if let Err(e) = sys::wait_readable(&fds, TICK) {
             break Some(format!("poll: {e}"));
         }
-        if abort.is_aborted() || sys::wait_readable(&[st.stop.as_fd()], Duration::ZERO).unwrap_or(true) {
+        if abort.is_aborted() {
+            break drain_queued(fd, &mut dec, st, ids, controls, abort);
+        }
+        if sys::wait_readable(&[st.stop.as_fd()], Duration::ZERO).unwrap_or(true) {
             break None;
         }
         match classify(Kernel.recv(fd, &mut buf)) {
             IoStep::Moved(n) => {
                 st.lock().received += n;
                 dec.feed(&buf[..n]);
-                match drain(&mut dec, st, ids, controls) {
+                match drain(&mut dec, st, ids, controls, abort) {
                     Ok(true) => break None,
                     Ok(false) => {}
                     Err(e) => break Some(e.to_string()),
@@ -248,11 +300,44 @@ pub(crate) fn read(
     st.cv.notify_all();
 }
 
-fn drain(dec: &mut Decoder, st: &RpState, ids: &[DeviceId], controls: &[DeviceControl]) -> Result<bool> {
+fn drain(
+    dec: &mut Decoder,
+    st: &RpState,
+    ids: &[DeviceId],
+    controls: &[DeviceControl],
+    abort: &AbortHandle,
+) -> Result<bool> {
     while let Some(m) = dec.next()? {
-        if st.handle(m, ids, controls)? {
+        if st.handle(m, ids, controls, abort)? {
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+/// After the abort: the messages already queued on channel 0, without waiting (until `SHUT`,
+/// nothing more queued, the peer's EOF or reset, or [`DRAIN_AFTER_ABORT`] bytes). Returns why
+/// the reader stopped early, if a message was broken.
+fn drain_queued(
+    fd: BorrowedFd<'_>,
+    dec: &mut Decoder,
+    st: &RpState,
+    ids: &[DeviceId],
+    controls: &[DeviceControl],
+    abort: &AbortHandle,
+) -> Option<String> {
+    let mut buf = [0u8; 2048];
+    let mut taken = 0;
+    while taken < DRAIN_AFTER_ABORT {
+        let IoStep::Moved(n) = classify(Kernel.recv(fd, &mut buf)) else { return None };
+        taken += n;
+        st.lock().received += n;
+        dec.feed(&buf[..n]);
+        match drain(dec, st, ids, controls, abort) {
+            Ok(true) => return None,
+            Ok(false) => {}
+            Err(e) => return Some(e.to_string()),
+        }
+    }
+    None
 }

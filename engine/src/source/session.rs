@@ -230,7 +230,7 @@ impl<'a> SourceSession<'a> {
         let (backend, fallback_reason) = crate::backend::choose(self.cfg.backend)?;
         let zerocopy = zerocopy_decision(backend, self.cfg.zerocopy, &self.channels)?;
         let (slots, streams) = slots(std::mem::take(&mut self.devices))?;
-        self.send_inits()?;
+        self.send_inits(slots.len())?;
         let events = Arc::new(Events::new().map_err(|e| Error::sys("eventfd", e))?);
         let ids: Vec<DeviceId> = slots.iter().map(|d| d.id().clone()).collect();
         let controls = ids
@@ -252,7 +252,7 @@ impl<'a> SourceSession<'a> {
         };
         let mut ctl = self.control(&controls, &events, &rp, &slots);
         let park = Park::new(ids.len());
-        let (driven, outcomes, verdicts, all_sent) = std::thread::scope(|s| {
+        let (driven, outcomes, verdicts, all_sent, echoed) = std::thread::scope(|s| {
             // Released when this closure ends, even by a panic: the scope then joins them.
             let _release = ReleaseOnDrop(&park);
             let reader = self.cfg.return_path.then(|| {
@@ -266,27 +266,10 @@ impl<'a> SourceSession<'a> {
             let driven = ctl.drive(drive);
             let outcomes = collect_devices(handles, &park, &shared);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
-            if all_sent {
-                // With the two-phase commit, channel 0's FIN waits for the verdicts.
-                close::shutdown_all(&shared.channels[usize::from(rp.commit())..]);
-            }
-            // Success is reported only for what the destination says it loaded, if it says.
-            let verdicts =
-                if all_sent { rp.verdicts(&ids, self.cfg.stall_timeout, &self.abort) } else { Ok(Verdicts::None) };
-            // The commit as soon as the verdicts allow it (the destination's devices start on
-            // it), before any thread of this session is joined.
-            let verdicts =
-                if all_sent { commit_if_loaded(&shared.channels, &rp, verdicts, &self.abort) } else { verdicts };
-            rp.stop();
-            // Channel 0 has one reader at a time: the return path's, then the close's.
-            if let Some(Err(_)) = reader.flatten().map(std::thread::ScopedJoinHandle::join) {
-                shared.abort.abort();
-            }
-            let verdicts =
-                if all_sent { closing(&shared.channels, &rp, verdicts, &self.cfg, &self.abort) } else { verdicts };
+            let (verdicts, echoed) = end_session(&shared, &rp, &ids, all_sent, reader.flatten());
             // Only now, with the destination done: the device threads' exits.
             park.release();
-            (driven, outcomes, verdicts, all_sent)
+            (driven, outcomes, verdicts, all_sent, echoed)
         });
         let (verdicts, destination_err) = judge(verdicts);
         close::before_close(&shared.channels, !all_sent || destination_err.is_some());
@@ -302,7 +285,7 @@ impl<'a> SourceSession<'a> {
             (Ok(t), Ok(r)) => (t, r),
             // The VMM's own error is the root cause when no device failed by itself.
             (Err(Error::Aborted), Err(d)) => return Err(d),
-            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(prefer_destination(e, echoed)),
         };
         let (tallies, r) = tallies;
         let run = RunFacts { backend, fallback_reason, zerocopy, elapsed: started.elapsed(), verdicts };
@@ -334,15 +317,50 @@ impl<'a> SourceSession<'a> {
         }
     }
 
-    /// Writes the init packet on every channel, with the return-path offer if configured.
-    fn send_inits(&self) -> Result<()> {
+    /// Writes the init packet on every channel, with the return-path offer if configured (and
+    /// in it, the device count: a destination expecting another number fails at once).
+    fn send_inits(&self, devices: usize) -> Result<()> {
         let offer = if self.cfg.return_path { EXT_RETURN_PATH | EXT_COMMIT } else { 0 };
+        // `validate` bounds the count by MAX_DEVICES (64); 0 (not given) is never sent.
+        let devices = u8::try_from(devices).map_err(|_| Error::Config(format!("{devices} devices")))?;
         for (ch, fd) in ChannelId::all(self.channels.len()).zip(&self.channels) {
-            send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get(), offer })
+            send_init(fd.as_fd(), &InitPacket { uuid: self.cfg.uuid, id: ch.get(), offer, devices })
                 .map_err(|e| Error::Channel { channel: ch, op: "send init packet".into(), source: e })?;
         }
         Ok(())
     }
+}
+
+/// After every device thread ended: the destination's verdicts, the commit, the return-path
+/// reader's end and the close's wait (see `close`). `all_sent`: every packet was sent; else the
+/// verdicts are only those of a destination that failed ([`early_failure`], which also gives
+/// the second result).
+fn end_session(
+    shared: &SourceShared<'_>,
+    rp: &RpState,
+    ids: &[DeviceId],
+    all_sent: bool,
+    reader: Option<std::thread::ScopedJoinHandle<'_, ()>>,
+) -> (Result<Verdicts>, Option<Error>) {
+    let (cfg, channels, abort) = (shared.cfg, &shared.channels, &shared.abort);
+    if all_sent {
+        // With the two-phase commit, channel 0's FIN waits for the verdicts.
+        close::shutdown_all(&channels[usize::from(rp.commit())..]);
+    }
+    // Success is reported only for what the destination says it loaded, if it says.
+    let verdicts = if all_sent { rp.verdicts(ids, cfg.stall_timeout, abort) } else { Ok(Verdicts::None) };
+    // The commit as soon as the verdicts allow it (the destination's devices start on it),
+    // before any thread of this session is joined.
+    let verdicts = if all_sent { commit_if_loaded(channels, rp, verdicts, abort) } else { verdicts };
+    rp.stop();
+    // Channel 0 has one reader at a time: the return path's, then the close's.
+    if let Some(Err(_)) = reader.map(std::thread::ScopedJoinHandle::join) {
+        abort.abort();
+    }
+    if !all_sent {
+        return early_failure(rp, ids);
+    }
+    (closing(channels, rp, verdicts, cfg, abort), None)
 }
 
 /// The two-phase commit (`wire::EXT_COMMIT`): every device loaded at the destination, so
@@ -409,6 +427,31 @@ fn closing(
         (Verdicts::Given(v), _) => Ok(Verdicts::Given(v)),
         (v, Ok(())) => Ok(v),
         (_, Err(e)) => Err(e),
+    }
+}
+
+/// On a session that did not send everything: the destination's failure, if its `SHUT` said it
+/// failed. When it failed first (its `SHUT` aborted the session), its verdicts fail the
+/// session (the first result); when its verdicts were only found queued after this session
+/// failed, its error (the second) replaces a cause that merely echoes it
+/// ([`prefer_destination`]).
+fn early_failure(rp: &RpState, ids: &[DeviceId]) -> (Result<Verdicts>, Option<Error>) {
+    match rp.early(ids) {
+        (v, true) => (Ok(v), None),
+        (v, false) => (Ok(Verdicts::None), judge(Ok(v)).1),
+    }
+}
+
+/// `e`, the session's error, unless it is only the echo of a destination that failed and said
+/// why (`destination`): the abort, or a channel the destination closed or reset.
+fn prefer_destination(e: Error, destination: Option<Error>) -> Error {
+    let echo = |e: &Error| matches!(e, Error::Aborted | Error::Channel { .. });
+    match (e, destination) {
+        (e, Some(d)) if echo(&e) => d,
+        (Error::Unrecovered { device, cause, source }, Some(d)) if echo(&cause) => {
+            Error::Unrecovered { device, cause: Box::new(d), source }
+        }
+        (e, _) => e,
     }
 }
 
