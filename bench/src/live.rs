@@ -392,11 +392,12 @@ pub enum DowntimeEnd {
     /// `loopback`: every destination device loaded, validated and RUNNING (the receiver's
     /// `on_started` hook, where a VMM resumes its vCPUs; the receiver's teardown follows).
     DestinationRunning,
-    /// `send` with a return path: the session returned after the destination's last
-    /// message, which it sends once its devices are loaded, validated and in their final state.
+    /// `send` with a return path: the destination's last message arrived (and the commit was
+    /// sent), which it sends once its devices are loaded and validated
+    /// (`SourceReport::verdicts_at`); the close's wait for its EOF afterwards is not included.
     DestinationVerdict,
-    /// `send` without a verdict: the session returned (every byte sent, source devices in
-    /// their final state); the destination's share is not included.
+    /// `send` without a verdict: every device sent its last packet (`SourceReport::sent_at`);
+    /// the destination's share is not included, nor the close's wait for its EOF.
     SourceDone,
 }
 

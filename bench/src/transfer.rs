@@ -419,6 +419,7 @@ pub fn report_json(
             json!({"what": "packet: device read submitted to send completed", "lat_ns": lat_json(&s.latency)});
         end["zerocopy"] =
             json!({"used": s.zerocopy, "zerocopy_bytes": s.zerocopy_bytes, "copied_bytes": s.copied_bytes});
+        end["source_warnings"] = json!(s.warnings);
         end["source_devices"] = s
             .devices
             .iter()
@@ -510,6 +511,9 @@ pub fn print_text(s: Option<&SourceReport>, r: Option<&ReceiverReport>, wall: Du
             );
         }
         println!("zero-copy bytes: {}; copied bytes: {}", fmt_bytes(s.zerocopy_bytes), fmt_bytes(s.copied_bytes));
+        for w in &s.warnings {
+            println!("  warning: {w}");
+        }
         for d in &s.devices {
             println!(
                 "  sent {}: {} ({} pre-copy), {} packets, config {} B, stop-copy {:.3} s",
@@ -729,7 +733,12 @@ pub fn send(a: &SendArgs, order: &[DevOpt]) -> Result<()> {
             });
         }
     };
-    let end = if rep.verdicts.is_some() { DowntimeEnd::DestinationVerdict } else { DowntimeEnd::SourceDone };
+    // The downtime ends with the verdicts (or the last packet sent), not with the close's wait
+    // for the destination's EOF that follows them.
+    let (end, ended) = match rep.verdicts_at {
+        Some(t) if rep.verdicts.is_some() => (DowntimeEnd::DestinationVerdict, t.min(ended)),
+        _ => (DowntimeEnd::SourceDone, rep.sent_at.min(ended)),
+    };
     let summary = Summary::new(sw, opts, &rep, ended, end);
     if a.common.json {
         let mut v = report_json(config, Some(&rep), None, wall, cpu, &intervals);

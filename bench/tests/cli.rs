@@ -875,3 +875,55 @@ fn fault_send_interrupted_by_sigterm_on_both_backends() {
         assert_eq!(ro.status.code(), Some(1), "{backend}: the receiver did not fail: {}", text(&ro));
     }
 }
+
+/// `send` to a destination that confirms every device loaded, reads the commit, and then never
+/// closes: the send succeeds after the short close wait (2 s, not `--stall-timeout`), warns,
+/// and the downtime it reports ends with the verdicts, without that wait.
+#[test]
+fn send_to_a_destination_that_never_closes_reports_the_downtime_without_the_wait() {
+    use std::io::Read;
+    use vfio_multifd::wire::{EXT_COMMIT, EXT_RETURN_PATH, PACKET_OVERHEAD};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.read_exact(&mut [0u8; 64]).unwrap();
+        s.write_all(&[0, 1, 0, 2, 1, EXT_RETURN_PATH | EXT_COMMIT]).unwrap();
+        loop {
+            let mut h = [0u8; PACKET_OVERHEAD];
+            s.read_exact(&mut h).unwrap();
+            let size = u32::from_be_bytes(h[272..276].try_into().unwrap()) as usize;
+            s.read_exact(&mut vec![0u8; size - 12]).unwrap();
+            if u32::from_be_bytes(h[284..288].try_into().unwrap()) & 1 != 0 {
+                break;
+            }
+        }
+        let idstr = b"0000:00:02.0/vfio";
+        let mut v = vec![0, 0, 0, 0, idstr.len() as u8];
+        v.extend_from_slice(idstr);
+        v.extend_from_slice(&[0, 0, 0]);
+        let mut frames = vec![0, 3, 0, v.len() as u8];
+        frames.extend(v);
+        frames.extend_from_slice(&[0, 4, 0, 1, 0]);
+        s.write_all(&frames).unwrap();
+        assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0, "the commit: channel 0's FIN");
+        let _ = done_rx.recv_timeout(Duration::from_secs(30));
+    });
+    let t0 = Instant::now();
+    let o = run(&["send", "--connect", &addr, "-P", "1", "--sim", "1M", "--stall-timeout", "6", "-J"]);
+    let took = t0.elapsed();
+    done_tx.send(()).unwrap();
+    peer.join().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(took < Duration::from_secs(5), "bounded by the close wait, not --stall-timeout 6: {took:?}");
+    let v = json(&o);
+    let sw = &v["end"]["switchover"];
+    assert_eq!(sw["verdict"], "loaded", "{sw}");
+    assert_eq!(sw["downtime_measured_to"], "destination_verdict", "{sw}");
+    let downtime = sw["downtime_ms"].as_f64().unwrap();
+    assert!(downtime < 1500.0, "the downtime ends with the verdicts, not the close wait: {downtime} ms");
+    let warned = v["end"]["source_warnings"].as_array().unwrap();
+    assert!(warned.iter().any(|w| w.as_str().unwrap().contains("did not close")), "{v}");
+}

@@ -4,7 +4,7 @@
 //! public summary types hold plain numbers only, so no foreign crate type leaks into the API.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
@@ -218,8 +218,20 @@ pub struct SourceReport {
     pub zerocopy_bytes: u64,
     /// Bytes copied (plain sends, and SEND_ZC the kernel had to copy, e.g. on loopback).
     pub copied_bytes: u64,
-    /// Wall time of the whole transfer.
+    /// Wall time of the whole transfer, set-up and the close's wait for the destination's EOF
+    /// included.
     pub elapsed: Duration,
+    /// When every device had sent its last packet (before the wait for the verdicts): the end
+    /// of the downtime as far as the source knows without a verdict.
+    pub sent_at: Instant,
+    /// When the destination's verdicts were in (its `SHUT`) and, with the two-phase commit,
+    /// the commit sent: the end of the downtime as the source sees it. `None` without
+    /// verdicts. The close's wait that follows (every channel read to the destination's EOF,
+    /// at most 2 s once the verdicts are in; DESIGN.md §7.3) is not in it.
+    pub verdicts_at: Option<Instant>,
+    /// What did not fail the session but should be known: a destination that confirmed every
+    /// device loaded and then did not close its channels within 2 s (closed anyway).
+    pub warnings: Vec<String>,
     /// Per device.
     pub devices: Vec<SourceDeviceReport>,
     /// Per channel.

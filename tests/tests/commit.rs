@@ -257,3 +257,111 @@ fn commit_after_stray_bytes_on_channel_0_is_no_commit() {
         }
     });
 }
+
+/// How a destination that never closes answers: with the two-phase commit (one channel: it
+/// reads packets until the config packet, sends its verdicts, then reads the commit's FIN), or
+/// with the return path alone (two channels, each read to the source's EOF first).
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    Commit,
+    ReturnPathOnly,
+}
+
+/// Reads device-state packets from `s` until the config packet (`VFIO_FLAG_CONFIG_STATE`).
+fn read_until_config(s: &mut TcpStream) {
+    loop {
+        let mut h = [0u8; PACKET_OVERHEAD];
+        s.read_exact(&mut h).expect("a packet header");
+        let size = u32::from_be_bytes(h[272..276].try_into().unwrap()) as usize;
+        let flags = u32::from_be_bytes(h[284..288].try_into().unwrap());
+        let mut payload = vec![0u8; size - 12];
+        s.read_exact(&mut payload).expect("a payload");
+        if flags & 1 != 0 {
+            return;
+        }
+    }
+}
+
+/// A source against a destination that confirms every device loaded and then never closes its
+/// channels: the send succeeds within the short close wait (2 s, not the 6 s stall timeout),
+/// with a warning, and `verdicts_at` (the downtime's end) comes before that wait.
+#[test]
+fn commit_destination_that_never_closes_is_bounded() {
+    use std::net::TcpListener;
+    use std::os::fd::OwnedFd;
+    use vfio_multifd::{DeviceOptions, Source, SourceConfig};
+    const STALL: Duration = Duration::from_secs(6);
+    each_backend(|b| {
+        for peer in [Peer::Commit, Peer::ReturnPathOnly] {
+            let n = match peer {
+                Peer::Commit => 1,
+                Peer::ReturnPathOnly => 2,
+            };
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let dest = std::thread::spawn(move || {
+                let mut chans: Vec<TcpStream> = (0..n).map(|_| l.accept().unwrap().0).collect();
+                for c in &mut chans {
+                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    c.read_exact(&mut [0u8; 64]).unwrap();
+                }
+                let features = match peer {
+                    Peer::Commit => EXT_RETURN_PATH | EXT_COMMIT,
+                    Peer::ReturnPathOnly => EXT_RETURN_PATH,
+                };
+                chans[0].write_all(&[0, T_HELLO as u8, 0, 2, 1, features]).unwrap();
+                match peer {
+                    Peer::Commit => read_until_config(&mut chans[0]),
+                    Peer::ReturnPathOnly => {
+                        for c in &mut chans {
+                            c.read_to_end(&mut Vec::new()).unwrap();
+                        }
+                    }
+                }
+                chans[0].write_all(&[verdict(0, ""), shut(0)].concat()).unwrap();
+                let shut_sent = Instant::now();
+                // The commit: channel 0's FIN after the verdicts.
+                let committed = matches!(peer, Peer::Commit) && chans[0].read(&mut [0u8; 1]).unwrap() == 0;
+                // Never closes while the source runs.
+                let _ = done_rx.recv_timeout(Duration::from_secs(20));
+                (shut_sent, committed)
+            });
+            let socks: Vec<OwnedFd> = (0..n).map(|_| OwnedFd::from(TcpStream::connect(addr).unwrap())).collect();
+            let mut dev = SimDevice::new(SimConfig::new("src0", (PACKETS * PKT) as u64, 17));
+            let scfg = SourceConfig::new().chunk_bytes(PKT).backend(b).stall_timeout(STALL);
+            let mut src = Source::new(scfg, socks).unwrap();
+            src.add_device_with(dev_id(0), &mut dev, DeviceOptions { precopy: false, final_state: MigState::Stop });
+            let res = src.run();
+            let returned = Instant::now();
+            done_tx.send(()).unwrap();
+            let (shut_sent, committed) = dest.join().unwrap();
+            let rep = res.unwrap_or_else(|e| panic!("{b:?} {peer:?}: {e}"));
+            assert!(rep.verdicts.is_some(), "{b:?} {peer:?}");
+            if matches!(peer, Peer::Commit) {
+                assert!(committed, "{b:?} {peer:?}: the destination read the commit's FIN");
+            }
+            let waited = returned.saturating_duration_since(shut_sent);
+            assert!(
+                waited < Duration::from_secs(4),
+                "{b:?} {peer:?}: returned {waited:?} after SHUT (stall {STALL:?})"
+            );
+            assert!(
+                rep.warnings.iter().any(|w| w.contains("did not close")),
+                "{b:?} {peer:?}: a warning says the destination did not close: {:?}",
+                rep.warnings
+            );
+            let verdicts_at = rep.verdicts_at.expect("verdicts_at with verdicts");
+            assert!(
+                verdicts_at.saturating_duration_since(shut_sent) < Duration::from_secs(1),
+                "{b:?} {peer:?}: verdicts_at is when SHUT came"
+            );
+            assert!(
+                returned.saturating_duration_since(verdicts_at) >= Duration::from_millis(1500),
+                "{b:?} {peer:?}: the close's wait comes after verdicts_at"
+            );
+            assert!(rep.sent_at <= verdicts_at, "{b:?} {peer:?}");
+            assert_eq!(dev.state().unwrap(), MigState::Stop, "{b:?} {peer:?}: success, final state");
+        }
+    });
+}

@@ -27,6 +27,14 @@ pub(crate) fn shutdown_all(channels: &[BorrowedFd<'_>]) {
     }
 }
 
+/// How long a source waits for the destination to close its channels once the destination
+/// confirmed every device loaded (and the commit, if agreed, was sent): the outcome is decided
+/// then, so this wait is short and in all (not per channel that closes). A destination still
+/// silent after it is closed on with a warning (`SourceReport::warnings`); every byte the
+/// destination sent was read by then, so the close is a FIN, never a reset, and the commit's
+/// FIN left two seconds before.
+pub(crate) const CONFIRMED_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// Reads every channel until the destination's EOF, so that closing never resets a connection
 /// whose peer has not read everything. Bounded by `limit` without progress (a channel reaching
 /// its EOF is progress).
@@ -36,6 +44,19 @@ pub(crate) fn shutdown_all(channels: &[BorrowedFd<'_>]) {
 /// channel failed (a reset: the destination may have lost the end of the stream);
 /// [`Error::Timeout`] naming the first channel still open after `limit`; [`Error::Aborted`].
 pub(crate) fn await_eof(channels: &[BorrowedFd<'_>], limit: Duration, abort: &AbortHandle) -> Result<()> {
+    read_to_eof(channels, limit, true, abort)
+}
+
+/// As [`await_eof`], bounded by `limit` in all (a channel reaching its EOF does not extend it).
+///
+/// # Errors
+/// As [`await_eof`].
+pub(crate) fn await_eof_within(channels: &[BorrowedFd<'_>], limit: Duration, abort: &AbortHandle) -> Result<()> {
+    read_to_eof(channels, limit, false, abort)
+}
+
+/// [`await_eof`]; `progress`: a channel reaching its EOF restarts `limit`.
+fn read_to_eof(channels: &[BorrowedFd<'_>], limit: Duration, progress: bool, abort: &AbortHandle) -> Result<()> {
     let mut open: Vec<(ChannelId, BorrowedFd<'_>)> =
         ChannelId::all(channels.len()).zip(channels.iter().copied()).collect();
     let mut last = Instant::now();
@@ -63,7 +84,9 @@ pub(crate) fn await_eof(channels: &[BorrowedFd<'_>], limit: Duration, abort: &Ab
             match classify(Kernel.recv(fd, &mut buf)) {
                 IoStep::End => {
                     open.swap_remove(i);
-                    last = Instant::now();
+                    if progress {
+                        last = Instant::now();
+                    }
                     continue;
                 }
                 IoStep::Moved(n) => {

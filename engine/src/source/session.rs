@@ -252,7 +252,7 @@ impl<'a> SourceSession<'a> {
         };
         let mut ctl = self.control(&controls, &events, &rp, &slots);
         let park = Park::new(ids.len());
-        let (driven, outcomes, verdicts, all_sent, echoed) = std::thread::scope(|s| {
+        let (driven, outcomes, ending, all_sent) = std::thread::scope(|s| {
             // Released when this closure ends, even by a panic: the scope then joins them.
             let _release = ReleaseOnDrop(&park);
             let reader = self.cfg.return_path.then(|| {
@@ -266,11 +266,12 @@ impl<'a> SourceSession<'a> {
             let driven = ctl.drive(drive);
             let outcomes = collect_devices(handles, &park, &shared);
             let all_sent = driven.is_ok() && outcomes.iter().all(|o| o.result.is_ok());
-            let (verdicts, echoed) = end_session(&shared, &rp, &ids, all_sent, reader.flatten());
+            let ending = end_session(&shared, &rp, &ids, all_sent, reader.flatten());
             // Only now, with the destination done: the device threads' exits.
             park.release();
-            (driven, outcomes, verdicts, all_sent, echoed)
+            (driven, outcomes, ending, all_sent)
         });
+        let Ending { verdicts, echoed, sent_at, verdicts_at, warning } = ending;
         let (verdicts, destination_err) = judge(verdicts);
         close::before_close(&shared.channels, !all_sent || destination_err.is_some());
         let counters = &shared.counters;
@@ -288,7 +289,8 @@ impl<'a> SourceSession<'a> {
             (Err(e), _) | (Ok(_), Err(e)) => return Err(prefer_destination(e, echoed)),
         };
         let (tallies, r) = tallies;
-        let run = RunFacts { backend, fallback_reason, zerocopy, elapsed: started.elapsed(), verdicts };
+        let (elapsed, warnings) = (started.elapsed(), warning.into_iter().collect());
+        let run = RunFacts { backend, fallback_reason, zerocopy, elapsed, verdicts, sent_at, verdicts_at, warnings };
         Ok((r, report(run, channels, tallies)))
     }
 
@@ -341,8 +343,9 @@ fn end_session(
     ids: &[DeviceId],
     all_sent: bool,
     reader: Option<std::thread::ScopedJoinHandle<'_, ()>>,
-) -> (Result<Verdicts>, Option<Error>) {
+) -> Ending {
     let (cfg, channels, abort) = (shared.cfg, &shared.channels, &shared.abort);
+    let sent_at = Instant::now();
     if all_sent {
         // With the two-phase commit, channel 0's FIN waits for the verdicts.
         close::shutdown_all(&channels[usize::from(rp.commit())..]);
@@ -352,15 +355,32 @@ fn end_session(
     // The commit as soon as the verdicts allow it (the destination's devices start on it),
     // before any thread of this session is joined.
     let verdicts = if all_sent { commit_if_loaded(channels, rp, verdicts, abort) } else { verdicts };
+    let verdicts_at = matches!(verdicts, Ok(Verdicts::Given(_))).then(Instant::now);
     rp.stop();
     // Channel 0 has one reader at a time: the return path's, then the close's.
     if let Some(Err(_)) = reader.map(std::thread::ScopedJoinHandle::join) {
         abort.abort();
     }
     if !all_sent {
-        return early_failure(rp, ids);
+        let (verdicts, echoed) = early_failure(rp, ids);
+        return Ending { verdicts, echoed, sent_at, verdicts_at: None, warning: None };
     }
-    (closing(channels, rp, verdicts, cfg, abort), None)
+    let (verdicts, warning) = closing(channels, rp, verdicts, cfg, abort);
+    Ending { verdicts, echoed: None, sent_at, verdicts_at, warning }
+}
+
+/// What [`end_session`] found.
+struct Ending {
+    /// The destination's verdicts, or why there are none.
+    verdicts: Result<Verdicts>,
+    /// A destination's failure that replaces a cause echoing it ([`early_failure`]).
+    echoed: Option<Error>,
+    /// When every device thread had ended (every packet sent, on success).
+    sent_at: Instant,
+    /// When the verdicts were in and the commit sent (if agreed), before the close's wait.
+    verdicts_at: Option<Instant>,
+    /// What the close's wait found after a confirmed success.
+    warning: Option<String>,
 }
 
 /// The two-phase commit (`wire::EXT_COMMIT`): every device loaded at the destination, so
@@ -408,25 +428,46 @@ fn commit_if_loaded(
 /// every verdict says loaded, channel 0's FIN commits; then reads every channel to the
 /// destination's EOF (see `close`), so that closing destroys nothing it has not read. Its
 /// failure (or bytes the return path does not account for) fails the session, unless the
-/// destination already confirmed every device loaded: then nothing sent can be lost any more.
+/// destination already gave its verdicts: then the outcome is decided, the wait is at most
+/// [`close::CONFIRMED_CLOSE_WAIT`] in all, and what it finds is a warning (the second result)
+/// when every device was loaded.
 fn closing(
     channels: &[BorrowedFd<'_>],
     rp: &RpState,
     verdicts: Result<Verdicts>,
     cfg: &SourceConfig,
     abort: &AbortHandle,
-) -> Result<Verdicts> {
-    let verdicts = verdicts?;
+) -> (Result<Verdicts>, Option<String>) {
+    let verdicts = match verdicts {
+        Ok(v) => v,
+        Err(e) => return (Err(e), None),
+    };
     if rp.commit() && !all_loaded(&verdicts) {
         // `judge` reports the failure; no commit, and the close is a reset.
-        return Ok(verdicts);
+        return (Ok(verdicts), None);
     }
-    let closed =
-        rp.unexpected().map_or(Ok(()), Err).and_then(|()| close::await_eof(channels, cfg.stall_timeout, abort));
+    let given = matches!(verdicts, Verdicts::Given(_));
+    let limit = if given { cfg.stall_timeout.min(close::CONFIRMED_CLOSE_WAIT) } else { cfg.stall_timeout };
+    let closed = rp.unexpected().map_or(Ok(()), Err).and_then(|()| {
+        if given {
+            close::await_eof_within(channels, limit, abort)
+        } else {
+            close::await_eof(channels, cfg.stall_timeout, abort)
+        }
+    });
     match (verdicts, closed) {
-        (Verdicts::Given(v), _) => Ok(Verdicts::Given(v)),
-        (v, Ok(())) => Ok(v),
-        (_, Err(e)) => Err(e),
+        (v, Ok(())) => (Ok(v), None),
+        (v @ Verdicts::Given(_), Err(e)) => {
+            let warning = all_loaded(&v).then(|| match e {
+                Error::Timeout { .. } => format!(
+                    "the destination confirmed every device loaded but did not close its channels within {limit:?} \
+                     of its last message; closed anyway (its verdicts decided the outcome)"
+                ),
+                e => format!("after the destination confirmed every device loaded: {e} (ignored)"),
+            });
+            (Ok(v), warning)
+        }
+        (_, Err(e)) => (Err(e), None),
     }
 }
 
@@ -478,6 +519,9 @@ struct RunFacts {
     zerocopy: bool,
     elapsed: Duration,
     verdicts: Option<Vec<(DeviceId, Verdict)>>,
+    sent_at: Instant,
+    verdicts_at: Option<Instant>,
+    warnings: Vec<String>,
 }
 
 fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Vec<Tallies>) -> SourceReport {
@@ -497,6 +541,9 @@ fn report(run: RunFacts, channels: Vec<crate::stats::ChannelReport>, tallies: Ve
         channels,
         latency: latency.summary(),
         verdicts: run.verdicts,
+        sent_at: run.sent_at,
+        verdicts_at: run.verdicts_at,
+        warnings: run.warnings,
     }
 }
 
