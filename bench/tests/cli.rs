@@ -927,3 +927,29 @@ fn send_to_a_destination_that_never_closes_reports_the_downtime_without_the_wait
     let warned = v["end"]["source_warnings"].as_array().unwrap();
     assert!(warned.iter().any(|w| w.as_str().unwrap().contains("did not close")), "{v}");
 }
+
+/// `send` with one device to a `recv` expecting two (and the reverse): both commands fail at
+/// once, far below `--stall-timeout`, the receiver naming both counts and what to do, the
+/// source carrying the destination's words.
+#[test]
+fn send_recv_device_count_mismatch_fails_fast_on_both_sides() {
+    for (send_sims, recv_sims) in [(1, 2), (2, 1)] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let sims = |n: usize| (0..n).flat_map(|_| ["--sim", "1M"]).collect::<Vec<_>>();
+        let mut rargs = vec!["--listen", addr.as_str(), "-P", "2", "--stall-timeout", "30"];
+        rargs.extend(sims(recv_sims));
+        let t0 = Instant::now();
+        let r = spawn_recv(&rargs);
+        let mut sargs = vec!["send", "--connect", addr.as_str(), "-P", "2", "--stall-timeout", "30"];
+        sargs.extend(sims(send_sims));
+        let s = run(&sargs);
+        let ro = wait(r, Duration::from_secs(40));
+        let took = t0.elapsed();
+        assert!(!s.status.success() && !ro.status.success(), "both fail:\n{}\n{}", text(&s), text(&ro));
+        assert!(took < Duration::from_secs(10), "not the stall timeout (30 s): {took:?}");
+        let want = format!("the source migrates {send_sims} device(s), but this destination expects {recv_sims}");
+        let (serr, rerr) = (String::from_utf8_lossy(&s.stderr), String::from_utf8_lossy(&ro.stderr));
+        assert!(rerr.contains(&want) && rerr.contains("same devices"), "recv: {rerr}");
+        assert!(serr.contains(&want), "send: {serr}");
+    }
+}
