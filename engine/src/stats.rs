@@ -230,7 +230,8 @@ pub struct SourceReport {
     /// at most 2 s once the verdicts are in; DESIGN.md §7.3) is not in it.
     pub verdicts_at: Option<Instant>,
     /// What did not fail the session but should be known: a destination that confirmed every
-    /// device loaded and then did not close its channels within 2 s (closed anyway).
+    /// device loaded and then did not close its channels within 2 s (closed anyway), or sent
+    /// bytes after its verdicts (read and discarded).
     pub warnings: Vec<String>,
     /// Per device.
     pub devices: Vec<SourceDeviceReport>,

@@ -265,6 +265,8 @@ fn commit_after_stray_bytes_on_channel_0_is_no_commit() {
 enum Peer {
     Commit,
     ReturnPathOnly,
+    /// As `ReturnPathOnly`, then 100 bytes on channel 1 after the verdicts.
+    Junk,
 }
 
 /// Reads device-state packets from `s` until the config packet (`VFIO_FLAG_CONFIG_STATE`).
@@ -282,6 +284,52 @@ fn read_until_config(s: &mut TcpStream) {
     }
 }
 
+/// A destination peer on `l` (`n` channels) that confirms every device loaded and never closes
+/// until `done` says the source returned; then checks that the source's close was a FIN.
+/// Returns when it sent `SHUT` and whether it read the commit's FIN.
+fn never_closing_destination(
+    l: std::net::TcpListener,
+    n: usize,
+    peer: Peer,
+    done_rx: std::sync::mpsc::Receiver<()>,
+) -> (Instant, bool) {
+    let mut chans: Vec<TcpStream> = (0..n).map(|_| l.accept().unwrap().0).collect();
+    for c in &mut chans {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.read_exact(&mut [0u8; 64]).unwrap();
+    }
+    let features = match peer {
+        Peer::Commit => EXT_RETURN_PATH | EXT_COMMIT,
+        Peer::ReturnPathOnly | Peer::Junk => EXT_RETURN_PATH,
+    };
+    chans[0].write_all(&[0, T_HELLO as u8, 0, 2, 1, features]).unwrap();
+    match peer {
+        Peer::Commit => read_until_config(&mut chans[0]),
+        Peer::ReturnPathOnly | Peer::Junk => {
+            for c in &mut chans {
+                c.read_to_end(&mut Vec::new()).unwrap();
+            }
+        }
+    }
+    chans[0].write_all(&[verdict(0, ""), shut(0)].concat()).unwrap();
+    let shut_sent = Instant::now();
+    if matches!(peer, Peer::Junk) {
+        std::thread::sleep(Duration::from_millis(100));
+        chans[1].write_all(&[0x5a; 100]).unwrap();
+    }
+    // The commit: channel 0's FIN after the verdicts.
+    let committed = matches!(peer, Peer::Commit) && chans[0].read(&mut [0u8; 1]).unwrap() == 0;
+    // Never closes while the source runs.
+    let _ = done_rx.recv_timeout(Duration::from_secs(20));
+    // The source closed with a FIN, never a reset: it read everything first.
+    std::thread::sleep(Duration::from_millis(100));
+    for c in &mut chans {
+        let r = c.read(&mut [0u8; 1]);
+        assert!(matches!(r, Ok(0)), "{peer:?}: the source's close is a FIN, got {r:?}");
+    }
+    (shut_sent, committed)
+}
+
 /// A source against a destination that confirms every device loaded and then never closes its
 /// channels: the send succeeds within the short close wait (2 s, not the 6 s stall timeout),
 /// with a warning, and `verdicts_at` (the downtime's end) comes before that wait.
@@ -292,41 +340,15 @@ fn commit_destination_that_never_closes_is_bounded() {
     use vfio_multifd::{DeviceOptions, Source, SourceConfig};
     const STALL: Duration = Duration::from_secs(6);
     each_backend(|b| {
-        for peer in [Peer::Commit, Peer::ReturnPathOnly] {
+        for peer in [Peer::Commit, Peer::ReturnPathOnly, Peer::Junk] {
             let n = match peer {
                 Peer::Commit => 1,
-                Peer::ReturnPathOnly => 2,
+                Peer::ReturnPathOnly | Peer::Junk => 2,
             };
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-            let dest = std::thread::spawn(move || {
-                let mut chans: Vec<TcpStream> = (0..n).map(|_| l.accept().unwrap().0).collect();
-                for c in &mut chans {
-                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    c.read_exact(&mut [0u8; 64]).unwrap();
-                }
-                let features = match peer {
-                    Peer::Commit => EXT_RETURN_PATH | EXT_COMMIT,
-                    Peer::ReturnPathOnly => EXT_RETURN_PATH,
-                };
-                chans[0].write_all(&[0, T_HELLO as u8, 0, 2, 1, features]).unwrap();
-                match peer {
-                    Peer::Commit => read_until_config(&mut chans[0]),
-                    Peer::ReturnPathOnly => {
-                        for c in &mut chans {
-                            c.read_to_end(&mut Vec::new()).unwrap();
-                        }
-                    }
-                }
-                chans[0].write_all(&[verdict(0, ""), shut(0)].concat()).unwrap();
-                let shut_sent = Instant::now();
-                // The commit: channel 0's FIN after the verdicts.
-                let committed = matches!(peer, Peer::Commit) && chans[0].read(&mut [0u8; 1]).unwrap() == 0;
-                // Never closes while the source runs.
-                let _ = done_rx.recv_timeout(Duration::from_secs(20));
-                (shut_sent, committed)
-            });
+            let dest = std::thread::spawn(move || never_closing_destination(l, n, peer, done_rx));
             let socks: Vec<OwnedFd> = (0..n).map(|_| OwnedFd::from(TcpStream::connect(addr).unwrap())).collect();
             let mut dev = SimDevice::new(SimConfig::new("src0", (PACKETS * PKT) as u64, 17));
             let scfg = SourceConfig::new().chunk_bytes(PKT).backend(b).stall_timeout(STALL);
@@ -351,6 +373,9 @@ fn commit_destination_that_never_closes_is_bounded() {
                 "{b:?} {peer:?}: a warning says the destination did not close: {:?}",
                 rep.warnings
             );
+            if matches!(peer, Peer::Junk) {
+                assert!(rep.warnings[0].contains("100 byte(s) after its verdicts"), "{b:?}: {:?}", rep.warnings);
+            }
             let verdicts_at = rep.verdicts_at.expect("verdicts_at with verdicts");
             assert!(
                 verdicts_at.saturating_duration_since(shut_sent) < Duration::from_secs(1),

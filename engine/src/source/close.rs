@@ -29,10 +29,10 @@ pub(crate) fn shutdown_all(channels: &[BorrowedFd<'_>]) {
 
 /// How long a source waits for the destination to close its channels once the destination
 /// confirmed every device loaded (and the commit, if agreed, was sent): the outcome is decided
-/// then, so this wait is short and in all (not per channel that closes). A destination still
-/// silent after it is closed on with a warning (`SourceReport::warnings`); every byte the
-/// destination sent was read by then, so the close is a FIN, never a reset, and the commit's
-/// FIN left two seconds before.
+/// then, so this wait is short and in all (not per channel that closes). Bytes the destination
+/// sends meanwhile are read and discarded (counted), so that the close finds nothing unread: a
+/// destination still open after it is closed on with a warning (`SourceReport::warnings`), with
+/// a FIN, not a reset, and the commit's FIN left two seconds before.
 pub(crate) const CONFIRMED_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Reads every channel until the destination's EOF, so that closing never resets a connection
@@ -44,23 +44,35 @@ pub(crate) const CONFIRMED_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// channel failed (a reset: the destination may have lost the end of the stream);
 /// [`Error::Timeout`] naming the first channel still open after `limit`; [`Error::Aborted`].
 pub(crate) fn await_eof(channels: &[BorrowedFd<'_>], limit: Duration, abort: &AbortHandle) -> Result<()> {
-    read_to_eof(channels, limit, true, abort)
+    read_to_eof(channels, limit, None, abort)
 }
 
-/// As [`await_eof`], bounded by `limit` in all (a channel reaching its EOF does not extend it).
+/// After the destination confirmed every device ([`CONFIRMED_CLOSE_WAIT`]): as [`await_eof`],
+/// bounded by `limit` in all (a channel reaching its EOF does not extend it), and bytes are
+/// read and discarded instead of failing, counted in `discarded`.
 ///
 /// # Errors
-/// As [`await_eof`].
-pub(crate) fn await_eof_within(channels: &[BorrowedFd<'_>], limit: Duration, abort: &AbortHandle) -> Result<()> {
-    read_to_eof(channels, limit, false, abort)
+/// As [`await_eof`], without [`Error::UnexpectedInput`].
+pub(crate) fn await_eof_confirmed(
+    channels: &[BorrowedFd<'_>],
+    limit: Duration,
+    discarded: &mut usize,
+    abort: &AbortHandle,
+) -> Result<()> {
+    read_to_eof(channels, limit, Some(discarded), abort)
 }
 
-/// [`await_eof`]; `progress`: a channel reaching its EOF restarts `limit`.
-fn read_to_eof(channels: &[BorrowedFd<'_>], limit: Duration, progress: bool, abort: &AbortHandle) -> Result<()> {
+/// [`await_eof`]; with `discarded`, [`await_eof_confirmed`]'s rules.
+fn read_to_eof(
+    channels: &[BorrowedFd<'_>],
+    limit: Duration,
+    mut discarded: Option<&mut usize>,
+    abort: &AbortHandle,
+) -> Result<()> {
     let mut open: Vec<(ChannelId, BorrowedFd<'_>)> =
         ChannelId::all(channels.len()).zip(channels.iter().copied()).collect();
     let mut last = Instant::now();
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 4096];
     while let Some(&(first, _)) = open.first() {
         if abort.is_aborted() {
             return Err(Error::Aborted);
@@ -84,10 +96,15 @@ fn read_to_eof(channels: &[BorrowedFd<'_>], limit: Duration, progress: bool, abo
             match classify(Kernel.recv(fd, &mut buf)) {
                 IoStep::End => {
                     open.swap_remove(i);
-                    if progress {
+                    if discarded.is_none() {
                         last = Instant::now();
                     }
                     continue;
+                }
+                IoStep::Moved(n) if discarded.is_some() => {
+                    if let Some(d) = discarded.as_deref_mut() {
+                        *d = d.saturating_add(n);
+                    }
                 }
                 IoStep::Moved(n) => {
                     let mut first = [0u8; 8];

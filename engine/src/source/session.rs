@@ -428,9 +428,10 @@ fn commit_if_loaded(
 /// every verdict says loaded, channel 0's FIN commits; then reads every channel to the
 /// destination's EOF (see `close`), so that closing destroys nothing it has not read. Its
 /// failure (or bytes the return path does not account for) fails the session, unless the
-/// destination already gave its verdicts: then the outcome is decided, the wait is at most
-/// [`close::CONFIRMED_CLOSE_WAIT`] in all, and what it finds is a warning (the second result)
-/// when every device was loaded.
+/// destination already gave its verdicts: then the outcome is decided. A failed verdict fails
+/// the session (`judge`) and the close is a reset; after "loaded" verdicts the wait is at most
+/// [`close::CONFIRMED_CLOSE_WAIT`] in all, bytes are discarded, and what it finds is a warning
+/// (the second result).
 fn closing(
     channels: &[BorrowedFd<'_>],
     rp: &RpState,
@@ -446,29 +447,35 @@ fn closing(
         // `judge` reports the failure; no commit, and the close is a reset.
         return (Ok(verdicts), None);
     }
-    let given = matches!(verdicts, Verdicts::Given(_));
-    let limit = if given { cfg.stall_timeout.min(close::CONFIRMED_CLOSE_WAIT) } else { cfg.stall_timeout };
-    let closed = rp.unexpected().map_or(Ok(()), Err).and_then(|()| {
-        if given {
-            close::await_eof_within(channels, limit, abort)
-        } else {
-            close::await_eof(channels, cfg.stall_timeout, abort)
-        }
-    });
-    match (verdicts, closed) {
-        (v, Ok(())) => (Ok(v), None),
-        (v @ Verdicts::Given(_), Err(e)) => {
-            let warning = all_loaded(&v).then(|| match e {
-                Error::Timeout { .. } => format!(
-                    "the destination confirmed every device loaded but did not close its channels within {limit:?} \
-                     of its last message; closed anyway (its verdicts decided the outcome)"
-                ),
-                e => format!("after the destination confirmed every device loaded: {e} (ignored)"),
-            });
-            (Ok(v), warning)
-        }
-        (_, Err(e)) => (Err(e), None),
+    if !matches!(verdicts, Verdicts::Given(_)) {
+        let closed =
+            rp.unexpected().map_or(Ok(()), Err).and_then(|()| close::await_eof(channels, cfg.stall_timeout, abort));
+        return (closed.map(|()| verdicts), None);
     }
+    if !all_loaded(&verdicts) {
+        // The session fails on the verdicts (`judge`); its close is a reset.
+        return (Ok(verdicts), None);
+    }
+    let limit = cfg.stall_timeout.min(close::CONFIRMED_CLOSE_WAIT);
+    let mut discarded = 0;
+    let closed = close::await_eof_confirmed(channels, limit, &mut discarded, abort);
+    let mut notes = Vec::new();
+    if let Some(e) = rp.unexpected() {
+        notes.push(format!("{e}"));
+    }
+    if discarded > 0 {
+        notes.push(format!("the destination sent {discarded} byte(s) after its verdicts (discarded)"));
+    }
+    match closed {
+        Ok(()) => {}
+        Err(Error::Timeout { .. }) => notes.push(format!(
+            "the destination did not close its channels within {limit:?} of its verdicts; closed anyway"
+        )),
+        Err(e) => notes.push(e.to_string()),
+    }
+    let warning = (!notes.is_empty())
+        .then(|| format!("{} (ignored: the destination had confirmed every device loaded)", notes.join("; ")));
+    (Ok(verdicts), warning)
 }
 
 /// On a session that did not send everything: the destination's failure, if its `SHUT` said it
