@@ -179,7 +179,12 @@ fn source_against(b: Backend, frames: Vec<u8>) -> vfio_multifd::Result<()> {
 
 /// `VERDICT` for device 0 with `status` (0 loaded, 1 failed) and `text`.
 fn verdict(status: u8, text: &str) -> Vec<u8> {
-    let id = dev_id(0);
+    verdict_for(0, status, text)
+}
+
+/// `VERDICT` for device `dev` (`dev_id(dev)`).
+fn verdict_for(dev: usize, status: u8, text: &str) -> Vec<u8> {
+    let id = dev_id(dev);
     let mut p = id.instance_id.to_be_bytes().to_vec();
     p.push(id.idstr().len() as u8);
     p.extend_from_slice(id.idstr().as_bytes());
@@ -198,9 +203,9 @@ fn shut(status: u8) -> Vec<u8> {
     f
 }
 
-/// A failed verdict followed by a "loaded" one for the same device, or a `SHUT` that reports
-/// a failure after "loaded": the source fails either way (the last word never overrides a
-/// failure).
+/// A failed verdict followed by a "loaded" one for the same device, a failed verdict for a
+/// device the source does not migrate, or a `SHUT` that reports a failure after "loaded": the
+/// source fails every time (the last word never overrides a failure).
 #[test]
 fn commit_a_later_message_never_turns_a_failure_into_success() {
     each_backend(|b| {
@@ -208,6 +213,16 @@ fn commit_a_later_message_never_turns_a_failure_into_success() {
         match source_against(b, twice) {
             Err(Error::ReturnPath { what }) => assert!(what.contains("second verdict"), "{b:?}: {what}"),
             other => panic!("{b:?}: two verdicts: expected a return-path error, got {other:?}"),
+        }
+        // A failed verdict for a device the source does not migrate, with every device of its
+        // own loaded and SHUT saying all is well: still a failure, with the destination's words.
+        let foreign = [verdict(0, ""), verdict_for(5, 1, "not loaded here"), shut(0)].concat();
+        match source_against(b, foreign) {
+            Err(Error::Destination { device, what }) => {
+                assert_eq!(device, dev_id(5), "{b:?}");
+                assert_eq!(what, "not loaded here", "{b:?}");
+            }
+            other => panic!("{b:?}: a foreign failed verdict: expected Error::Destination, got {other:?}"),
         }
         let shut_fails = [verdict(0, ""), shut(1)].concat();
         match source_against(b, shut_fails) {

@@ -144,7 +144,9 @@ impl RpState {
     /// Waits (at most `limit`) for the destination's `SHUT`, then returns the verdicts.
     ///
     /// # Errors
-    /// [`Error::ReturnPath`] when the return path broke, or gave no `SHUT` within `limit`.
+    /// [`Error::ReturnPath`] when the return path broke, or gave no `SHUT` within `limit`;
+    /// [`Error::Destination`] when every device of this session was loaded but the destination
+    /// failed one this session does not migrate.
     pub(crate) fn verdicts(&self, ids: &[DeviceId], limit: Duration, abort: &AbortHandle) -> Result<Verdicts> {
         if !self.enabled() {
             return Ok(Verdicts::None);
@@ -168,6 +170,10 @@ impl RpState {
             return Err(Error::ReturnPath { what: "the destination closed the return path before its verdict".into() });
         }
         let every_loaded = g.verdicts.iter().all(|v| matches!(v, Some(Verdict::Loaded)));
+        if let (true, Some((device, what))) = (every_loaded, &g.foreign) {
+            // A device this source does not migrate failed there: never a success.
+            return Err(Error::Destination { device: device.clone(), what: what.clone() });
+        }
         if g.shut == Some(false) && every_loaded {
             return Err(Error::ReturnPath {
                 what: "the destination's SHUT reports a failure although every verdict said loaded".into(),
