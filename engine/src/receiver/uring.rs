@@ -29,7 +29,7 @@
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -84,10 +84,13 @@ struct Shared<'r, 's, 'c, 'a, 'shared> {
     release_cv: Condvar,
     /// How each device's writes are issued (learnt once, from its fd's kind).
     modes: Vec<WriteMode>,
-    /// Per device: its data fd (-1: none), read once, so that a worker registers its files
-    /// without a device's lock. A worker that starts late (a loaded machine) may do so after
-    /// the last device completed, while the endgame holds every device's lock.
-    data_fds: Vec<i32>,
+    /// Per device: a duplicate of its data fd, taken before any worker starts, from which the
+    /// workers register their file tables. A worker that starts late (a loaded machine) does
+    /// so without a device's lock, which the endgame may hold once the last device completed,
+    /// and after a validator may have closed the device's own fd (RESUMING → STOP). The
+    /// duplicates live as long as the registrations they feed would anyway (a registered file
+    /// is referenced until its ring is dropped).
+    data_fds: Vec<Option<OwnedFd>>,
     /// Per device: wakes its writer thread ([`WriteMode::Thread`]) when a packet became
     /// writable or the receive failed; unused for the other modes.
     wake: Vec<Condvar>,
@@ -196,7 +199,7 @@ impl<'r, 'a, 'shared> Shared<'r, '_, '_, 'a, 'shared> {
     /// while the workers cancel their receives and return; then, once no worker reads channel
     /// 0 any more (what it took from it is known), the commit and the start, before any thread
     /// of the receive exits. Nothing of a worker touches a device any more (not even a worker
-    /// that starts only now: its set-up takes the fds from `data_fds`, not from the devices). A validator still
+    /// that starts only now: its set-up takes the duplicates in `data_fds`). A validator still
     /// walking its device holds its lock until done; one that did not start yet finds it
     /// validated.
     fn endgame(&self, spawned: usize) {
@@ -287,7 +290,11 @@ pub(crate) fn run(run: &RecvShared<'_>, reassembly: &mut Reassembly, targets: &m
     let ndev = targets.len();
     let devices: Vec<DeviceIndex> = DeviceIndex::all(ndev).filter(|d| targets[d.index()].is_device()).collect();
     let modes: Vec<WriteMode> = targets.iter().map(|t| write_mode(t.data_fd())).collect();
-    let data_fds: Vec<i32> = targets.iter().map(|t| t.data_fd().map_or(-1, |f| f.as_raw_fd())).collect();
+    let data_fds = targets
+        .iter()
+        .map(|t| t.data_fd().map(|f| f.try_clone_to_owned()).transpose())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::sys("duplicate a device's data fd for the receive rings", e))?;
     let mut shared = Shared {
         data_fds,
         wake: modes.iter().map(|_| Condvar::new()).collect(),
@@ -622,7 +629,7 @@ fn worker(shared: &Shared<'_, '_, '_, '_, '_>, me: usize) -> Result<()> {
     // Fixed files: channels 0..C (empty until connected), devices C..C+D, abort, kick.
     let present: Vec<Option<i32>> = chans.iter().map(|&c| shared.run.channels.get(c).map(|f| f.as_raw_fd())).collect();
     let mut files: Vec<i32> = present.iter().map(|f| f.unwrap_or(-1)).collect();
-    files.extend_from_slice(&shared.data_fds);
+    files.extend(shared.data_fds.iter().map(|f| f.as_ref().map_or(-1, AsRawFd::as_raw_fd)));
     files.push(shared.run.abort.as_fd().as_raw_fd());
     files.push(shared.run.channels.kicks[me].as_fd().as_raw_fd());
     ring.register_files(&files).map_err(|e| Error::sys("IORING_REGISTER_FILES", e))?;
