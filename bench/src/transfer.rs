@@ -605,8 +605,7 @@ fn connect_channels(addr: &str, n: usize, timeout: Duration) -> Result<Vec<Owned
                 return Err(e).with_context(|| {
                     format!(
                         "connecting channel {ch} to {addr} (is `vfio-multifd recv --listen {addr} -P {n}` running there? \
-                         retried for {} s)",
-                        timeout.as_secs()
+                         retried for {timeout:?})"
                     )
                 });
             }

@@ -172,6 +172,10 @@ fn bad_arguments_say_what_to_do() {
     let o = run(&["send", "--connect", "127.0.0.1:1", "--sim", "1M", "--connect-timeout", "0"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("recv --listen"), "{}", text(&o));
+    // A fractional timeout is reported as given, not rounded down to whole seconds.
+    let o = run(&["send", "--connect", "127.0.0.1:1", "--sim", "1M", "--connect-timeout", "300ms"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("retried for 300ms"), "{}", text(&o));
     let o = run(&["dev", "state", "/nonexistent/device"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("probe"), "{}", text(&o));

@@ -232,6 +232,23 @@ fn commit_a_later_message_never_turns_a_failure_into_success() {
     });
 }
 
+/// A "loaded" verdict for a device the source does not migrate fails the send with a
+/// return-path error naming that device, its text said once (not "return path: return path:").
+#[test]
+fn commit_a_verdict_for_an_unknown_device_is_a_return_path_error() {
+    each_backend(|b| {
+        let unknown = [verdict(0, ""), verdict_for(5, 0, ""), shut(0)].concat();
+        match source_against(b, unknown) {
+            Err(e @ Error::ReturnPath { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(&*dev_id(5).idstr()), "{b:?}: {text}");
+                assert_eq!(text.matches("return path:").count(), 1, "{b:?}: {text}");
+            }
+            other => panic!("{b:?}: a verdict for an unknown device: expected a return-path error, got {other:?}"),
+        }
+    });
+}
+
 /// Device `dev`'s whole stream (data packets, then its config) as wire bytes.
 fn stream_of(dev: usize, cfg: &SimConfig) -> Vec<u8> {
     vfio_multifd_tests::device_stream(dev, cfg, PACKETS, PKT)

@@ -288,7 +288,7 @@ pub(crate) fn read(
                 match drain(&mut dec, st, ids, controls, abort) {
                     Ok(true) => break None,
                     Ok(false) => {}
-                    Err(e) => break Some(e.to_string()),
+                    Err(e) => break Some(error_text(e)),
                 }
             }
             IoStep::End => break dec.partial().then(|| "the destination closed channel 0 inside a message".into()),
@@ -324,6 +324,15 @@ fn drain(
 /// After the abort: the messages already queued on channel 0, without waiting (until `SHUT`,
 /// nothing more queued, the peer's EOF or reset, or [`DRAIN_AFTER_ABORT`] bytes). Returns why
 /// the reader stopped early, if a message was broken.
+/// A failed message's text for [`RpState`]'s error, which becomes an `Error::ReturnPath`
+/// again: a return-path error's own text, so that "return path:" is said once.
+fn error_text(e: Error) -> String {
+    match e {
+        Error::ReturnPath { what } => what,
+        e => e.to_string(),
+    }
+}
+
 fn drain_queued(
     fd: BorrowedFd<'_>,
     dec: &mut Decoder,
@@ -342,7 +351,7 @@ fn drain_queued(
         match drain(dec, st, ids, controls, abort) {
             Ok(true) => return None,
             Ok(false) => {}
-            Err(e) => return Some(e.to_string()),
+            Err(e) => return Some(error_text(e)),
         }
     }
     None
