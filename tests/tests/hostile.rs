@@ -501,3 +501,48 @@ fn hostile_quiet_device_while_another_streams_is_not_a_stall() {
         assert!(dests.iter().all(|d| d.resume_report().unwrap().verified_ok), "{b:?}");
     });
 }
+
+/// A destination that reads a few bytes and resets the connection while a 1 MiB packet is
+/// being sent: the send fails naming the channel and saying the connection was closed or
+/// reset, on both backends (io_uring's `MSG_WAITALL` send then returns short, which used to
+/// be reported as a bare "short send").
+#[test]
+fn hostile_peer_reset_during_a_send_says_the_connection_was_reset() {
+    let _g = serial();
+    each_backend(|b| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            c.read_exact(&mut buf).unwrap();
+            // SO_LINGER 0: the close is a reset.
+            let s2 = reset_on_drop(c);
+            drop(s2);
+        });
+        let sock = OwnedFd::from(TcpStream::connect(addr).unwrap());
+        let mut dev = SimDevice::new(SimConfig::new("src0", 64 << 20, 3));
+        let cfg = sc(b, false).chunk_bytes(1 << 20);
+        let mut src = Source::new(cfg, vec![sock]).unwrap();
+        src.add_device_with(dev_id(0), &mut dev, DeviceOptions { precopy: false, final_state: MigState::Stop });
+        let r = src.run();
+        peer.join().unwrap();
+        match r {
+            Err(e @ Error::Channel { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    ["reset", "closed", "Broken pipe"].iter().any(|w| text.contains(w)),
+                    "{b:?}: the error does not say the connection went away: {text}"
+                );
+            }
+            other => panic!("{b:?}: expected a channel error, got {other:?}"),
+        }
+    });
+}
+
+/// Sets `SO_LINGER` 0 on `c` so that dropping it resets the connection.
+fn reset_on_drop(c: TcpStream) -> TcpStream {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::Linger, &l).unwrap();
+    c
+}

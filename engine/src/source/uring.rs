@@ -807,7 +807,16 @@ impl DeviceLoop<'_, '_, '_, '_> {
             let source = if cqe.res < 0 {
                 cqe_error(cqe.res)
             } else {
-                io::Error::new(io::ErrorKind::WriteZero, format!("short send: {} of {total} bytes", cqe.res))
+                // A MSG_WAITALL send on a stream socket ends short only when the connection
+                // failed under it (the peer's reset or close, or our own reset after a failure).
+                io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!(
+                        "short send: {} of {total} bytes (the connection was closed or reset during the send, \
+                         usually by the destination)",
+                        cqe.res
+                    ),
+                )
             };
             let op = format!("send packet {} of device {}", pkt.idx, self.ctx.id);
             return Err(Error::Channel { channel: ch, op, source });
