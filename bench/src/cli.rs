@@ -148,7 +148,7 @@ pub struct CommonArgs {
     pub interval: f64,
     /// Time without progress before the transfer fails: seconds, or with a unit (90, 500ms,
     /// 1.5s, 2m).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout, allow_negative_numbers = true)]
     pub stall_timeout: Duration,
 }
 
@@ -242,7 +242,7 @@ pub struct SendArgs {
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
     pub final_state: MigState,
     /// How long to keep retrying the connection: seconds, or with a unit (10, 500ms, 2m).
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout, allow_negative_numbers = true)]
     pub connect_timeout: Duration,
     /// Transfer options.
     #[command(flatten)]
@@ -293,7 +293,7 @@ pub struct RecvArgs {
     #[arg(long, default_value = "RUNNING", value_parser = parse_state)]
     pub final_state: MigState,
     /// How long to wait for all channels to connect: seconds, or with a unit (60, 500ms, 2m).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout, allow_negative_numbers = true)]
     pub accept_timeout: Duration,
     /// Transfer options.
     #[command(flatten)]

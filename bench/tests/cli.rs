@@ -176,6 +176,14 @@ fn bad_arguments_say_what_to_do() {
     let o = run(&["send", "--connect", "127.0.0.1:1", "--sim", "1M", "--connect-timeout", "300ms"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("retried for 300ms"), "{}", text(&o));
+    // A negative timeout is a value out of range, not an unknown flag "-1".
+    for flag in ["--stall-timeout", "--connect-timeout"] {
+        let o = run(&["send", "--connect", "127.0.0.1:1", "--sim", "1M", flag, "-1"]);
+        assert_eq!(o.status.code(), Some(2), "{flag} -1: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("out of range"), "{flag} -1: {}", text(&o));
+    }
+    let o = run(&["recv", "--listen", "127.0.0.1:1", "--sim", "1M", "--accept-timeout", "-1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("out of range"), "--accept-timeout -1: {}", text(&o));
     let o = run(&["dev", "state", "/nonexistent/device"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("probe"), "{}", text(&o));
