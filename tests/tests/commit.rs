@@ -249,6 +249,19 @@ fn commit_a_verdict_for_an_unknown_device_is_a_return_path_error() {
     });
 }
 
+/// A second `HELLO` (after the source's data, before "loaded" verdicts) is a protocol
+/// violation: the send fails with a return-path error instead of believing what follows.
+#[test]
+fn commit_a_second_hello_is_a_return_path_error() {
+    each_backend(|b| {
+        let hello = vec![0, T_HELLO as u8, 0, 2, 1, EXT_RETURN_PATH];
+        match source_against(b, [hello, verdict(0, ""), shut(0)].concat()) {
+            Err(Error::ReturnPath { what }) => assert!(what.contains("second HELLO"), "{b:?}: {what}"),
+            other => panic!("{b:?}: a second HELLO: expected a return-path error, got {other:?}"),
+        }
+    });
+}
+
 /// Device `dev`'s whole stream (data packets, then its config) as wire bytes.
 fn stream_of(dev: usize, cfg: &SimConfig) -> Vec<u8> {
     vfio_multifd_tests::device_stream(dev, cfg, PACKETS, PKT)

@@ -200,6 +200,9 @@ impl RpState {
                 .ok_or_else(|| Error::ReturnPath { what: format!("message for unknown device {d}") })
         };
         match m {
+            Message::Hello { .. } if self.enabled.load(Ordering::SeqCst) => {
+                return Err(Error::ReturnPath { what: "a second HELLO (the destination sends one, first)".into() });
+            }
             Message::Hello { features } => {
                 self.features.store(features, Ordering::SeqCst);
                 self.enabled.store(true, Ordering::SeqCst);
