@@ -262,6 +262,18 @@ fn commit_a_second_hello_is_a_return_path_error() {
     });
 }
 
+/// A destination that sends its verdict and closes without `SHUT`: the send fails saying the
+/// `SHUT` is missing and that the verdict did come (it used to say "before its verdict").
+#[test]
+fn commit_a_close_without_shut_names_what_is_missing() {
+    each_backend(|b| match source_against(b, verdict(0, "")) {
+        Err(Error::ReturnPath { what }) => {
+            assert!(what.contains("before its SHUT") && what.contains("1 of 1 verdict"), "{b:?}: {what}");
+        }
+        other => panic!("{b:?}: no SHUT: expected a return-path error, got {other:?}"),
+    });
+}
+
 /// Device `dev`'s whole stream (data packets, then its config) as wire bytes.
 fn stream_of(dev: usize, cfg: &SimConfig) -> Vec<u8> {
     vfio_multifd_tests::device_stream(dev, cfg, PACKETS, PKT)

@@ -156,7 +156,9 @@ impl RpState {
         while g.shut.is_none() && !g.ended && !abort.is_aborted() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::ReturnPath { what: format!("no verdict from the destination within {limit:?}") });
+                return Err(Error::ReturnPath {
+                    what: format!("no SHUT from the destination within {limit:?} ({})", verdicts_in(&g)),
+                });
             }
             g = self.cv.wait_timeout(g, left.min(TICK)).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -167,7 +169,9 @@ impl RpState {
             return Err(Error::Aborted);
         }
         if g.shut.is_none() {
-            return Err(Error::ReturnPath { what: "the destination closed the return path before its verdict".into() });
+            return Err(Error::ReturnPath {
+                what: format!("the destination closed the return path before its SHUT ({})", verdicts_in(&g)),
+            });
         }
         let every_loaded = g.verdicts.iter().all(|v| matches!(v, Some(Verdict::Loaded)));
         if let (true, Some((device, what))) = (every_loaded, &g.foreign) {
@@ -258,6 +262,12 @@ fn given(g: &Inner, ids: &[DeviceId]) -> Verdicts {
         }
     };
     Verdicts::Given(ids.iter().cloned().zip(g.verdicts.iter().map(|v| v.clone().unwrap_or_else(missing))).collect())
+}
+
+/// How many of the verdicts came, in words, for an error that ends the wait for them.
+fn verdicts_in(g: &Inner) -> String {
+    let n = g.verdicts.iter().filter(|v| v.is_some()).count();
+    format!("{n} of {} verdict(s) received", g.verdicts.len())
 }
 
 /// The reader thread: channel 0's incoming bytes, until `SHUT`, the peer's EOF, an error, or
