@@ -274,6 +274,19 @@ fn commit_a_close_without_shut_names_what_is_missing() {
     });
 }
 
+/// A `SHUT` reporting a failure with no verdict at all: the send fails with the device's
+/// `Error::Destination` saying the destination reported a failure (not merely "no verdict").
+#[test]
+fn commit_a_failing_shut_without_verdicts_says_the_destination_failed() {
+    each_backend(|b| match source_against(b, shut(1)) {
+        Err(Error::Destination { device, what }) => {
+            assert_eq!(device, dev_id(0), "{b:?}");
+            assert!(what.contains("reported a failure"), "{b:?}: {what}");
+        }
+        other => panic!("{b:?}: a failing SHUT alone: expected Error::Destination, got {other:?}"),
+    });
+}
+
 /// Device `dev`'s whole stream (data packets, then its config) as wire bytes.
 fn stream_of(dev: usize, cfg: &SimConfig) -> Vec<u8> {
     vfio_multifd_tests::device_stream(dev, cfg, PACKETS, PKT)

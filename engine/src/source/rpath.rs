@@ -253,7 +253,12 @@ impl RpState {
 /// failed to get one (with the destination's reason for a device of its own, if it gave one).
 fn given(g: &Inner, ids: &[DeviceId]) -> Verdicts {
     let missing = || {
-        let what = "the destination gave no verdict for this device".to_owned();
+        let what = if g.shut == Some(false) {
+            "the destination reported a failure (its SHUT) without a verdict for this device: its output says why"
+        } else {
+            "the destination gave no verdict for this device"
+        }
+        .to_owned();
         Verdict::Failed {
             what: match &g.foreign {
                 Some((d, why)) => format!("{what}; of its device {d}, which this source does not migrate: {why}"),
