@@ -25,7 +25,7 @@ use crate::abort::AbortHandle;
 use crate::blocking::{send_all, Bounds, Fail};
 use crate::error::{Error, Result};
 use crate::sys::Kernel;
-use crate::wire::{DeviceId, EXT_VERSION};
+use crate::wire::{DeviceId, EXT_FEATURES, EXT_RETURN_PATH, EXT_VERSION};
 
 const T_HELLO: u16 = 1;
 const T_ACK: u16 = 2;
@@ -128,7 +128,16 @@ fn get_device(p: &[u8]) -> Result<(DeviceId, &[u8])> {
 fn parse(t: u16, p: &[u8]) -> Result<Message> {
     match t {
         T_HELLO => match p {
-            [v, features] if *v == EXT_VERSION => Ok(Message::Hello { features: *features }),
+            // The source offers every feature it knows (`EXT_FEATURES`) with the return path:
+            // an acceptance without the return path, or of a bit never offered, is no answer
+            // to the offer.
+            [v, f] if *v == EXT_VERSION && f & EXT_RETURN_PATH != 0 && f & !EXT_FEATURES == 0 => {
+                Ok(Message::Hello { features: *f })
+            }
+            [v, f] if *v == EXT_VERSION => Err(bad(format!(
+                "HELLO accepts features {f:#04x}, but this source offered {EXT_FEATURES:#04x} (return path \
+                 {EXT_RETURN_PATH:#04x} included): is the destination a vfio-multifd receiver of this protocol?"
+            ))),
             _ => Err(bad(format!("HELLO with {} bytes or an unknown version", p.len()))),
         },
         T_ACK => match get_device(p)? {
@@ -300,7 +309,17 @@ mod tests {
 
     #[test]
     fn bad_messages_are_errors() {
-        for bytes in [&[0u8, 9, 0, 0][..], &[0, 1, 0, 1, 1], &[0, 4, 0, 1, 7], &[0xff, 0xff, 0xff, 0xff]] {
+        // An unknown type, a short HELLO, a bad SHUT status, garbage, and HELLOs accepting no
+        // return path (features 0, 2) or a bit never offered (0x05).
+        for bytes in [
+            &[0u8, 9, 0, 0][..],
+            &[0, 1, 0, 1, 1],
+            &[0, 4, 0, 1, 7],
+            &[0xff, 0xff, 0xff, 0xff],
+            &[0, 1, 0, 2, 1, 0],
+            &[0, 1, 0, 2, 1, 2],
+            &[0, 1, 0, 2, 1, 5],
+        ] {
             let mut dec = Decoder::default();
             dec.feed(bytes);
             assert!(matches!(dec.next(), Err(Error::ReturnPath { .. })), "{bytes:?}");
