@@ -443,17 +443,14 @@ fn closing(
         Ok(v) => v,
         Err(e) => return (Err(e), None),
     };
-    if rp.commit() && !all_loaded(&verdicts) {
-        // `judge` reports the failure; no commit, and the close is a reset.
-        return (Ok(verdicts), None);
-    }
     if !matches!(verdicts, Verdicts::Given(_)) {
+        // No verdicts (nor a commit): the destination's EOF is what says it has everything.
         let closed =
             rp.unexpected().map_or(Ok(()), Err).and_then(|()| close::await_eof(channels, cfg.stall_timeout, abort));
         return (closed.map(|()| verdicts), None);
     }
     if !all_loaded(&verdicts) {
-        // The session fails on the verdicts (`judge`); its close is a reset.
+        // The session fails on the verdicts (`judge`): no commit, and the close is a reset.
         return (Ok(verdicts), None);
     }
     let limit = cfg.stall_timeout.min(close::CONFIRMED_CLOSE_WAIT);
